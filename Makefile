@@ -1,0 +1,42 @@
+# tnas — every set-up step lives here, so a fresh clone needs only `make serve` or `make test`.
+#
+# libtorch comes from the PyPI wheel torch==2.11.0 in a virtual environment kept outside the clone
+# (TNAS_CACHE), so every clone on the machine reuses one 4.6 GB install.
+
+TNAS_CACHE ?= $(HOME)/.cache/tnas
+VENV := $(TNAS_CACHE)/venv
+PYTHON := $(VENV)/bin/python
+TORCH_STAMP := $(VENV)/.torch-2.11.0
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export PYTHON_SYS_EXECUTABLE := $(PYTHON)
+
+HOST ?= 127.0.0.1
+PORT ?= 8080
+TEST_THREADS ?= 2
+
+.PHONY: setup build release serve test bench fuzz load clean-venv
+
+setup: $(TORCH_STAMP)
+
+$(TORCH_STAMP):
+	mkdir -p $(TNAS_CACHE)
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.11.0 numpy pillow
+	touch $@
+
+build: setup
+	cargo build --all-targets
+
+release: setup
+	cargo build --release --bins
+
+serve: release
+	./target/release/tnas-server --models models --host $(HOST) --port $(PORT)
+
+test: setup
+	cargo test --all-targets -- --test-threads=$(TEST_THREADS)
+
+clean-venv:
+	rm -rf $(VENV)

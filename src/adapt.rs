@@ -1,0 +1,183 @@
+//! Task adaptation: T-NAS Algorithm 2 (M joint SGD steps on [w; θ] over the support set) and
+//! prediction for the task's queries, with the supernet or with the decoded derived network.
+//!
+//! Everything works on a task's own copies ([`TaskState`]); the meta-weights are only read.
+
+use crate::derived::DerivedNetwork;
+use crate::genotype::Genotype;
+use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
+use crate::metadata::HeadSpec;
+use crate::network::Network;
+use crate::ops::BnStats;
+use crate::params::ParamSet;
+use crate::supernet::Alphas;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+use utoipa::ToSchema;
+
+/// Where BatchNorm takes its statistics when predicting queries (adaptation always uses the support set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BnMode {
+    /// Support-set statistics: a query's prediction does not depend on the other queries.
+    #[default]
+    Support,
+    /// The query batch's own statistics (MAML and the official T-NAS code).
+    Transductive,
+}
+
+/// Which network predicts the queries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictWith {
+    /// The adapted supernet, mixing every op by softmax(θ).
+    #[default]
+    Supernet,
+    /// The decoded genotype's discrete network on the adapted supernet's weights.
+    Derived,
+}
+
+/// A task's support set on the compute device.
+pub struct SupportSet<'a> {
+    /// [N_s, C, H, W]
+    pub images: &'a Tensor,
+    /// [N_s] class indices in 0..n_way.
+    pub labels: &'a Tensor,
+    pub n_way: usize,
+}
+
+/// Inner-loop hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InnerLoop {
+    pub steps: usize,
+    pub lr_w: f64,
+    pub lr_theta: f64,
+    /// Keep the graph through the steps (second-order meta-gradients, `tnas-2nd`).
+    pub second_order: bool,
+}
+
+/// A task's own weights and architecture logits, leaves of this task's autograd graph.
+#[derive(Debug)]
+pub struct TaskState {
+    pub params: ParamSet,
+    pub alphas: Option<Alphas>,
+}
+
+/// Returned when the caller's `keep_going` says stop (deadline passed, client gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted {
+    pub completed_steps: usize,
+}
+
+impl TaskState {
+    /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
+    /// from the support prototypes under the starting weights.
+    pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
+        let mut state = TaskState { params: meta.leaf_copies(device), alphas: meta_alphas.map(|a| a.leaf_copies(device)) };
+        if let HeadSpec::Proto { .. } = head {
+            state.reset_proto_head(network, support);
+        }
+        state
+    }
+
+    /// Rebuilds the classifier from the support prototypes of `network` under the current weights.
+    pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
+        let (w, b) = tch::no_grad(|| {
+            let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
+            prototype_classifier(&features, support.labels, support.n_way)
+        });
+        self.params.insert(CLASSIFIER_WEIGHT.into(), w.set_requires_grad(true));
+        self.params.insert(CLASSIFIER_BIAS.into(), b.set_requires_grad(true));
+    }
+
+    /// Support-set cross-entropy at the current point (support-batch BN).
+    pub fn support_loss(&self, network: &Network, support: &SupportSet) -> Tensor {
+        network.logits(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch).cross_entropy_for_logits(support.labels)
+    }
+
+    /// Every tensor that adapts: the weights, then θ (normal, reduce) when present.
+    pub fn trainable(&self) -> Vec<&Tensor> {
+        let mut all: Vec<&Tensor> = self.params.tensors().iter().collect();
+        if let Some(a) = &self.alphas {
+            all.extend([&a.normal, &a.reduce]);
+        }
+        all
+    }
+
+    /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
+    /// backward pass, then plain SGD: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L. Returns the loss.
+    pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> f64 {
+        let loss = self.support_loss(network, support);
+        let grads = Tensor::run_backward(&[&loss], &self.trainable(), inner.second_order, inner.second_order);
+        let n = self.params.len();
+        let update = |t: &Tensor, g: &Tensor, lr: f64| {
+            if inner.second_order {
+                t - g * lr
+            } else {
+                tch::no_grad(|| (t - g * lr).set_requires_grad(true))
+            }
+        };
+        let params = self.params.map_indexed(|i, t| update(t, &grads[i], inner.lr_w));
+        let alphas = self.alphas.as_ref().map(|a| Alphas {
+            normal: update(&a.normal, &grads[n], inner.lr_theta),
+            reduce: update(&a.reduce, &grads[n + 1], inner.lr_theta),
+        });
+        *self = TaskState { params, alphas };
+        loss.double_value(&[])
+    }
+
+    /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early.
+    /// Returns the support loss of every step.
+    pub fn adapt(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<Vec<f64>, Interrupted> {
+        let mut losses = Vec::with_capacity(inner.steps);
+        for step in 0..inner.steps {
+            if !keep_going() {
+                return Err(Interrupted { completed_steps: step });
+            }
+            losses.push(self.sgd_step(network, support, inner));
+        }
+        Ok(losses)
+    }
+
+    /// The decoded genotype of the current θ (DARTS rule); `None` without alphas.
+    pub fn genotype(&self, network: &Network) -> Option<Genotype> {
+        let (Network::Supernet(net), Some(alphas)) = (network, &self.alphas) else { return None };
+        let mixing = alphas.softmaxed();
+        Some(Genotype::decode(&net.space, &Alphas::rows(&mixing.normal), &Alphas::rows(&mixing.reduce)))
+    }
+
+    /// Query logits [N_q, n_way] without gradients.
+    pub fn predict(&self, network: &Network, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
+        tch::no_grad(|| query_logits(network, &self.params, self.alphas.as_ref(), support, query, bn))
+    }
+
+    /// The derived network of `genotype` with this task's weights on its kept edges: a task state
+    /// holding only those weights (and the classifier, rebuilt from prototypes for a proto head).
+    pub fn derive(&self, derived: &DerivedNetwork, head: HeadSpec, support: &SupportSet) -> (Network, TaskState) {
+        let network = Network::Derived(derived.clone());
+        let mut names: Vec<String> = derived.body_specs().into_iter().map(|s| s.name).collect();
+        names.extend([CLASSIFIER_WEIGHT.to_string(), CLASSIFIER_BIAS.to_string()]);
+        let params = ParamSet::from_pairs(names.into_iter().map(|n| {
+            let t = self.params.get(&n).detach().copy().set_requires_grad(true);
+            (n, t)
+        }));
+        let mut state = TaskState { params, alphas: None };
+        if let HeadSpec::Proto { .. } = head {
+            state.reset_proto_head(&network, support);
+        }
+        (network, state)
+    }
+}
+
+/// Query logits under the chosen BN mode. In `support` mode the support set is forwarded first in
+/// the same batch and supplies every BN layer's statistics; its rows are then dropped.
+pub fn query_logits(network: &Network, params: &ParamSet, alphas: Option<&Alphas>, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
+    match bn {
+        BnMode::Transductive => network.logits(params, alphas, query, BnStats::Batch),
+        BnMode::Support => {
+            let n_support = support.images.size()[0];
+            let batch = Tensor::cat(&[support.images, query], 0);
+            network.logits(params, alphas, &batch, BnStats::LeadingRows(n_support)).narrow(0, n_support, query.size()[0])
+        }
+    }
+}

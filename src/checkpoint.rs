@@ -1,0 +1,182 @@
+//! Meta-checkpoints on disk (SPEC §5): `model.safetensors` (w̃ and θ̃, float32) and `model.json`
+//! (metadata with the weights' sha256).
+//!
+//! Both files are written atomically (temp file, fsync, rename), weights first, so a crash leaves
+//! either the old checkpoint or a `model.json` whose hash refuses the half-written pair. Loading
+//! verifies the hash, then every tensor's name and shape against the network's spec.
+
+use crate::conv4::Conv4;
+use crate::derived::DerivedNetwork;
+use crate::head::classifier_specs;
+use crate::metadata::{HeadSpec, ModelKind, ModelMeta};
+use crate::network::Network;
+use crate::params::{ParamSet, ParamSpec};
+use crate::supernet::{Alphas, Supernet};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const META_FILE: &str = "model.json";
+/// Tensor names of θ̃ inside `model.safetensors`.
+pub const ALPHAS_NORMAL: &str = "alphas_normal";
+pub const ALPHAS_REDUCE: &str = "alphas_reduce";
+
+/// Why a checkpoint could not be read or written. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: file not found; a model directory needs {META_FILE} and {WEIGHTS_FILE}")]
+    Missing { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: sha256 is {actual} but model.json records {expected}; the file is truncated, edited or from another model — restore it or re-export the checkpoint")]
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A loaded (or about to be saved) checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub meta: ModelMeta,
+    /// w̃ (with the classifier when the head is fixed).
+    pub params: ParamSet,
+    /// θ̃, for supernet checkpoints.
+    pub alphas: Option<Alphas>,
+}
+
+/// The network a `model.json` describes (assumes [`ModelMeta::validate`] passed).
+pub fn network_of(meta: &ModelMeta) -> Result<Network, String> {
+    Ok(match (meta.kind, meta.search_space, &meta.genotype) {
+        (ModelKind::Supernet, Some(space), _) => Network::Supernet(Supernet::new(space)),
+        (ModelKind::Genotype, Some(space), Some(g)) => Network::Derived(DerivedNetwork::new(space, g.clone())?),
+        (ModelKind::Conv4, _, _) => Network::Conv4(Conv4 { in_channels: meta.input.channels, image_size: meta.input.size }),
+        _ => return Err("search_space (and genotype for kind genotype) required".into()),
+    })
+}
+
+/// Every weight the checkpoint must hold: the body, plus the classifier for a fixed head.
+pub fn param_specs(network: &Network, head: HeadSpec) -> Vec<ParamSpec> {
+    let mut specs = network.body_specs();
+    if let HeadSpec::Fixed { n_way } = head {
+        specs.extend(classifier_specs(network.feature_dim(), n_way));
+    }
+    specs
+}
+
+impl Checkpoint {
+    pub fn network(&self) -> Network {
+        network_of(&self.meta).expect("validated when loaded or built")
+    }
+
+    /// Writes both files into `dir` (created if needed), filling in `meta.sha256`.
+    pub fn save(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let bytes = self.weights_bytes().map_err(|message| CheckpointError::Invalid { path: weights_path.clone(), message })?;
+        self.meta.sha256 = sha256_hex(&bytes);
+        write_atomically(&weights_path, &bytes)?;
+        let json = serde_json::to_vec_pretty(&self.meta).expect("metadata serialises");
+        write_atomically(&dir.join(META_FILE), &json)
+    }
+
+    fn weights_bytes(&self) -> Result<Vec<u8>, String> {
+        let mut named: Vec<(String, (Vec<usize>, Vec<u8>))> =
+            self.params.iter().map(|(n, t)| (n.clone(), float_bytes(t))).collect();
+        if let Some(a) = &self.alphas {
+            named.push((ALPHAS_NORMAL.into(), float_bytes(&a.normal)));
+            named.push((ALPHAS_REDUCE.into(), float_bytes(&a.reduce)));
+        }
+        let views = named
+            .iter()
+            .map(|(n, (shape, data))| TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (n.as_str(), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        safetensors::serialize(views, &None).map_err(|e| e.to_string())
+    }
+
+    /// Reads and verifies `dir/model.json` and `dir/model.safetensors`, placing tensors on `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Checkpoint, CheckpointError> {
+        let meta_path = dir.join(META_FILE);
+        let meta: ModelMeta = serde_json::from_slice(&read(&meta_path)?).map_err(|source| CheckpointError::Json { path: meta_path.clone(), source })?;
+        let invalid = |path: &Path, message: String| CheckpointError::Invalid { path: path.to_path_buf(), message };
+        meta.validate().map_err(|m| invalid(&meta_path, m))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let bytes = read(&weights_path)?;
+        let actual = sha256_hex(&bytes);
+        if actual != meta.sha256 {
+            return Err(CheckpointError::HashMismatch { path: weights_path, expected: meta.sha256.clone(), actual });
+        }
+        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(&weights_path, format!("not a safetensors file: {e}")))?;
+        let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
+        let mut params = ParamSet::from_pairs(Vec::new());
+        let mut alphas = (None, None);
+        for (name, view) in tensors.tensors() {
+            let tensor = tensor_from_view(&view, device).map_err(|m| invalid(&weights_path, format!("{name}: {m}")))?;
+            match name.as_str() {
+                ALPHAS_NORMAL => alphas.0 = Some(tensor),
+                ALPHAS_REDUCE => alphas.1 = Some(tensor),
+                _ => params.insert(name, tensor),
+            }
+        }
+        let specs = param_specs(&network, meta.head);
+        let params = params.ordered_like(&specs).map_err(|m| invalid(&weights_path, m))?;
+        let alphas = match (network.has_alphas(), alphas) {
+            (true, (Some(normal), Some(reduce))) => Some(Alphas { normal, reduce }),
+            (true, _) => return Err(invalid(&weights_path, format!("a supernet checkpoint needs {ALPHAS_NORMAL} and {ALPHAS_REDUCE}"))),
+            (false, _) => None,
+        };
+        if let (Some(a), Network::Supernet(net)) = (&alphas, &network) {
+            let expected = vec![net.space.num_edges() as i64, 8];
+            for (name, t) in [(ALPHAS_NORMAL, &a.normal), (ALPHAS_REDUCE, &a.reduce)] {
+                if t.size() != expected {
+                    return Err(invalid(&weights_path, format!("{name} has shape {:?}, expected {expected:?}", t.size())));
+                }
+            }
+        }
+        Ok(Checkpoint { meta, params, alphas })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => CheckpointError::Missing { path: path.to_path_buf() },
+        _ => CheckpointError::Io { path: path.to_path_buf(), source },
+    })
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes `bytes` to a temp file beside `path`, fsyncs it, and renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Shape and little-endian float32 bytes of a tensor.
+fn float_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let values: Vec<f32> = Vec::try_from(t.flatten(0, -1)).expect("float tensor converts");
+    (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+fn tensor_from_view(view: &TensorView, device: Device) -> Result<Tensor, String> {
+    if view.dtype() != Dtype::F32 {
+        return Err(format!("dtype {:?}, expected F32", view.dtype()));
+    }
+    let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    Ok(Tensor::from_slice(&values).view(shape.as_slice()).to_device(device))
+}

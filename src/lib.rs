@@ -1,0 +1,40 @@
+//! tnas: fast adaptation of neural architectures (T-NAS, Lian et al., ICLR 2020).
+//!
+//! A DARTS supernet is meta-trained offline (`tnas-train`); the HTTP server (`tnas-server`) adapts
+//! it to a new task's few labelled images in one request and returns the task's genotype and the
+//! query predictions.
+//!
+//! # Layout
+//!
+//! Search space and networks (pure functions of explicit weights, so tasks adapt private copies):
+//! - [`search_space`]: the primitive table and the supernet's shape (`SearchSpace`).
+//! - [`ops`]: DARTS operations (sep/dil conv, pools, FactorizedReduce, BatchNorm modes).
+//! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
+//! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
+//! - [`genotype`]: the DARTS decoding rule and the `Genotype` JSON/Python forms.
+//! - [`derived`]: the discrete network of a genotype on inherited supernet weights.
+//! - [`conv4`]: MAML's Conv-4 baseline network.
+//! - [`head`]: fixed and prototype (Proto-MAML) classifier heads.
+//! - [`network`]: the three networks behind one interface.
+//!
+//! Adaptation and models:
+//! - [`adapt`]: T-NAS Algorithm 2 on a task's copies, and query prediction.
+//! - [`metadata`]: `model.json`.
+//! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
+//! - [`imaging`]: image bytes → network input, shared by training and serving.
+//! - [`data`]: few-shot datasets (Omniglot zips, mini-ImageNet, folders) and episode sampling.
+
+pub mod adapt;
+pub mod checkpoint;
+pub mod conv4;
+pub mod data;
+pub mod derived;
+pub mod genotype;
+pub mod head;
+pub mod imaging;
+pub mod metadata;
+pub mod network;
+pub mod ops;
+pub mod params;
+pub mod search_space;
+pub mod supernet;

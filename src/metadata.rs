@@ -1,0 +1,171 @@
+//! `model.json`: everything about a checkpoint except its tensors (SPEC §5).
+//!
+//! A user reads it to know what a model expects (input, head, adaptation defaults) and how it was
+//! made (training and evaluation); the loader reads it to rebuild the network and to check the
+//! weights' sha256.
+
+use crate::adapt::BnMode;
+use crate::genotype::Genotype;
+use crate::search_space::{SearchSpace, PRIMITIVES};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Version of the checkpoint layout; bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What adapts per task, and so which network the checkpoint holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// θ̃ and w̃ adapt per task; a genotype is decoded per task (T-NAS).
+    Supernet,
+    /// A fixed DARTS cell network (e.g. Auto-MAML): only weights adapt.
+    Genotype,
+    /// The MAML Conv-4 baseline: only weights adapt, no genotype.
+    Conv4,
+}
+
+/// How images are turned into the network's input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InputSpec {
+    /// 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// Images are resized to size × size.
+    pub size: usize,
+    /// Per-channel mean and std applied after scaling pixels to [0, 1] (and inverting).
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Whether pixel values are inverted (1 − v) first: Omniglot strokes are black on white.
+    pub invert: bool,
+}
+
+/// The classifier head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HeadSpec {
+    /// A trained linear layer for exactly `n_way` classes.
+    Fixed { n_way: usize },
+    /// Proto-MAML: per task the linear layer starts from the support set's class-mean embeddings,
+    /// so any 2..=max_way classes are served.
+    Proto { max_way: usize },
+}
+
+impl HeadSpec {
+    /// Whether a task with `n_way` classes can be served, with the reason if not.
+    pub fn accepts(&self, n_way: usize) -> Result<(), String> {
+        match *self {
+            HeadSpec::Fixed { n_way: n } if n_way != n => {
+                Err(format!("this model has a fixed {n}-way head; send exactly {n} distinct labels (got {n_way})"))
+            }
+            HeadSpec::Proto { max_way } if !(2..=max_way).contains(&n_way) => {
+                Err(format!("this model serves 2 to {max_way} classes; got {n_way} distinct labels"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Adaptation defaults, overridable per request.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdaptationDefaults {
+    /// M: SGD steps on the support set.
+    pub steps: usize,
+    pub lr_w: f64,
+    pub lr_theta: f64,
+    pub bn: BnMode,
+}
+
+/// How the checkpoint was produced.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TrainingInfo {
+    pub algorithm: String,
+    pub data: String,
+    /// Class or alphabet names per split.
+    #[serde(default)]
+    pub split: Split,
+    pub iterations: usize,
+    pub seed: u64,
+    pub wall_time_s: f64,
+    /// The exact command line.
+    #[serde(default)]
+    pub command: String,
+    /// Episode shape used in meta-training.
+    #[serde(default)]
+    pub way: usize,
+    #[serde(default)]
+    pub shot: usize,
+    #[serde(default)]
+    pub query: usize,
+}
+
+/// Which alphabets (or classes) went where. Test entries are never seen in training.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Split {
+    pub train: Vec<String>,
+    pub validation: Vec<String>,
+    pub test: Vec<String>,
+}
+
+/// One evaluation result: mean accuracy and its 95% interval over `tasks` tasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EvalResult {
+    pub split: String,
+    pub way: usize,
+    pub shot: usize,
+    pub tasks: usize,
+    pub predict_with: String,
+    pub bn: BnMode,
+    pub steps: usize,
+    pub accuracy: f64,
+    pub ci95: f64,
+}
+
+/// The whole `model.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelMeta {
+    pub format_version: u32,
+    pub name: String,
+    pub kind: ModelKind,
+    /// The primitive order of the alpha columns; must equal [`PRIMITIVES`].
+    pub primitives: Vec<String>,
+    /// The supernet shape (absent for `conv4`).
+    pub search_space: Option<SearchSpace>,
+    /// The fixed architecture of a `genotype` model.
+    #[serde(default)]
+    pub genotype: Option<Genotype>,
+    pub input: InputSpec,
+    pub head: HeadSpec,
+    pub adaptation: AdaptationDefaults,
+    #[serde(default)]
+    pub training: Option<TrainingInfo>,
+    #[serde(default)]
+    pub evaluation: Vec<EvalResult>,
+    /// sha256 of `model.safetensors`, lowercase hex.
+    pub sha256: String,
+}
+
+impl ModelMeta {
+    /// Checks the fields that the loader relies on; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", self.format_version));
+        }
+        if self.primitives != PRIMITIVES {
+            return Err(format!("primitives must be {PRIMITIVES:?} in that order"));
+        }
+        match (self.kind, &self.search_space, &self.genotype) {
+            (ModelKind::Conv4, _, _) => {}
+            (_, None, _) => return Err("search_space is required for supernet and genotype models".into()),
+            (ModelKind::Genotype, Some(space), Some(g)) => g.validate(space).map_err(|e| format!("genotype: {e}"))?,
+            (ModelKind::Genotype, _, None) => return Err("a genotype model needs its genotype".into()),
+            (ModelKind::Supernet, Some(space), _) => space.validate().map_err(|e| format!("search_space: {e}"))?,
+        }
+        if self.input.mean.len() != self.input.channels || self.input.std.len() != self.input.channels {
+            return Err("input.mean and input.std need one value per input channel".into());
+        }
+        if self.input.std.iter().any(|s| *s <= 0.0) {
+            return Err("input.std values must be positive".into());
+        }
+        Ok(())
+    }
+}

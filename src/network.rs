@@ -1,0 +1,60 @@
+//! `Network`: the three kinds of checkpoint network behind one interface, so adaptation,
+//! prediction and meta-training are written once.
+
+use crate::conv4::Conv4;
+use crate::derived::DerivedNetwork;
+use crate::ops::BnStats;
+use crate::params::{ParamSet, ParamSpec};
+use crate::head::classify;
+use crate::supernet::{Alphas, Supernet};
+use tch::Tensor;
+
+#[derive(Clone, Debug)]
+pub enum Network {
+    /// T-NAS: weights and architecture adapt.
+    Supernet(Supernet),
+    /// A fixed genotype: weights adapt.
+    Derived(DerivedNetwork),
+    /// MAML's Conv-4: weights adapt.
+    Conv4(Conv4),
+}
+
+impl Network {
+    /// Whether the network has architecture logits θ to adapt.
+    pub fn has_alphas(&self) -> bool {
+        matches!(self, Network::Supernet(_))
+    }
+
+    pub fn body_specs(&self) -> Vec<ParamSpec> {
+        match self {
+            Network::Supernet(n) => n.body_specs(),
+            Network::Derived(n) => n.body_specs(),
+            Network::Conv4(n) => n.body_specs(),
+        }
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            Network::Supernet(n) => n.space.feature_dim(),
+            Network::Derived(n) => n.supernet().space.feature_dim(),
+            Network::Conv4(n) => n.feature_dim(),
+        }
+    }
+
+    /// Pooled features [N, F]. `alphas` (raw θ) is required for the supernet and ignored otherwise.
+    pub fn features(&self, params: &ParamSet, alphas: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+        match self {
+            Network::Supernet(n) => {
+                let alphas = alphas.expect("a supernet forward needs alphas");
+                n.features(params, &alphas.softmaxed(), x, stats)
+            }
+            Network::Derived(n) => n.features(params, x, stats),
+            Network::Conv4(n) => n.features(params, x, stats),
+        }
+    }
+
+    /// Logits [N, n_way] with the classifier held in `params`.
+    pub fn logits(&self, params: &ParamSet, alphas: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+        classify(params, &self.features(params, alphas, x, stats))
+    }
+}

@@ -1,0 +1,99 @@
+//! The DARTS operations as pure functions of an input and explicit weights (DARTS `operations.py`).
+//!
+//! Nothing here owns a parameter: callers pass the weights, so the same code runs the meta-weights,
+//! a request's adapted copy, or a derived network. Every BatchNorm is the batch-statistics kind
+//! (T-NAS never uses running statistics); [`BnStats`] says which rows supply the statistics.
+
+use tch::Tensor;
+
+/// BatchNorm epsilon, as PyTorch's default.
+pub const BN_EPS: f64 = 1e-5;
+
+/// Which rows of the batch the BatchNorm statistics come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BnStats {
+    /// The whole batch (adaptation steps; `transductive` predictions).
+    Batch,
+    /// Only the first `n` rows, applied to all rows: with the support set first, a query's output
+    /// does not depend on the other queries (`support` predictions).
+    LeadingRows(i64),
+}
+
+/// BatchNorm with batch statistics over (N, H, W), optionally affine. `x`: [N, C, H, W].
+pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, stats: BnStats) -> Tensor {
+    let (weight, bias) = affine.unzip();
+    match stats {
+        BnStats::LeadingRows(n) if n < x.size()[0] => {
+            let rows = x.narrow(0, 0, n);
+            let mean = rows.mean_dim(&[0i64, 2, 3][..], true, None);
+            let var = rows.var_correction(&[0i64, 2, 3][..], 0, true);
+            let normalised = (x - mean) * (var + BN_EPS).rsqrt();
+            match (weight, bias) {
+                (Some(w), Some(b)) => normalised * w.view([1, -1, 1, 1]) + b.view([1, -1, 1, 1]),
+                _ => normalised,
+            }
+        }
+        _ => Tensor::batch_norm(x, weight, bias, None::<&Tensor>, None::<&Tensor>, true, 0.1, BN_EPS, true),
+    }
+}
+
+fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64, groups: i64) -> Tensor {
+    x.conv2d(w, None::<Tensor>, [stride, stride], [padding, padding], [dilation, dilation], groups)
+}
+
+/// ReLU → 1×1 conv → non-affine BN (cell preprocessing, `ReLUConvBN`). `w`: [C_out, C_in, 1, 1].
+pub fn relu_conv_bn(x: &Tensor, w: &Tensor, stats: BnStats) -> Tensor {
+    batch_norm(&conv(&x.relu(), w, 1, 0, 1, 1), None, stats)
+}
+
+/// `FactorizedReduce`: halves H and W with two stride-2 1×1 convs, the second shifted by a pixel.
+/// An odd-sized map first gets one zero row on top and one zero column on the left.
+/// `w1`, `w2`: [C_out/2, C_in, 1, 1].
+pub fn factorized_reduce(x: &Tensor, w1: &Tensor, w2: &Tensor, stats: BnStats) -> Tensor {
+    let mut x = x.relu();
+    if x.size()[2] % 2 != 0 {
+        x = x.constant_pad_nd([1, 0, 1, 0]);
+    }
+    let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
+    let out = Tensor::cat(&[conv(&x, w1, 2, 0, 1, 1), conv(&shifted, w2, 2, 0, 1, 1)], 1);
+    batch_norm(&out, None, stats)
+}
+
+/// `SepConv`: [ReLU, depthwise k×k (stride), 1×1, BN] twice, the second at stride 1.
+/// `w`: [depthwise1 [C,1,k,k], pointwise1 [C,C,1,1], depthwise2, pointwise2].
+pub fn sep_conv(x: &Tensor, w: [&Tensor; 4], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
+    let channels = x.size()[1];
+    let pad = kernel / 2;
+    let h = conv(&conv(&x.relu(), w[0], stride, pad, 1, channels), w[1], 1, 0, 1, 1);
+    let h = batch_norm(&h, None, stats).relu();
+    let h = conv(&conv(&h, w[2], 1, pad, 1, channels), w[3], 1, 0, 1, 1);
+    batch_norm(&h, None, stats)
+}
+
+/// `DilConv`: ReLU, depthwise k×k with dilation 2 (stride), 1×1, BN.
+/// `w`: [depthwise [C,1,k,k], pointwise [C,C,1,1]].
+pub fn dil_conv(x: &Tensor, w: [&Tensor; 2], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
+    let channels = x.size()[1];
+    let h = conv(&conv(&x.relu(), w[0], stride, kernel - 1, 2, channels), w[1], 1, 0, 1, 1);
+    batch_norm(&h, None, stats)
+}
+
+/// 3×3 max or average pool (average excludes padding), then the non-affine BN that DARTS's
+/// `MixedOp` appends to pooling ops.
+pub fn pool_bn(x: &Tensor, max: bool, stride: i64, stats: BnStats) -> Tensor {
+    let pooled = if max {
+        x.max_pool2d([3, 3], [stride, stride], [1, 1], [1, 1], false)
+    } else {
+        x.avg_pool2d([3, 3], [stride, stride], [1, 1], false, false, None)
+    };
+    batch_norm(&pooled, None, stats)
+}
+
+/// The `none` op: zeros of the (strided) input's shape.
+pub fn zero(x: &Tensor, stride: i64) -> Tensor {
+    if stride == 1 {
+        x.zeros_like()
+    } else {
+        x.slice(2, 0, None, stride).slice(3, 0, None, stride).zeros_like()
+    }
+}

@@ -1,0 +1,227 @@
+//! `ParamSet`: named weight tensors, the unit that is meta-learned, copied per task, and saved.
+//!
+//! Forward functions take a `ParamSet` explicitly instead of owning modules, so a request adapts a
+//! private copy while the meta-weights stay untouched (T-NAS Algorithm 2 works on copies of w̃, θ̃).
+
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// How a parameter is initialised (PyTorch's defaults for the module it belongs to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// Conv2d / Linear weight: U(-1/√fan_in, 1/√fan_in) (kaiming_uniform with a = √5).
+    FanIn,
+    /// Linear bias: U(-1/√fan_in, 1/√fan_in) with the layer's fan_in.
+    FanInBias(i64),
+    /// BatchNorm weight.
+    Ones,
+    /// BatchNorm bias.
+    Zeros,
+}
+
+/// Name, shape and initialisation of one parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    pub fn new(name: impl Into<String>, shape: &[i64], init: Init) -> Self {
+        ParamSpec { name: name.into(), shape: shape.to_vec(), init }
+    }
+
+    fn initial_value(&self, device: Device) -> Tensor {
+        let opts = (Kind::Float, device);
+        match self.init {
+            Init::FanIn => {
+                let fan_in: i64 = self.shape[1..].iter().product();
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                Tensor::empty(self.shape.as_slice(), opts).uniform_(-bound, bound)
+            }
+            Init::FanInBias(fan_in) => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                Tensor::empty(self.shape.as_slice(), opts).uniform_(-bound, bound)
+            }
+            Init::Ones => Tensor::ones(self.shape.as_slice(), opts),
+            Init::Zeros => Tensor::zeros(self.shape.as_slice(), opts),
+        }
+    }
+}
+
+/// An ordered set of named tensors. Order is the spec order, so iteration is deterministic.
+#[derive(Debug)]
+pub struct ParamSet {
+    names: Vec<String>,
+    tensors: Vec<Tensor>,
+    index: HashMap<String, usize>,
+}
+
+impl ParamSet {
+    /// Builds a set from (name, tensor) pairs; later duplicates replace earlier ones.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
+        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new() };
+        for (name, tensor) in pairs {
+            set.insert(name, tensor);
+        }
+        set
+    }
+
+    /// Fresh parameters with PyTorch's default initialisation (seed with `tch::manual_seed`).
+    pub fn initialise(specs: &[ParamSpec], device: Device) -> Self {
+        tch::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
+    }
+
+    pub fn insert(&mut self, name: String, tensor: Tensor) {
+        match self.index.get(&name) {
+            Some(&i) => self.tensors[i] = tensor,
+            None => {
+                self.index.insert(name.clone(), self.names.len());
+                self.names.push(name);
+                self.tensors.push(tensor);
+            }
+        }
+    }
+
+    /// The tensor called `name`. Sets are checked against their spec when loaded, so a missing
+    /// name is a bug in the network code, not a user error.
+    pub fn get(&self, name: &str) -> &Tensor {
+        match self.index.get(name) {
+            Some(&i) => &self.tensors[i],
+            None => panic!("parameter '{name}' is not in the set"),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.names.iter().zip(self.tensors.iter())
+    }
+
+    /// Number of scalar weights.
+    pub fn numel(&self) -> i64 {
+        self.tensors.iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// A new set with `f` applied to every tensor, names and order kept.
+    pub fn map(&self, f: impl Fn(&str, &Tensor) -> Tensor) -> ParamSet {
+        ParamSet {
+            names: self.names.clone(),
+            tensors: self.iter().map(|(n, t)| f(n, t)).collect(),
+            index: self.index.clone(),
+        }
+    }
+
+    /// Like [`ParamSet::map`], with the tensor's position instead of its name.
+    pub fn map_indexed(&self, f: impl Fn(usize, &Tensor) -> Tensor) -> ParamSet {
+        ParamSet {
+            names: self.names.clone(),
+            tensors: self.tensors.iter().enumerate().map(|(i, t)| f(i, t)).collect(),
+            index: self.index.clone(),
+        }
+    }
+
+    /// Independent copies that are leaves of a new autograd graph: a task's starting point.
+    pub fn leaf_copies(&self, device: Device) -> ParamSet {
+        self.map(|_, t| t.detach().to_device(device).copy().set_requires_grad(true))
+    }
+
+    /// Checks names and shapes against `specs`; the error lists what is missing, extra or misshapen.
+    pub fn check_against(&self, specs: &[ParamSpec]) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for spec in specs {
+            match self.index.get(&spec.name) {
+                None => problems.push(format!("missing '{}'", spec.name)),
+                Some(&i) if self.tensors[i].size() != spec.shape => problems.push(format!(
+                    "'{}' has shape {:?}, expected {:?}",
+                    spec.name,
+                    self.tensors[i].size(),
+                    spec.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        problems.extend(self.names.iter().filter(|n| !known.contains(n.as_str())).map(|n| format!("unexpected '{n}'")));
+        match problems.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} parameter problem(s): {}", problems.into_iter().take(8).collect::<Vec<_>>().join("; "))),
+        }
+    }
+}
+
+impl ParamSet {
+    /// The same tensors in `specs` order, after [`ParamSet::check_against`].
+    pub fn ordered_like(&self, specs: &[ParamSpec]) -> Result<ParamSet, String> {
+        self.check_against(specs)?;
+        Ok(ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), self.get(&s.name).shallow_clone()))))
+    }
+}
+
+impl Clone for ParamSet {
+    /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::leaf_copies`] for a copy.
+    fn clone(&self) -> Self {
+        self.map(|_, t| t.shallow_clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initialisation_follows_pytorch_defaults() {
+        tch::manual_seed(0);
+        let specs = vec![
+            ParamSpec::new("conv.weight", &[16, 4, 3, 3], Init::FanIn),
+            ParamSpec::new("bn.weight", &[16], Init::Ones),
+            ParamSpec::new("bn.bias", &[16], Init::Zeros),
+        ];
+        let set = ParamSet::initialise(&specs, Device::Cpu);
+        let bound = 1.0 / 36f64.sqrt();
+        let w = set.get("conv.weight");
+        assert!(w.abs().max().double_value(&[]) <= bound);
+        assert!(w.std(true).double_value(&[]) > bound / 3.0);
+        assert_eq!(set.get("bn.weight").sum(Kind::Float).double_value(&[]), 16.0);
+        assert_eq!(set.numel(), 16 * 36 + 32);
+        assert!(set.check_against(&specs).is_ok());
+    }
+
+    #[test]
+    fn mismatches_are_listed() {
+        let specs = vec![ParamSpec::new("a", &[2], Init::Zeros), ParamSpec::new("b", &[3], Init::Zeros)];
+        let set = ParamSet::from_pairs([("a".to_string(), Tensor::zeros([5], (Kind::Float, Device::Cpu))), ("c".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))]);
+        let err = set.check_against(&specs).unwrap_err();
+        assert!(err.contains("'a' has shape [5]") && err.contains("missing 'b'") && err.contains("unexpected 'c'"), "{err}");
+    }
+
+    #[test]
+    fn leaf_copies_do_not_alias_the_original() {
+        let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
+        let copy = set.leaf_copies(Device::Cpu);
+        tch::no_grad(|| {
+            let _ = copy.get("w").shallow_clone().fill_(5.0);
+        });
+        assert_eq!(set.get("w").sum(Kind::Float).double_value(&[]), 3.0);
+        assert!(copy.get("w").requires_grad());
+    }
+}

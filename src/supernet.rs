@@ -1,0 +1,246 @@
+//! The DARTS supernet of the T-NAS learner (`learner.Network`), as a function of explicit weights.
+//!
+//! Parameter names are the official learner's module paths (`stem0.0.weight`,
+//! `cells.1._ops.3._ops.4.op.1.weight`, ...), so official checkpoints import by renaming nothing but
+//! the classifier, and the derived network finds an edge's weights by the same name.
+
+use crate::ops::{self, BnStats};
+use crate::params::{Init, ParamSet, ParamSpec};
+use crate::head::classify;
+use crate::search_space::{CellSpec, Primitive, SearchSpace};
+use tch::{Kind, Tensor};
+
+/// Architecture logits θ: `alphas_normal` and `alphas_reduce`, each [num_edges, 8].
+#[derive(Debug)]
+pub struct Alphas {
+    pub normal: Tensor,
+    pub reduce: Tensor,
+}
+
+impl Alphas {
+    /// DARTS initialisation: 1e-3 · N(0, 1).
+    pub fn initialise(space: &SearchSpace, device: tch::Device) -> Alphas {
+        let shape = [space.num_edges() as i64, Primitive::ALL.len() as i64];
+        Alphas {
+            normal: Tensor::randn(shape, (Kind::Float, device)) * 1e-3,
+            reduce: Tensor::randn(shape, (Kind::Float, device)) * 1e-3,
+        }
+    }
+
+    /// The mixing weights softmax(θ) over ops, per edge.
+    pub fn softmaxed(&self) -> Alphas {
+        Alphas { normal: self.normal.softmax(-1, Kind::Float), reduce: self.reduce.softmax(-1, Kind::Float) }
+    }
+
+    pub fn for_cell(&self, reduction: bool) -> &Tensor {
+        if reduction {
+            &self.reduce
+        } else {
+            &self.normal
+        }
+    }
+
+    /// Independent leaf copies for a task's adaptation.
+    pub fn leaf_copies(&self, device: tch::Device) -> Alphas {
+        let leaf = |t: &Tensor| t.detach().to_device(device).copy().set_requires_grad(true);
+        Alphas { normal: leaf(&self.normal), reduce: leaf(&self.reduce) }
+    }
+
+    /// Rows as plain vectors, for decoding and JSON.
+    pub fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        let t = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        let cols = t.size()[1] as usize;
+        let flat: Vec<f32> = Vec::try_from(t.view([-1])).expect("float tensor converts to Vec<f32>");
+        flat.chunks(cols).map(<[f32]>::to_vec).collect()
+    }
+}
+
+/// The supernet of one [`SearchSpace`]; holds no weights.
+#[derive(Clone, Copy, Debug)]
+pub struct Supernet {
+    pub space: SearchSpace,
+}
+
+/// Prefix of the parameters of op `primitive` on edge `edge` of cell `cell`.
+pub fn op_prefix(cell: usize, edge: usize, primitive: Primitive) -> String {
+    format!("cells.{cell}._ops.{edge}._ops.{}", primitive.index())
+}
+
+/// Parameters of one candidate op with `c` channels at `stride` (DARTS `OPS`, non-affine BN).
+pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<ParamSpec> {
+    let depthwise = |k: i64| [c, 1, k, k];
+    let pointwise = [c, c, 1, 1];
+    match primitive {
+        Primitive::SkipConnect if stride == 2 => vec![
+            ParamSpec::new(format!("{prefix}.conv_1.weight"), &[c / 2, c, 1, 1], Init::FanIn),
+            ParamSpec::new(format!("{prefix}.conv_2.weight"), &[c / 2, c, 1, 1], Init::FanIn),
+        ],
+        Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
+            let k = if primitive == Primitive::SepConv3x3 { 3 } else { 5 };
+            vec![
+                ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
+                ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
+                ParamSpec::new(format!("{prefix}.op.5.weight"), &depthwise(k), Init::FanIn),
+                ParamSpec::new(format!("{prefix}.op.6.weight"), &pointwise, Init::FanIn),
+            ]
+        }
+        Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
+            let k = if primitive == Primitive::DilConv3x3 { 3 } else { 5 };
+            vec![
+                ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
+                ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
+            ]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Applies one candidate op of an edge, reading its weights from `params` under `prefix`.
+pub fn edge_op(primitive: Primitive, x: &Tensor, params: &ParamSet, prefix: &str, stride: i64, stats: BnStats) -> Tensor {
+    let w = |suffix: &str| params.get(&format!("{prefix}.{suffix}"));
+    match primitive {
+        Primitive::None => ops::zero(x, stride),
+        Primitive::MaxPool3x3 => ops::pool_bn(x, true, stride, stats),
+        Primitive::AvgPool3x3 => ops::pool_bn(x, false, stride, stats),
+        Primitive::SkipConnect if stride == 2 => ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats),
+        Primitive::SkipConnect => x.shallow_clone(),
+        Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
+            let k = if primitive == Primitive::SepConv3x3 { 3 } else { 5 };
+            ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], k, stride, stats)
+        }
+        Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
+            let k = if primitive == Primitive::DilConv3x3 { 3 } else { 5 };
+            ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], k, stride, stats)
+        }
+    }
+}
+
+/// Stride of the edge from input `input` in a cell: 2 from the cell inputs of a reduction cell.
+pub fn edge_stride(reduction: bool, input: usize) -> i64 {
+    if reduction && input < 2 {
+        2
+    } else {
+        1
+    }
+}
+
+impl Supernet {
+    pub fn new(space: SearchSpace) -> Self {
+        Supernet { space }
+    }
+
+    /// Every parameter of the body (stem and cells), in the learner's registration order.
+    pub fn body_specs(&self) -> Vec<ParamSpec> {
+        let s = &self.space;
+        let (c_half, c_stem) = ((s.stem_channels() / 2) as i64, s.stem_channels() as i64);
+        let mut specs = vec![
+            ParamSpec::new("stem0.0.weight", &[c_half, s.in_channels as i64, 3, 3], Init::FanIn),
+            ParamSpec::new("stem0.1.weight", &[c_half], Init::Ones),
+            ParamSpec::new("stem0.1.bias", &[c_half], Init::Zeros),
+            ParamSpec::new("stem0.4.weight", &[c_stem, c_half, 3, 3], Init::FanIn),
+            ParamSpec::new("stem0.5.weight", &[c_stem], Init::Ones),
+            ParamSpec::new("stem0.5.bias", &[c_stem], Init::Zeros),
+        ];
+        for (i, cell) in s.cells().iter().enumerate() {
+            let c = cell.c as i64;
+            if cell.reduction_prev {
+                for conv in ["conv_1", "conv_2"] {
+                    specs.push(ParamSpec::new(format!("cells.{i}.preprocess0.{conv}.weight"), &[c / 2, cell.c_prev_prev as i64, 1, 1], Init::FanIn));
+                }
+            } else {
+                specs.push(ParamSpec::new(format!("cells.{i}.preprocess0.op.1.weight"), &[c, cell.c_prev_prev as i64, 1, 1], Init::FanIn));
+            }
+            specs.push(ParamSpec::new(format!("cells.{i}.preprocess1.op.1.weight"), &[c, cell.c_prev as i64, 1, 1], Init::FanIn));
+            for node in 0..s.steps {
+                for input in 0..node + 2 {
+                    let edge = s.first_edge_of_node(node) + input;
+                    for p in Primitive::ALL {
+                        specs.extend(op_specs(&op_prefix(i, edge, p), p, c, edge_stride(cell.reduction, input)));
+                    }
+                }
+            }
+        }
+        specs
+    }
+
+    /// Stem: conv3×3 → BN(affine) → [maxpool2] → ReLU → conv3×3 → BN(affine) → [maxpool2].
+    /// `x`: [N, in_ch, S, S] → [N, 3C, S / 2^stem_pools, S / 2^stem_pools].
+    pub fn stem(&self, params: &ParamSet, x: &Tensor, stats: BnStats) -> Tensor {
+        let conv = |x: &Tensor, w: &str| x.conv2d(params.get(w), None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        let bn = |x: &Tensor, prefix: &str| {
+            let (w, b) = (params.get(&format!("{prefix}.weight")), params.get(&format!("{prefix}.bias")));
+            ops::batch_norm(x, Some((w, b)), stats)
+        };
+        let mut h = bn(&conv(x, "stem0.0.weight"), "stem0.1");
+        if self.space.stem_pools >= 1 {
+            h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        }
+        h = bn(&conv(&h.relu(), "stem0.4.weight"), "stem0.5");
+        if self.space.stem_pools >= 2 {
+            h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        }
+        h
+    }
+
+    /// A cell's two input states after preprocessing (`preprocess0`, `preprocess1`).
+    pub fn preprocess(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, stats: BnStats) -> (Tensor, Tensor) {
+        let p0 = if spec.reduction_prev {
+            let w = |c: &str| params.get(&format!("cells.{i}.preprocess0.{c}.weight"));
+            ops::factorized_reduce(s0, w("conv_1"), w("conv_2"), stats)
+        } else {
+            ops::relu_conv_bn(s0, params.get(&format!("cells.{i}.preprocess0.op.1.weight")), stats)
+        };
+        let p1 = ops::relu_conv_bn(s1, params.get(&format!("cells.{i}.preprocess1.op.1.weight")), stats);
+        (p0, p1)
+    }
+
+    /// `MixedOp`: Σ_o softmax(α_edge)_o · o(x). `none` adds zero and is skipped, which leaves
+    /// values and gradients unchanged. `weights`: [8] for this edge.
+    fn mixed_op(&self, params: &ParamSet, cell: usize, edge: usize, x: &Tensor, weights: &Tensor, stride: i64, stats: BnStats) -> Tensor {
+        Primitive::ALL[1..]
+            .iter()
+            .map(|&p| edge_op(p, x, params, &op_prefix(cell, edge, p), stride, stats) * weights.get(p.index() as i64))
+            .reduce(|a, b| a + b)
+            .expect("seven non-none primitives")
+    }
+
+    /// One search cell: node i = Σ_j MixedOp(state_j); output = concat of the last `multiplier` nodes.
+    fn cell(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, weights: &Tensor, stats: BnStats) -> Tensor {
+        let (p0, p1) = self.preprocess(params, i, spec, s0, s1, stats);
+        let mut states = vec![p0, p1];
+        for node in 0..self.space.steps {
+            let first = self.space.first_edge_of_node(node);
+            let sum = (0..node + 2)
+                .map(|j| {
+                    let edge = first + j;
+                    self.mixed_op(params, i, edge, &states[j], &weights.get(edge as i64), edge_stride(spec.reduction, j), stats)
+                })
+                .reduce(|a, b| a + b)
+                .expect("every node has inputs");
+            states.push(sum);
+        }
+        Tensor::cat(&states[states.len() - self.space.multiplier..], 1)
+    }
+
+    /// Pooled features before the head. `x`: [N, in_ch, S, S] → [N, feature_dim].
+    /// `mixing` is softmax(θ) (see [`Alphas::softmaxed`]).
+    pub fn features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
+        let stem = self.stem(params, x, stats);
+        let (mut s0, mut s1) = (stem.shallow_clone(), stem);
+        for (i, spec) in self.space.cells().iter().enumerate() {
+            let out = self.cell(params, i, spec, &s0, &s1, mixing.for_cell(spec.reduction), stats);
+            (s0, s1) = (s1, out);
+        }
+        global_average_pool(&s1)
+    }
+
+    /// Class logits with the classifier held in `params`. `alphas` are raw logits θ.
+    pub fn logits(&self, params: &ParamSet, alphas: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
+        classify(params, &self.features(params, &alphas.softmaxed(), x, stats))
+    }
+}
+
+/// Global average pool: [N, C, H, W] → [N, C].
+pub fn global_average_pool(x: &Tensor) -> Tensor {
+    x.mean_dim(&[2i64, 3][..], false, None)
+}
