@@ -1,0 +1,75 @@
+//! Shared fixtures for the integration tests: random checkpoints built on the fly and the path to
+//! the Python that holds torch (the setup's virtual environment).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+use tnas::adapt::BnMode;
+use tnas::checkpoint::{param_specs, Checkpoint};
+use tnas::metadata::{AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION};
+use tnas::network::Network;
+use tnas::params::ParamSet;
+use tnas::search_space::{SearchSpace, PRIMITIVES};
+use tnas::supernet::{Alphas, Supernet};
+
+/// The interpreter with torch: `PYTHON_SYS_EXECUTABLE` (exported by the Makefile), else python3.
+pub fn python() -> String {
+    std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into())
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The Omniglot zips shipped beside the project.
+pub fn omniglot_zips() -> Vec<PathBuf> {
+    ["images_background_small1.zip", "images_background_small2.zip"]
+        .iter()
+        .map(|z| repo_path("../shared/data/omniglot").join(z))
+        .collect()
+}
+
+pub fn metadata(name: &str, kind: ModelKind, space: Option<SearchSpace>, input: InputSpec, head: HeadSpec) -> ModelMeta {
+    ModelMeta {
+        format_version: FORMAT_VERSION,
+        name: name.into(),
+        kind,
+        primitives: PRIMITIVES.iter().map(|p| p.to_string()).collect(),
+        search_space: space,
+        genotype: None,
+        input,
+        head,
+        adaptation: AdaptationDefaults { steps: 3, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support },
+        training: None,
+        evaluation: Vec::new(),
+        sha256: String::new(),
+    }
+}
+
+/// A supernet checkpoint with PyTorch-default weights and θ = `alpha_scale` · N(0, 1).
+/// Random weights are fixtures for numerics and plumbing, never a shipped model.
+pub fn random_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scale: f64) -> Checkpoint {
+    tch::manual_seed(seed);
+    let input = InputSpec {
+        channels: space.in_channels,
+        size: space.image_size,
+        mean: vec![0.0; space.in_channels],
+        std: vec![1.0; space.in_channels],
+        invert: true,
+    };
+    let meta = metadata(&format!("random-{seed}"), ModelKind::Supernet, Some(space), input, head);
+    let network = Network::Supernet(Supernet::new(space));
+    let params = ParamSet::initialise(&param_specs(&network, head), Device::Cpu);
+    let shape = [space.num_edges() as i64, 8];
+    let alphas = Alphas {
+        normal: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
+        reduce: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
+    };
+    Checkpoint { meta, params, alphas: Some(alphas) }
+}
+
+/// Largest absolute difference relative to the largest reference magnitude.
+pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
+    let diff = (ours - reference).abs().max().double_value(&[]);
+    diff / reference.abs().max().double_value(&[]).max(1e-12)
+}

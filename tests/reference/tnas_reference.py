@@ -1,0 +1,307 @@
+"""Independent PyTorch reference of the tnas supernet, derived network and adaptation.
+
+Written from the T-NAS learner's semantics (SPEC §3–4) as ordinary nn.Modules, so it shares no
+code with the Rust implementation it checks. The Rust tests call it as:
+
+    python tnas_reference.py --checkpoint DIR --inputs IN.safetensors --out OUT.safetensors \
+        --steps M --lr-w LR --lr-theta LR
+
+It loads DIR/model.json + DIR/model.safetensors (our checkpoint format), reads `support`,
+`support_labels`, `query` from IN, and writes logits before and after M SGD steps on [w; θ], in
+both BN modes, for the supernet and for the derived network, plus OUT.json with the decoded
+genotypes and the parameter count.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+PRIMITIVES = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+
+
+class StatsBN(nn.Module):
+    """BatchNorm that always normalises with batch statistics.
+
+    With `stat_rows = n`, the statistics come from the first n rows only and are applied to all
+    rows (the `support` prediction mode); with None, from the whole batch.
+    """
+    stat_rows = None
+
+    def __init__(self, channels, affine):
+        super().__init__()
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        w = self.weight if self.affine else None
+        b = self.bias if self.affine else None
+        n = StatsBN.stat_rows
+        if n is None or n >= x.shape[0]:
+            return F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+        head = x[:n]
+        mean = head.mean(dim=(0, 2, 3))
+        var = head.var(dim=(0, 2, 3), unbiased=False)
+        return F.batch_norm(x, mean, var, w, b, training=False, eps=1e-5)
+
+
+class ReLUConvBN(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.op = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), StatsBN(c_out, False))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class FactorizedReduce(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = StatsBN(c_out, False)
+
+    def forward(self, x):
+        x = F.relu(x)
+        if x.shape[2] % 2 == 1:
+            x = F.pad(x, (1, 0, 1, 0))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+class SepConv(nn.Module):
+    def __init__(self, c, k, stride):
+        super().__init__()
+        p = k // 2
+        self.op = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c, c, k, stride, p, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False),
+            StatsBN(c, False),
+            nn.ReLU(), nn.Conv2d(c, c, k, 1, p, groups=c, bias=False), nn.Conv2d(c, c, 1, bias=False),
+            StatsBN(c, False))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    def __init__(self, c, k, stride):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(c, c, k, stride, k - 1, dilation=2, groups=c, bias=False),
+            nn.Conv2d(c, c, 1, bias=False), StatsBN(c, False))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Pool(nn.Module):
+    def __init__(self, c, kind, stride):
+        super().__init__()
+        self.kind, self.stride = kind, stride
+        self.bn = StatsBN(c, False)
+
+    def forward(self, x):
+        if self.kind == "max":
+            y = F.max_pool2d(x, 3, self.stride, 1)
+        else:
+            y = F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
+        return self.bn(y)
+
+
+class Zero(nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return torch.zeros_like(x[:, :, ::self.stride, ::self.stride])
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def make_op(name, c, stride):
+    if name == "none":
+        return Zero(stride)
+    if name == "max_pool_3x3":
+        return Pool(c, "max", stride)
+    if name == "avg_pool_3x3":
+        return Pool(c, "avg", stride)
+    if name == "skip_connect":
+        return Identity() if stride == 1 else FactorizedReduce(c, c)
+    kind, k = name.split("_conv_")
+    k = int(k[0])
+    return SepConv(c, k, stride) if kind == "sep" else DilConv(c, k, stride)
+
+
+class MixedOp(nn.Module):
+    def __init__(self, c, stride):
+        super().__init__()
+        self._ops = nn.ModuleList([make_op(p, c, stride) for p in PRIMITIVES])
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+def reduction_cells(layers):
+    return {1} if layers == 2 else {layers // 3, 2 * layers // 3}
+
+
+class Cell(nn.Module):
+    """A search cell; with `genotype` (list of (op, input) pairs) a derived cell instead."""
+
+    def __init__(self, steps, multiplier, c_pp, c_p, c, reduction, reduction_prev, genotype=None, concat=None):
+        super().__init__()
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.preprocess0 = FactorizedReduce(c_pp, c) if reduction_prev else ReLUConvBN(c_pp, c)
+        self.preprocess1 = ReLUConvBN(c_p, c)
+        self.genotype, self.concat = genotype, concat
+        self._ops = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                self._ops.append(MixedOp(c, 2 if reduction and j < 2 else 1))
+
+    def forward(self, s0, s1, weights):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for i in range(self.steps):
+            if self.genotype is None:
+                s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            else:
+                s = 0
+                for name, j in self.genotype[2 * i: 2 * i + 2]:
+                    s = s + self._ops[offset + j]._ops[PRIMITIVES.index(name)](states[j])
+            offset += len(states)
+            states.append(s)
+        if self.concat is not None:
+            return torch.cat([states[k] for k in self.concat], dim=1)
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+class Network(nn.Module):
+    def __init__(self, space, n_way, genotype=None):
+        super().__init__()
+        c = space["init_channels"]
+        c_stem = space["stem_multiplier"] * c
+        pools = space["stem_pools"]
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(space["in_channels"], c_stem // 2, 3, padding=1, bias=False), StatsBN(c_stem // 2, True),
+            nn.MaxPool2d(2, 2) if pools >= 1 else nn.Identity(), nn.ReLU(),
+            nn.Conv2d(c_stem // 2, c_stem, 3, padding=1, bias=False), StatsBN(c_stem, True),
+            nn.MaxPool2d(2, 2) if pools >= 2 else nn.Identity())
+        c_pp, c_p, c_cur = c_stem, c_stem, c
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(space["layers"]):
+            reduction = i in reduction_cells(space["layers"])
+            if reduction:
+                c_cur *= 2
+            gene = None
+            concat = None
+            if genotype is not None:
+                gene = genotype["reduce"] if reduction else genotype["normal"]
+                concat = genotype["reduce_concat"] if reduction else genotype["normal_concat"]
+            self.cells.append(Cell(space["steps"], space["multiplier"], c_pp, c_p, c_cur, reduction, reduction_prev, gene, concat))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, space["multiplier"] * c_cur
+        self.classifier = nn.Linear(c_p, n_way)
+
+    def forward(self, x, alphas_normal, alphas_reduce):
+        s0 = s1 = self.stem0(x)
+        wn, wr = F.softmax(alphas_normal, dim=-1), F.softmax(alphas_reduce, dim=-1)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, wr if cell.reduction else wn)
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+
+
+def decode(weights, steps):
+    """DARTS rule: top-2 inputs by strongest non-none op, strongest first; ties to the lower index."""
+    gene, start = [], 0
+    for i in range(steps):
+        rows = weights[start:start + i + 2]
+        best = [max((w, -k) for k, w in enumerate(row) if k != 0) for row in rows]
+        order = sorted(range(i + 2), key=lambda j: -best[j][0])[:2]
+        for j in order:
+            gene.append([PRIMITIVES[-best[j][1]], j])
+        start += i + 2
+    return gene
+
+
+def genotype_of(alphas_normal, alphas_reduce, space):
+    concat = list(range(2 + space["steps"] - space["multiplier"], space["steps"] + 2))
+    return {
+        "normal": decode(F.softmax(alphas_normal, -1).tolist(), space["steps"]), "normal_concat": concat,
+        "reduce": decode(F.softmax(alphas_reduce, -1).tolist(), space["steps"]), "reduce_concat": concat,
+    }
+
+
+def logits_both_modes(net, a_n, a_r, support, query):
+    with torch.no_grad():
+        StatsBN.stat_rows = None
+        transductive = net(query, a_n, a_r)
+        StatsBN.stat_rows = support.shape[0]
+        both = net(torch.cat([support, query]), a_n, a_r)
+        StatsBN.stat_rows = None
+    return transductive, both[support.shape[0]:]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--lr-w", type=float, default=0.01)
+    ap.add_argument("--lr-theta", type=float, default=30.0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    meta = json.load(open(os.path.join(args.checkpoint, "model.json")))
+    space, n_way = meta["search_space"], meta["head"]["n_way"]
+    weights = load_file(os.path.join(args.checkpoint, "model.safetensors"))
+    inputs = load_file(args.inputs)
+    support, labels, query = inputs["support"], inputs["support_labels"], inputs["query"]
+
+    net = Network(space, n_way)
+    a_n = weights.pop("alphas_normal").clone().requires_grad_(True)
+    a_r = weights.pop("alphas_reduce").clone().requires_grad_(True)
+    net.load_state_dict(weights, strict=True)
+    out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
+
+    def record(tag):
+        g = genotype_of(a_n.detach(), a_r.detach(), space)
+        info[f"genotype_{tag}"] = g
+        t, s = logits_both_modes(net, a_n, a_r, support, query)
+        out[f"{tag}_transductive"], out[f"{tag}_support"] = t, s
+        derived = Network(space, n_way, genotype=g)
+        derived.load_state_dict(net.state_dict(), strict=True)
+        t, s = logits_both_modes(derived, a_n, a_r, support, query)
+        out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
+
+    record("initial")
+    opt_w = torch.optim.SGD(net.parameters(), lr=args.lr_w)
+    opt_theta = torch.optim.SGD([a_n, a_r], lr=args.lr_theta)
+    losses = []
+    for _ in range(args.steps):
+        loss = F.cross_entropy(net(support, a_n, a_r), labels)
+        opt_w.zero_grad()
+        opt_theta.zero_grad()
+        loss.backward()
+        opt_w.step()
+        opt_theta.step()
+        losses.append(loss.item())
+    info["losses"] = losses
+    record("adapted")
+    save_file({k: v.contiguous() for k, v in out.items()}, args.out)
+    json.dump(info, open(args.out + ".json", "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+//! The Rust supernet, derived network, decoding and adaptation against our independent PyTorch
+//! reference (`tests/reference/tnas_reference.py`), fed identical weights and inputs.
+
+mod common;
+
+use common::{python, random_supernet, relative_error, repo_path};
+use serde_json::Value;
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
+use tnas::derived::DerivedNetwork;
+use tnas::genotype::Genotype;
+use tnas::metadata::HeadSpec;
+use tnas::search_space::SearchSpace;
+
+const TOLERANCE: f64 = 1e-4;
+const N_WAY: usize = 5;
+
+struct Case {
+    space: SearchSpace,
+    shot: usize,
+    steps: usize,
+    alpha_scale: f64,
+}
+
+/// Runs the reference on a saved checkpoint and inputs; returns its tensors and JSON report.
+fn run_reference(dir: &std::path::Path, inputs: &std::path::Path, steps: usize, lr_w: f64, lr_theta: f64) -> (Vec<(String, Tensor)>, Value) {
+    let out = dir.join("reference.safetensors");
+    let status = Command::new(python())
+        .arg(repo_path("tests/reference/tnas_reference.py"))
+        .args(["--checkpoint", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--steps", &steps.to_string(), "--lr-w", &lr_w.to_string(), "--lr-theta", &lr_theta.to_string()])
+        .status()
+        .expect("python runs");
+    assert!(status.success(), "reference failed");
+    let tensors = Tensor::read_safetensors(&out).unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(out.with_extension("safetensors.json")).unwrap()).unwrap();
+    (tensors, report)
+}
+
+fn get<'a>(tensors: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("reference output lacks {name}")).1
+}
+
+fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
+    assert_eq!(ours.size(), reference.size(), "{what}: shapes differ");
+    let err = relative_error(ours, reference);
+    assert!(err <= TOLERANCE, "{what}: relative error {err:.2e} over {TOLERANCE:.0e}");
+}
+
+fn check_case(case: &Case, seed: i64) {
+    let Case { space, shot, steps, alpha_scale } = *case;
+    let dir = tempfile::tempdir().unwrap();
+    let mut checkpoint = random_supernet(space, HeadSpec::Fixed { n_way: N_WAY }, seed, alpha_scale);
+    checkpoint.save(dir.path()).unwrap();
+    let s = space.image_size as i64;
+    let support = Tensor::randn([(N_WAY * shot) as i64, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
+    let labels = Tensor::arange(N_WAY as i64, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(shot as i64, None, None);
+    let query = Tensor::randn([7, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
+    let inputs = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
+    let (lr_w, lr_theta) = (0.01, 30.0);
+    let (reference, report) = run_reference(dir.path(), &inputs, steps, lr_w, lr_theta);
+
+    let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
+    let network = loaded.network();
+    assert_eq!(loaded.params.numel(), report["param_count"].as_i64().unwrap(), "parameter counts differ");
+    let support_set = SupportSet { images: &support, labels: &labels, n_way: N_WAY };
+    let head = loaded.meta.head;
+    let mut state = TaskState::start(&network, &loaded.params, loaded.alphas.as_ref(), head, &support_set, Device::Cpu);
+    for tag in ["initial", "adapted"] {
+        if tag == "adapted" {
+            let inner = InnerLoop { steps, lr_w, lr_theta, second_order: false };
+            let losses = state.adapt(&network, &support_set, &inner, &|| true).unwrap();
+            let ref_losses: Vec<f64> = report["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            for (a, b) in losses.iter().zip(&ref_losses) {
+                assert!((a - b).abs() <= TOLERANCE * b.abs().max(1.0), "support losses differ: {losses:?} vs {ref_losses:?}");
+            }
+        }
+        let genotype = state.genotype(&network).unwrap();
+        let expected: Genotype = serde_json::from_value(report[format!("genotype_{tag}")].clone()).unwrap();
+        assert_eq!(genotype, expected, "{tag} genotype differs");
+        for (mode, bn) in [("transductive", BnMode::Transductive), ("support", BnMode::Support)] {
+            let ours = state.predict(&network, &support_set, &query, bn);
+            assert_close(&ours, get(&reference, &format!("{tag}_{mode}")), &format!("{tag} supernet {mode} ({space:?})"));
+            let derived = DerivedNetwork::new(space, genotype.clone()).unwrap();
+            let (derived_net, derived_state) = state.derive(&derived, head, &support_set);
+            let ours = tch::no_grad(|| query_logits(&derived_net, &derived_state.params, None, &support_set, &query, bn));
+            assert_close(&ours, get(&reference, &format!("{tag}_derived_{mode}")), &format!("{tag} derived {mode} ({space:?})"));
+        }
+    }
+}
+
+fn space(in_channels: usize, image_size: usize, init_channels: usize, stem_pools: usize) -> SearchSpace {
+    SearchSpace { stem_pools, ..SearchSpace::tnas_official(in_channels, image_size, init_channels) }
+}
+
+#[test]
+fn grayscale_28_official_stem_matches_reference() {
+    check_case(&Case { space: space(1, 28, 8, 2), shot: 1, steps: 3, alpha_scale: 1.0 }, 11);
+}
+
+#[test]
+fn rgb_32_sixteen_channels_matches_reference() {
+    check_case(&Case { space: space(3, 32, 16, 2), shot: 2, steps: 2, alpha_scale: 0.5 }, 12);
+}
+
+#[test]
+fn grayscale_28_one_stem_pool_matches_reference() {
+    check_case(&Case { space: space(1, 28, 16, 1), shot: 1, steps: 2, alpha_scale: 1.0 }, 13);
+}
+
+#[test]
+fn rgb_20_no_stem_pool_matches_reference() {
+    check_case(&Case { space: space(3, 20, 8, 0), shot: 1, steps: 1, alpha_scale: 2.0 }, 14);
+}
+
+#[test]
+fn deeper_network_matches_reference() {
+    check_case(&Case { space: SearchSpace { layers: 4, ..space(1, 28, 8, 1) }, shot: 1, steps: 1, alpha_scale: 1.0 }, 15);
+}
