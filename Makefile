@@ -16,7 +16,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
 
-.PHONY: setup build release serve test bench fuzz load clean-venv
+.PHONY: setup build release serve test openapi clean-venv
 
 setup: $(TORCH_STAMP)
 
@@ -40,3 +40,7 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Regenerates the committed OpenAPI document from the code (a test fails when they differ).
+openapi: setup
+	cargo run --quiet --bin tnas-server -- --print-openapi > openapi/openapi.json

@@ -9,7 +9,7 @@ use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
-use crate::params::ParamSet;
+use crate::params::{matrix_rows, ParamSet};
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -143,7 +143,7 @@ impl TaskState {
     pub fn genotype(&self, network: &Network) -> Option<Genotype> {
         let (Network::Supernet(net), Some(alphas)) = (network, &self.alphas) else { return None };
         let mixing = alphas.softmaxed();
-        Some(Genotype::decode(&net.space, &Alphas::rows(&mixing.normal), &Alphas::rows(&mixing.reduce)))
+        Some(Genotype::decode(&net.space, &matrix_rows(&mixing.normal), &matrix_rows(&mixing.reduce)))
     }
 
     /// Query logits [N_q, n_way] without gradients.

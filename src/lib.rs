@@ -12,6 +12,7 @@
 //! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
 //! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
 //! - [`genotype`]: the DARTS decoding rule and the `Genotype` JSON/Python forms.
+//! - [`genotype_svg`]: a genotype drawn as DARTS draws cells.
 //! - [`derived`]: the discrete network of a genotype on inherited supernet weights.
 //! - [`conv4`]: MAML's Conv-4 baseline network.
 //! - [`head`]: fixed and prototype (Proto-MAML) classifier heads.
@@ -29,12 +30,16 @@ pub mod checkpoint;
 pub mod conv4;
 pub mod data;
 pub mod derived;
+pub mod device;
 pub mod genotype;
+pub mod genotype_svg;
 pub mod head;
 pub mod imaging;
+pub mod meta;
 pub mod metadata;
 pub mod network;
 pub mod ops;
 pub mod params;
 pub mod search_space;
+pub mod server;
 pub mod supernet;

@@ -184,6 +184,14 @@ impl Clone for ParamSet {
     }
 }
 
+/// A 2-D tensor as rows of plain floats (for decoding and JSON), from any device.
+pub fn matrix_rows(t: &Tensor) -> Vec<Vec<f32>> {
+    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let cols = t.size()[1] as usize;
+    let flat: Vec<f32> = Vec::try_from(t.view([-1])).expect("float tensor converts to Vec<f32>");
+    flat.chunks(cols).map(<[f32]>::to_vec).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

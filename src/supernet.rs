@@ -45,14 +45,6 @@ impl Alphas {
         let leaf = |t: &Tensor| t.detach().to_device(device).copy().set_requires_grad(true);
         Alphas { normal: leaf(&self.normal), reduce: leaf(&self.reduce) }
     }
-
-    /// Rows as plain vectors, for decoding and JSON.
-    pub fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-        let t = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-        let cols = t.size()[1] as usize;
-        let flat: Vec<f32> = Vec::try_from(t.view([-1])).expect("float tensor converts to Vec<f32>");
-        flat.chunks(cols).map(<[f32]>::to_vec).collect()
-    }
 }
 
 /// The supernet of one [`SearchSpace`]; holds no weights.

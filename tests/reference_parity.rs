@@ -119,3 +119,32 @@ fn rgb_20_no_stem_pool_matches_reference() {
 fn deeper_network_matches_reference() {
     check_case(&Case { space: SearchSpace { layers: 4, ..space(1, 28, 8, 1) }, shot: 1, steps: 1, alpha_scale: 1.0 }, 15);
 }
+
+/// Random alphas on a coarse grid (many exact ties after softmax) plus tiny perturbations
+/// (near-ties): the Rust decoder and the reference agree on every one.
+#[test]
+fn decoding_agrees_with_reference_on_ties_and_near_ties() {
+    tch::manual_seed(21);
+    let dir = tempfile::tempdir().unwrap();
+    let count = 60;
+    let mut named = Vec::new();
+    for i in 0..count {
+        for cell in ["normal", "reduce"] {
+            let coarse = (Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * 2.0).round() / 2.0;
+            let jitter = Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * if i % 2 == 0 { 0.0 } else { 1e-6 };
+            named.push((format!("{cell}_{i}"), coarse + jitter));
+        }
+    }
+    let inputs = dir.path().join("alphas.safetensors");
+    Tensor::write_safetensors(&named, &inputs).unwrap();
+    let out = dir.path().join("genotypes.json");
+    let status = Command::new(python()).arg(repo_path("tests/reference/decode_reference.py")).arg(&inputs).arg(&out).status().unwrap();
+    assert!(status.success());
+    let expected: Vec<Genotype> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let space = SearchSpace::tnas_official(1, 28, 8);
+    for (i, want) in expected.iter().enumerate() {
+        let rows = |t: &Tensor| tnas::params::matrix_rows(&t.softmax(-1, Kind::Float));
+        let got = Genotype::decode(&space, &rows(&named[2 * i].1), &rows(&named[2 * i + 1].1));
+        assert_eq!(&got, want, "alphas #{i}");
+    }
+}

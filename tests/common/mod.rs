@@ -73,3 +73,32 @@ pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
     let diff = (ours - reference).abs().max().double_value(&[]);
     diff / reference.abs().max().double_value(&[]).max(1e-12)
 }
+
+/// Raw PNG bytes of `per_class` drawings of each of the first `classes` characters of an alphabet
+/// in the first Omniglot zip, in class order.
+pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Vec<Vec<u8>>> {
+    use std::io::Read;
+    let file = std::fs::File::open(&omniglot_zips()[0]).expect("the Omniglot zip is beside the project");
+    let mut archive = zip::ZipArchive::new(file).expect("a readable zip");
+    let mut names: Vec<String> = archive.file_names().filter(|n| n.contains(&format!("/{alphabet}/")) && n.ends_with(".png")).map(str::to_string).collect();
+    names.sort();
+    let character = |name: &str| name.rsplit('/').nth(1).unwrap().to_string();
+    let mut characters: Vec<String> = names.iter().map(|n| character(n)).collect();
+    characters.dedup();
+    characters
+        .iter()
+        .take(classes)
+        .map(|c| {
+            names
+                .iter()
+                .filter(|n| &character(n) == c)
+                .take(per_class)
+                .map(|n| {
+                    let mut bytes = Vec::new();
+                    archive.by_name(n).unwrap().read_to_end(&mut bytes).unwrap();
+                    bytes
+                })
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,38 @@
+//! `tnas-train`: offline meta-training and evaluation of T-NAS supernets and baselines.
+
+use clap::{Parser, Subcommand};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tnas::meta::command::{eval, meta_train, EvalArgs, MetaTrainArgs};
+
+#[derive(Parser)]
+#[command(version, about = "Meta-train a DARTS supernet with T-NAS (or a baseline) and evaluate it on held-out classes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Meta-train and write models/<name>/ (best checkpoint by validation accuracy, resumable).
+    MetaTrain(MetaTrainArgs),
+    /// N-way K-shot accuracy ± 95% interval on held-out classes.
+    Eval(EvalArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::MetaTrain(args) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let handler_stop = stop.clone();
+            ctrlc::set_handler(move || {
+                eprintln!("\nstopping: saving a resumable checkpoint after this step");
+                handler_stop.store(true, Ordering::SeqCst);
+            })?;
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            meta_train(&args, command, &stop).map_err(anyhow::Error::msg)
+        }
+        Command::Eval(args) => eval(&args).map(|_| ()).map_err(anyhow::Error::msg),
+    }
+}

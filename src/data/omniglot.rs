@@ -1,0 +1,259 @@
+//! Omniglot (Lake et al., Science 2015): 1,623 handwritten characters from 50 alphabets, 20
+//! drawers each, read from `<Alphabet>/<character>/*.png` folders or straight from the official
+//! zips, plus the rotation class augmentation MAML and T-NAS train with.
+
+use super::folder::{has_image_extension, image_files, subfolders};
+use super::preprocess::{decode_classes, EncodedClass, EncodedImage};
+use super::{ClassImages, DataError, Dataset};
+use crate::imaging::ImageLimits;
+use crate::metadata::InputSpec;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use zip::result::ZipError;
+use zip::ZipArchive;
+
+/// What [`load`] expects, for error messages.
+const LAYOUT: &str = "<Alphabet>/<character>/*.png, or an official images_background*.zip";
+
+/// Loads every character of every source (a directory or an official zip) as a class named
+/// `Alphabet/character`, grouped by alphabet.
+///
+/// An alphabet found in an earlier source is skipped in later ones, so overlapping archives
+/// (Greek and Latin are in both `images_background_small*.zip`) do not duplicate classes.
+/// Classes are sorted by alphabet then character within each source.
+pub fn load(sources: &[PathBuf], spec: &InputSpec) -> Result<Dataset, DataError> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut classes = Vec::new();
+    for source in sources {
+        let found = scan(source)?;
+        let alphabets: HashSet<String> = found.iter().map(|c| c.group.clone()).collect();
+        classes.extend(found.into_iter().filter(|c| !seen.contains(&c.group)));
+        seen.extend(alphabets);
+    }
+    Ok(Dataset { classes: decode_classes(classes, spec)? })
+}
+
+/// The rotation class augmentation (Santoro et al. 2016, as in MAML and T-NAS): each character
+/// rotated by 90°, 180° and 270° becomes a new class, so every class yields four. The original
+/// keeps its name, the others are suffixed `/rot90`, `/rot180`, `/rot270`; all keep the alphabet
+/// as group, so a split still holds whole alphabets. Meant for the training classes only.
+pub fn with_rotations(classes: Vec<ClassImages>) -> Vec<ClassImages> {
+    classes
+        .into_iter()
+        .flat_map(|class| {
+            let rotated = [1, 2, 3].map(|quarter_turns| ClassImages {
+                name: format!("{}/rot{}", class.name, 90 * quarter_turns),
+                group: class.group.clone(),
+                images: class.images.rot90(quarter_turns, [2, 3]).contiguous(),
+            });
+            std::iter::once(class).chain(rotated)
+        })
+        .collect()
+}
+
+/// The still-encoded classes of one source.
+fn scan(source: &Path) -> Result<Vec<EncodedClass>, DataError> {
+    let classes = if source.is_dir() {
+        scan_directory(source)?
+    } else if source.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
+        scan_zip(source)?
+    } else if source.exists() {
+        return Err(DataError::UnknownSource { path: source.to_path_buf() });
+    } else {
+        return Err(DataError::MissingPath { path: source.to_path_buf() });
+    };
+    if classes.is_empty() {
+        return Err(DataError::NoClasses { path: source.to_path_buf(), layout: LAYOUT });
+    }
+    Ok(classes)
+}
+
+fn scan_directory(root: &Path) -> Result<Vec<EncodedClass>, DataError> {
+    let mut classes = Vec::new();
+    for (alphabet, alphabet_dir) in subfolders(root)? {
+        for (character, character_dir) in subfolders(&alphabet_dir)? {
+            classes.push(EncodedClass {
+                name: format!("{alphabet}/{character}"),
+                group: alphabet.clone(),
+                images: image_files(&character_dir)?.into_iter().map(EncodedImage::OnDisk).collect(),
+            });
+        }
+    }
+    Ok(classes)
+}
+
+/// Reads the PNG entries of an official zip into memory (decoding happens later, in parallel).
+fn scan_zip(path: &Path) -> Result<Vec<EncodedClass>, DataError> {
+    let file = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let mut archive =
+        ZipArchive::new(BufReader::new(file)).map_err(|source| DataError::Zip { path: path.to_path_buf(), source })?;
+    let mut characters: BTreeMap<(String, String), Vec<(String, Vec<u8>)>> = BTreeMap::new();
+    for index in 0..archive.len() {
+        let entry_name = archive.name_for_index(index).unwrap_or_default().to_owned();
+        let Some(class) = class_of_entry(&entry_name) else { continue };
+        let bytes = read_entry(&mut archive, index).map_err(|source| DataError::ZipEntry {
+            zip: path.to_path_buf(),
+            entry: entry_name.clone(),
+            source,
+        })?;
+        characters.entry(class).or_default().push((entry_name, bytes));
+    }
+    Ok(characters
+        .into_iter()
+        .map(|((alphabet, character), mut files)| {
+            files.sort_by(|a, b| a.0.cmp(&b.0));
+            let images = files
+                .into_iter()
+                .map(|(entry, bytes)| EncodedImage::InMemory { origin: format!("{}:{entry}", path.display()), bytes })
+                .collect();
+            EncodedClass { name: format!("{alphabet}/{character}"), group: alphabet, images }
+        })
+        .collect())
+}
+
+/// An entry's bytes, read up to one byte past the image size limit: enough for
+/// [`crate::imaging::decode`] to refuse an oversized entry without reading all of it.
+fn read_entry(archive: &mut ZipArchive<BufReader<File>>, index: usize) -> Result<Vec<u8>, ZipError> {
+    let entry = archive.by_index(index)?;
+    let mut bytes = Vec::new();
+    entry.take(ImageLimits::default().max_bytes as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// `(alphabet, character)` of an entry `[<zip stem>/]<Alphabet>/<character>/<file>.png`; `None`
+/// for folders, other files and hidden or `__MACOSX` metadata.
+fn class_of_entry(name: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = name.split('/').collect();
+    let hidden = parts.iter().any(|p| p.starts_with('.') || *p == "__MACOSX");
+    match parts.as_slice() {
+        [.., alphabet, character, file] if !hidden && has_image_extension(file) && !alphabet.is_empty() && !character.is_empty() => {
+            Some((alphabet.to_string(), character.to_string()))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::fixtures::{omniglot, omniglot_copy, omniglot_spec, omniglot_zips};
+    use std::io::Write;
+    use tch::Kind;
+    use zip::write::SimpleFileOptions;
+    use zip::{CompressionMethod, ZipWriter};
+
+    #[test]
+    fn both_zips_give_8_alphabets_and_242_characters_of_20_drawings() {
+        let data = omniglot();
+        let alphabets = ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin", "Japanese_(katakana)", "Sanskrit", "Tagalog"];
+        assert_eq!(data.groups(), alphabets);
+        assert_eq!(data.classes.len(), 242);
+        assert!(data.classes.iter().all(|c| c.num_images() == 20));
+        assert_eq!(data.classes[0].name, "Balinese/character01");
+        let names: HashSet<&str> = data.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names.len(), 242, "class names are unique");
+    }
+
+    #[test]
+    fn images_are_28x28_with_bright_strokes_after_invert() {
+        let data = omniglot();
+        let images = &data.classes[17].images;
+        assert_eq!(images.size(), [20, 1, 28, 28]);
+        assert_eq!(images.kind(), Kind::Float);
+        let (min, max, mean) = (images.min().double_value(&[]), images.max().double_value(&[]), images.mean(Kind::Float).double_value(&[]));
+        assert!(min >= 0.0 && max <= 1.0 + 1e-6, "values in [0, 1]: {min}..{max}");
+        assert!(max > 0.9, "strokes are bright: max {max}");
+        assert!(mean < 0.3, "background is dark: mean {mean}");
+    }
+
+    #[test]
+    fn rotations_make_four_classes_per_character() {
+        let classes: Vec<ClassImages> = omniglot_copy().classes.into_iter().take(2).collect();
+        let original = classes[0].images.shallow_clone();
+        let rotated = with_rotations(classes);
+        let names: Vec<&str> = rotated.iter().take(5).map(|c| c.name.as_str()).collect();
+        let base = "Balinese/character01";
+        assert_eq!(names, [base, &format!("{base}/rot90"), &format!("{base}/rot180"), &format!("{base}/rot270"), "Balinese/character02"]);
+        assert_eq!(rotated.len(), 8);
+        assert!(rotated.iter().all(|c| c.group == "Balinese"));
+        assert!(rotated[0].images.equal(&original));
+        assert!(!rotated[1].images.equal(&original));
+        assert!(rotated[1].images.rot90(1, [2, 3]).equal(&rotated[2].images));
+        assert!(rotated[3].images.rot90(1, [2, 3]).equal(&original));
+    }
+
+    /// A zip holding `entries`, deflated.
+    fn write_zip(path: &Path, entries: &[(&str, &[u8])]) {
+        let mut zip = ZipWriter::new(File::create(path).unwrap());
+        for (name, bytes) in entries {
+            zip.start_file(*name, SimpleFileOptions::default().compression_method(CompressionMethod::Deflated)).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    #[test]
+    fn undecodable_image_in_a_zip_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.zip");
+        write_zip(&path, &[("bad/Alpha/character01/0001_01.png", b"\x89PNG\r\n\x1a\ntruncated")]);
+        let err = load(&[path], &omniglot_spec()).unwrap_err();
+        assert!(err.to_string().contains("bad.zip:bad/Alpha/character01/0001_01.png"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_zip_entry_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corrupt.zip");
+        let entry = "corrupt/Alpha/character01/0001_01.png";
+        let content: Vec<u8> = (0..4000u32).map(|i| (i * 31 % 251) as u8).collect();
+        write_zip(&path, &[(entry, &content)]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let data_start = 30 + entry.len();
+        bytes[data_start + 10..data_start + 30].iter_mut().for_each(|b| *b ^= 0x5a);
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(&[path], &omniglot_spec()).unwrap_err();
+        assert!(matches!(&err, DataError::ZipEntry { entry: e, .. } if e == entry), "{err}");
+        assert!(err.to_string().contains("corrupt.zip"), "{err}");
+    }
+
+    #[test]
+    fn missing_source_and_non_zip_file_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no_such_dir");
+        let err = load(&[missing], &omniglot_spec()).unwrap_err();
+        assert!(matches!(&err, DataError::MissingPath { path } if path.ends_with("no_such_dir")), "{err}");
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "x").unwrap();
+        assert!(matches!(load(&[text], &omniglot_spec()), Err(DataError::UnknownSource { .. })));
+        let fake = dir.path().join("fake.zip");
+        std::fs::write(&fake, "not a zip").unwrap();
+        assert!(matches!(load(&[fake], &omniglot_spec()), Err(DataError::Zip { .. })));
+    }
+
+    #[test]
+    fn directory_layout_matches_the_zip_layout() {
+        let mut archive = ZipArchive::new(File::open(&omniglot_zips()[0]).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = ["Greek/character02/", "Latin/character01/"];
+        for index in 0..archive.len() {
+            let mut entry = archive.by_index(index).unwrap();
+            let name = entry.name().to_owned();
+            if let Some(rel) = wanted.iter().find_map(|w| name.find(w).map(|at| name[at..].to_owned())).filter(|_| entry.is_file()) {
+                let target = dir.path().join(rel);
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::io::copy(&mut entry, &mut File::create(target).unwrap()).unwrap();
+            }
+        }
+        let from_dir = load(&[dir.path().to_path_buf()], &omniglot_spec()).unwrap();
+        let names: Vec<&str> = from_dir.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["Greek/character02", "Latin/character01"]);
+        let from_zip = omniglot();
+        for class in &from_dir.classes {
+            let same = from_zip.classes.iter().find(|c| c.name == class.name).unwrap();
+            assert!(class.images.equal(&same.images), "{}", class.name);
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The `tnas-train` subcommands as library functions: arguments in, files and reports out.
+
+use super::algorithm::Algorithm;
+use super::evaluate::{mean_and_ci95, Evaluation};
+use super::learner::OuterConfig;
+use super::trainer::{TrainConfig, Trainer};
+use crate::adapt::{BnMode, InnerLoop, PredictWith};
+use crate::checkpoint::Checkpoint;
+use crate::data::sampler::EpisodeSampler;
+use crate::data::split::SplitSpec;
+use crate::data::{self, ClassImages};
+use crate::device::DeviceChoice;
+use crate::metadata::{AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo, FORMAT_VERSION};
+use crate::search_space::{SearchSpace, PRIMITIVES};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+/// Dataset layouts `--dataset` understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetKind {
+    /// `<Alphabet>/<character>/*.png`, or the official zips; split by alphabet.
+    Omniglot,
+    /// Ravi & Larochelle: `images/` plus `train.csv`, `val.csv`, `test.csv`.
+    Miniimagenet,
+    /// `<class>/*.png|jpg`; split by class.
+    Folder,
+}
+
+/// Where the data is and how it is split.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DataArgs {
+    /// Dataset directory or zip; repeat for several Omniglot zips.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "omniglot")]
+    pub dataset: DatasetKind,
+    /// Groups (Omniglot alphabets, or classes) held out for validation, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "Early_Aramaic")]
+    pub validation_groups: Vec<String>,
+    /// Groups held out for testing, comma-separated; never seen in training.
+    #[arg(long, value_delimiter = ',', default_value = "Latin,Tagalog")]
+    pub test_groups: Vec<String>,
+    /// Skip the 90° rotation class augmentation of the training classes (Omniglot).
+    #[arg(long)]
+    pub no_rotations: bool,
+}
+
+/// The three splits, loaded and preprocessed once.
+pub struct LoadedData {
+    pub train: Vec<ClassImages>,
+    pub validation: Vec<ClassImages>,
+    pub test: Vec<ClassImages>,
+    pub split: Split,
+}
+
+impl DataArgs {
+    pub fn load(&self, input: &InputSpec) -> Result<LoadedData, String> {
+        let err = |e: data::DataError| e.to_string();
+        let (train, validation, test) = match self.dataset {
+            DatasetKind::Miniimagenet => {
+                let root = self.data.first().ok_or("--data needs the mini-ImageNet root")?;
+                data::miniimagenet::load(root, input).map_err(err)?
+            }
+            DatasetKind::Omniglot | DatasetKind::Folder => {
+                let dataset = match self.dataset {
+                    DatasetKind::Omniglot => data::omniglot::load(&self.data, input).map_err(err)?,
+                    _ => data::folder::load(self.data.first().ok_or("--data needs a folder")?, input).map_err(err)?,
+                };
+                let groups = dataset.groups();
+                let held_out: Vec<&String> = self.validation_groups.iter().chain(&self.test_groups).collect();
+                let train_groups = groups.into_iter().filter(|g| !held_out.contains(&g)).collect();
+                let spec = SplitSpec { train: train_groups, validation: self.validation_groups.clone(), test: self.test_groups.clone() };
+                spec.apply(dataset).map_err(err)?
+            }
+        };
+        let split = Split {
+            train: group_names(&train),
+            validation: group_names(&validation),
+            test: group_names(&test),
+        };
+        let train = if self.dataset == DatasetKind::Omniglot && !self.no_rotations { data::omniglot::with_rotations(train) } else { train };
+        Ok(LoadedData { train, validation, test, split })
+    }
+}
+
+fn group_names(classes: &[ClassImages]) -> Vec<String> {
+    let mut groups: Vec<String> = classes.iter().map(|c| c.group.clone()).collect();
+    groups.dedup();
+    groups
+}
+
+/// `tnas-train meta-train`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MetaTrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value = "tnas")]
+    pub algo: Algorithm,
+    /// Output model directory (`models/<name>`); also holds metrics.jsonl and resume/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run saved in `<out>/resume/`.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 5)]
+    pub way: usize,
+    #[arg(long, default_value_t = 1)]
+    pub shot: usize,
+    /// Query images per class in each training episode.
+    #[arg(long, default_value_t = 15)]
+    pub query: usize,
+    /// Tasks per outer step.
+    #[arg(long, default_value_t = 4)]
+    pub meta_batch: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub iterations: usize,
+    /// Inner SGD steps per task (M).
+    #[arg(long, default_value_t = 5)]
+    pub inner_steps: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub lr_w: f64,
+    #[arg(long, default_value_t = 30.0)]
+    pub lr_theta: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub meta_lr_w: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub meta_lr_theta: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub theta_weight_decay: f64,
+    /// Steps written into model.json as the serving default.
+    #[arg(long, default_value_t = 10)]
+    pub serve_steps: usize,
+    /// Image side the data is resized to.
+    #[arg(long, default_value_t = 28)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 16)]
+    pub init_channels: usize,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Max-pools in the stem (2 = official; fewer for small inputs).
+    #[arg(long, default_value_t = 2)]
+    pub stem_pools: usize,
+    /// `proto` serves any 2..=max_way classes; `fixed` exactly --way.
+    #[arg(long, default_value = "proto", value_parser = ["proto", "fixed"])]
+    pub head: String,
+    #[arg(long, default_value_t = 20)]
+    pub max_way: usize,
+    #[arg(long, value_enum, default_value = "support")]
+    pub bn: BnModeArg,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 100)]
+    pub validate_every: usize,
+    #[arg(long, default_value_t = 100)]
+    pub validation_tasks: usize,
+    #[arg(long, default_value_t = 20)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 2)]
+    pub threads: i32,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Model name in model.json (default: the --out folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `--bn` as a clap value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BnModeArg {
+    Support,
+    Transductive,
+}
+
+impl From<BnModeArg> for BnMode {
+    fn from(b: BnModeArg) -> Self {
+        match b {
+            BnModeArg::Support => BnMode::Support,
+            BnModeArg::Transductive => BnMode::Transductive,
+        }
+    }
+}
+
+impl MetaTrainArgs {
+    fn model_meta(&self, input: InputSpec, split: Split, command: String) -> ModelMeta {
+        let supernet = self.algo.uses_supernet();
+        let in_channels = input.channels;
+        ModelMeta {
+            format_version: FORMAT_VERSION,
+            name: self.name.clone().unwrap_or_else(|| self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+            kind: if supernet { ModelKind::Supernet } else { ModelKind::Conv4 },
+            primitives: PRIMITIVES.iter().map(|p| p.to_string()).collect(),
+            search_space: supernet.then_some(SearchSpace {
+                in_channels,
+                image_size: self.image_size,
+                init_channels: self.init_channels,
+                layers: self.layers,
+                stem_pools: self.stem_pools,
+                ..SearchSpace::tnas_official(in_channels, self.image_size, self.init_channels)
+            }),
+            genotype: None,
+            input,
+            head: if self.head == "proto" { HeadSpec::Proto { max_way: self.max_way } } else { HeadSpec::Fixed { n_way: self.way } },
+            adaptation: AdaptationDefaults { steps: self.serve_steps, lr_w: self.lr_w, lr_theta: if supernet { self.lr_theta } else { 0.0 }, bn: self.bn.into() },
+            training: Some(TrainingInfo {
+                algorithm: self.algo.name().into(),
+                data: self.data.data.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+                split,
+                iterations: 0,
+                seed: self.seed,
+                wall_time_s: 0.0,
+                command,
+                way: self.way,
+                shot: self.shot,
+                query: self.query,
+            }),
+            evaluation: Vec::new(),
+            sha256: String::new(),
+        }
+    }
+}
+
+/// The input convention of each dataset.
+pub fn input_spec(dataset: DatasetKind, image_size: usize) -> InputSpec {
+    match dataset {
+        DatasetKind::Omniglot => InputSpec { channels: 1, size: image_size, mean: vec![0.0], std: vec![1.0], invert: true },
+        _ => InputSpec { channels: 3, size: image_size, mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225], invert: false },
+    }
+}
+
+/// Runs `meta-train`; `stop` is raised by Ctrl-C/SIGTERM and ends the run after a saved step.
+pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> Result<(), String> {
+    tch::set_num_threads(args.threads);
+    let device = args.device.resolve()?;
+    let input = input_spec(args.data.dataset, args.image_size);
+    let loaded = args.data.load(&input)?;
+    eprintln!("data: {} training classes, {} validation, {} test", loaded.train.len(), loaded.validation.len(), loaded.test.len());
+    let config = TrainConfig {
+        algorithm: args.algo,
+        way: args.way,
+        shot: args.shot,
+        query: args.query,
+        meta_batch: args.meta_batch,
+        iterations: args.iterations,
+        inner: InnerLoop { steps: args.inner_steps, lr_w: args.lr_w, lr_theta: args.lr_theta, second_order: false },
+        outer: OuterConfig { meta_lr_w: args.meta_lr_w, meta_lr_theta: args.meta_lr_theta, theta_weight_decay: args.theta_weight_decay },
+        bn: args.bn.into(),
+        seed: args.seed,
+        validate_every: args.validate_every.max(1),
+        validation_tasks: args.validation_tasks,
+        save_every: args.save_every.max(1),
+        out: args.out.clone(),
+        device,
+        meta: args.model_meta(input, loaded.split.clone(), command),
+    };
+    let mut trainer = Trainer::new(config, &loaded.train, &loaded.validation, args.resume)?;
+    if trainer.iteration() > 0 {
+        eprintln!("resuming at iteration {}", trainer.iteration());
+    }
+    trainer.run(stop)
+}
+
+/// `tnas-train eval`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    pub way: usize,
+    #[arg(long, default_value_t = 1)]
+    pub shot: usize,
+    #[arg(long, default_value_t = 15)]
+    pub query: usize,
+    #[arg(long, default_value_t = 600)]
+    pub tasks: usize,
+    /// Adaptation steps (default: the model's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Fine-tuning steps of derived predictions.
+    #[arg(long, default_value_t = 0)]
+    pub finetune_steps: usize,
+    /// Which held-out split to evaluate on.
+    #[arg(long, default_value = "test", value_parser = ["test", "validation"])]
+    pub split: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Record the results in the model's model.json (the card's numbers).
+    #[arg(long)]
+    pub write: bool,
+    #[arg(long, default_value_t = 2)]
+    pub threads: i32,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// Runs `eval`: every prediction mode the model supports, each over the same `--tasks` episodes.
+pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
+    tch::set_num_threads(args.threads);
+    let device = args.device.resolve()?;
+    let mut checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
+    let loaded = args.data.load(&checkpoint.meta.input)?;
+    let classes = if args.split == "test" { &loaded.test } else { &loaded.validation };
+    checkpoint.meta.head.accepts(args.way)?;
+    let network = checkpoint.network();
+    let defaults = checkpoint.meta.adaptation;
+    let inner = InnerLoop { steps: args.steps.unwrap_or(defaults.steps), lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
+    let predictors: &[PredictWith] = if network.has_alphas() { &[PredictWith::Supernet, PredictWith::Derived] } else { &[PredictWith::Supernet] };
+    let mut results = Vec::new();
+    for &predict_with in predictors {
+        for bn in [BnMode::Support, BnMode::Transductive] {
+            let evaluation = Evaluation { network: &network, params: &checkpoint.params, alphas: checkpoint.alphas.as_ref(), head: checkpoint.meta.head, inner, bn, predict_with, finetune_steps: args.finetune_steps, device };
+            let mut sampler = EpisodeSampler::new(classes, args.way, args.shot, args.query, args.seed).map_err(|e| e.to_string())?;
+            let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
+            let name = if predict_with == PredictWith::Supernet { "supernet" } else { "derived" };
+            eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.way, args.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
+            results.push(EvalResult { split: args.split.clone(), way: args.way, shot: args.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
+        }
+    }
+    if args.write {
+        checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.split == r.split && n.way == r.way && n.shot == r.shot && n.predict_with == r.predict_with && n.bn == r.bn));
+        checkpoint.meta.evaluation.extend(results.iter().cloned());
+        checkpoint.save(&args.model).map_err(|e| e.to_string())?;
+    }
+    Ok(results)
+}

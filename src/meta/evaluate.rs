@@ -1,0 +1,76 @@
+//! Few-shot evaluation: mean accuracy over many tasks with a 95% confidence interval.
+
+use super::algorithm::accuracy;
+use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::data::sampler::EpisodeSampler;
+use crate::derived::DerivedNetwork;
+use crate::metadata::HeadSpec;
+use crate::network::Network;
+use crate::params::ParamSet;
+use crate::supernet::Alphas;
+use tch::Device;
+
+/// Mean and 95% half-interval (1.96 · sample std / √n), the form few-shot papers report.
+pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, 1.96 * (var / n).sqrt())
+}
+
+/// A model to evaluate and how to adapt it.
+pub struct Evaluation<'a> {
+    pub network: &'a Network,
+    pub params: &'a ParamSet,
+    pub alphas: Option<&'a Alphas>,
+    pub head: HeadSpec,
+    pub inner: InnerLoop,
+    pub bn: BnMode,
+    pub predict_with: PredictWith,
+    /// Extra weight-only steps for derived predictions.
+    pub finetune_steps: usize,
+    pub device: Device,
+}
+
+impl Evaluation<'_> {
+    /// Query accuracy of each of `tasks` episodes drawn from `sampler`.
+    pub fn accuracies(&self, sampler: &mut EpisodeSampler, tasks: usize) -> Vec<f64> {
+        (0..tasks).map(|_| self.task_accuracy(sampler)).collect()
+    }
+
+    fn task_accuracy(&self, sampler: &mut EpisodeSampler) -> f64 {
+        let episode = sampler.sample().to_device(self.device);
+        let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
+        let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, &support, self.device);
+        state.adapt(self.network, &support, &self.inner, &|| true).expect("never interrupted");
+        let logits = match (self.predict_with, state.genotype(self.network), self.network) {
+            (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
+                let derived = DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
+                let (network, mut derived_state) = state.derive(&derived, self.head, &support);
+                let finetune = InnerLoop { steps: self.finetune_steps, ..self.inner };
+                derived_state.adapt(&network, &support, &finetune, &|| true).expect("never interrupted");
+                derived_state.predict(&network, &support, &episode.query, self.bn)
+            }
+            _ => state.predict(self.network, &support, &episode.query, self.bn),
+        };
+        accuracy(&logits, &episode.query_labels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_is_1_96_standard_errors() {
+        let values = [0.0, 1.0, 0.0, 1.0];
+        let (mean, ci) = mean_and_ci95(&values);
+        assert_eq!(mean, 0.5);
+        // sample std = sqrt(1/3); standard error = sqrt(1/3) / 2.
+        assert!((ci - 1.96 * (1.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
+        assert_eq!(mean_and_ci95(&[0.7]), (0.7, 0.0));
+    }
+}

@@ -1,0 +1,273 @@
+//! The meta-training loop (T-NAS Algorithm 1): episodes → task gradients → outer Adam step, with
+//! JSONL metrics, periodic validation on held-out classes, the best checkpoint kept by validation
+//! accuracy, and a resumable state saved on interval and on request (Ctrl-C, SIGTERM).
+
+use super::adam::Adam;
+use super::algorithm::{Algorithm, TaskBatch, TaskContext};
+use super::evaluate::{mean_and_ci95, Evaluation};
+use super::learner::{MetaLearner, OuterConfig};
+use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
+use crate::checkpoint::{param_specs, write_atomically, Checkpoint, CheckpointError};
+use crate::data::sampler::{EpisodeSampler, SamplerState};
+use crate::data::ClassImages;
+use crate::metadata::{EvalResult, ModelMeta};
+use crate::network::Network;
+use crate::params::ParamSet;
+use crate::supernet::Alphas;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// Everything a run needs besides its data.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub algorithm: Algorithm,
+    pub way: usize,
+    pub shot: usize,
+    pub query: usize,
+    pub meta_batch: usize,
+    pub iterations: usize,
+    pub inner: InnerLoop,
+    pub outer: OuterConfig,
+    /// BN mode of the query forward in the outer loss (serving uses `support`).
+    pub bn: BnMode,
+    pub seed: u64,
+    pub validate_every: usize,
+    pub validation_tasks: usize,
+    pub save_every: usize,
+    pub out: PathBuf,
+    pub device: Device,
+    /// The checkpoint metadata to write (training info is filled in as the run goes).
+    pub meta: ModelMeta,
+}
+
+/// The resumable part of a run, beside the tensors in `resume/state.safetensors`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ResumeState {
+    iteration: usize,
+    sampler: SamplerState,
+    best_validation: Option<f64>,
+    wall_time_s: f64,
+    adam_w_steps: i64,
+    adam_theta_steps: Option<i64>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Serialize)]
+struct MetricsLine {
+    iteration: usize,
+    query_loss: f64,
+    query_accuracy: f64,
+    alpha_entropy: Option<f64>,
+    validation_accuracy: Option<f64>,
+    validation_ci95: Option<f64>,
+    wall_time_s: f64,
+}
+
+/// A meta-training run over `train` classes, validated on `validation` classes.
+pub struct Trainer<'a> {
+    config: TrainConfig,
+    network: Network,
+    learner: MetaLearner,
+    train: &'a [ClassImages],
+    validation: &'a [ClassImages],
+    sampler: EpisodeSampler<'a>,
+    state: ResumeState,
+}
+
+fn resume_dir(out: &Path) -> PathBuf {
+    out.join("resume")
+}
+
+impl<'a> Trainer<'a> {
+    /// A new run (fresh weights from `config.seed`), or the saved one when `resume` is set and
+    /// `out/resume/` exists.
+    pub fn new(config: TrainConfig, train: &'a [ClassImages], validation: &'a [ClassImages], resume: bool) -> Result<Self, String> {
+        let network = crate::checkpoint::network_of(&config.meta)?;
+        tch::manual_seed(config.seed as i64);
+        let params = ParamSet::initialise(&param_specs(&network, config.meta.head), config.device);
+        let alphas = network.has_alphas().then(|| match network {
+            Network::Supernet(n) => Alphas::initialise(&n.space, config.device),
+            _ => unreachable!("only supernets have alphas"),
+        });
+        let learner = MetaLearner::new(params, alphas, config.outer);
+        let sampler = EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed).map_err(|e| e.to_string())?;
+        let state = ResumeState { iteration: 0, sampler: sampler.state(), best_validation: None, wall_time_s: 0.0, adam_w_steps: 0, adam_theta_steps: None };
+        let mut trainer = Trainer { config, network, learner, train, validation, sampler, state };
+        if resume && resume_dir(&trainer.config.out).join("state.json").exists() {
+            trainer.load_resume_state()?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn iteration(&self) -> usize {
+        self.state.iteration
+    }
+
+    /// Runs until `config.iterations` or until `stop` is raised; saves a resumable state either way.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), String> {
+        std::fs::create_dir_all(&self.config.out).map_err(|e| format!("{}: {e}", self.config.out.display()))?;
+        let progress = indicatif::ProgressBar::new(self.config.iterations as u64).with_position(self.state.iteration as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  eta {eta}  {msg}").expect("valid template"),
+        );
+        let started = Instant::now();
+        let base_time = self.state.wall_time_s;
+        while self.state.iteration < self.config.iterations && !stop.load(Ordering::SeqCst) {
+            let (loss, acc) = self.meta_step();
+            self.state.iteration += 1;
+            self.state.wall_time_s = base_time + started.elapsed().as_secs_f64();
+            let it = self.state.iteration;
+            let mut line = MetricsLine { iteration: it, query_loss: loss, query_accuracy: acc, alpha_entropy: self.alpha_entropy(), validation_accuracy: None, validation_ci95: None, wall_time_s: self.state.wall_time_s };
+            if it % self.config.validate_every == 0 || it == self.config.iterations {
+                let (mean, ci) = self.validate();
+                (line.validation_accuracy, line.validation_ci95) = (Some(mean), Some(ci));
+                if self.state.best_validation.is_none_or(|best| mean > best) {
+                    self.state.best_validation = Some(mean);
+                    self.save_model(mean, ci).map_err(|e| e.to_string())?;
+                }
+            }
+            self.append_metrics(&line)?;
+            if it % self.config.save_every == 0 {
+                self.save_resume_state()?;
+            }
+            progress.set_position(it as u64);
+            progress.set_message(format!("loss {loss:.3} acc {acc:.3} best val {:.3}", self.state.best_validation.unwrap_or(0.0)));
+        }
+        progress.finish();
+        self.save_resume_state()
+    }
+
+    /// One outer iteration over a meta-batch; returns mean query loss and accuracy.
+    fn meta_step(&mut self) -> (f64, f64) {
+        let context = TaskContext { network: &self.network, head: self.config.meta.head, inner: self.config.inner, bn: self.config.bn, rule: self.config.algorithm.rule(), device: self.config.device };
+        let grads: Vec<_> = (0..self.config.meta_batch)
+            .map(|_| {
+                let e = self.sampler.sample();
+                let (support, labels, query, query_labels) = (e.support.to_device(self.config.device), e.support_labels.to_device(self.config.device), e.query.to_device(self.config.device), e.query_labels.to_device(self.config.device));
+                let task = TaskBatch { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels };
+                context.task_gradient(&self.learner.params, self.learner.alphas.as_ref(), &task)
+            })
+            .collect();
+        self.learner.outer_step(&grads);
+        let n = grads.len() as f64;
+        (grads.iter().map(|g| g.query_loss).sum::<f64>() / n, grads.iter().map(|g| g.query_accuracy).sum::<f64>() / n)
+    }
+
+    /// Mean entropy of softmax(θ̃) rows (nats): how decided the architecture is.
+    fn alpha_entropy(&self) -> Option<f64> {
+        self.learner.alphas.as_ref().map(|a| {
+            tch::no_grad(|| {
+                let rows = Tensor::cat(&[&a.normal, &a.reduce], 0);
+                let p = rows.softmax(-1, tch::Kind::Float);
+                (-(&p * p.log()).sum_dim_intlist(1i64, false, tch::Kind::Float)).mean(tch::Kind::Float).double_value(&[])
+            })
+        })
+    }
+
+    /// Accuracy on the validation classes, on the same tasks every time (a fixed sampler seed).
+    fn validate(&self) -> (f64, f64) {
+        let mut sampler = EpisodeSampler::new(self.validation, self.config.way, self.config.shot, self.config.query, 1).expect("validation split large enough");
+        let evaluation = Evaluation {
+            network: &self.network,
+            params: &self.learner.params,
+            alphas: self.learner.alphas.as_ref(),
+            head: self.config.meta.head,
+            inner: InnerLoop { second_order: false, ..self.config.inner },
+            bn: self.config.bn,
+            predict_with: PredictWith::Supernet,
+            finetune_steps: 0,
+            device: self.config.device,
+        };
+        mean_and_ci95(&evaluation.accuracies(&mut sampler, self.config.validation_tasks))
+    }
+
+    fn save_model(&mut self, validation: f64, ci95: f64) -> Result<(), CheckpointError> {
+        let mut meta = self.config.meta.clone();
+        if let Some(training) = meta.training.as_mut() {
+            training.iterations = self.state.iteration;
+            training.wall_time_s = self.state.wall_time_s;
+        }
+        meta.evaluation = vec![EvalResult {
+            split: "validation".into(),
+            way: self.config.way,
+            shot: self.config.shot,
+            tasks: self.config.validation_tasks,
+            predict_with: "supernet".into(),
+            bn: self.config.bn,
+            steps: self.config.inner.steps,
+            accuracy: validation,
+            ci95,
+        }];
+        let alphas = self.learner.alphas.as_ref().map(|a| Alphas { normal: a.normal.shallow_clone(), reduce: a.reduce.shallow_clone() });
+        Checkpoint { meta, params: self.learner.params.clone(), alphas }.save(&self.config.out)
+    }
+
+    fn append_metrics(&self, line: &MetricsLine) -> Result<(), String> {
+        let path = self.config.out.join("metrics.jsonl");
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        writeln!(file, "{}", serde_json::to_string(line).expect("metrics serialise")).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Tensors of the resumable state: w̃, θ̃ and both optimisers' moments, by name.
+    fn resume_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self.learner.params.iter().map(|(n, t)| (format!("w/{n}"), t.shallow_clone())).collect();
+        let mut push_adam = |prefix: &str, adam: &Adam| {
+            for (i, (m, v)) in adam.m.iter().zip(&adam.v).enumerate() {
+                named.push((format!("{prefix}/m/{i}"), m.shallow_clone()));
+                named.push((format!("{prefix}/v/{i}"), v.shallow_clone()));
+            }
+        };
+        push_adam("adam_w", &self.learner.adam_w);
+        if let (Some(a), Some(adam)) = (&self.learner.alphas, &self.learner.adam_theta) {
+            push_adam("adam_theta", adam);
+            named.push(("theta/normal".into(), a.normal.shallow_clone()));
+            named.push(("theta/reduce".into(), a.reduce.shallow_clone()));
+        }
+        named
+    }
+
+    fn save_resume_state(&mut self) -> Result<(), String> {
+        let dir = resume_dir(&self.config.out);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        self.state.sampler = self.sampler.state();
+        self.state.adam_w_steps = self.learner.adam_w.steps;
+        self.state.adam_theta_steps = self.learner.adam_theta.as_ref().map(|a| a.steps);
+        let tmp = dir.join("state.safetensors.tmp");
+        Tensor::write_safetensors(&self.resume_tensors(), &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join("state.safetensors")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let json = serde_json::to_vec_pretty(&self.state).expect("state serialises");
+        write_atomically(&dir.join("state.json"), &json).map_err(|e| e.to_string())
+    }
+
+    fn load_resume_state(&mut self) -> Result<(), String> {
+        let dir = resume_dir(&self.config.out);
+        let json_path = dir.join("state.json");
+        let bytes = std::fs::read(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
+        self.state = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", json_path.display()))?;
+        let path = dir.join("state.safetensors");
+        let tensors = Tensor::read_safetensors(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let named: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        let take = |name: &str| named.get(name).map(|t| t.to_device(self.config.device)).ok_or_else(|| format!("{}: lacks {name}", path.display()));
+        let params = ParamSet::from_pairs(self.learner.params.names().iter().map(|n| Ok((n.clone(), take(&format!("w/{n}"))?))).collect::<Result<Vec<_>, String>>()?);
+        self.learner.params = params;
+        let restore = |adam: &mut Adam, prefix: &str, steps: i64| -> Result<(), String> {
+            for i in 0..adam.m.len() {
+                adam.m[i] = take(&format!("{prefix}/m/{i}"))?;
+                adam.v[i] = take(&format!("{prefix}/v/{i}"))?;
+            }
+            adam.steps = steps;
+            Ok(())
+        };
+        restore(&mut self.learner.adam_w, "adam_w", self.state.adam_w_steps)?;
+        if let Some(adam) = self.learner.adam_theta.as_mut() {
+            restore(adam, "adam_theta", self.state.adam_theta_steps.unwrap_or(0))?;
+            self.learner.alphas = Some(Alphas { normal: take("theta/normal")?, reduce: take("theta/reduce")? });
+        }
+        self.sampler = EpisodeSampler::restore(self.train, self.config.way, self.config.shot, self.config.query, &self.state.sampler).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Request and response bodies of the HTTP API (SPEC §6), as plain serde types with OpenAPI schemas.
+
+use crate::adapt::{BnMode, PredictWith};
+use crate::genotype::Genotype;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One labelled support image.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SupportImage {
+    pub label: String,
+    /// Base64 PNG or JPEG.
+    pub image: String,
+}
+
+/// One query image to classify.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueryImage {
+    pub id: String,
+    /// Base64 PNG or JPEG.
+    pub image: String,
+}
+
+/// Per-request overrides of the model's adaptation defaults.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptOptions {
+    /// Model name; the server's default model when absent.
+    pub model: Option<String>,
+    /// M, the number of SGD steps on the support set.
+    pub steps: Option<usize>,
+    pub lr_w: Option<f64>,
+    pub lr_theta: Option<f64>,
+    pub bn: Option<BnMode>,
+    pub predict_with: Option<PredictWith>,
+    /// Extra weight-only steps for the derived network.
+    pub finetune_steps: Option<usize>,
+}
+
+/// `POST /adapt` as JSON.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptRequest {
+    pub support: Vec<SupportImage>,
+    pub query: Vec<QueryImage>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub options: AdaptOptions,
+}
+
+/// Softmaxed architecture weights, [14][8] per cell type, columns in primitive order.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AlphaWeights {
+    pub normal: Vec<Vec<f32>>,
+    pub reduce: Vec<Vec<f32>>,
+}
+
+/// A query's prediction.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Prediction {
+    pub id: String,
+    pub label: String,
+    pub probabilities: Vec<f32>,
+    pub logits: Vec<f32>,
+}
+
+/// Where the request's time went, in milliseconds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TimingMs {
+    pub decode_images: f64,
+    pub queue: f64,
+    pub adapt: f64,
+    pub predict: f64,
+    pub total: f64,
+}
+
+/// `POST /adapt` response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdaptResponse {
+    pub task_id: String,
+    pub model: String,
+    /// Class names; class i is the i-th distinct support label in order of first appearance.
+    pub labels: Vec<String>,
+    /// The decoded (or, for fixed-architecture models, the fixed) genotype; null for conv4.
+    pub genotype: Option<Genotype>,
+    pub alphas: Option<AlphaWeights>,
+    pub predictions: Vec<Prediction>,
+    pub steps: usize,
+    pub device: String,
+    pub timing_ms: TimingMs,
+}
+
+/// A stored genotype with its task's metadata (`GET /genotypes/{task_id}`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GenotypeRecord {
+    pub task_id: String,
+    pub model: String,
+    pub labels: Vec<String>,
+    pub n_way: usize,
+    pub k_shot: usize,
+    /// RFC 3339.
+    pub created_at: String,
+    pub genotype: Genotype,
+}
+
+/// Every error body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `invalid_image`, `queue_full`.
+    pub code: String,
+    /// What was wrong and how to fix it.
+    pub message: String,
+}
+
+/// `GET /healthz`, `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthStatus {
+    pub status: String,
+}

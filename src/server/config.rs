@@ -1,0 +1,65 @@
+//! `tnas-server` configuration: every flag also reads an environment variable (`TNAS_*`).
+
+use crate::device::DeviceChoice;
+use std::path::PathBuf;
+
+/// Limits that protect the server from oversized or abusive requests.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Limits {
+    /// Largest request body in bytes (JSON or multipart).
+    #[arg(long, env = "TNAS_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most images (support + query) in one request.
+    #[arg(long, env = "TNAS_MAX_IMAGES", default_value_t = 512)]
+    pub max_images: usize,
+    /// Largest single encoded image in bytes.
+    #[arg(long, env = "TNAS_MAX_IMAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+    /// Largest decoded image (width × height); refused before decoding (decompression bombs).
+    #[arg(long, env = "TNAS_MAX_IMAGE_PIXELS", default_value_t = 4096 * 4096)]
+    pub max_image_pixels: u64,
+    /// Most adaptation steps (and fine-tuning steps) a request may ask for.
+    #[arg(long, env = "TNAS_MAX_STEPS", default_value_t = 100)]
+    pub max_steps: usize,
+    /// Time from arrival to response before the request gets 504.
+    #[arg(long, env = "TNAS_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// Adaptations waiting for the worker before new ones get 429.
+    #[arg(long, env = "TNAS_QUEUE_DEPTH", default_value_t = 64)]
+    pub queue_depth: usize,
+    /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
+    #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
+    pub genotype_store_size: usize,
+}
+
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "tnas-server", version, about = "HTTP server for fast T-NAS adaptation: POST few-shot images, get the task's genotype and predictions")]
+pub struct ServerConfig {
+    /// Directory whose subfolders with a model.json are loaded.
+    #[arg(long, env = "TNAS_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Model used when a request names none (default: the only or first model by name).
+    #[arg(long, env = "TNAS_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    #[arg(long, env = "TNAS_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "TNAS_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "TNAS_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Intra-op threads of the worker (0 = libtorch's default).
+    #[arg(long, env = "TNAS_THREADS", default_value_t = 0)]
+    pub threads: i32,
+    /// Require `Authorization: Bearer <key>` on everything but /healthz, /readyz and /metrics.
+    #[arg(long, env = "TNAS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allowed CORS origins (comma-separated); CORS is off when empty.
+    #[arg(long, env = "TNAS_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    pub print_openapi: bool,
+    #[command(flatten)]
+    pub limits: Limits,
+}

@@ -1,0 +1,109 @@
+//! The HTTP adaptation server (SPEC §6).
+//!
+//! - [`config`]: flags and limits. [`api`]: request/response bodies. [`error`]: `ApiError` → status + JSON.
+//! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
+//! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue.
+//! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
+//! - [`openapi`]: the generated OpenAPI document.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod middleware;
+pub mod openapi;
+pub mod routes;
+pub mod state;
+pub mod store;
+pub mod task_request;
+pub mod worker;
+
+use crate::checkpoint::{Checkpoint, META_FILE};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use config::ServerConfig;
+use state::{AppState, SharedState};
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use store::GenotypeStore;
+use tch::Device;
+use worker::Worker;
+
+/// Every protected route (auth applies) plus the open health routes.
+pub fn router(state: SharedState) -> Router {
+    let protected = Router::new()
+        .route("/adapt", post(routes::adapt::adapt))
+        .route("/genotypes", get(routes::genotypes::list_genotypes))
+        .route("/genotypes/{task_id}", get(routes::genotypes::get_genotype))
+        .route("/genotypes/{task_id}/svg", get(routes::genotypes::get_genotype_svg))
+        .route("/models", get(routes::models::list_models))
+        .route("/models/{name}", get(routes::models::get_model))
+        .merge(openapi::docs())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
+    let open = Router::new()
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics));
+    let app = protected
+        .merge(open)
+        .fallback(middleware::not_found)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn(middleware::record_metrics))
+        .with_state(state.clone());
+    middleware::with_cors(middleware::with_request_ids(app), &state.cors_origins)
+}
+
+/// Loads every `models/<name>/model.json` (sorted by name); any unreadable model stops start-up
+/// with an error naming the file, since serving a partial model set would surprise clients.
+pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut dirs: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join(META_FILE).exists()).collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        return Err(format!("{}: no model directories (subfolders with {META_FILE})", dir.display()));
+    }
+    dirs.iter().map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string())).collect()
+}
+
+/// The process-wide Prometheus recorder (installed once; tests start several servers).
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Builds the state: loads models on the CPU (verifying them), starts the worker on `device`.
+pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: Device) -> Result<SharedState, String> {
+    let models: std::collections::BTreeMap<_, _> = checkpoints.iter().map(|c| (c.meta.name.clone(), c.meta.clone())).collect();
+    let default_model = match &config.default_model {
+        Some(name) if models.contains_key(name) => name.clone(),
+        Some(name) => return Err(format!("--default-model {name} is not among the loaded models: {:?}", models.keys().collect::<Vec<_>>())),
+        None => models.keys().next().cloned().ok_or("no models loaded")?,
+    };
+    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.threads);
+    Ok(Arc::new(AppState {
+        models,
+        default_model,
+        worker,
+        store: GenotypeStore::new(config.limits.genotype_store_size),
+        limits: config.limits.clone(),
+        metrics: metrics_handle(),
+        api_key: config.api_key.clone(),
+        cors_origins: config.cors_origins.clone(),
+    }))
+}
+
+/// Serves until `shutdown` resolves, then finishes the requests in flight.
+pub async fn run(state: SharedState, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,6 @@
+//! HTTP handlers, one file per route group.
+
+pub mod adapt;
+pub mod genotypes;
+pub mod health;
+pub mod models;

@@ -1,0 +1,24 @@
+//! `AppState`: what every handler shares. Plain data and handles only; tensors stay on the worker.
+
+use super::config::Limits;
+use super::store::GenotypeStore;
+use super::worker::Worker;
+use crate::metadata::ModelMeta;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct AppState {
+    /// Metadata of the loaded models, by name, for validation and `GET /models`.
+    pub models: BTreeMap<String, ModelMeta>,
+    pub default_model: String,
+    pub worker: Worker,
+    pub store: GenotypeStore,
+    pub limits: Limits,
+    pub metrics: PrometheusHandle,
+    pub api_key: Option<String>,
+    /// Origins allowed by CORS; empty means no CORS headers at all.
+    pub cors_origins: Vec<String>,
+}
+
+pub type SharedState = Arc<AppState>;

@@ -1,0 +1,162 @@
+//! Where an HTTP request becomes a task: JSON or multipart bodies parsed into a [`TaskRequest`],
+//! checked against the model and the limits, and its images decoded into network input.
+
+use super::api::{AdaptOptions, AdaptRequest};
+use super::config::Limits;
+use super::error::ApiError;
+use super::worker::{ResolvedOptions, TaskInput};
+use crate::imaging::{self, ImageLimits};
+use crate::metadata::ModelMeta;
+use axum::body::Bytes;
+use axum::extract::Multipart;
+use base64::Engine;
+
+/// A request in plain data, before images are decoded.
+#[derive(Debug)]
+pub struct TaskRequest {
+    pub support: Vec<(String, Bytes)>,
+    pub query: Vec<(String, Bytes)>,
+    pub options: AdaptOptions,
+}
+
+fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
+    let payload = text.split_once("base64,").map_or(text, |(_, data)| data);
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map(Bytes::from)
+        .map_err(|e| ApiError::bad_request("invalid_base64", format!("{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded")))
+}
+
+impl TaskRequest {
+    /// Parses a JSON body (SPEC §6). Unknown fields are refused so typos do not pass silently.
+    pub fn from_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
+        let request: AdaptRequest = serde_json::from_slice(body).map_err(|e| {
+            let code = if e.is_data() { "invalid_field" } else { "invalid_json" };
+            ApiError::bad_request(code, format!("request body is not a valid adapt request: {e}"))
+        })?;
+        let support = request.support.iter().enumerate().map(|(i, s)| Ok((s.label.clone(), decode_base64(&format!("support[{i}]"), &s.image)?))).collect::<Result<_, ApiError>>()?;
+        let query = request.query.iter().enumerate().map(|(i, q)| Ok((q.id.clone(), decode_base64(&format!("query[{i}] ({})", q.id), &q.image)?))).collect::<Result<_, ApiError>>()?;
+        Ok(TaskRequest { support, query, options: request.options })
+    }
+
+    /// Parses multipart/form-data: `support[<label>]` files, `query` files (id = filename) and an
+    /// optional `options` JSON part.
+    pub async fn from_multipart(mut multipart: Multipart) -> Result<TaskRequest, ApiError> {
+        let broken = |e: axum::extract::multipart::MultipartError| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(format!("multipart body too large: {}", e.body_text()))
+            } else {
+                ApiError::bad_request("invalid_multipart", format!("multipart body is malformed: {}", e.body_text()))
+            }
+        };
+        let mut request = TaskRequest { support: Vec::new(), query: Vec::new(), options: AdaptOptions::default() };
+        while let Some(field) = multipart.next_field().await.map_err(broken)? {
+            let name = field.name().unwrap_or_default().to_string();
+            let file_name = field.file_name().map(str::to_string);
+            let data = field.bytes().await.map_err(broken)?;
+            if let Some(label) = name.strip_prefix("support[").and_then(|rest| rest.strip_suffix(']')) {
+                request.support.push((label.to_string(), data));
+            } else if name == "query" {
+                let id = file_name.unwrap_or_else(|| format!("q{}", request.query.len()));
+                request.query.push((id, data));
+            } else if name == "options" {
+                request.options = serde_json::from_slice(&data).map_err(|e| ApiError::bad_request("invalid_options", format!("the options part is not valid JSON options: {e}")))?;
+            } else {
+                return Err(ApiError::bad_request("unknown_part", format!("unknown multipart part '{name}'; use support[<label>], query and options")));
+            }
+        }
+        Ok(request)
+    }
+
+    /// Distinct labels in order of first appearance (class i = labels[i]) and each support image's class.
+    pub fn classes(&self) -> (Vec<String>, Vec<i64>) {
+        let mut labels: Vec<String> = Vec::new();
+        let indices = self
+            .support
+            .iter()
+            .map(|(label, _)| match labels.iter().position(|l| l == label) {
+                Some(i) => i as i64,
+                None => {
+                    labels.push(label.clone());
+                    (labels.len() - 1) as i64
+                }
+            })
+            .collect();
+        (labels, indices)
+    }
+
+    /// Checks counts, ids and options against the model and limits; returns the merged options.
+    pub fn validate(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
+        let invalid = |code: &'static str, message: String| ApiError::unprocessable(code, message);
+        if self.support.is_empty() {
+            return Err(invalid("empty_support", "the support set is empty; send at least one labelled image per class".into()));
+        }
+        if self.query.is_empty() {
+            return Err(invalid("empty_query", "no query images; send at least one image to classify".into()));
+        }
+        let images = self.support.len() + self.query.len();
+        if images > limits.max_images {
+            return Err(ApiError::PayloadTooLarge(format!("{images} images in one request, over the limit of {}; split the request", limits.max_images)));
+        }
+        if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
+            return Err(invalid("invalid_label", format!("support label '{label}' is empty; give every support image a class label")));
+        }
+        let (labels, _) = self.classes();
+        meta.head.accepts(labels.len()).map_err(|m| invalid("wrong_class_count", m))?;
+        let mut ids = std::collections::HashSet::new();
+        if let Some((id, _)) = self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
+            return Err(invalid("duplicate_query_id", format!("query id '{id}' appears twice; query ids must be unique")));
+        }
+        self.resolve_options(meta, limits)
+    }
+
+    fn resolve_options(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
+        let o = &self.options;
+        let d = meta.adaptation;
+        let steps = o.steps.unwrap_or(d.steps);
+        let finetune_steps = o.finetune_steps.unwrap_or(0);
+        for (name, value) in [("steps", steps), ("finetune_steps", finetune_steps)] {
+            if value > limits.max_steps {
+                return Err(ApiError::unprocessable("steps_over_limit", format!("{name} = {value} is over this server's limit of {}", limits.max_steps)));
+            }
+        }
+        let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64, ApiError> {
+            match value {
+                Some(v) if !v.is_finite() || v < 0.0 || v > 1e4 => Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, 10000]"))),
+                Some(v) => Ok(v),
+                None => Ok(default),
+            }
+        };
+        Ok(ResolvedOptions {
+            steps,
+            lr_w: rate("lr_w", o.lr_w, d.lr_w)?,
+            lr_theta: rate("lr_theta", o.lr_theta, d.lr_theta)?,
+            bn: o.bn.unwrap_or(d.bn),
+            predict_with: o.predict_with.unwrap_or_default(),
+            finetune_steps,
+        })
+    }
+
+    /// Decodes every image into the model's input (CPU work, run off the async runtime).
+    pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions) -> Result<TaskInput, ApiError> {
+        let image_limits = ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels };
+        let decode = |what: String, bytes: &Bytes| -> Result<Vec<f32>, ApiError> {
+            let image = imaging::decode(bytes, &image_limits).map_err(|e| match e {
+                imaging::ImageError::TooManyBytes { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
+                _ => ApiError::bad_request("invalid_image", format!("{what}: {e}")),
+            })?;
+            Ok(imaging::to_input(&image, &meta.input))
+        };
+        let (labels, support_labels) = self.classes();
+        let mut support = Vec::new();
+        for (i, (label, bytes)) in self.support.iter().enumerate() {
+            support.extend(decode(format!("support image {i} (label '{label}')"), bytes)?);
+        }
+        let mut query = Vec::new();
+        for (id, bytes) in &self.query {
+            query.extend(decode(format!("query '{id}'"), bytes)?);
+        }
+        metrics::counter!("tnas_images_decoded_total").increment((self.support.len() + self.query.len()) as u64);
+        Ok(TaskInput { model: meta.name.clone(), support, support_labels, n_way: labels.len(), query, options })
+    }
+}

@@ -1,0 +1,264 @@
+//! The compute worker: one OS thread per device that owns the models' tensors and runs
+//! adaptations, fed by a bounded queue. The async side only sends a [`Job`] and awaits its reply.
+//!
+//! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
+//! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
+//! request stops burning compute. A panic inside a job (a libtorch error, out of memory) fails that
+//! job only; the thread keeps serving.
+
+use super::api::AlphaWeights;
+use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::checkpoint::Checkpoint;
+use crate::derived::DerivedNetwork;
+use crate::genotype::Genotype;
+use crate::metadata::ModelMeta;
+use crate::network::Network;
+use crate::params::matrix_rows;
+use crate::supernet::Alphas;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+use tch::{Device, Tensor};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Adaptation settings after merging request overrides with the model's defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResolvedOptions {
+    pub steps: usize,
+    pub lr_w: f64,
+    pub lr_theta: f64,
+    pub bn: BnMode,
+    pub predict_with: PredictWith,
+    pub finetune_steps: usize,
+}
+
+/// A task in plain numbers: images already decoded and normalised (CHW, row-major).
+#[derive(Debug)]
+pub struct TaskInput {
+    pub model: String,
+    pub support: Vec<f32>,
+    pub support_labels: Vec<i64>,
+    pub n_way: usize,
+    pub query: Vec<f32>,
+    pub options: ResolvedOptions,
+}
+
+/// What the worker sends back.
+#[derive(Debug)]
+pub struct TaskOutput {
+    pub genotype: Option<Genotype>,
+    pub alphas: Option<AlphaWeights>,
+    /// [n_query][n_way]
+    pub logits: Vec<Vec<f32>>,
+    pub queue_ms: f64,
+    pub adapt_ms: f64,
+    pub predict_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkerError {
+    #[error("deadline passed after {completed_steps} steps")]
+    DeadlinePassed { completed_steps: usize },
+    #[error("the client went away")]
+    Cancelled,
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("the worker is not running")]
+    Stopped,
+    #[error("computation failed: {0}")]
+    Failed(String),
+}
+
+/// One queued request.
+pub struct Job {
+    pub input: TaskInput,
+    pub deadline: Instant,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<TaskOutput, WorkerError>>,
+}
+
+/// Worker readiness, published on a watch channel (`/readyz`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// A model resident on the worker's device.
+struct ResidentModel {
+    network: Network,
+    checkpoint: Checkpoint,
+}
+
+/// Handle to the worker thread; dropping it closes the queue and joins the thread.
+pub struct Worker {
+    sender: Option<mpsc::Sender<Job>>,
+    readiness: watch::Receiver<Readiness>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub device: Device,
+}
+
+impl Worker {
+    /// Starts the thread: moves the checkpoints to `device`, runs one warm-up adaptation per model,
+    /// then serves jobs. `queue_depth` bounds the jobs waiting.
+    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, threads: i32) -> Worker {
+        let (sender, receiver) = mpsc::channel(queue_depth.max(1));
+        let (ready_tx, readiness) = watch::channel(Readiness::Loading);
+        let thread = std::thread::Builder::new()
+            .name(format!("tnas-worker-{}", crate::device::device_name(device)))
+            .spawn(move || {
+                if threads > 0 {
+                    tch::set_num_threads(threads);
+                }
+                let models = match catch_unwind(AssertUnwindSafe(|| load_and_warm_up(checkpoints, device))) {
+                    Ok(models) => models,
+                    Err(panic) => {
+                        let _ = ready_tx.send(Readiness::Failed(panic_message(&panic)));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Readiness::Ready);
+                serve(models, receiver, device);
+            })
+            .expect("the OS can start a thread");
+        Worker { sender: Some(sender), readiness, thread: Some(thread), device }
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.borrow().clone()
+    }
+
+    /// Queues a job without waiting; a full queue is an immediate [`WorkerError::QueueFull`].
+    pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
+        let sender = self.sender.as_ref().ok_or(WorkerError::Stopped)?;
+        match sender.try_send(job) {
+            Ok(()) => {
+                metrics::gauge!("tnas_queue_depth").increment(1.0);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(WorkerError::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(WorkerError::Stopped),
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.sender.as_ref().map_or(0, |s| s.max_capacity() - s.capacity())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
+}
+
+fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<String, ResidentModel> {
+    checkpoints
+        .into_iter()
+        .map(|c| {
+            let checkpoint = Checkpoint {
+                params: c.params.map(|_, t| t.to_device(device)),
+                alphas: c.alphas.map(|a| Alphas { normal: a.normal.to_device(device), reduce: a.reduce.to_device(device) }),
+                meta: c.meta,
+            };
+            let model = ResidentModel { network: checkpoint.network(), checkpoint };
+            warm_up(&model, device);
+            (model.checkpoint.meta.name.clone(), model)
+        })
+        .collect()
+}
+
+/// One full adaptation on random images, so the first user request does not pay for lazy init.
+fn warm_up(model: &ResidentModel, device: Device) {
+    let meta = &model.checkpoint.meta;
+    let n_way = match meta.head {
+        crate::metadata::HeadSpec::Fixed { n_way } => n_way,
+        crate::metadata::HeadSpec::Proto { .. } => 2,
+    };
+    let pixels = meta.input.channels * meta.input.size * meta.input.size;
+    let input = TaskInput {
+        model: meta.name.clone(),
+        support: vec![0.5; n_way * pixels],
+        support_labels: (0..n_way as i64).collect(),
+        n_way,
+        query: vec![0.5; pixels],
+        options: ResolvedOptions { steps: 1, lr_w: meta.adaptation.lr_w, lr_theta: meta.adaptation.lr_theta, bn: meta.adaptation.bn, predict_with: PredictWith::Supernet, finetune_steps: 0 },
+    };
+    run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
+}
+
+fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, device: Device) {
+    while let Some(job) = receiver.blocking_recv() {
+        metrics::gauge!("tnas_queue_depth").decrement(1.0);
+        let queue_s = job.enqueued.elapsed().as_secs_f64();
+        metrics::histogram!("tnas_queue_wait_seconds").record(queue_s);
+        if job.reply.is_closed() {
+            continue;
+        }
+        let Some(model) = models.get(&job.input.model) else {
+            let _ = job.reply.send(Err(WorkerError::Failed(format!("model {} is not resident", job.input.model))));
+            continue;
+        };
+        let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
+        let result = catch_unwind(AssertUnwindSafe(|| run_task(model, &job.input, device, &keep_going)))
+            .unwrap_or_else(|panic| Err(WorkerError::Failed(panic_message(&panic))))
+            .map_err(|e| match e {
+                WorkerError::DeadlinePassed { .. } if job.reply.is_closed() => WorkerError::Cancelled,
+                other => other,
+            })
+            .map(|mut out| {
+                out.queue_ms = queue_s * 1e3;
+                out
+            });
+        let _ = job.reply.send(result);
+    }
+}
+
+fn tensor_of(values: &[f32], rows: usize, meta: &ModelMeta, device: Device) -> Tensor {
+    let (c, s) = (meta.input.channels as i64, meta.input.size as i64);
+    Tensor::from_slice(values).view([rows as i64, c, s, s]).to_device(device)
+}
+
+/// Adapts one task and predicts its queries (T-NAS Algorithm 2 + decoding).
+fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going: &dyn Fn() -> bool) -> Result<TaskOutput, WorkerError> {
+    let meta = &model.checkpoint.meta;
+    let pixels = meta.input.channels * meta.input.size * meta.input.size;
+    let support = tensor_of(&input.support, input.support.len() / pixels, meta, device);
+    let labels = Tensor::from_slice(&input.support_labels).to_device(device);
+    let query = tensor_of(&input.query, input.query.len() / pixels, meta, device);
+    let support_set = SupportSet { images: &support, labels: &labels, n_way: input.n_way };
+    let o = input.options;
+    let inner = InnerLoop { steps: o.steps, lr_w: o.lr_w, lr_theta: o.lr_theta, second_order: false };
+    let started = Instant::now();
+    let network = &model.network;
+    let mut state = TaskState::start(network, &model.checkpoint.params, model.checkpoint.alphas.as_ref(), meta.head, &support_set, device);
+    state.adapt(network, &support_set, &inner, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: i.completed_steps })?;
+    let genotype = state.genotype(network).or_else(|| meta.genotype.clone());
+    let alphas = state.alphas.as_ref().map(|a| {
+        let mixing = a.softmaxed();
+        AlphaWeights { normal: matrix_rows(&mixing.normal), reduce: matrix_rows(&mixing.reduce) }
+    });
+    let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let logits = match (o.predict_with, &genotype, network) {
+        (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
+            let derived = DerivedNetwork::new(net.space, genotype.clone()).map_err(WorkerError::Failed)?;
+            let (derived_net, mut derived_state) = state.derive(&derived, meta.head, &support_set);
+            let finetune = InnerLoop { steps: o.finetune_steps, ..inner };
+            derived_state.adapt(&derived_net, &support_set, &finetune, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
+            derived_state.predict(&derived_net, &support_set, &query, o.bn)
+        }
+        _ => state.predict(network, &support_set, &query, o.bn),
+    };
+    let logits = matrix_rows(&logits);
+    metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
+    Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3 })
+}

@@ -1,0 +1,74 @@
+"""Writes a checkpoint in the official T-NAS training script's layout, with its expected logits.
+
+The network is our PyTorch reference (tnas_reference.Network) with random weights; its state dict
+is saved the way the official Meta wrapper saves it: keys prefixed `model.`, the head named
+`classifier_meta_nas`, BatchNorm running buffers present, θ as `state_dict_theta`. Alongside,
+it writes transductive query logits (what the official code computes) before and after
+`--steps` SGD steps on [w; θ], for the importer test to compare against.
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tnas_reference import Network, StatsBN, genotype_of
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, help="path of the .pth to write")
+    ap.add_argument("--inputs", required=True, help="safetensors with support, support_labels, query")
+    ap.add_argument("--expected", required=True, help="safetensors to write the expected logits to")
+    ap.add_argument("--in-channels", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--init-channels", type=int, default=8)
+    ap.add_argument("--n-way", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--lr-w", type=float, default=0.01)
+    ap.add_argument("--lr-theta", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    space = {"in_channels": args.in_channels, "image_size": args.image_size, "init_channels": args.init_channels,
+             "layers": 2, "steps": 4, "multiplier": 4, "stem_multiplier": 3, "stem_pools": 2}
+    net = Network(space, args.n_way)
+    a_n = torch.randn(14, 8, requires_grad=True)
+    a_r = torch.randn(14, 8, requires_grad=True)
+
+    state = {}
+    for key, value in net.state_dict().items():
+        key = key.replace("classifier.", "classifier_meta_nas.")
+        state["model." + key] = value.clone()
+        if key.endswith(".bias") and key.startswith("stem0."):
+            prefix = "model." + key[: -len("bias")]
+            state[prefix + "running_mean"] = torch.randn_like(value)
+            state[prefix + "running_var"] = torch.rand_like(value)
+            state[prefix + "num_batches_tracked"] = torch.tensor(7)
+    torch.save({"state_dict_w": state, "state_dict_theta": [a_n.detach().clone(), a_r.detach().clone()]}, args.out)
+
+    inputs = load_file(args.inputs)
+    support, labels, query = inputs["support"], inputs["support_labels"], inputs["query"]
+    StatsBN.stat_rows = None
+    expected = {}
+    with torch.no_grad():
+        expected["initial"] = net(query, a_n, a_r)
+    opt_w = torch.optim.SGD(net.parameters(), lr=args.lr_w)
+    opt_theta = torch.optim.SGD([a_n, a_r], lr=args.lr_theta)
+    for _ in range(args.steps):
+        loss = F.cross_entropy(net(support, a_n, a_r), labels)
+        opt_w.zero_grad()
+        opt_theta.zero_grad()
+        loss.backward()
+        opt_w.step()
+        opt_theta.step()
+    with torch.no_grad():
+        expected["adapted"] = net(query, a_n, a_r)
+    save_file(expected, args.expected)
+    json.dump(genotype_of(a_n.detach(), a_r.detach(), space), open(args.expected + ".json", "w"))
+
+
+if __name__ == "__main__":
+    main()

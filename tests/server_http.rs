@@ -1,0 +1,240 @@
+//! The adaptation server over real HTTP on loopback, with real Omniglot PNGs.
+
+mod common;
+
+use base64::Engine;
+use clap::Parser;
+use common::{omniglot_pngs, random_supernet};
+use reqwest::blocking::{multipart, Client};
+use serde_json::{json, Value};
+use std::sync::OnceLock;
+use tnas::metadata::HeadSpec;
+use tnas::search_space::SearchSpace;
+use tnas::server::config::ServerConfig;
+
+/// A running server: its base URL. Kept alive for the whole test binary.
+struct TestServer {
+    url: String,
+    _models: tempfile::TempDir,
+}
+
+fn start(extra_args: &[&str]) -> TestServer {
+    let models = tempfile::tempdir().unwrap();
+    let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 8) };
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 7, 1.0);
+    checkpoint.meta.name = "fixture".into();
+    checkpoint.save(&models.path().join("fixture")).unwrap();
+    let mut args = vec!["tnas-server", "--models", models.path().to_str().unwrap(), "--device", "cpu", "--threads", "1"];
+    args.extend_from_slice(extra_args);
+    let config = ServerConfig::parse_from(args);
+    let checkpoints = tnas::server::load_models(&config.models).unwrap();
+    let state = tnas::server::build_state(&config, checkpoints, tch::Device::Cpu).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            tnas::server::run(state, listener, std::future::pending()).await.unwrap();
+        });
+    });
+    let url = format!("http://{}", rx.recv().unwrap());
+    let server = TestServer { url, _models: models };
+    wait_ready(&server.url);
+    server
+}
+
+fn wait_ready(url: &str) {
+    for _ in 0..600 {
+        if let Ok(r) = Client::new().get(format!("{url}/readyz")).send() {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("server never became ready");
+}
+
+fn server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| start(&["--max-steps", "20", "--max-body-bytes", "2000000"]))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A 3-way 1-shot task from Greek: support images drawer 0, queries drawers 1 and 2.
+fn task_json(steps: usize) -> Value {
+    let pngs = omniglot_pngs("Greek", 3, 3);
+    let labels = ["alpha", "beta", "gamma"];
+    let support: Vec<Value> = pngs.iter().zip(labels).map(|(imgs, l)| json!({"label": l, "image": b64(&imgs[0])})).collect();
+    let query: Vec<Value> = pngs.iter().enumerate().flat_map(|(c, imgs)| (1..3).map(move |i| json!({"id": format!("q{c}{i}"), "image": b64(&imgs[i])}))).collect();
+    json!({"support": support, "query": query, "steps": steps})
+}
+
+fn post_json(body: &Value) -> reqwest::blocking::Response {
+    Client::new().post(format!("{}/adapt", server().url)).json(body).send().unwrap()
+}
+
+#[test]
+fn json_adaptation_returns_genotype_and_predictions() {
+    let response = post_json(&task_json(2));
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["labels"], json!(["alpha", "beta", "gamma"]));
+    assert_eq!(body["model"], "fixture");
+    assert_eq!(body["steps"], 2);
+    assert_eq!(body["device"], "cpu");
+    assert_eq!(body["genotype"]["normal"].as_array().unwrap().len(), 8);
+    assert_eq!(body["alphas"]["normal"].as_array().unwrap().len(), 14);
+    let predictions = body["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 6);
+    for p in predictions {
+        let probs: Vec<f64> = p["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(probs.len(), 3);
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+        assert!(["alpha", "beta", "gamma"].contains(&p["label"].as_str().unwrap()));
+    }
+    assert!(body["timing_ms"]["total"].as_f64().unwrap() >= body["timing_ms"]["adapt"].as_f64().unwrap());
+}
+
+#[test]
+fn multipart_adaptation_matches_json() {
+    let pngs = omniglot_pngs("Greek", 3, 2);
+    let mut form = multipart::Form::new();
+    for (label, imgs) in ["alpha", "beta", "gamma"].iter().zip(&pngs) {
+        form = form.part(format!("support[{label}]"), multipart::Part::bytes(imgs[0].clone()).file_name("s.png").mime_str("image/png").unwrap());
+    }
+    for (c, imgs) in pngs.iter().enumerate() {
+        form = form.part("query", multipart::Part::bytes(imgs[1].clone()).file_name(format!("query-{c}.png")).mime_str("image/png").unwrap());
+    }
+    form = form.text("options", r#"{"steps": 1, "predict_with": "derived", "finetune_steps": 1}"#);
+    let response = Client::new().post(format!("{}/adapt", server().url)).multipart(form).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["labels"], json!(["alpha", "beta", "gamma"]));
+    let ids: Vec<&str> = body["predictions"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["query-0.png", "query-1.png", "query-2.png"]);
+}
+
+#[test]
+fn support_bn_makes_a_query_independent_of_the_others() {
+    let mut full = task_json(1);
+    let first_query = full["query"][0].clone();
+    let everything: Value = post_json(&full).json().unwrap();
+    full["query"] = json!([first_query]);
+    let alone: Value = post_json(&full).json().unwrap();
+    let logits = |v: &Value| -> Vec<f64> { v["predictions"][0]["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    for (a, b) in logits(&everything).iter().zip(logits(&alone)) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn genotype_can_be_fetched_as_json_python_and_svg() {
+    let body: Value = post_json(&task_json(1)).json().unwrap();
+    let id = body["task_id"].as_str().unwrap();
+    let url = &server().url;
+    let record: Value = Client::new().get(format!("{url}/genotypes/{id}")).send().unwrap().json().unwrap();
+    assert_eq!(record["genotype"], body["genotype"]);
+    assert_eq!(record["n_way"], 3);
+    assert_eq!(record["k_shot"], 1);
+    let python = Client::new().get(format!("{url}/genotypes/{id}?format=python")).send().unwrap().text().unwrap();
+    assert!(python.starts_with("Genotype(normal=[('"), "{python}");
+    let svg = Client::new().get(format!("{url}/genotypes/{id}/svg")).send().unwrap();
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    let svg = svg.text().unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("c_{k-2}") && svg.contains("palegoldenrod"));
+    let recent: Value = Client::new().get(format!("{url}/genotypes?limit=1")).send().unwrap().json().unwrap();
+    assert_eq!(recent.as_array().unwrap().len(), 1);
+}
+
+/// Every error path of SPEC §6: status, code, and the server still serves.
+#[test]
+fn errors_are_specific_and_the_server_keeps_serving() {
+    let url = &server().url;
+    let client = Client::new();
+    let valid = task_json(1);
+    let with = |key: &str, value: Value| {
+        let mut v = valid.clone();
+        v[key] = value;
+        v
+    };
+    let not_png = b64(b"definitely not an image");
+    let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16, &str)> = vec![
+        ("invalid json", client.post(format!("{url}/adapt")).header("content-type", "application/json").body("{not json"), 400, "invalid_json"),
+        ("wrong media type", client.post(format!("{url}/adapt")).header("content-type", "text/plain").body("hi"), 415, "unsupported_media_type"),
+        ("broken base64", client.post(format!("{url}/adapt")).json(&with("query", json!([{"id": "q", "image": "%%%"}]))), 400, "invalid_base64"),
+        ("not an image", client.post(format!("{url}/adapt")).json(&with("query", json!([{"id": "q", "image": not_png}]))), 400, "invalid_image"),
+        ("empty support", client.post(format!("{url}/adapt")).json(&with("support", json!([]))), 422, "empty_support"),
+        ("one class", client.post(format!("{url}/adapt")).json(&with("support", json!([valid["support"][0]]))), 422, "wrong_class_count"),
+        ("steps over limit", client.post(format!("{url}/adapt")).json(&with("steps", json!(1000))), 422, "steps_over_limit"),
+        ("negative lr", client.post(format!("{url}/adapt")).json(&with("lr_w", json!(-1.0))), 422, "invalid_learning_rate"),
+        ("duplicate ids", client.post(format!("{url}/adapt")).json(&with("query", json!([valid["query"][0], valid["query"][0]]))), 422, "duplicate_query_id"),
+        ("unknown model", client.post(format!("{url}/adapt")).json(&with("model", json!("nope"))), 404, "not_found"),
+        ("unknown field", client.post(format!("{url}/adapt")).json(&with("stpes", json!(3))), 400, "invalid_field"),
+        ("body too large", client.post(format!("{url}/adapt")).header("content-type", "application/json").body(vec![b' '; 3_000_000]), 413, "payload_too_large"),
+        ("malformed genotype id", client.get(format!("{url}/genotypes/not-a-uuid")), 400, "invalid_task_id"),
+        ("unknown genotype id", client.get(format!("{url}/genotypes/{}", uuid::Uuid::new_v4())), 404, "not_found"),
+        ("unknown model name", client.get(format!("{url}/models/nope")), 404, "not_found"),
+        ("unknown route", client.get(format!("{url}/nope")), 404, "not_found"),
+    ];
+    for (name, request, status, code) in cases {
+        let response = request.send().unwrap();
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        let body: Value = response.json().unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        assert_eq!(body["error"]["code"], code, "{name}: {body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{name}");
+        assert_eq!(post_json(&valid).status(), 200, "next valid request after {name}");
+    }
+}
+
+#[test]
+fn a_burst_gets_only_200_or_429() {
+    let small_queue = start(&["--queue-depth", "1"]);
+    let body = task_json(1);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let post = || Client::new().post(format!("{}/adapt", small_queue.url)).json(&body).send().unwrap().status().as_u16();
+        let handles: Vec<_> = (0..10).map(|_| s.spawn(post)).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
+}
+
+#[test]
+fn service_endpoints_answer() {
+    let url = &server().url;
+    let models: Value = Client::new().get(format!("{url}/models")).send().unwrap().json().unwrap();
+    assert_eq!(models[0]["name"], "fixture");
+    assert_eq!(Client::new().get(format!("{url}/healthz")).send().unwrap().status(), 200);
+    assert_eq!(post_json(&task_json(1)).status(), 200);
+    let metrics = Client::new().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    for name in ["tnas_requests_total", "tnas_adapt_seconds", "tnas_queue_wait_seconds", "tnas_images_decoded_total"] {
+        assert!(metrics.contains(name), "metrics lack {name}");
+    }
+    assert_eq!(Client::new().get(format!("{url}/docs/")).send().unwrap().status(), 200);
+}
+
+#[test]
+fn served_openapi_matches_the_committed_document() {
+    let served = Client::new().get(format!("{}/openapi.json", server().url)).send().unwrap().text().unwrap();
+    let committed = std::fs::read_to_string(common::repo_path("openapi/openapi.json")).expect("openapi/openapi.json is committed");
+    let (served, committed): (Value, Value) = (serde_json::from_str(&served).unwrap(), serde_json::from_str(&committed).unwrap());
+    assert_eq!(served, committed, "openapi/openapi.json is stale: regenerate it with `make openapi`");
+}
+
+#[test]
+fn api_key_protects_everything_but_health() {
+    let secured = start(&["--api-key", "s3cret"]);
+    let client = Client::new();
+    let denied = client.post(format!("{}/adapt", secured.url)).json(&task_json(1)).send().unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("wrong").send().unwrap().status(), 401);
+    assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("s3cret").send().unwrap().status(), 200);
+    assert_eq!(client.get(format!("{}/healthz", secured.url)).send().unwrap().status(), 200);
+    assert_eq!(client.get(format!("{}/metrics", secured.url)).send().unwrap().status(), 200);
+}
