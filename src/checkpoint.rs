@@ -85,7 +85,7 @@ impl Checkpoint {
     }
 
     fn weights_bytes(&self) -> Result<Vec<u8>, String> {
-        let mut named: Vec<(String, (Vec<usize>, Vec<u8>))> =
+        let mut named: Vec<(String, FloatBytes)> =
             self.params.iter().map(|(n, t)| (n.clone(), float_bytes(t))).collect();
         if let Some(a) = &self.alphas {
             named.push((ALPHAS_NORMAL.into(), float_bytes(&a.normal)));
@@ -167,7 +167,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
 }
 
 /// Shape and little-endian float32 bytes of a tensor.
-fn float_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+type FloatBytes = (Vec<usize>, Vec<u8>);
+
+fn float_bytes(t: &Tensor) -> FloatBytes {
     let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let shape = t.size().iter().map(|&d| d as usize).collect();
     let values: Vec<f32> = Vec::try_from(t.flatten(0, -1)).expect("float tensor converts");

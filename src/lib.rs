@@ -12,7 +12,7 @@
 //! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
 //! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
 //! - [`genotype`]: the DARTS decoding rule and the `Genotype` JSON/Python forms.
-//! - [`genotype_svg`]: a genotype drawn as DARTS draws cells.
+//! - [`genotype_svg`]: a genotype drawn the way DARTS draws cells.
 //! - [`derived`]: the discrete network of a genotype on inherited supernet weights.
 //! - [`conv4`]: MAML's Conv-4 baseline network.
 //! - [`head`]: fixed and prototype (Proto-MAML) classifier heads.
@@ -20,7 +20,7 @@
 //!
 //! Adaptation and models:
 //! - [`adapt`]: T-NAS Algorithm 2 on a task's copies, and query prediction.
-//! - [`metadata`]: `model.json`.
+//! - [`metadata`]: what `model.json` records.
 //! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
 //! - [`data`]: few-shot datasets (Omniglot zips, mini-ImageNet, folders) and episode sampling.

@@ -160,10 +160,10 @@ impl SearchSpace {
         if ![1, 3].contains(&self.in_channels) {
             return Err(format!("in_channels must be 1 or 3, got {}", self.in_channels));
         }
-        if self.image_size == 0 || self.image_size % 4 != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(4) {
             return Err(format!("image_size must be a positive multiple of 4, got {}", self.image_size));
         }
-        if self.init_channels == 0 || self.init_channels % 2 != 0 {
+        if self.init_channels == 0 || !self.init_channels.is_multiple_of(2) {
             return Err(format!("init_channels must be even and positive, got {}", self.init_channels));
         }
         if self.layers < 2 {
@@ -175,7 +175,7 @@ impl SearchSpace {
         if self.stem_pools > 2 {
             return Err(format!("stem_pools must be 0, 1 or 2, got {}", self.stem_pools));
         }
-        if self.stem_channels() % 2 != 0 {
+        if !self.stem_channels().is_multiple_of(2) {
             return Err("stem_multiplier * init_channels must be even".into());
         }
         Ok(())

@@ -47,6 +47,13 @@ impl Alphas {
     }
 }
 
+/// The weights and BN mode of one forward pass, passed down together.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    params: &'a ParamSet,
+    stats: BnStats,
+}
+
 /// The supernet of one [`SearchSpace`]; holds no weights.
 #[derive(Clone, Copy, Debug)]
 pub struct Supernet {
@@ -188,24 +195,24 @@ impl Supernet {
 
     /// `MixedOp`: Σ_o softmax(α_edge)_o · o(x). `none` adds zero and is skipped, which leaves
     /// values and gradients unchanged. `weights`: [8] for this edge.
-    fn mixed_op(&self, params: &ParamSet, cell: usize, edge: usize, x: &Tensor, weights: &Tensor, stride: i64, stats: BnStats) -> Tensor {
+    fn mixed_op(&self, pass: Pass, cell: usize, edge: usize, x: &Tensor, weights: &Tensor, stride: i64) -> Tensor {
         Primitive::ALL[1..]
             .iter()
-            .map(|&p| edge_op(p, x, params, &op_prefix(cell, edge, p), stride, stats) * weights.get(p.index() as i64))
+            .map(|&p| edge_op(p, x, pass.params, &op_prefix(cell, edge, p), stride, pass.stats) * weights.get(p.index() as i64))
             .reduce(|a, b| a + b)
             .expect("seven non-none primitives")
     }
 
     /// One search cell: node i = Σ_j MixedOp(state_j); output = concat of the last `multiplier` nodes.
-    fn cell(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, weights: &Tensor, stats: BnStats) -> Tensor {
-        let (p0, p1) = self.preprocess(params, i, spec, s0, s1, stats);
+    fn cell(&self, pass: Pass, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, weights: &Tensor) -> Tensor {
+        let (p0, p1) = self.preprocess(pass.params, i, spec, s0, s1, pass.stats);
         let mut states = vec![p0, p1];
         for node in 0..self.space.steps {
             let first = self.space.first_edge_of_node(node);
             let sum = (0..node + 2)
                 .map(|j| {
                     let edge = first + j;
-                    self.mixed_op(params, i, edge, &states[j], &weights.get(edge as i64), edge_stride(spec.reduction, j), stats)
+                    self.mixed_op(pass, i, edge, &states[j], &weights.get(edge as i64), edge_stride(spec.reduction, j))
                 })
                 .reduce(|a, b| a + b)
                 .expect("every node has inputs");
@@ -220,7 +227,7 @@ impl Supernet {
         let stem = self.stem(params, x, stats);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for (i, spec) in self.space.cells().iter().enumerate() {
-            let out = self.cell(params, i, spec, &s0, &s1, mixing.for_cell(spec.reduction), stats);
+            let out = self.cell(Pass { params, stats }, i, spec, &s0, &s1, mixing.for_cell(spec.reduction));
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tnas::meta::command::{eval, meta_train, EvalArgs, MetaTrainArgs};
+use tnas::meta::command::{card, eval, meta_train, CardArgs, EvalArgs, MetaTrainArgs};
 
 #[derive(Parser)]
 #[command(version, about = "Meta-train a DARTS supernet with T-NAS (or a baseline) and evaluate it on held-out classes")]
@@ -18,6 +18,8 @@ enum Command {
     MetaTrain(MetaTrainArgs),
     /// N-way K-shot accuracy ± 95% interval on held-out classes.
     Eval(EvalArgs),
+    /// Write the model card (README.md) from model.json, optionally beside baselines.
+    Card(CardArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +36,6 @@ fn main() -> anyhow::Result<()> {
             meta_train(&args, command, &stop).map_err(anyhow::Error::msg)
         }
         Command::Eval(args) => eval(&args).map(|_| ()).map_err(anyhow::Error::msg),
+        Command::Card(args) => card(&args).map_err(anyhow::Error::msg),
     }
 }

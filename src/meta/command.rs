@@ -89,6 +89,20 @@ fn group_names(classes: &[ClassImages]) -> Vec<String> {
     groups
 }
 
+/// The shape of every episode: N-way K-shot with Q queries per class.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct EpisodeArgs {
+    /// N: classes per task.
+    #[arg(long, default_value_t = 5)]
+    pub way: usize,
+    /// K: support images per class.
+    #[arg(long, default_value_t = 1)]
+    pub shot: usize,
+    /// Query images per class.
+    #[arg(long, default_value_t = 15)]
+    pub query: usize,
+}
+
 /// `tnas-train meta-train`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MetaTrainArgs {
@@ -102,13 +116,8 @@ pub struct MetaTrainArgs {
     /// Continue the run saved in `<out>/resume/`.
     #[arg(long)]
     pub resume: bool,
-    #[arg(long, default_value_t = 5)]
-    pub way: usize,
-    #[arg(long, default_value_t = 1)]
-    pub shot: usize,
-    /// Query images per class in each training episode.
-    #[arg(long, default_value_t = 15)]
-    pub query: usize,
+    #[command(flatten)]
+    pub episode: EpisodeArgs,
     /// Tasks per outer step.
     #[arg(long, default_value_t = 4)]
     pub meta_batch: usize,
@@ -199,7 +208,7 @@ impl MetaTrainArgs {
             }),
             genotype: None,
             input,
-            head: if self.head == "proto" { HeadSpec::Proto { max_way: self.max_way } } else { HeadSpec::Fixed { n_way: self.way } },
+            head: if self.head == "proto" { HeadSpec::Proto { max_way: self.max_way } } else { HeadSpec::Fixed { n_way: self.episode.way } },
             adaptation: AdaptationDefaults { steps: self.serve_steps, lr_w: self.lr_w, lr_theta: if supernet { self.lr_theta } else { 0.0 }, bn: self.bn.into() },
             training: Some(TrainingInfo {
                 algorithm: self.algo.name().into(),
@@ -209,9 +218,9 @@ impl MetaTrainArgs {
                 seed: self.seed,
                 wall_time_s: 0.0,
                 command,
-                way: self.way,
-                shot: self.shot,
-                query: self.query,
+                way: self.episode.way,
+                shot: self.episode.shot,
+                query: self.episode.query,
             }),
             evaluation: Vec::new(),
             sha256: String::new(),
@@ -236,9 +245,9 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
     eprintln!("data: {} training classes, {} validation, {} test", loaded.train.len(), loaded.validation.len(), loaded.test.len());
     let config = TrainConfig {
         algorithm: args.algo,
-        way: args.way,
-        shot: args.shot,
-        query: args.query,
+        way: args.episode.way,
+        shot: args.episode.shot,
+        query: args.episode.query,
         meta_batch: args.meta_batch,
         iterations: args.iterations,
         inner: InnerLoop { steps: args.inner_steps, lr_w: args.lr_w, lr_theta: args.lr_theta, second_order: false },
@@ -267,12 +276,8 @@ pub struct EvalArgs {
     /// Model directory.
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value_t = 5)]
-    pub way: usize,
-    #[arg(long, default_value_t = 1)]
-    pub shot: usize,
-    #[arg(long, default_value_t = 15)]
-    pub query: usize,
+    #[command(flatten)]
+    pub episode: EpisodeArgs,
     #[arg(long, default_value_t = 600)]
     pub tasks: usize,
     /// Adaptation steps (default: the model's).
@@ -302,7 +307,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     let mut checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
     let loaded = args.data.load(&checkpoint.meta.input)?;
     let classes = if args.split == "test" { &loaded.test } else { &loaded.validation };
-    checkpoint.meta.head.accepts(args.way)?;
+    checkpoint.meta.head.accepts(args.episode.way)?;
     let network = checkpoint.network();
     let defaults = checkpoint.meta.adaptation;
     let inner = InnerLoop { steps: args.steps.unwrap_or(defaults.steps), lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
@@ -311,11 +316,11 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     for &predict_with in predictors {
         for bn in [BnMode::Support, BnMode::Transductive] {
             let evaluation = Evaluation { network: &network, params: &checkpoint.params, alphas: checkpoint.alphas.as_ref(), head: checkpoint.meta.head, inner, bn, predict_with, finetune_steps: args.finetune_steps, device };
-            let mut sampler = EpisodeSampler::new(classes, args.way, args.shot, args.query, args.seed).map_err(|e| e.to_string())?;
+            let mut sampler = EpisodeSampler::new(classes, args.episode.way, args.episode.shot, args.episode.query, args.seed).map_err(|e| e.to_string())?;
             let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
             let name = if predict_with == PredictWith::Supernet { "supernet" } else { "derived" };
-            eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.way, args.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
-            results.push(EvalResult { split: args.split.clone(), way: args.way, shot: args.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
+            eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
+            results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
         }
     }
     if args.write {
@@ -324,4 +329,35 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         checkpoint.save(&args.model).map_err(|e| e.to_string())?;
     }
     Ok(results)
+}
+
+/// `tnas-train card`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CardArgs {
+    /// Model directory whose README.md is (re)written from its model.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Baseline model directories whose results are listed beside this model's.
+    #[arg(long)]
+    pub baseline: Vec<PathBuf>,
+    /// A Markdown file appended as the card's notes.
+    #[arg(long)]
+    pub notes: Option<PathBuf>,
+}
+
+/// Writes `<model>/README.md`.
+pub fn card(args: &CardArgs) -> Result<(), String> {
+    let read_meta = |dir: &std::path::Path| -> Result<crate::metadata::ModelMeta, String> {
+        let path = dir.join(crate::checkpoint::META_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let meta = read_meta(&args.model)?;
+    let baselines = args.baseline.iter().map(|d| read_meta(d)).collect::<Result<Vec<_>, _>>()?;
+    let notes = match &args.notes {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => String::new(),
+    };
+    let text = super::card::render(&meta, &baselines.iter().collect::<Vec<_>>(), &notes);
+    crate::checkpoint::write_atomically(&args.model.join("README.md"), text.as_bytes()).map_err(|e| e.to_string())
 }

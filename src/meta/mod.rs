@@ -4,11 +4,13 @@
 //! - [`adam`]: the outer optimiser, resumable.
 //! - [`learner`]: the meta-parameters w̃ (and θ̃) with their optimisers.
 //! - [`evaluate`]: N-way K-shot accuracy over many held-out tasks with a 95% interval.
+//! - [`card`]: the model card rendered from `model.json`.
 //! - [`trainer`]: the training loop: logging, validation, best-checkpoint keeping, resume.
 
 pub mod adam;
 pub mod command;
 pub mod algorithm;
+pub mod card;
 pub mod evaluate;
 pub mod learner;
 pub mod trainer;

@@ -122,7 +122,7 @@ impl<'a> Trainer<'a> {
             self.state.wall_time_s = base_time + started.elapsed().as_secs_f64();
             let it = self.state.iteration;
             let mut line = MetricsLine { iteration: it, query_loss: loss, query_accuracy: acc, alpha_entropy: self.alpha_entropy(), validation_accuracy: None, validation_ci95: None, wall_time_s: self.state.wall_time_s };
-            if it % self.config.validate_every == 0 || it == self.config.iterations {
+            if it.is_multiple_of(self.config.validate_every) || it == self.config.iterations {
                 let (mean, ci) = self.validate();
                 (line.validation_accuracy, line.validation_ci95) = (Some(mean), Some(ci));
                 if self.state.best_validation.is_none_or(|best| mean > best) {
@@ -131,7 +131,7 @@ impl<'a> Trainer<'a> {
                 }
             }
             self.append_metrics(&line)?;
-            if it % self.config.save_every == 0 {
+            if it.is_multiple_of(self.config.save_every) {
                 self.save_resume_state()?;
             }
             progress.set_position(it as u64);

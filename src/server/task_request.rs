@@ -122,7 +122,7 @@ impl TaskRequest {
         }
         let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64, ApiError> {
             match value {
-                Some(v) if !v.is_finite() || v < 0.0 || v > 1e4 => Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, 10000]"))),
+                Some(v) if !v.is_finite() || !(0.0..=1e4).contains(&v) => Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, 10000]"))),
                 Some(v) => Ok(v),
                 None => Ok(default),
             }

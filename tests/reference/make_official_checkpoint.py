@@ -10,10 +10,9 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tnas_reference import Network, StatsBN, genotype_of
+from tnas_reference import Network, StatsBN, adapt, genotype_of
 
 
 def main():
@@ -55,15 +54,7 @@ def main():
     expected = {}
     with torch.no_grad():
         expected["initial"] = net(query, a_n, a_r)
-    opt_w = torch.optim.SGD(net.parameters(), lr=args.lr_w)
-    opt_theta = torch.optim.SGD([a_n, a_r], lr=args.lr_theta)
-    for _ in range(args.steps):
-        loss = F.cross_entropy(net(support, a_n, a_r), labels)
-        opt_w.zero_grad()
-        opt_theta.zero_grad()
-        loss.backward()
-        opt_w.step()
-        opt_theta.step()
+    adapt(net, a_n, a_r, support, labels, args.steps, args.lr_w, args.lr_theta)
     with torch.no_grad():
         expected["adapted"] = net(query, a_n, a_r)
     save_file(expected, args.expected)

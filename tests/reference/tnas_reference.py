@@ -242,6 +242,22 @@ def genotype_of(alphas_normal, alphas_reduce, space):
     }
 
 
+def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
+    """T-NAS Algorithm 2 with the official optimisers: plain SGD on w and on θ. Returns the losses."""
+    opt_w = torch.optim.SGD(net.parameters(), lr=lr_w)
+    opt_theta = torch.optim.SGD([a_n, a_r], lr=lr_theta)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(net(support, a_n, a_r), labels)
+        opt_w.zero_grad()
+        opt_theta.zero_grad()
+        loss.backward()
+        opt_w.step()
+        opt_theta.step()
+        losses.append(loss.item())
+    return losses
+
+
 def logits_both_modes(net, a_n, a_r, support, query):
     with torch.no_grad():
         StatsBN.stat_rows = None
@@ -286,18 +302,7 @@ def main():
         out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
 
     record("initial")
-    opt_w = torch.optim.SGD(net.parameters(), lr=args.lr_w)
-    opt_theta = torch.optim.SGD([a_n, a_r], lr=args.lr_theta)
-    losses = []
-    for _ in range(args.steps):
-        loss = F.cross_entropy(net(support, a_n, a_r), labels)
-        opt_w.zero_grad()
-        opt_theta.zero_grad()
-        loss.backward()
-        opt_w.step()
-        opt_theta.step()
-        losses.append(loss.item())
-    info["losses"] = losses
+    info["losses"] = adapt(net, a_n, a_r, support, labels, args.steps, args.lr_w, args.lr_theta)
     record("adapted")
     save_file({k: v.contiguous() for k, v in out.items()}, args.out)
     json.dump(info, open(args.out + ".json", "w"))
