@@ -294,10 +294,23 @@ pub struct EvalArgs {
     /// Record the results in the model's model.json (the card's numbers).
     #[arg(long)]
     pub write: bool,
+    /// Evaluate only these prediction modes (default: every one the model has).
+    #[arg(long, value_delimiter = ',', value_parser = ["supernet", "derived"])]
+    pub predict_with: Vec<String>,
+    /// Evaluate only these BN modes (default: both).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub bn: Vec<BnModeArg>,
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+}
+
+fn predict_name(p: PredictWith) -> &'static str {
+    match p {
+        PredictWith::Supernet => "supernet",
+        PredictWith::Derived => "derived",
+    }
 }
 
 /// Runs `eval`: every prediction mode the model supports, each over the same `--tasks` episodes.
@@ -311,14 +324,16 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     let network = checkpoint.network();
     let defaults = checkpoint.meta.adaptation;
     let inner = InnerLoop { steps: args.steps.unwrap_or(defaults.steps), lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
-    let predictors: &[PredictWith] = if network.has_alphas() { &[PredictWith::Supernet, PredictWith::Derived] } else { &[PredictWith::Supernet] };
+    let available: &[PredictWith] = if network.has_alphas() { &[PredictWith::Supernet, PredictWith::Derived] } else { &[PredictWith::Supernet] };
+    let predictors = available.iter().filter(|p| args.predict_with.is_empty() || args.predict_with.iter().any(|n| n.as_str() == predict_name(**p)));
+    let bn_modes: Vec<BnMode> = if args.bn.is_empty() { vec![BnMode::Support, BnMode::Transductive] } else { args.bn.iter().map(|&b| b.into()).collect() };
     let mut results = Vec::new();
     for &predict_with in predictors {
-        for bn in [BnMode::Support, BnMode::Transductive] {
+        for &bn in &bn_modes {
             let evaluation = Evaluation { network: &network, params: &checkpoint.params, alphas: checkpoint.alphas.as_ref(), head: checkpoint.meta.head, inner, bn, predict_with, finetune_steps: args.finetune_steps, device };
             let mut sampler = EpisodeSampler::new(classes, args.episode.way, args.episode.shot, args.episode.query, args.seed).map_err(|e| e.to_string())?;
             let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
-            let name = if predict_with == PredictWith::Supernet { "supernet" } else { "derived" };
+            let name = predict_name(predict_with);
             eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
             results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
         }
