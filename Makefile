@@ -16,7 +16,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
 
-.PHONY: setup build release serve test openapi clean-venv
+.PHONY: setup build release serve test bench openapi clean-venv
 
 setup: $(TORCH_STAMP)
 
@@ -36,7 +36,11 @@ serve: release
 	./target/release/tnas-server --models models --host $(HOST) --port $(PORT)
 
 test: setup
-	cargo test --all-targets -- --test-threads=$(TEST_THREADS)
+	cargo test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
+
+# Latency next to PyTorch eager doing the same work, and server throughput; prints figures.
+bench: setup
+	cargo bench --bench adapt
 
 clean-venv:
 	rm -rf $(VENV)

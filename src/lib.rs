@@ -24,6 +24,11 @@
 //! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
 //! - [`data`]: few-shot datasets (Omniglot zips, mini-ImageNet, folders) and episode sampling.
+//! - [`device`]: `--device auto|cpu|cuda|cuda:N`.
+//!
+//! Programs (the binaries in `src/bin/` only parse arguments and call these):
+//! - [`meta`]: meta-training (T-NAS Algorithm 1 and baselines), evaluation, model cards.
+//! - [`server`]: the HTTP adaptation server: router, handlers, the compute worker and its queue.
 
 pub mod adapt;
 pub mod checkpoint;

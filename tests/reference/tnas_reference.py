@@ -213,12 +213,15 @@ class Network(nn.Module):
             c_pp, c_p = c_p, space["multiplier"] * c_cur
         self.classifier = nn.Linear(c_p, n_way)
 
-    def forward(self, x, alphas_normal, alphas_reduce):
+    def features(self, x, alphas_normal, alphas_reduce):
         s0 = s1 = self.stem0(x)
         wn, wr = F.softmax(alphas_normal, dim=-1), F.softmax(alphas_reduce, dim=-1)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, wr if cell.reduction else wn)
-        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+        return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+
+    def forward(self, x, alphas_normal, alphas_reduce):
+        return self.classifier(self.features(x, alphas_normal, alphas_reduce))
 
 
 def decode(weights, steps):
