@@ -3,16 +3,14 @@
 mod common;
 
 use base64::Engine;
-use clap::Parser;
-use common::{omniglot_pngs, random_supernet};
+use common::{omniglot_pngs, random_supernet, serve};
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
-use tnas::server::config::ServerConfig;
 
-/// A running server: its base URL. Kept alive for the whole test binary.
+/// A server over a random proto-head fixture model, with its model directory kept alive.
 struct TestServer {
     url: String,
     _models: tempfile::TempDir,
@@ -24,36 +22,8 @@ fn start(extra_args: &[&str]) -> TestServer {
     let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 7, 1.0);
     checkpoint.meta.name = "fixture".into();
     checkpoint.save(&models.path().join("fixture")).unwrap();
-    let mut args = vec!["tnas-server", "--models", models.path().to_str().unwrap(), "--device", "cpu", "--threads", "1"];
-    args.extend_from_slice(extra_args);
-    let config = ServerConfig::parse_from(args);
-    let checkpoints = tnas::server::load_models(&config.models).unwrap();
-    let state = tnas::server::build_state(&config, checkpoints, tch::Device::Cpu).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            tnas::server::run(state, listener, std::future::pending()).await.unwrap();
-        });
-    });
-    let url = format!("http://{}", rx.recv().unwrap());
-    let server = TestServer { url, _models: models };
-    wait_ready(&server.url);
-    server
-}
-
-fn wait_ready(url: &str) {
-    for _ in 0..600 {
-        if let Ok(r) = Client::new().get(format!("{url}/readyz")).send() {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("server never became ready");
+    let url = serve(models.path(), extra_args);
+    TestServer { url, _models: models }
 }
 
 fn server() -> &'static TestServer {

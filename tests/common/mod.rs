@@ -102,3 +102,32 @@ pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Ve
         })
         .collect()
 }
+
+/// Starts the real router on a loopback port for `models` (every test binary may start several),
+/// waits for /readyz, and returns the base URL. The server lives until the test binary exits.
+pub fn serve(models: &std::path::Path, extra_args: &[&str]) -> String {
+    use clap::Parser;
+    let mut args = vec!["tnas-server", "--models", models.to_str().unwrap(), "--device", "cpu", "--threads", "1"];
+    args.extend_from_slice(extra_args);
+    let config = tnas::server::config::ServerConfig::parse_from(args);
+    let checkpoints = tnas::server::load_models(&config.models).unwrap();
+    let state = tnas::server::build_state(&config, checkpoints, Device::Cpu).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            tnas::server::run(state, listener, std::future::pending()).await.unwrap();
+        });
+    });
+    let url = format!("http://{}", rx.recv().unwrap());
+    let client = reqwest::blocking::Client::new();
+    for _ in 0..1200 {
+        if client.get(format!("{url}/readyz")).send().is_ok_and(|r| r.status() == 200) {
+            return url;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("server never became ready");
+}
