@@ -11,6 +11,7 @@
 //! - [`ops`]: DARTS operations (sep/dil conv, pools, FactorizedReduce, BatchNorm modes).
 //! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
 //! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
+//! - [`fused_edges`]: a cell's mixed ops computed together, per input state.
 //! - [`genotype`]: the DARTS decoding rule and the `Genotype` JSON/Python forms.
 //! - [`genotype_svg`]: a genotype drawn the way DARTS draws cells.
 //! - [`derived`]: the discrete network of a genotype on inherited supernet weights.
@@ -36,6 +37,7 @@ pub mod conv4;
 pub mod data;
 pub mod derived;
 pub mod device;
+pub mod fused_edges;
 pub mod genotype;
 pub mod genotype_svg;
 pub mod head;

@@ -6,6 +6,7 @@
 
 use crate::ops::{self, BnStats};
 use crate::params::{Init, ParamSet, ParamSpec};
+use crate::fused_edges::{self, EdgeGroup};
 use crate::head::classify;
 use crate::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
@@ -193,31 +194,33 @@ impl Supernet {
         (p0, p1)
     }
 
-    /// `MixedOp`: Σ_o softmax(α_edge)_o · o(x). `none` adds zero and is skipped, which leaves
-    /// values and gradients unchanged. `weights`: [8] for this edge.
-    fn mixed_op(&self, pass: Pass, cell: usize, edge: usize, x: &Tensor, weights: &Tensor, stride: i64) -> Tensor {
-        Primitive::ALL[1..]
-            .iter()
-            .map(|&p| edge_op(p, x, pass.params, &op_prefix(cell, edge, p), stride, pass.stats) * weights.get(p.index() as i64))
-            .reduce(|a, b| a + b)
-            .expect("seven non-none primitives")
-    }
-
     /// One search cell: node i = Σ_j MixedOp(state_j); output = concat of the last `multiplier` nodes.
-    fn cell(&self, pass: Pass, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, weights: &Tensor) -> Tensor {
+    ///
+    /// The edges leaving each state are computed together ([`fused_edges`]) as soon as the state
+    /// exists, and added into the partial sums of the nodes they feed.
+    fn cell(&self, pass: Pass, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, mixing: &Tensor) -> Tensor {
         let (p0, p1) = self.preprocess(pass.params, i, spec, s0, s1, pass.stats);
+        let steps = self.space.steps;
         let mut states = vec![p0, p1];
-        for node in 0..self.space.steps {
-            let first = self.space.first_edge_of_node(node);
-            let sum = (0..node + 2)
-                .map(|j| {
-                    let edge = first + j;
-                    self.mixed_op(pass, i, edge, &states[j], &weights.get(edge as i64), edge_stride(spec.reduction, j))
-                })
-                .reduce(|a, b| a + b)
-                .expect("every node has inputs");
-            states.push(sum);
+        let mut partial: Vec<Option<Tensor>> = (0..steps).map(|_| None).collect();
+        for j in 0..=steps {
+            if j >= 2 {
+                states.push(partial[j - 2].take().expect("every node has inputs"));
+            }
+            // State j feeds node n when j <= n + 1.
+            let targets: Vec<usize> = (j.saturating_sub(1)..steps).collect();
+            let edges: Vec<usize> = targets.iter().map(|&n| self.space.first_edge_of_node(n) + j).collect();
+            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, j) };
+            let out = fused_edges::mixed_ops(pass.params, &group, &states[j], mixing, pass.stats);
+            for (k, &n) in targets.iter().enumerate() {
+                let contribution = out.select(1, k as i64);
+                partial[n] = Some(match partial[n].take() {
+                    Some(sum) => sum + contribution,
+                    None => contribution,
+                });
+            }
         }
+        states.push(partial[steps - 1].take().expect("the last node has inputs"));
         Tensor::cat(&states[states.len() - self.space.multiplier..], 1)
     }
 
