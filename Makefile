@@ -12,6 +12,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export PYTHON_SYS_EXECUTABLE := $(PYTHON)
 
+DEFAULT_MODEL ?= omniglot-tnas
 HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
@@ -33,7 +34,7 @@ release: setup
 	cargo build --release --bins
 
 serve: release
-	./target/release/tnas-server --models models --host $(HOST) --port $(PORT)
+	./target/release/tnas-server --models models --default-model $(DEFAULT_MODEL) --host $(HOST) --port $(PORT)
 
 test: setup
 	cargo test --lib --bins --tests -- --test-threads=$(TEST_THREADS)

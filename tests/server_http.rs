@@ -246,3 +246,20 @@ fn past_the_deadline_the_request_gets_504_and_the_server_recovers() {
     assert_eq!(body["error"]["code"], "timeout");
     assert_eq!(Client::new().get(format!("{}/readyz", hurried.url)).send().unwrap().status(), 200);
 }
+
+#[test]
+fn a_proto_head_serves_twenty_way_one_shot() {
+    let pngs = omniglot_pngs("Greek", 20, 2);
+    let support: Vec<Value> = pngs.iter().enumerate().map(|(c, imgs)| json!({"label": format!("class{c:02}"), "image": b64(&imgs[0])})).collect();
+    let query: Vec<Value> = pngs.iter().enumerate().map(|(c, imgs)| json!({"id": format!("q{c}"), "image": b64(&imgs[1])})).collect();
+    let response = post_json(&json!({"support": support, "query": query, "steps": 1}));
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["labels"].as_array().unwrap().len(), 20);
+    assert_eq!(body["predictions"][0]["probabilities"].as_array().unwrap().len(), 20);
+    // 21 classes is over this model's max_way of 20.
+    let mut too_many = support.clone();
+    too_many.push(json!({"label": "extra", "image": b64(&pngs[0][1])}));
+    let response = post_json(&json!({"support": too_many, "query": query, "steps": 1}));
+    assert_eq!(response.status(), 422);
+}
