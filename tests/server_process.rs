@@ -1,5 +1,4 @@
-//! Graceful shutdown of the real `tnas-server` process: SIGTERM during an adaptation lets that
-//! request finish, refuses new connections, and exits 0.
+//! The real `tnas-server` process: graceful shutdown, and refusal to start on a damaged model.
 
 mod common;
 
@@ -54,4 +53,21 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     let exit = server.wait().unwrap();
     assert!(exit.success(), "server exited with {exit:?}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused after shutdown");
+}
+
+#[test]
+fn a_damaged_model_stops_start_up_with_the_file_named() {
+    let models = tempfile::tempdir().unwrap();
+    let dir = models.path().join("fixture");
+    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&dir).unwrap();
+    let weights = dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
+        .args(["--models", models.path().to_str().unwrap(), "--port", &free_port().to_string(), "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("model.safetensors") && stderr.contains("sha256"), "{stderr}");
 }
