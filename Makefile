@@ -17,7 +17,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
 
-.PHONY: setup build release serve test bench openapi clean-venv
+.PHONY: setup build release serve test bench fuzz openapi clean-venv
 
 setup: $(TORCH_STAMP)
 
@@ -45,6 +45,10 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A long run of the property-based fuzz tests of request parsing and image decoding.
+fuzz: setup
+	PROPTEST_CASES=$${PROPTEST_CASES:-50000} cargo test --test fuzz_parsing -- --test-threads=$(TEST_THREADS)
 
 # Regenerates the committed OpenAPI document from the code (a test fails when they differ).
 openapi: setup
