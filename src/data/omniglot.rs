@@ -84,31 +84,29 @@ fn scan_directory(root: &Path) -> Result<Vec<EncodedClass>, DataError> {
     Ok(classes)
 }
 
-/// Reads the PNG entries of an official zip into memory (decoding happens later, in parallel).
+/// Reads the PNG entries of an official zip into memory (decoding happens later, in parallel),
+/// in entry-name order so that classes and their images are sorted like a directory's.
 fn scan_zip(path: &Path) -> Result<Vec<EncodedClass>, DataError> {
     let file = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     let mut archive =
         ZipArchive::new(BufReader::new(file)).map_err(|source| DataError::Zip { path: path.to_path_buf(), source })?;
-    let mut characters: BTreeMap<(String, String), Vec<(String, Vec<u8>)>> = BTreeMap::new();
-    for index in 0..archive.len() {
-        let entry_name = archive.name_for_index(index).unwrap_or_default().to_owned();
-        let Some(class) = class_of_entry(&entry_name) else { continue };
-        let bytes = read_entry(&mut archive, index).map_err(|source| DataError::ZipEntry {
-            zip: path.to_path_buf(),
-            entry: entry_name.clone(),
-            source,
-        })?;
-        characters.entry(class).or_default().push((entry_name, bytes));
+    let mut entries: Vec<(String, usize)> =
+        (0..archive.len()).filter_map(|i| Some((archive.name_for_index(i)?.to_owned(), i))).collect();
+    entries.sort();
+    let mut characters: BTreeMap<(String, String), Vec<EncodedImage>> = BTreeMap::new();
+    for (entry, index) in entries {
+        let Some(class) = class_of_entry(&entry) else { continue };
+        let bytes = read_entry(&mut archive, index)
+            .map_err(|source| DataError::ZipEntry { zip: path.to_path_buf(), entry: entry.clone(), source })?;
+        let origin = format!("{}:{entry}", path.display());
+        characters.entry(class).or_default().push(EncodedImage::InMemory { origin, bytes });
     }
     Ok(characters
         .into_iter()
-        .map(|((alphabet, character), mut files)| {
-            files.sort_by(|a, b| a.0.cmp(&b.0));
-            let images = files
-                .into_iter()
-                .map(|(entry, bytes)| EncodedImage::InMemory { origin: format!("{}:{entry}", path.display()), bytes })
-                .collect();
-            EncodedClass { name: format!("{alphabet}/{character}"), group: alphabet, images }
+        .map(|((alphabet, character), images)| EncodedClass {
+            name: format!("{alphabet}/{character}"),
+            group: alphabet,
+            images,
         })
         .collect())
 }
