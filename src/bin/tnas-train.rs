@@ -32,7 +32,8 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("\nstopping: saving a resumable checkpoint after this step");
                 handler_stop.store(true, Ordering::SeqCst);
             })?;
-            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            // Recorded in model.json; the program is named as users call it, not by its path.
+            let command = std::iter::once("tnas-train".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
             meta_train(&args, command, &stop).map_err(anyhow::Error::msg)
         }
         Command::Eval(args) => eval(&args).map(|_| ()).map_err(anyhow::Error::msg),
