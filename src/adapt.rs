@@ -63,6 +63,15 @@ pub struct TaskState {
     pub alphas: Option<Alphas>,
 }
 
+/// How queries are predicted after adaptation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PredictOptions {
+    pub bn: BnMode,
+    pub predict_with: PredictWith,
+    /// Weight-only steps of the derived network before it predicts.
+    pub finetune: InnerLoop,
+}
+
 /// Returned when the caller's `keep_going` says stop (deadline passed, client gone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted {
@@ -166,6 +175,21 @@ impl TaskState {
             state.reset_proto_head(&network, support);
         }
         (network, state)
+    }
+
+    /// Query logits after adaptation: from the adapted supernet, or (`Derived`) from the decoded
+    /// genotype's network on the adapted weights, fine-tuned for `options.finetune.steps` weight-only
+    /// steps. Networks without a genotype always predict with themselves.
+    pub fn predict_queries(&self, network: &Network, head: HeadSpec, support: &SupportSet, query: &Tensor, options: &PredictOptions, keep_going: &dyn Fn() -> bool) -> Result<Tensor, Interrupted> {
+        match (options.predict_with, self.genotype(network), network) {
+            (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
+                let derived = DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
+                let (derived_net, mut derived_state) = self.derive(&derived, head, support);
+                derived_state.adapt(&derived_net, support, &options.finetune, keep_going)?;
+                Ok(derived_state.predict(&derived_net, support, query, options.bn))
+            }
+            _ => Ok(self.predict(network, support, query, options.bn)),
+        }
     }
 }
 

@@ -41,10 +41,21 @@ impl Alphas {
         }
     }
 
+    /// A new pair with `f` applied to both matrices.
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Alphas {
+        Alphas { normal: f(&self.normal), reduce: f(&self.reduce) }
+    }
+
     /// Independent leaf copies for a task's adaptation.
     pub fn leaf_copies(&self, device: tch::Device) -> Alphas {
-        let leaf = |t: &Tensor| t.detach().to_device(device).copy().set_requires_grad(true);
-        Alphas { normal: leaf(&self.normal), reduce: leaf(&self.reduce) }
+        self.map(|t| t.detach().to_device(device).copy().set_requires_grad(true))
+    }
+}
+
+impl Clone for Alphas {
+    /// Shares storage (like `Tensor::shallow_clone`); use [`Alphas::leaf_copies`] for a copy.
+    fn clone(&self) -> Self {
+        self.map(Tensor::shallow_clone)
     }
 }
 

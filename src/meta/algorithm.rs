@@ -96,7 +96,7 @@ impl TaskContext<'_> {
         let mut state = if second_order {
             // Leaves that share the meta-weights' storage: the graph runs from them through every step.
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
-            let alphas = meta_alphas.map(|a| Alphas { normal: a.normal.detach().set_requires_grad(true), reduce: a.reduce.detach().set_requires_grad(true) });
+            let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState { params, alphas };
             if let HeadSpec::Proto { .. } = self.head {
                 state.reset_proto_head(self.network, &task.support);
@@ -105,7 +105,7 @@ impl TaskContext<'_> {
         } else {
             TaskState::start(self.network, meta, meta_alphas, self.head, &task.support, self.device)
         };
-        let origin = TaskState { params: state.params.clone(), alphas: state.alphas.as_ref().map(|a| Alphas { normal: a.normal.shallow_clone(), reduce: a.reduce.shallow_clone() }) };
+        let origin = TaskState { params: state.params.clone(), alphas: state.alphas.clone() };
         state.adapt(self.network, &task.support, &inner, &|| true).expect("never interrupted");
         let logits = query_logits(self.network, &state.params, state.alphas.as_ref(), &task.support, task.query, self.bn);
         let loss = logits.cross_entropy_for_logits(task.query_labels);

@@ -1,9 +1,8 @@
 //! Few-shot evaluation: mean accuracy over many tasks with a 95% confidence interval.
 
 use super::algorithm::accuracy;
-use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::data::sampler::EpisodeSampler;
-use crate::derived::DerivedNetwork;
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::params::ParamSet;
@@ -46,16 +45,8 @@ impl Evaluation<'_> {
         let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
         let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, &support, self.device);
         state.adapt(self.network, &support, &self.inner, &|| true).expect("never interrupted");
-        let logits = match (self.predict_with, state.genotype(self.network), self.network) {
-            (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
-                let derived = DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
-                let (network, mut derived_state) = state.derive(&derived, self.head, &support);
-                let finetune = InnerLoop { steps: self.finetune_steps, ..self.inner };
-                derived_state.adapt(&network, &support, &finetune, &|| true).expect("never interrupted");
-                derived_state.predict(&network, &support, &episode.query, self.bn)
-            }
-            _ => state.predict(self.network, &support, &episode.query, self.bn),
-        };
+        let options = PredictOptions { bn: self.bn, predict_with: self.predict_with, finetune: InnerLoop { steps: self.finetune_steps, ..self.inner } };
+        let logits = state.predict_queries(self.network, self.head, &support, &episode.query, &options, &|| true).expect("never interrupted");
         accuracy(&logits, &episode.query_labels)
     }
 }

@@ -202,8 +202,7 @@ impl<'a> Trainer<'a> {
             accuracy: validation,
             ci95,
         }];
-        let alphas = self.learner.alphas.as_ref().map(|a| Alphas { normal: a.normal.shallow_clone(), reduce: a.reduce.shallow_clone() });
-        Checkpoint { meta, params: self.learner.params.clone(), alphas }.save(&self.config.out)
+        Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone() }.save(&self.config.out)
     }
 
     fn append_metrics(&self, line: &MetricsLine) -> Result<(), String> {

@@ -7,14 +7,12 @@
 //! job only; the thread keeps serving.
 
 use super::api::AlphaWeights;
-use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::checkpoint::Checkpoint;
-use crate::derived::DerivedNetwork;
 use crate::genotype::Genotype;
 use crate::metadata::ModelMeta;
 use crate::network::Network;
 use crate::params::matrix_rows;
-use crate::supernet::Alphas;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -166,7 +164,7 @@ fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<Str
         .map(|c| {
             let checkpoint = Checkpoint {
                 params: c.params.map(|_, t| t.to_device(device)),
-                alphas: c.alphas.map(|a| Alphas { normal: a.normal.to_device(device), reduce: a.reduce.to_device(device) }),
+                alphas: c.alphas.map(|a| a.map(|t| t.to_device(device))),
                 meta: c.meta,
             };
             let model = ResidentModel { network: checkpoint.network(), checkpoint };
@@ -248,16 +246,10 @@ fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going
     });
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let logits = match (o.predict_with, &genotype, network) {
-        (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
-            let derived = DerivedNetwork::new(net.space, genotype.clone()).map_err(WorkerError::Failed)?;
-            let (derived_net, mut derived_state) = state.derive(&derived, meta.head, &support_set);
-            let finetune = InnerLoop { steps: o.finetune_steps, ..inner };
-            derived_state.adapt(&derived_net, &support_set, &finetune, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
-            derived_state.predict(&derived_net, &support_set, &query, o.bn)
-        }
-        _ => state.predict(network, &support_set, &query, o.bn),
-    };
+    let options = PredictOptions { bn: o.bn, predict_with: o.predict_with, finetune: InnerLoop { steps: o.finetune_steps, ..inner } };
+    let logits = state
+        .predict_queries(network, meta.head, &support_set, &query, &options, keep_going)
+        .map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
     let logits = matrix_rows(&logits);
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
     Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3 })
