@@ -47,7 +47,7 @@ fn metrics(out: &std::path::Path) -> Vec<Value> {
 
 #[test]
 fn every_algorithm_writes_a_loadable_checkpoint() {
-    for algo in ["tnas", "tnas-2nd", "maml", "reptile"] {
+    for algo in ["tnas", "tnas-2nd", "maml", "reptile", "base"] {
         let dir = tempfile::tempdir().unwrap();
         let args = train_args(dir.path(), &["--algo", algo, "--iterations", "2", "--validate-every", "2"]);
         meta_train(&args, format!("test {algo}"), &AtomicBool::new(false)).unwrap();

@@ -22,6 +22,9 @@ pub enum Algorithm {
     Maml,
     /// Reptile outer update (w̃ − w_task) on the supernet, as Auto-Meta and MetaNAS.
     Reptile,
+    /// BASE: each task adapts a Gumbel-softmax sample of the architecture, then a Reptile update
+    /// of the weights and θ.
+    Base,
 }
 
 /// How the outer gradient of a task is formed.
@@ -37,8 +40,13 @@ impl Algorithm {
         match self {
             Algorithm::Tnas => GradientRule::FirstOrder,
             Algorithm::Tnas2nd | Algorithm::Maml => GradientRule::SecondOrder,
-            Algorithm::Reptile => GradientRule::Reptile,
+            Algorithm::Reptile | Algorithm::Base => GradientRule::Reptile,
         }
+    }
+
+    /// Whether each task adapts a Gumbel-softmax sample of θ rather than θ itself.
+    pub fn samples_architecture(self) -> bool {
+        self == Algorithm::Base
     }
 
     /// Whether the network is the DARTS supernet (else Conv-4).
@@ -52,6 +60,7 @@ impl Algorithm {
             Algorithm::Tnas2nd => "tnas-2nd",
             Algorithm::Maml => "maml",
             Algorithm::Reptile => "reptile",
+            Algorithm::Base => "base",
         }
     }
 }
@@ -61,6 +70,8 @@ pub struct TaskBatch<'a> {
     pub support: SupportSet<'a>,
     pub query: &'a Tensor,
     pub query_labels: &'a Tensor,
+    /// Seeds the task's own random draws (the Gumbel noise of `base`), so runs repeat and resume exactly.
+    pub seed: u64,
 }
 
 /// What one task contributes to the outer update.
@@ -85,6 +96,8 @@ pub struct TaskContext<'a> {
     pub inner: InnerLoop,
     pub bn: BnMode,
     pub rule: GradientRule,
+    /// `base`: adapt softmax(θ + g) with Gumbel noise g drawn once per task.
+    pub sample_architecture: bool,
     pub device: Device,
 }
 
@@ -105,6 +118,17 @@ impl TaskContext<'_> {
         } else {
             TaskState::start(self.network, meta, meta_alphas, self.head, &task.support, self.device)
         };
+        let gumbel = state.alphas.as_ref().filter(|_| self.sample_architecture).map(|a| gumbel_noise(a, task.seed));
+        if let Some(noise) = &gumbel {
+            // softmax(θ + g) is the Gumbel-softmax sample at temperature 1; adapting θ + g adapts θ.
+            state.alphas = state.alphas.as_ref().map(|a| Alphas {
+                normal: tch::no_grad(|| &a.normal + &noise.normal).set_requires_grad(true),
+                reduce: tch::no_grad(|| &a.reduce + &noise.reduce).set_requires_grad(true),
+            });
+            if let HeadSpec::Proto { .. } = self.head {
+                state.reset_proto_head(self.network, &task.support);
+            }
+        }
         let origin = TaskState { params: state.params.clone(), alphas: state.alphas.clone() };
         state.adapt(self.network, &task.support, &inner, &|| true).expect("never interrupted");
         let logits = query_logits(self.network, &state.params, state.alphas.as_ref(), &task.support, task.query, self.bn);
@@ -113,7 +137,11 @@ impl TaskContext<'_> {
         let (w, theta) = match self.rule {
             GradientRule::Reptile => tch::no_grad(|| {
                 let w = meta.names().iter().map(|n| meta.get(n) - state.params.get(n)).collect();
-                let theta = meta_alphas.zip(state.alphas.as_ref()).map(|(m, a)| (&m.normal - &a.normal, &m.reduce - &a.reduce));
+                let adapted = state.alphas.as_ref().map(|a| match &gumbel {
+                    Some(noise) => Alphas { normal: &a.normal - &noise.normal, reduce: &a.reduce - &noise.reduce },
+                    None => a.clone(),
+                });
+                let theta = meta_alphas.zip(adapted.as_ref()).map(|(m, a)| (&m.normal - &a.normal, &m.reduce - &a.reduce));
                 (w, theta)
             }),
             GradientRule::FirstOrder | GradientRule::SecondOrder => {
@@ -127,5 +155,35 @@ impl TaskContext<'_> {
             }
         };
         TaskGradient { w, theta, query_loss, query_accuracy }
+    }
+}
+
+/// Standard Gumbel noise −log(−log U) for both θ matrices, drawn from `seed`.
+fn gumbel_noise(alphas: &Alphas, seed: u64) -> Alphas {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut draw = |like: &Tensor| {
+        let draws: Vec<f32> = (0..like.numel()).map(|_| -(-(rng.gen_range(f32::EPSILON..1.0)).ln()).ln()).collect();
+        Tensor::from_slice(&draws).view(like.size().as_slice()).to_device(like.device())
+    };
+    Alphas { normal: draw(&alphas.normal), reduce: draw(&alphas.reduce) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gumbel_noise_is_standard_gumbel_and_repeats_per_seed() {
+        let like = Alphas { normal: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)), reduce: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)) };
+        let (a, b) = (gumbel_noise(&like, 7), gumbel_noise(&like, 7));
+        assert!(a.normal.equal(&b.normal) && a.reduce.equal(&b.reduce), "same seed, same draw");
+        assert!(!a.normal.equal(&a.reduce), "normal and reduce draw independently");
+        assert!(!gumbel_noise(&like, 8).normal.equal(&a.normal));
+        // Gumbel(0, 1): mean = Euler–Mascheroni γ ≈ 0.5772, variance = π²/6 ≈ 1.645.
+        let all = Tensor::cat(&[&a.normal, &a.reduce], 0);
+        let (mean, var) = (all.mean(Kind::Float).double_value(&[]), all.var(true).double_value(&[]));
+        assert!((mean - 0.5772).abs() < 0.02, "mean {mean}");
+        assert!((var - 1.6449).abs() < 0.05, "variance {var}");
     }
 }

@@ -143,18 +143,25 @@ impl<'a> Trainer<'a> {
 
     /// One outer iteration over a meta-batch; returns mean query loss and accuracy.
     fn meta_step(&mut self) -> (f64, f64) {
-        let context = TaskContext { network: &self.network, head: self.config.meta.head, inner: self.config.inner, bn: self.config.bn, rule: self.config.algorithm.rule(), device: self.config.device };
+        let context = TaskContext { network: &self.network, head: self.config.meta.head, inner: self.config.inner, bn: self.config.bn, rule: self.config.algorithm.rule(), sample_architecture: self.config.algorithm.samples_architecture(), device: self.config.device };
+        let seeds: Vec<u64> = (0..self.config.meta_batch).map(|index| self.task_seed(index)).collect();
         let grads: Vec<_> = (0..self.config.meta_batch)
-            .map(|_| {
+            .map(|index| {
                 let e = self.sampler.sample();
                 let (support, labels, query, query_labels) = (e.support.to_device(self.config.device), e.support_labels.to_device(self.config.device), e.query.to_device(self.config.device), e.query_labels.to_device(self.config.device));
-                let task = TaskBatch { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels };
+                let task = TaskBatch { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels, seed: seeds[index] };
                 context.task_gradient(&self.learner.params, self.learner.alphas.as_ref(), &task)
             })
             .collect();
         self.learner.outer_step(&grads);
         let n = grads.len() as f64;
         (grads.iter().map(|g| g.query_loss).sum::<f64>() / n, grads.iter().map(|g| g.query_accuracy).sum::<f64>() / n)
+    }
+
+    /// The seed of the meta-batch's task `index`, unique within the run and the same on resume.
+    fn task_seed(&self, index: usize) -> u64 {
+        let position = (self.state.iteration * self.config.meta_batch + index) as u64;
+        self.config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ position
     }
 
     /// Mean entropy of softmax(θ̃) rows (nats): how decided the architecture is.
