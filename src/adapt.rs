@@ -91,7 +91,7 @@ impl TaskState {
 
     /// Rebuilds the classifier from the support prototypes of `network` under the current weights.
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
-        let (w, b) = tch::no_grad(|| {
+        let (w, b) = crate::grad::no_grad(|| {
             let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
             prototype_classifier(&features, support.labels, support.n_way)
         });
@@ -123,7 +123,7 @@ impl TaskState {
             if inner.second_order {
                 t - g * lr
             } else {
-                tch::no_grad(|| (t - g * lr).set_requires_grad(true))
+                crate::grad::no_grad(|| (t - g * lr).set_requires_grad(true))
             }
         };
         let params = self.params.map_indexed(|i, t| update(t, &grads[i], inner.lr_w));
@@ -157,7 +157,7 @@ impl TaskState {
 
     /// Query logits [N_q, n_way] without gradients.
     pub fn predict(&self, network: &Network, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
-        tch::no_grad(|| query_logits(network, &self.params, self.alphas.as_ref(), support, query, bn))
+        crate::grad::no_grad(|| query_logits(network, &self.params, self.alphas.as_ref(), support, query, bn))
     }
 
     /// The derived network of `genotype` with this task's weights on its kept edges: a task state

@@ -26,6 +26,7 @@
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
 //! - [`data`]: few-shot datasets (Omniglot zips, mini-ImageNet, folders) and episode sampling.
 //! - [`device`]: `--device auto|cpu|cuda|cuda:N`.
+//! - [`grad`]: no-grad scopes that restore the grad mode even when libtorch panics.
 //!
 //! Programs (the binaries in `src/bin/` only parse arguments and call these):
 //! - [`meta`]: meta-training (T-NAS Algorithm 1 and baselines), evaluation, model cards.
@@ -39,6 +40,7 @@ pub mod derived;
 pub mod device;
 pub mod fused_edges;
 pub mod genotype;
+pub mod grad;
 pub mod genotype_svg;
 pub mod head;
 pub mod imaging;

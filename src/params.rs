@@ -70,7 +70,7 @@ impl ParamSet {
 
     /// Fresh parameters with PyTorch's default initialisation (seed with `tch::manual_seed`).
     pub fn initialise(specs: &[ParamSpec], device: Device) -> Self {
-        tch::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
+        crate::grad::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
     }
 
     pub fn insert(&mut self, name: String, tensor: Tensor) {
@@ -226,7 +226,7 @@ mod tests {
     fn leaf_copies_do_not_alias_the_original() {
         let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
         let copy = set.leaf_copies(Device::Cpu);
-        tch::no_grad(|| {
+        crate::grad::no_grad(|| {
             let _ = copy.get("w").shallow_clone().fill_(5.0);
         });
         assert_eq!(set.get("w").sum(Kind::Float).double_value(&[]), 3.0);

@@ -122,6 +122,10 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     assert_eq!(recent.as_array().unwrap().len(), 1);
 }
 
+/// A valid 67-byte grayscale PNG whose header declares 100 000 × 100 000 pixels (CRCs correct):
+/// decoding it would need 10 GB.
+const PNG_DECLARING_100K_SQUARE: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+
 /// Every error path of SPEC §6: status, code, and the server still serves.
 #[test]
 fn errors_are_specific_and_the_server_keeps_serving() {
@@ -134,15 +138,35 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         v
     };
     let not_png = b64(b"definitely not an image");
+    let png = &valid["query"][0]["image"];
+    let truncated = b64(&omniglot_pngs("Greek", 1, 1)[0][0][..60]);
+    let query_with = |image: &str| with("query", json!([{"id": "q", "image": image}]));
+    let too_many: Vec<Value> = (0..600).map(|i| json!({"id": format!("q{i}"), "image": png})).collect();
+    let multipart = |body: &'static str| client.post(format!("{url}/adapt")).header("content-type", "multipart/form-data; boundary=XYZ").body(body);
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16, &str)> = vec![
         ("invalid json", client.post(format!("{url}/adapt")).header("content-type", "application/json").body("{not json"), 400, "invalid_json"),
         ("wrong media type", client.post(format!("{url}/adapt")).header("content-type", "text/plain").body("hi"), 415, "unsupported_media_type"),
+        ("no media type", client.post(format!("{url}/adapt")).body(valid.to_string()), 415, "unsupported_media_type"),
+        ("multipart part without a name", multipart("--XYZ\r\nContent-Disposition: form-data\r\n\r\nx\r\n--XYZ--\r\n"), 400, "invalid_multipart"),
+        ("multipart part unknown", multipart("--XYZ\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\nx\r\n--XYZ--\r\n"), 400, "unknown_part"),
+        ("multipart cut short", multipart("--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\nabc"), 400, "invalid_multipart"),
         ("broken base64", client.post(format!("{url}/adapt")).json(&with("query", json!([{"id": "q", "image": "%%%"}]))), 400, "invalid_base64"),
-        ("not an image", client.post(format!("{url}/adapt")).json(&with("query", json!([{"id": "q", "image": not_png}]))), 400, "invalid_image"),
+        ("not an image", client.post(format!("{url}/adapt")).json(&query_with(&not_png)), 400, "invalid_image"),
+        ("truncated PNG", client.post(format!("{url}/adapt")).json(&query_with(&truncated)), 400, "invalid_image"),
+        ("zero-byte image", client.post(format!("{url}/adapt")).json(&query_with("")), 400, "invalid_image"),
+        ("decompression bomb", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_100K_SQUARE)), 413, "payload_too_large"),
+        ("too many images", client.post(format!("{url}/adapt")).json(&with("query", json!(too_many))), 413, "payload_too_large"),
+        ("empty query", client.post(format!("{url}/adapt")).json(&with("query", json!([]))), 422, "empty_query"),
+        ("empty label", client.post(format!("{url}/adapt")).json(&with("support", json!([{"label": " ", "image": png}, valid["support"][1]]))), 422, "invalid_label"),
         ("empty support", client.post(format!("{url}/adapt")).json(&with("support", json!([]))), 422, "empty_support"),
         ("one class", client.post(format!("{url}/adapt")).json(&with("support", json!([valid["support"][0]]))), 422, "wrong_class_count"),
         ("steps over limit", client.post(format!("{url}/adapt")).json(&with("steps", json!(1000))), 422, "steps_over_limit"),
+        ("finetune steps over limit", client.post(format!("{url}/adapt")).json(&with("finetune_steps", json!(21))), 422, "steps_over_limit"),
+        ("negative steps", client.post(format!("{url}/adapt")).json(&with("steps", json!(-1))), 400, "invalid_field"),
         ("negative lr", client.post(format!("{url}/adapt")).json(&with("lr_w", json!(-1.0))), 422, "invalid_learning_rate"),
+        ("huge lr", client.post(format!("{url}/adapt")).json(&with("lr_theta", json!(1e300))), 422, "invalid_learning_rate"),
+        ("infinite lr", client.post(format!("{url}/adapt")).header("content-type", "application/json").body(valid.to_string().replacen('{', "{\"lr_w\": 1e999,", 1)), 400, "invalid_json"),
+        ("NaN lr", client.post(format!("{url}/adapt")).header("content-type", "application/json").body(valid.to_string().replacen('{', "{\"lr_w\": NaN,", 1)), 400, "invalid_json"),
         ("duplicate ids", client.post(format!("{url}/adapt")).json(&with("query", json!([valid["query"][0], valid["query"][0]]))), 422, "duplicate_query_id"),
         ("unknown model", client.post(format!("{url}/adapt")).json(&with("model", json!("nope"))), 404, "not_found"),
         ("unknown field", client.post(format!("{url}/adapt")).json(&with("stpes", json!(3))), 400, "invalid_field"),
@@ -154,7 +178,9 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("unknown route", client.get(format!("{url}/nope")), 404, "not_found"),
     ];
     for (name, request, status, code) in cases {
+        let sent = std::time::Instant::now();
         let response = request.send().unwrap();
+        assert!(sent.elapsed().as_secs() < 5, "{name}: refusing took {:?}", sent.elapsed());
         assert_eq!(response.status().as_u16(), status, "{name}");
         let body: Value = response.json().unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
         assert_eq!(body["error"]["code"], code, "{name}: {body}");
@@ -262,4 +288,28 @@ fn a_proto_head_serves_twenty_way_one_shot() {
     too_many.push(json!({"label": "extra", "image": b64(&pngs[0][1])}));
     let response = post_json(&json!({"support": too_many, "query": query, "steps": 1}));
     assert_eq!(response.status(), 422);
+}
+
+/// The value of `tnas_jobs_total{outcome}` on `url`'s /metrics (0 before the first such job).
+fn jobs_with_outcome(url: &str, outcome: &str) -> u64 {
+    let metrics = Client::new().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let series = format!("tnas_jobs_total{{outcome=\"{outcome}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_work() {
+    // Its own server, so the worker has nothing else to do: 1000 steps take well over 10 s here.
+    let own = start(&["--max-steps", "1000"]);
+    let cancelled_before = jobs_with_outcome(&own.url, "cancelled");
+    let impatient = Client::builder().timeout(std::time::Duration::from_millis(500)).build().unwrap();
+    assert!(impatient.post(format!("{}/adapt", own.url)).json(&task_json(1000)).send().unwrap_err().is_timeout());
+    // The worker notices between steps that nobody waits for the answer and drops the job, so the
+    // next request does not queue behind the abandoned 1000 steps.
+    let next = Client::new().post(format!("{}/adapt", own.url)).json(&task_json(1)).send().unwrap();
+    assert_eq!(next.status(), 200);
+    let body: Value = next.json().unwrap();
+    let queued_ms = body["timing_ms"]["queue"].as_f64().unwrap();
+    assert!(queued_ms < 3000.0, "the next request waited {queued_ms} ms behind abandoned work");
+    assert!(jobs_with_outcome(&own.url, "cancelled") > cancelled_before);
 }

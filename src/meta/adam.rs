@@ -43,7 +43,7 @@ impl Adam {
         self.steps += 1;
         let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
-        tch::no_grad(|| {
+        crate::grad::no_grad(|| {
             for (i, (p, g)) in params.iter().zip(grads).enumerate() {
                 let g = if c.weight_decay != 0.0 { g + *p * c.weight_decay } else { g.shallow_clone() };
                 self.m[i] = &self.m[i] * c.beta1 + &g * (1.0 - c.beta1);

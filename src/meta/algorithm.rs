@@ -122,8 +122,8 @@ impl TaskContext<'_> {
         if let Some(noise) = &gumbel {
             // softmax(θ + g) is the Gumbel-softmax sample at temperature 1; adapting θ + g adapts θ.
             state.alphas = state.alphas.as_ref().map(|a| Alphas {
-                normal: tch::no_grad(|| &a.normal + &noise.normal).set_requires_grad(true),
-                reduce: tch::no_grad(|| &a.reduce + &noise.reduce).set_requires_grad(true),
+                normal: crate::grad::no_grad(|| &a.normal + &noise.normal).set_requires_grad(true),
+                reduce: crate::grad::no_grad(|| &a.reduce + &noise.reduce).set_requires_grad(true),
             });
             if let HeadSpec::Proto { .. } = self.head {
                 state.reset_proto_head(self.network, &task.support);
@@ -135,7 +135,7 @@ impl TaskContext<'_> {
         let loss = logits.cross_entropy_for_logits(task.query_labels);
         let (query_loss, query_accuracy) = (loss.double_value(&[]), accuracy(&logits, task.query_labels));
         let (w, theta) = match self.rule {
-            GradientRule::Reptile => tch::no_grad(|| {
+            GradientRule::Reptile => crate::grad::no_grad(|| {
                 let w = meta.names().iter().map(|n| meta.get(n) - state.params.get(n)).collect();
                 let adapted = state.alphas.as_ref().map(|a| match &gumbel {
                     Some(noise) => Alphas { normal: &a.normal - &noise.normal, reduce: &a.reduce - &noise.reduce },

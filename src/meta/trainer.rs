@@ -167,7 +167,7 @@ impl<'a> Trainer<'a> {
     /// Mean entropy of softmax(θ̃) rows (nats): how decided the architecture is.
     fn alpha_entropy(&self) -> Option<f64> {
         self.learner.alphas.as_ref().map(|a| {
-            tch::no_grad(|| {
+            crate::grad::no_grad(|| {
                 let rows = Tensor::cat(&[&a.normal, &a.reduce], 0);
                 let p = rows.softmax(-1, tch::Kind::Float);
                 (-(&p * p.log()).sum_dim_intlist(1i64, false, tch::Kind::Float)).mean(tch::Kind::Float).double_value(&[])

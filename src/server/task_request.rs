@@ -51,7 +51,9 @@ impl TaskRequest {
         };
         let mut request = TaskRequest { support: Vec::new(), query: Vec::new(), options: AdaptOptions::default() };
         while let Some(field) = multipart.next_field().await.map_err(broken)? {
-            let name = field.name().unwrap_or_default().to_string();
+            let Some(name) = field.name().map(str::to_string) else {
+                return Err(ApiError::bad_request("invalid_multipart", "a multipart part has no name; name every part support[<label>], query or options"));
+            };
             let file_name = field.file_name().map(str::to_string);
             let data = field.bytes().await.map_err(broken)?;
             if let Some(label) = name.strip_prefix("support[").and_then(|rest| rest.strip_suffix(']')) {
@@ -142,7 +144,7 @@ impl TaskRequest {
         let image_limits = ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels };
         let decode = |what: String, bytes: &Bytes| -> Result<Vec<f32>, ApiError> {
             let image = imaging::decode(bytes, &image_limits).map_err(|e| match e {
-                imaging::ImageError::TooManyBytes { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
+                imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
                 _ => ApiError::bad_request("invalid_image", format!("{what}: {e}")),
             })?;
             Ok(imaging::to_input(&image, &meta.input))

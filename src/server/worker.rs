@@ -199,6 +199,7 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
         let queue_s = job.enqueued.elapsed().as_secs_f64();
         metrics::histogram!("tnas_queue_wait_seconds").record(queue_s);
         if job.reply.is_closed() {
+            count_job("cancelled");
             continue;
         }
         let Some(model) = models.get(&job.input.model) else {
@@ -216,8 +217,22 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
                 out.queue_ms = queue_s * 1e3;
                 out
             });
+        count_job(match &result {
+            Ok(_) => "completed",
+            Err(WorkerError::Cancelled) => "cancelled",
+            Err(WorkerError::DeadlinePassed { .. }) => "deadline",
+            Err(error) => {
+                tracing::error!(%error, "an adaptation failed inside the worker; the worker goes on");
+                "failed"
+            }
+        });
         let _ = job.reply.send(result);
     }
+}
+
+/// `tnas_jobs_total{outcome}`: what became of each job the worker took off the queue.
+fn count_job(outcome: &'static str) {
+    metrics::counter!("tnas_jobs_total", "outcome" => outcome).increment(1);
 }
 
 fn tensor_of(values: &[f32], rows: usize, meta: &ModelMeta, device: Device) -> Tensor {
