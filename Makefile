@@ -17,7 +17,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
 
-.PHONY: setup build release serve test bench fuzz openapi clean-venv
+.PHONY: setup build release serve test bench load fuzz openapi clean-venv
 
 setup: $(TORCH_STAMP)
 
@@ -42,6 +42,11 @@ test: setup
 # Latency next to PyTorch eager doing the same work, and server throughput; prints figures.
 bench: setup
 	cargo bench --bench adapt
+
+# 60 s of 16 concurrent clients (valid and invalid requests) against the release server; prints
+# throughput, latency, status counts and memory, and fails on any 5xx, memory growth or lost readiness.
+load: setup
+	cargo bench --bench load
 
 clean-venv:
 	rm -rf $(VENV)

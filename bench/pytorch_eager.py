@@ -6,7 +6,7 @@ decode the genotype, predict the queries with support-statistics BN. Prints one 
 the per-run milliseconds and writes the last run's query logits for the caller to compare.
 
     python bench/pytorch_eager.py --checkpoint DIR --inputs IN.safetensors --out LOGITS.safetensors \
-        --steps 10 --runs 20 --threads 2
+        --steps 10 --runs 20 --threads 2 [--device cuda]
 """
 import argparse
 import copy
@@ -43,7 +43,7 @@ def one_task(meta, meta_net, meta_alphas, support, labels, query, n_way, steps, 
         with torch.no_grad():
             feats = net.features(support, a_n, a_r)
             protos = torch.stack([feats[labels == c].mean(0) for c in range(n_way)])
-            net.classifier = torch.nn.Linear(protos.shape[1], n_way)
+            net.classifier = torch.nn.Linear(protos.shape[1], n_way, device=protos.device)
             net.classifier.weight.copy_(2 * protos)
             net.classifier.bias.copy_(-(protos ** 2).sum(1))
     adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta)
@@ -63,10 +63,14 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     meta, net, alphas = load(args.checkpoint)
-    inputs = load_file(args.inputs)
+    net.to(device)
+    alphas = tuple(a.to(device) for a in alphas)
+    inputs = {k: v.to(device) for k, v in load_file(args.inputs).items()}
     support, labels, query = inputs["support"], inputs["support_labels"], inputs["query"]
     n_way = int(labels.max()) + 1
     lr_w, lr_theta = meta["adaptation"]["lr_w"], meta["adaptation"]["lr_theta"]
@@ -75,8 +79,10 @@ def main():
     for _ in range(args.runs):
         start = time.perf_counter()
         logits = one_task(meta, net, alphas, support, labels, query, n_way, args.steps, lr_w, lr_theta)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    save_file({"logits": logits.contiguous()}, args.out)
+    save_file({"logits": logits.cpu().contiguous()}, args.out)
     print(json.dumps({"ms": times}))
 
 

@@ -2,71 +2,53 @@
 //! throughput through real HTTP. Prints figures; asserts only that both sides computed the same
 //! logits (so the comparison is of equal work).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use base64::Engine;
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
-use tnas::checkpoint::{param_specs, Checkpoint};
-use tnas::metadata::{AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION};
-use tnas::network::Network;
-use tnas::params::{matrix_rows, ParamSet};
-use tnas::search_space::{SearchSpace, PRIMITIVES};
-use tnas::supernet::{Alphas, Supernet};
+use tnas::checkpoint::Checkpoint;
+use tnas::device::{device_name, DeviceChoice};
+use tnas::metadata::{AdaptationDefaults, HeadSpec};
+use tnas::params::matrix_rows;
+use tnas::search_space::SearchSpace;
+use support::{closed_loop, percentile, ServerProcess};
 
 const RUNS: usize = 20;
 const STEPS: usize = 10;
 const WAY: usize = 5;
 const QUERIES: usize = 75;
 
-fn repo(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// A mini-ImageNet-sized supernet (3×84×84, C = 16, official stem) with PyTorch-default weights.
 fn miniimagenet_sized(dir: &Path) -> PathBuf {
-    tch::manual_seed(0);
-    let space = SearchSpace::tnas_official(3, 84, 16);
-    let head = HeadSpec::Fixed { n_way: WAY };
-    let network = Network::Supernet(Supernet::new(space));
-    let meta = ModelMeta {
-        format_version: FORMAT_VERSION,
-        name: "miniimagenet-sized".into(),
-        kind: ModelKind::Supernet,
-        primitives: PRIMITIVES.iter().map(|p| p.to_string()).collect(),
-        search_space: Some(space),
-        genotype: None,
-        input: InputSpec { channels: 3, size: 84, mean: vec![0.0; 3], std: vec![1.0; 3], invert: false },
-        head,
-        adaptation: AdaptationDefaults { steps: STEPS, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support },
-        training: None,
-        evaluation: Vec::new(),
-        sha256: String::new(),
-    };
-    let params = ParamSet::initialise(&param_specs(&network, head), Device::Cpu);
-    let mut checkpoint = Checkpoint { meta, params, alphas: Some(Alphas::initialise(&space, Device::Cpu)) };
+    let mut checkpoint = common::random_supernet(SearchSpace::tnas_official(3, 84, 16), HeadSpec::Fixed { n_way: WAY }, 0, 1e-3);
+    checkpoint.meta.name = "miniimagenet-sized".into();
+    checkpoint.meta.adaptation = AdaptationDefaults { steps: STEPS, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support };
     let out = dir.join("miniimagenet-sized");
     checkpoint.save(&out).expect("temp dir is writable");
     out
 }
 
 /// Our side: start, 10 steps, decode, predict 75 queries with support BN; milliseconds per run.
-fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor) -> (Vec<f64>, Tensor) {
+fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
     let network = checkpoint.network();
+    let (support, labels, query) = (&support.to_device(device), &labels.to_device(device), &query.to_device(device));
     let set = SupportSet { images: support, labels, n_way: WAY };
     let a = checkpoint.meta.adaptation;
     let inner = InnerLoop { steps: STEPS, lr_w: a.lr_w, lr_theta: a.lr_theta, second_order: false };
     let run = || {
-        let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, Device::Cpu);
+        let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, device);
         state.adapt(&network, &set, &inner, &|| true).expect("not interrupted");
         let _genotype = state.genotype(&network);
         let logits = state.predict(&network, &set, query, BnMode::Support);
         let _rows = matrix_rows(&logits);
-        logits
+        logits.to_device(Device::Cpu)
     };
     let _warm_up = run();
     let mut times = Vec::new();
@@ -79,12 +61,11 @@ fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tens
     (times, last)
 }
 
-fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32) -> (Vec<f64>, Tensor) {
-    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
-    let output = Command::new(python)
-        .arg(repo("bench/pytorch_eager.py"))
+fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32, device: Device) -> (Vec<f64>, Tensor) {
+    let output = Command::new(common::python())
+        .arg(common::repo_path("bench/pytorch_eager.py"))
         .args(["--checkpoint", model_dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .args(["--steps", &STEPS.to_string(), "--runs", &RUNS.to_string(), "--threads", &threads.to_string()])
+        .args(["--steps", &STEPS.to_string(), "--runs", &RUNS.to_string(), "--threads", &threads.to_string(), "--device", &device_name(device)])
         .output()
         .expect("python runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -94,8 +75,8 @@ fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32) -> (Vec<f6
     (times, logits)
 }
 
-fn latency(model_dir: &Path, label: &str, threads: i32, scratch: &Path) {
-    let checkpoint = Checkpoint::load(model_dir, Device::Cpu).expect("benchmark model loads");
+fn latency(model_dir: &Path, label: &str, threads: i32, device: Device, scratch: &Path) {
+    let checkpoint = Checkpoint::load(model_dir, device).expect("benchmark model loads");
     let input = &checkpoint.meta.input;
     let (c, s) = (input.channels as i64, input.size as i64);
     for shot in [1usize, 5] {
@@ -105,12 +86,10 @@ fn latency(model_dir: &Path, label: &str, threads: i32, scratch: &Path) {
         let query = Tensor::randn([QUERIES as i64, c, s, s], (Kind::Float, Device::Cpu));
         let inputs = scratch.join("inputs.safetensors");
         Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
-        let (mut mine, my_logits) = ours(&checkpoint, &support, &labels, &query);
-        let (mut theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads);
+        let (mine, my_logits) = ours(&checkpoint, &support, &labels, &query, device);
+        let (theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads, device);
         let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
         assert!(diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
-        mine.sort_by(f64::total_cmp);
-        theirs.sort_by(f64::total_cmp);
         let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
         println!(
             "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
@@ -121,17 +100,42 @@ fn latency(model_dir: &Path, label: &str, threads: i32, scratch: &Path) {
     }
 }
 
+/// Tasks per second through real HTTP: `clients` closed-loop clients POST 5-way 1-shot tasks (75
+/// queries) on Latin characters to the release server for `seconds`; answers that arrive later
+/// are not counted.
+fn throughput(threads: i32, device: Device, seconds: u64) {
+    let device = device_name(device);
+    let server = ServerProcess::start(&common::repo_path("models"), &["--default-model", "omniglot-tnas", "--device", &device, "--threads", &threads.to_string(), "--queue-depth", "64"]);
+    let pngs = common::omniglot_pngs("Latin", WAY, 1 + QUERIES / WAY);
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let support: Vec<_> = pngs.iter().enumerate().map(|(c, d)| json!({"label": format!("c{c}"), "image": b64(&d[0])})).collect();
+    let query: Vec<_> = pngs.iter().enumerate().flat_map(|(c, d)| d[1..].iter().enumerate().map(move |(i, png)| json!({"id": format!("c{c}q{i}"), "image": b64(png)}))).collect();
+    let task = json!({"support": support, "query": query, "steps": STEPS});
+    let url = format!("{}/adapt", server.url);
+    println!("\nthroughput: release tnas-server, {device}, {threads} threads, 5-way 1-shot, {QUERIES} queries, {STEPS} steps, {seconds} s per row");
+    println!("| concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
+    println!("|---|---|---|---|---|");
+    for clients in [1, 4, 16] {
+        let duration = Duration::from_secs(seconds);
+        let answers: Vec<_> = closed_loop(clients, duration, &|client, _, _| client.post(&url).json(&task).send()).into_iter().filter(|a| a.in_time(duration)).collect();
+        let served: Vec<f64> = answers.iter().filter(|a| a.status == 200).map(|a| a.ms).collect();
+        println!("| {clients} | {:.2} | {:.0} | {:.0} | {} |", served.len() as f64 / seconds as f64, percentile(&served, 0.5), percentile(&served, 0.95), answers.len() - served.len());
+    }
+}
+
 fn main() {
     let threads: i32 = std::env::var("TNAS_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     tch::set_num_threads(threads);
+    let device: Device = std::env::var("TNAS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceChoice>().and_then(DeviceChoice::resolve).expect("TNAS_BENCH_DEVICE is cpu, cuda or cuda:N");
     let scratch = tempfile::tempdir().unwrap();
-    println!("adaptation: {STEPS} steps + decode + {QUERIES} query predictions (support BN), CPU, {threads} threads, {RUNS} runs");
+    println!("adaptation: {STEPS} steps + decode + {QUERIES} query predictions (support BN), {}, {threads} threads, {RUNS} runs", device_name(device));
     println!("| model | task | ours p50 ms | ours p95 ms | PyTorch eager p50 ms | PyTorch p95 ms | ours / PyTorch (p50) | logits rel. diff |");
     println!("|---|---|---|---|---|---|---|---|");
-    let shipped = repo("models/omniglot-tnas");
+    let shipped = common::repo_path("models/omniglot-tnas");
     if shipped.join("model.json").exists() {
-        latency(&shipped, "omniglot-tnas (shipped)", threads, scratch.path());
+        latency(&shipped, "omniglot-tnas (shipped)", threads, device, scratch.path());
     }
     let mini = miniimagenet_sized(scratch.path());
-    latency(&mini, "3×84×84, C=16", threads, scratch.path());
+    latency(&mini, "3×84×84, C=16", threads, device, scratch.path());
+    throughput(threads, device, 30);
 }

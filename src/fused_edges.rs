@@ -1,12 +1,13 @@
-//! All the mixed ops that read one state of a cell, computed together.
+//! All the mixed ops that read some states of a cell, computed together.
 //!
 //! In a DARTS cell, state j feeds one edge of every later node. The parameter-free candidates
 //! (pools with their BN, identity, zero) give the same output on each of those K edges, so they
-//! are computed once; the parametric ones (sep/dil convs, FactorizedReduce) run as grouped
-//! convolutions over the K edges at once, with BatchNorm over the K·C channels, which is exactly
-//! the per-edge BN because BN is per channel. Values and gradients equal the per-edge `MixedOp`
-//! sums (the parity tests compare against the PyTorch reference); what changes is K times fewer
-//! kernel launches, which dominate the cost at few-shot sizes.
+//! are computed once per state; the parametric ones (sep/dil convs, FactorizedReduce) run as
+//! grouped convolutions over all the edges at once, with BatchNorm over their stacked channels,
+//! which is exactly the per-edge BN because BN is per channel. The two cell inputs, which exist
+//! before any node and feed the same number of edges, go through together. Values and gradients
+//! equal the per-edge `MixedOp` sums (the parity tests compare against the PyTorch reference);
+//! what changes is many times fewer kernel launches, which dominate the cost at few-shot sizes.
 
 use crate::ops::{self, BnStats};
 use crate::params::ParamSet;
@@ -14,7 +15,8 @@ use crate::search_space::Primitive;
 use crate::supernet::op_prefix;
 use tch::{Kind, Tensor};
 
-/// The edges leaving one state: cell index, edge indices (rows of α), and their common stride.
+/// The edges leaving S states of a cell, K per state: cell index, edge indices (rows of α,
+/// state-major: the first K read the first state), and their common stride.
 pub struct EdgeGroup<'a> {
     pub cell: usize,
     pub edges: &'a [usize],
@@ -22,6 +24,7 @@ pub struct EdgeGroup<'a> {
 }
 
 impl EdgeGroup<'_> {
+    /// All the edges, S·K.
     fn k(&self) -> i64 {
         self.edges.len() as i64
     }
@@ -43,57 +46,78 @@ fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64, groups
     x.conv2d(w, None::<Tensor>, [stride, stride], [padding, padding], [dilation, dilation], groups)
 }
 
-/// `SepConv` on K edges: `relu_k` is ReLU(x) repeated K times, [N, K·C, H, W].
-fn sep_convs(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, relu_k: &Tensor, stats: BnStats) -> Tensor {
-    let (kernel, k) = (if primitive == Primitive::SepConv3x3 { 3 } else { 5 }, group.k());
-    let channels = relu_k.size()[1];
-    let w = |suffix: &str| group.stacked(params, primitive, suffix);
-    let h = conv(&conv(relu_k, &w("op.1.weight"), group.stride, kernel / 2, 1, channels), &w("op.2.weight"), 1, 0, 1, k);
-    let h = ops::batch_norm(&h, None, stats).relu();
-    let h = conv(&conv(&h, &w("op.5.weight"), 1, kernel / 2, 1, channels), &w("op.6.weight"), 1, 0, 1, k);
-    split_edges(&ops::batch_norm(&h, None, stats), k)
+/// The four parametric candidates in the order their channel blocks are laid out below.
+const CONVS: [Primitive; 4] = [Primitive::SepConv3x3, Primitive::SepConv5x5, Primitive::DilConv3x3, Primitive::DilConv5x5];
+
+/// Depthwise k×k conv of every edge for `primitive` (its kernel size and dilation).
+fn depthwise(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, suffix: &str, x: &Tensor, stride: i64) -> Tensor {
+    let (kernel, dilation) = match primitive {
+        Primitive::SepConv3x3 => (3, 1),
+        Primitive::SepConv5x5 => (5, 1),
+        Primitive::DilConv3x3 => (3, 2),
+        _ => (5, 2),
+    };
+    conv(x, &group.stacked(params, primitive, suffix), stride, dilation * (kernel - 1) / 2, dilation, x.size()[1])
 }
 
-/// `DilConv` on K edges.
-fn dil_convs(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, relu_k: &Tensor, stats: BnStats) -> Tensor {
-    let (kernel, k) = (if primitive == Primitive::DilConv3x3 { 3 } else { 5 }, group.k());
-    let channels = relu_k.size()[1];
-    let w = |suffix: &str| group.stacked(params, primitive, suffix);
-    let h = conv(&conv(relu_k, &w("op.1.weight"), group.stride, kernel - 1, 2, channels), &w("op.2.weight"), 1, 0, 1, k);
-    split_edges(&ops::batch_norm(&h, None, stats), k)
+/// The sep and dil convs of all K edges. `relu_k` is ReLU(x) repeated K times, [N, K·C, H, W].
+/// Returns [N, 4, K, C, H', W'], blocks in [`CONVS`] order.
+///
+/// Each candidate's depthwise conv runs over the K edges; then their pointwise convs are one
+/// grouped conv over 4·K groups and one BN normalises all 4·K·C channels (BN is per channel, so
+/// this is exactly the per-op BN). The sep convs' second half runs the same way over 2·K groups.
+fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu_k: &Tensor, stats: BnStats) -> Tensor {
+    let k = group.k();
+    let kc = relu_k.size()[1];
+    let pointwise = |primitives: &[Primitive], suffix: &str| Tensor::cat(&primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>(), 0);
+    let first = Tensor::cat(&CONVS.map(|p| depthwise(params, group, p, "op.1.weight", relu_k, group.stride)), 1);
+    let first = ops::batch_norm(&conv(&first, &pointwise(&CONVS, "op.2.weight"), 1, 0, 1, 4 * k), None, stats);
+    let seps = &CONVS[..2];
+    let second = Tensor::cat(&[0, 1].map(|i| depthwise(params, group, seps[i], "op.5.weight", &first.narrow(1, i as i64 * kc, kc).relu(), 1)), 1);
+    let second = ops::batch_norm(&conv(&second, &pointwise(seps, "op.6.weight"), 1, 0, 1, 2 * k), None, stats);
+    let out = Tensor::cat(&[second, first.narrow(1, 2 * kc, 2 * kc)], 1);
+    let s = out.size();
+    out.view([s[0], 4, k, kc / k, s[2], s[3]])
 }
 
-/// The stride-2 skip (`FactorizedReduce`) on K edges; `relu` is ReLU(x), [N, C, H, W].
-fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, stats: BnStats) -> Tensor {
+/// The stride-2 skip (`FactorizedReduce`) on every edge; `relu` is ReLU of the S states side by
+/// side, [N, S·C, H, W] (a conv grouped by state reads each edge's own state).
+fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
     let k = group.k();
     let x = if relu.size()[2] % 2 != 0 { relu.constant_pad_nd([1, 0, 1, 0]) } else { relu.shallow_clone() };
     let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
-    let first = split_edges(&conv(&x, &group.stacked(params, Primitive::SkipConnect, "conv_1.weight"), 2, 0, 1, 1), k);
-    let second = split_edges(&conv(&shifted, &group.stacked(params, Primitive::SkipConnect, "conv_2.weight"), 2, 0, 1, 1), k);
+    let first = split_edges(&conv(&x, &group.stacked(params, Primitive::SkipConnect, "conv_1.weight"), 2, 0, 1, states), k);
+    let second = split_edges(&conv(&shifted, &group.stacked(params, Primitive::SkipConnect, "conv_2.weight"), 2, 0, 1, states), k);
     let both = Tensor::cat(&[first, second], 2);
     let s = both.size();
     split_edges(&ops::batch_norm(&both.view([s[0], s[1] * s[2], s[3], s[4]]), None, stats), k)
 }
 
-/// Σ_o softmax(α_e)_o · o(x) for every edge e of `group`. `x`: [N, C, H, W]; `mixing`: softmax(θ)
-/// of the cell, [num_edges, 8]. Returns [N, K, C, H', W'], edge-major in `group.edges` order.
-pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, x: &Tensor, mixing: &Tensor, stats: BnStats) -> Tensor {
-    let k = group.k();
-    let rows = Tensor::from_slice(&group.edges.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(x.device());
+/// Σ_o softmax(α_e)_o · o(x_e) for every edge e of `group`, where x_e is the edge's state among
+/// `states` (each [N, C, H, W], same shape). `mixing`: softmax(θ) of the cell, [num_edges, 8].
+/// Returns [N, S·K, C, H', W'], edge-major in `group.edges` order.
+pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixing: &Tensor, stats: BnStats) -> Tensor {
+    let (k, s) = (group.k(), states.len() as i64);
+    let device = states[0].device();
+    let rows = Tensor::from_slice(&group.edges.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(device);
     let weights = mixing.index_select(0, &rows);
-    let weight = |p: Primitive| weights.select(1, p.index() as i64).view([1, k, 1, 1, 1]);
+    let x = if states.len() == 1 { states[0].shallow_clone() } else { Tensor::cat(states, 1) };
+    let [n, sc, h, w] = x.size()[..] else { unreachable!("states are [N, C, H, W]") };
+    let c = sc / s;
+    // A per-state tensor [N, S·C, H', W'] and a per-edge weight, broadcast to [N, S, K, C, H', W'].
+    let per_state = |t: &Tensor| {
+        let z = t.size();
+        t.reshape([z[0], s, 1, c, z[2], z[3]])
+    };
+    let weight = |p: Primitive| weights.select(1, p.index() as i64).view([1, s, k / s, 1, 1, 1]);
     let relu = x.relu();
-    let relu_k = relu.repeat([1, k, 1, 1]);
-    let shared = |t: Tensor| t.unsqueeze(1);
-    let mut sum = shared(ops::pool_bn(x, true, group.stride, stats)) * weight(Primitive::MaxPool3x3)
-        + shared(ops::pool_bn(x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
-    sum += if group.stride == 1 { shared(x.shallow_clone()) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, stats) * weight(Primitive::SkipConnect) };
-    for p in [Primitive::SepConv3x3, Primitive::SepConv5x5] {
-        sum += sep_convs(params, group, p, &relu_k, stats) * weight(p);
-    }
-    for p in [Primitive::DilConv3x3, Primitive::DilConv5x5] {
-        sum += dil_convs(params, group, p, &relu_k, stats) * weight(p);
-    }
+    let relu_k = per_state(&relu).expand([n, s, k / s, c, h, w], false).reshape([n, k * c, h, w]);
+    let mut sum = per_state(&ops::pool_bn(&x, true, group.stride, stats)) * weight(Primitive::MaxPool3x3)
+        + per_state(&ops::pool_bn(&x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
+    sum += if group.stride == 1 { per_state(&x) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, s, stats).view_as(&sum) * weight(Primitive::SkipConnect) };
+    let sum = sum.flatten(1, 2);
+    let conv_weights = weights.index_select(1, &Tensor::from_slice(&CONVS.map(|p| p.index() as i64)).to_device(device)).transpose(0, 1).view([1, 4, k, 1, 1, 1]);
+    let sum = sum + (conv_candidates(params, group, &relu_k, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
     debug_assert_eq!(sum.kind(), Kind::Float);
     sum
 }

@@ -24,9 +24,13 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, stats: BnStats
     let (weight, bias) = affine.unzip();
     match stats {
         BnStats::LeadingRows(n) if n < x.size()[0] => {
-            let rows = x.narrow(0, 0, n);
-            let mean = rows.mean_dim(&[0i64, 2, 3][..], true, None);
-            let var = rows.var_correction(&[0i64, 2, 3][..], 0, true);
+            let (var, mean) = x.narrow(0, 0, n).var_mean_correction(&[0i64, 2, 3][..], 0, true);
+            if !x.requires_grad() {
+                // Predictions: the inference kernel applies given statistics in one pass.
+                let flat = |t: Tensor| t.view([-1]);
+                return Tensor::batch_norm(x, weight, bias, Some(&flat(mean)), Some(&flat(var)), false, 0.0, BN_EPS, true);
+            }
+            // Meta-training differentiates through the statistics, which the kernel would not.
             let normalised = (x - mean) * (var + BN_EPS).rsqrt();
             match (weight, bias) {
                 (Some(w), Some(b)) => normalised * w.view([1, -1, 1, 1]) + b.view([1, -1, 1, 1]),

@@ -208,23 +208,25 @@ impl Supernet {
     /// One search cell: node i = Σ_j MixedOp(state_j); output = concat of the last `multiplier` nodes.
     ///
     /// The edges leaving each state are computed together ([`fused_edges`]) as soon as the state
-    /// exists, and added into the partial sums of the nodes they feed.
+    /// exists (the two inputs together), and added into the partial sums of the nodes they feed.
     fn cell(&self, pass: Pass, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, mixing: &Tensor) -> Tensor {
         let (p0, p1) = self.preprocess(pass.params, i, spec, s0, s1, pass.stats);
         let steps = self.space.steps;
         let mut states = vec![p0, p1];
         let mut partial: Vec<Option<Tensor>> = (0..steps).map(|_| None).collect();
-        for j in 0..=steps {
-            if j >= 2 {
+        let sources: Vec<Vec<usize>> = std::iter::once(vec![0, 1]).chain((2..=steps).map(|j| vec![j])).collect();
+        for group_states in sources {
+            if let &[j] = group_states.as_slice() {
                 states.push(partial[j - 2].take().expect("every node has inputs"));
             }
-            // State j feeds node n when j <= n + 1.
-            let targets: Vec<usize> = (j.saturating_sub(1)..steps).collect();
-            let edges: Vec<usize> = targets.iter().map(|&n| self.space.first_edge_of_node(n) + j).collect();
-            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, j) };
-            let out = fused_edges::mixed_ops(pass.params, &group, &states[j], mixing, pass.stats);
-            for (k, &n) in targets.iter().enumerate() {
-                let contribution = out.select(1, k as i64);
+            // State j feeds node n when j <= n + 1 (both inputs feed every node).
+            let targets: Vec<usize> = (group_states[0].saturating_sub(1)..steps).collect();
+            let edges: Vec<usize> = group_states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
+            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, group_states[0]) };
+            let inputs: Vec<&Tensor> = group_states.iter().map(|&j| &states[j]).collect();
+            let out = fused_edges::mixed_ops(pass.params, &group, &inputs, mixing, pass.stats);
+            for (e, &n) in targets.iter().cycle().take(edges.len()).enumerate() {
+                let contribution = out.select(1, e as i64);
                 partial[n] = Some(match partial[n].take() {
                     Some(sum) => sum + contribution,
                     None => contribution,

@@ -1,12 +1,14 @@
-//! Checkpoints on disk: bit-exact round trips, and refusal of truncated, edited or missing files
-//! with an error naming the file.
+//! Checkpoints on disk: bit-exact round trips, refusal of truncated, edited or missing files
+//! with an error naming the file, and evaluation results recorded without losing any.
 
 mod common;
 
 use common::random_supernet;
 use tch::Device;
 use tnas::checkpoint::{Checkpoint, META_FILE, WEIGHTS_FILE};
-use tnas::metadata::HeadSpec;
+use tnas::adapt::BnMode;
+use tnas::meta::command::record_results;
+use tnas::metadata::{EvalResult, HeadSpec};
 use tnas::search_space::SearchSpace;
 
 fn saved() -> (tempfile::TempDir, Checkpoint) {
@@ -78,4 +80,28 @@ fn edited_metadata_is_refused_with_the_field() {
     std::fs::write(&path, text).unwrap();
     let err = load_error(dir.path());
     assert!(err.contains(WEIGHTS_FILE) && err.contains("shape"), "{err}");
+}
+
+fn result(way: usize, accuracy: f64) -> EvalResult {
+    EvalResult { split: "test".into(), way, shot: 1, tasks: 600, predict_with: "supernet".into(), bn: BnMode::Support, steps: 10, accuracy, ci95: 0.01 }
+}
+
+#[test]
+fn evaluations_recorded_side_by_side_keep_every_row_and_never_attach_to_other_weights() {
+    let (dir, original) = saved();
+    let evaluated = original.meta.sha256.clone();
+    // Two evaluations of the same weights, written one after the other: both rows stay, and a
+    // repeated one replaces its old row.
+    record_results(dir.path(), &evaluated, &[result(5, 0.9)]).unwrap();
+    record_results(dir.path(), &evaluated, &[result(20, 0.8)]).unwrap();
+    record_results(dir.path(), &evaluated, &[result(5, 0.91)]).unwrap();
+    let rows = Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta.evaluation;
+    let accuracy_of = |way: usize| rows.iter().filter(|r| r.way == way).map(|r| r.accuracy).collect::<Vec<_>>();
+    assert_eq!((accuracy_of(5), accuracy_of(20)), (vec![0.91], vec![0.8]));
+    // Weights replaced (a training run saved a new best) after the evaluation started: refused.
+    let mut replaced = random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Fixed { n_way: 5 }, 4, 1.0);
+    replaced.save(dir.path()).unwrap();
+    let error = record_results(dir.path(), &evaluated, &[result(5, 0.99)]).unwrap_err();
+    assert!(error.contains("changed while it was being evaluated"), "{error}");
+    assert!(Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta.evaluation.is_empty());
 }

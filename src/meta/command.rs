@@ -1,7 +1,7 @@
 //! The `tnas-train` subcommands as library functions: arguments in, files and reports out.
 
 use super::algorithm::Algorithm;
-use super::evaluate::{mean_and_ci95, Evaluation};
+use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{BnMode, InnerLoop, PredictWith};
@@ -12,7 +12,7 @@ use crate::data::{self, ClassImages};
 use crate::device::DeviceChoice;
 use crate::metadata::{AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo, FORMAT_VERSION};
 use crate::search_space::{SearchSpace, PRIMITIVES};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 /// Dataset layouts `--dataset` understands.
@@ -317,7 +317,7 @@ fn predict_name(p: PredictWith) -> &'static str {
 pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     tch::set_num_threads(args.threads);
     let device = args.device.resolve()?;
-    let mut checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
     let loaded = args.data.load(&checkpoint.meta.input)?;
     let classes = if args.split == "test" { &loaded.test } else { &loaded.validation };
     checkpoint.meta.head.accepts(args.episode.way)?;
@@ -333,17 +333,27 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
             let evaluation = Evaluation { network: &network, params: &checkpoint.params, alphas: checkpoint.alphas.as_ref(), head: checkpoint.meta.head, inner, bn, predict_with, finetune_steps: args.finetune_steps, device };
             let mut sampler = EpisodeSampler::new(classes, args.episode.way, args.episode.shot, args.episode.query, args.seed).map_err(|e| e.to_string())?;
             let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
-            let name = predict_name(predict_with);
+            let name = prediction_label(&network, predict_with);
             eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
             results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
         }
     }
     if args.write {
-        checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.split == r.split && n.way == r.way && n.shot == r.shot && n.predict_with == r.predict_with && n.bn == r.bn));
-        checkpoint.meta.evaluation.extend(results.iter().cloned());
-        checkpoint.save(&args.model).map_err(|e| e.to_string())?;
+        record_results(&args.model, &checkpoint.meta.sha256, &results)?;
     }
     Ok(results)
+}
+
+/// Merges `results` into the model's `model.json` as it is on disk now, so evaluations that ran
+/// side by side all keep their rows; refuses if the weights changed since they were evaluated.
+pub fn record_results(model: &Path, evaluated_sha256: &str, results: &[EvalResult]) -> Result<(), String> {
+    let mut checkpoint = Checkpoint::load(model, tch::Device::Cpu).map_err(|e| e.to_string())?;
+    if checkpoint.meta.sha256 != evaluated_sha256 {
+        return Err(format!("{} changed while it was being evaluated (a training run saved a new best?); results not written, evaluate again", model.display()));
+    }
+    checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.split == r.split && n.way == r.way && n.shot == r.shot && n.predict_with == r.predict_with && n.bn == r.bn));
+    checkpoint.meta.evaluation.extend(results.iter().cloned());
+    checkpoint.save(model).map_err(|e| e.to_string())
 }
 
 /// `tnas-train card`.
@@ -362,7 +372,7 @@ pub struct CardArgs {
 
 /// Writes `<model>/README.md`.
 pub fn card(args: &CardArgs) -> Result<(), String> {
-    let read_meta = |dir: &std::path::Path| -> Result<crate::metadata::ModelMeta, String> {
+    let read_meta = |dir: &Path| -> Result<crate::metadata::ModelMeta, String> {
         let path = dir.join(crate::checkpoint::META_FILE);
         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))

@@ -20,6 +20,16 @@ pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
     (mean, 1.96 * (var / n).sqrt())
 }
 
+/// How a results row names its predictions: `supernet` or `derived`, or `conv4` for a network
+/// without a genotype, which always predicts with itself.
+pub fn prediction_label(network: &Network, predict_with: PredictWith) -> &'static str {
+    match (network.has_alphas(), predict_with) {
+        (false, _) => "conv4",
+        (true, PredictWith::Supernet) => "supernet",
+        (true, PredictWith::Derived) => "derived",
+    }
+}
+
 /// A model to evaluate and how to adapt it.
 pub struct Evaluation<'a> {
     pub network: &'a Network,

@@ -4,7 +4,7 @@
 
 use super::adam::Adam;
 use super::algorithm::{Algorithm, TaskBatch, TaskContext};
-use super::evaluate::{mean_and_ci95, Evaluation};
+use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
 use crate::checkpoint::{param_specs, write_atomically, Checkpoint, CheckpointError};
@@ -203,7 +203,7 @@ impl<'a> Trainer<'a> {
             way: self.config.way,
             shot: self.config.shot,
             tasks: self.config.validation_tasks,
-            predict_with: "supernet".into(),
+            predict_with: prediction_label(&self.network, PredictWith::Supernet).into(),
             bn: self.config.bn,
             steps: self.config.inner.steps,
             accuracy: validation,
