@@ -114,10 +114,16 @@ impl TaskState {
     }
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
-    /// backward pass, then plain SGD: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L. Returns the loss.
-    pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> f64 {
+    /// backward pass, then plain SGD. Returns the loss (detached).
+    pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> Tensor {
         let loss = self.support_loss(network, support);
-        let grads = Tensor::run_backward(&[&loss], &self.trainable(), inner.second_order, inner.second_order);
+        self.descend(&loss, inner);
+        loss.detach()
+    }
+
+    /// Plain SGD down `loss`: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L.
+    pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
+        let grads = Tensor::run_backward(&[loss], &self.trainable(), inner.second_order, inner.second_order);
         let n = self.params.len();
         let update = |t: &Tensor, g: &Tensor, lr: f64| {
             if inner.second_order {
@@ -132,11 +138,11 @@ impl TaskState {
             reduce: update(&a.reduce, &grads[n + 1], inner.lr_theta),
         });
         *self = TaskState { params, alphas };
-        loss.double_value(&[])
     }
 
     /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early.
-    /// Returns the support loss of every step.
+    /// Returns the support loss of every step, read once at the end: on a GPU, reading each step's
+    /// loss would make the host wait for the device every step.
     pub fn adapt(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<Vec<f64>, Interrupted> {
         let mut losses = Vec::with_capacity(inner.steps);
         for step in 0..inner.steps {
@@ -145,7 +151,7 @@ impl TaskState {
             }
             losses.push(self.sgd_step(network, support, inner));
         }
-        Ok(losses)
+        Ok(losses.iter().map(|l| l.double_value(&[])).collect())
     }
 
     /// The decoded genotype of the current θ (DARTS rule); `None` without alphas.
@@ -193,15 +199,20 @@ impl TaskState {
     }
 }
 
-/// Query logits under the chosen BN mode. In `support` mode the support set is forwarded first in
-/// the same batch and supplies every BN layer's statistics; its rows are then dropped.
+/// Query logits under the chosen BN mode.
 pub fn query_logits(network: &Network, params: &ParamSet, alphas: Option<&Alphas>, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
+    logits_under(bn, support.images, query, |x, stats| network.logits(params, alphas, x, stats))
+}
+
+/// The query rows of `logits` (a forward pass, rows first) under the BN mode. In `support` mode the
+/// support images are forwarded first in the same batch and supply every BN layer's statistics;
+/// their rows are then dropped.
+pub fn logits_under(bn: BnMode, support: &Tensor, query: &Tensor, logits: impl Fn(&Tensor, BnStats) -> Tensor) -> Tensor {
     match bn {
-        BnMode::Transductive => network.logits(params, alphas, query, BnStats::Batch),
+        BnMode::Transductive => logits(query, BnStats::Batch),
         BnMode::Support => {
-            let n_support = support.images.size()[0];
-            let batch = Tensor::cat(&[support.images, query], 0);
-            network.logits(params, alphas, &batch, BnStats::LeadingRows(n_support)).narrow(0, n_support, query.size()[0])
+            let n_support = support.size()[0];
+            logits(&Tensor::cat(&[support, query], 0), BnStats::LeadingRows(n_support)).narrow(0, n_support, query.size()[0])
         }
     }
 }

@@ -9,18 +9,20 @@
 //! equal the per-edge `MixedOp` sums (the parity tests compare against the PyTorch reference);
 //! what changes is many times fewer kernel launches, which dominate the cost at few-shot sizes.
 
-use crate::ops::{self, BnStats};
+use crate::ops::{self, conv, BnStats};
 use crate::params::ParamSet;
 use crate::search_space::Primitive;
 use crate::supernet::op_prefix;
 use tch::{Kind, Tensor};
 
 /// The edges leaving S states of a cell, K per state: cell index, edge indices (rows of α,
-/// state-major: the first K read the first state), and their common stride.
+/// state-major: the first K read the first state), their common stride, and how many tasks'
+/// channels sit side by side in every state ([`crate::task_batch`]; 1 for a single task).
 pub struct EdgeGroup<'a> {
     pub cell: usize,
     pub edges: &'a [usize],
     pub stride: i64,
+    pub tasks: i64,
 }
 
 impl EdgeGroup<'_> {
@@ -36,14 +38,10 @@ impl EdgeGroup<'_> {
     }
 }
 
-/// [N, K·C, H, W] → [N, K, C, H, W].
-fn split_edges(t: &Tensor, k: i64) -> Tensor {
+/// [N, K·T·C, H, W] → [N, K, T, C, H, W] (K edges, T tasks).
+fn split_edges(t: &Tensor, k: i64, tasks: i64) -> Tensor {
     let s = t.size();
-    t.view([s[0], k, s[1] / k, s[2], s[3]])
-}
-
-fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64, groups: i64) -> Tensor {
-    x.conv2d(w, None::<Tensor>, [stride, stride], [padding, padding], [dilation, dilation], groups)
+    t.view([s[0], k, tasks, s[1] / (k * tasks), s[2], s[3]])
 }
 
 /// The four parametric candidates in the order their channel blocks are laid out below.
@@ -57,11 +55,11 @@ fn depthwise(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, suffix:
         Primitive::DilConv3x3 => (3, 2),
         _ => (5, 2),
     };
-    conv(x, &group.stacked(params, primitive, suffix), stride, dilation * (kernel - 1) / 2, dilation, x.size()[1])
+    conv(x, &group.stacked(params, primitive, suffix), stride, dilation * (kernel - 1) / 2, dilation)
 }
 
-/// The sep and dil convs of all K edges. `relu_k` is ReLU(x) repeated K times, [N, K·C, H, W].
-/// Returns [N, 4, K, C, H', W'], blocks in [`CONVS`] order.
+/// The sep and dil convs of all K edges. `relu_k` is ReLU(x) repeated K times, [N, K·T·C, H, W].
+/// Returns [N, 4, K, T, C, H', W'], blocks in [`CONVS`] order.
 ///
 /// Each candidate's depthwise conv runs over the K edges; then their pointwise convs are one
 /// grouped conv over 4·K groups and one BN normalises all 4·K·C channels (BN is per channel, so
@@ -71,53 +69,65 @@ fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu_k: &Tensor, stats:
     let kc = relu_k.size()[1];
     let pointwise = |primitives: &[Primitive], suffix: &str| Tensor::cat(&primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>(), 0);
     let first = Tensor::cat(&CONVS.map(|p| depthwise(params, group, p, "op.1.weight", relu_k, group.stride)), 1);
-    let first = ops::batch_norm(&conv(&first, &pointwise(&CONVS, "op.2.weight"), 1, 0, 1, 4 * k), None, stats);
+    let first = ops::batch_norm(&conv(&first, &pointwise(&CONVS, "op.2.weight"), 1, 0, 1), None, stats);
     let seps = &CONVS[..2];
     let second = Tensor::cat(&[0, 1].map(|i| depthwise(params, group, seps[i], "op.5.weight", &first.narrow(1, i as i64 * kc, kc).relu(), 1)), 1);
-    let second = ops::batch_norm(&conv(&second, &pointwise(seps, "op.6.weight"), 1, 0, 1, 2 * k), None, stats);
+    let second = ops::batch_norm(&conv(&second, &pointwise(seps, "op.6.weight"), 1, 0, 1), None, stats);
     let out = Tensor::cat(&[second, first.narrow(1, 2 * kc, 2 * kc)], 1);
     let s = out.size();
-    out.view([s[0], 4, k, kc / k, s[2], s[3]])
+    out.view(&[s[0], 4, k, group.tasks, kc / (k * group.tasks), s[2], s[3]][..])
 }
 
 /// The stride-2 skip (`FactorizedReduce`) on every edge; `relu` is ReLU of the S states side by
-/// side, [N, S·C, H, W] (a conv grouped by state reads each edge's own state).
+/// side, [N, S·T·C, H, W]. Returns [N, K, T, C, H', W'].
+///
+/// Each (state, task) block is one group of a grouped conv, so its weights are regrouped from the
+/// stacked order (state, edge, task) to (state, task, edge), and the outputs back.
 fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
-    let k = group.k();
+    let (k, tasks) = (group.k(), group.tasks);
     let x = if relu.size()[2] % 2 != 0 { relu.constant_pad_nd([1, 0, 1, 0]) } else { relu.shallow_clone() };
     let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
-    let first = split_edges(&conv(&x, &group.stacked(params, Primitive::SkipConnect, "conv_1.weight"), 2, 0, 1, states), k);
-    let second = split_edges(&conv(&shifted, &group.stacked(params, Primitive::SkipConnect, "conv_2.weight"), 2, 0, 1, states), k);
-    let both = Tensor::cat(&[first, second], 2);
+    let half = |input: &Tensor, suffix: &str| {
+        let w = group.stacked(params, Primitive::SkipConnect, suffix);
+        let c = w.size()[1];
+        let w = w.view(&[states, k / states, tasks, -1, c, 1, 1][..]).transpose(1, 2).reshape([-1, c, 1, 1]);
+        let out = conv(input, &w, 2, 0, 1);
+        let s = out.size();
+        out.view(&[s[0], states, tasks, k / states, -1, s[2], s[3]][..]).transpose(2, 3)
+    };
+    let both = Tensor::cat(&[half(&x, "conv_1.weight"), half(&shifted, "conv_2.weight")], 4);
     let s = both.size();
-    split_edges(&ops::batch_norm(&both.view([s[0], s[1] * s[2], s[3], s[4]]), None, stats), k)
+    let normalised = ops::batch_norm(&both.reshape([s[0], -1, s[5], s[6]]), None, stats);
+    split_edges(&normalised, k, tasks)
 }
 
 /// Σ_o softmax(α_e)_o · o(x_e) for every edge e of `group`, where x_e is the edge's state among
-/// `states` (each [N, C, H, W], same shape). `mixing`: softmax(θ) of the cell, [num_edges, 8].
-/// Returns [N, S·K, C, H', W'], edge-major in `group.edges` order.
+/// `states` (each [N, T·C, H, W], same shape). `mixing`: softmax(θ) of the cell for each task,
+/// [T·num_edges, 8]. Returns [N, S·K, T·C, H', W'], edge-major in `group.edges` order.
 pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixing: &Tensor, stats: BnStats) -> Tensor {
-    let (k, s) = (group.k(), states.len() as i64);
-    let device = states[0].device();
-    let rows = Tensor::from_slice(&group.edges.iter().map(|&e| e as i64).collect::<Vec<_>>()).to_device(device);
-    let weights = mixing.index_select(0, &rows);
+    let (k, s, tasks) = (group.k(), states.len() as i64, group.tasks);
+    let mixing = mixing.view([tasks, -1, mixing.size()[1]]);
+    // [T, S·K, 8] → per primitive [1, S, K/S, T, 1, 1, 1], to broadcast over the edges' outputs.
+    let weights = Tensor::stack(&group.edges.iter().map(|&e| mixing.select(1, e as i64)).collect::<Vec<_>>(), 1);
     let x = if states.len() == 1 { states[0].shallow_clone() } else { Tensor::cat(states, 1) };
-    let [n, sc, h, w] = x.size()[..] else { unreachable!("states are [N, C, H, W]") };
-    let c = sc / s;
-    // A per-state tensor [N, S·C, H', W'] and a per-edge weight, broadcast to [N, S, K, C, H', W'].
+    let [n, stc, h, w] = x.size()[..] else { unreachable!("states are [N, T·C, H, W]") };
+    let c = stc / (s * tasks);
+    // A per-state tensor [N, S·T·C, H', W'] viewed [N, S, 1, T, C, H', W'].
     let per_state = |t: &Tensor| {
         let z = t.size();
-        t.reshape([z[0], s, 1, c, z[2], z[3]])
+        t.reshape(&[z[0], s, 1, tasks, c, z[2], z[3]][..])
     };
-    let weight = |p: Primitive| weights.select(1, p.index() as i64).view([1, s, k / s, 1, 1, 1]);
+    let weight = |p: Primitive| weights.select(2, p.index() as i64).transpose(0, 1).reshape(&[1, s, k / s, tasks, 1, 1, 1][..]);
     let relu = x.relu();
-    let relu_k = per_state(&relu).expand([n, s, k / s, c, h, w], false).reshape([n, k * c, h, w]);
+    let relu_k = per_state(&relu).expand(&[n, s, k / s, tasks, c, h, w][..], false).reshape([n, k * tasks * c, h, w]);
     let mut sum = per_state(&ops::pool_bn(&x, true, group.stride, stats)) * weight(Primitive::MaxPool3x3)
         + per_state(&ops::pool_bn(&x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
     sum += if group.stride == 1 { per_state(&x) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, s, stats).view_as(&sum) * weight(Primitive::SkipConnect) };
     let sum = sum.flatten(1, 2);
-    let conv_weights = weights.index_select(1, &Tensor::from_slice(&CONVS.map(|p| p.index() as i64)).to_device(device)).transpose(0, 1).view([1, 4, k, 1, 1, 1]);
+    // The conv candidates are primitives 4..8, in CONVS order.
+    debug_assert!(CONVS.iter().enumerate().all(|(i, p)| p.index() == 4 + i));
+    let conv_weights = weights.narrow(2, 4, 4).permute([2, 1, 0]).reshape(&[1, 4, k, tasks, 1, 1, 1][..]);
     let sum = sum + (conv_candidates(params, group, &relu_k, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
     debug_assert_eq!(sum.kind(), Kind::Float);
-    sum
+    sum.flatten(2, 3)
 }

@@ -21,6 +21,7 @@
 //!
 //! Adaptation and models:
 //! - [`adapt`]: T-NAS Algorithm 2 on a task's copies, and query prediction.
+//! - [`task_batch`]: several same-shaped tasks adapted as one pass (cross-task batching).
 //! - [`metadata`]: what `model.json` records.
 //! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
@@ -52,3 +53,4 @@ pub mod params;
 pub mod search_space;
 pub mod server;
 pub mod supernet;
+pub mod task_batch;

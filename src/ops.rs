@@ -41,44 +41,62 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, stats: BnStats
     }
 }
 
-fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64, groups: i64) -> Tensor {
+/// A convolution whose grouping follows from the shapes: `x` [N, G·C_in, H, W] and `w`
+/// [G·C_out, C_in, k, k] make G groups. So a depthwise weight is depthwise, a dense weight is dense,
+/// and weights stacked for several tasks ([`crate::task_batch`]) convolve each task's own channels.
+pub fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64) -> Tensor {
+    let groups = x.size()[1] / w.size()[1];
     x.conv2d(w, None::<Tensor>, [stride, stride], [padding, padding], [dilation, dilation], groups)
+}
+
+/// Concatenates channel blocks task by task: each part is [N, T·C_i, H, W] with T tasks side by
+/// side; the result is [N, T·ΣC_i, H, W], each task's channels together (plain `cat` when T = 1).
+pub fn cat_channels(parts: &[Tensor], tasks: i64) -> Tensor {
+    let per_task: Vec<Tensor> = parts
+        .iter()
+        .map(|p| {
+            let s = p.size();
+            p.view([s[0], tasks, s[1] / tasks, s[2], s[3]])
+        })
+        .collect();
+    let joined = Tensor::cat(&per_task, 2);
+    let s = joined.size();
+    joined.view([s[0], s[1] * s[2], s[3], s[4]])
 }
 
 /// ReLU → 1×1 conv → non-affine BN (cell preprocessing, `ReLUConvBN`). `w`: [C_out, C_in, 1, 1].
 pub fn relu_conv_bn(x: &Tensor, w: &Tensor, stats: BnStats) -> Tensor {
-    batch_norm(&conv(&x.relu(), w, 1, 0, 1, 1), None, stats)
+    batch_norm(&conv(&x.relu(), w, 1, 0, 1), None, stats)
 }
 
 /// `FactorizedReduce`: halves H and W with two stride-2 1×1 convs, the second shifted by a pixel.
 /// An odd-sized map first gets one zero row on top and one zero column on the left.
 /// `w1`, `w2`: [C_out/2, C_in, 1, 1].
 pub fn factorized_reduce(x: &Tensor, w1: &Tensor, w2: &Tensor, stats: BnStats) -> Tensor {
+    let tasks = x.size()[1] / w1.size()[1];
     let mut x = x.relu();
     if x.size()[2] % 2 != 0 {
         x = x.constant_pad_nd([1, 0, 1, 0]);
     }
     let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
-    let out = Tensor::cat(&[conv(&x, w1, 2, 0, 1, 1), conv(&shifted, w2, 2, 0, 1, 1)], 1);
+    let out = cat_channels(&[conv(&x, w1, 2, 0, 1), conv(&shifted, w2, 2, 0, 1)], tasks);
     batch_norm(&out, None, stats)
 }
 
 /// `SepConv`: [ReLU, depthwise k×k (stride), 1×1, BN] twice, the second at stride 1.
 /// `w`: [depthwise1 [C,1,k,k], pointwise1 [C,C,1,1], depthwise2, pointwise2].
 pub fn sep_conv(x: &Tensor, w: [&Tensor; 4], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
-    let channels = x.size()[1];
     let pad = kernel / 2;
-    let h = conv(&conv(&x.relu(), w[0], stride, pad, 1, channels), w[1], 1, 0, 1, 1);
+    let h = conv(&conv(&x.relu(), w[0], stride, pad, 1), w[1], 1, 0, 1);
     let h = batch_norm(&h, None, stats).relu();
-    let h = conv(&conv(&h, w[2], 1, pad, 1, channels), w[3], 1, 0, 1, 1);
+    let h = conv(&conv(&h, w[2], 1, pad, 1), w[3], 1, 0, 1);
     batch_norm(&h, None, stats)
 }
 
 /// `DilConv`: ReLU, depthwise k×k with dilation 2 (stride), 1×1, BN.
 /// `w`: [depthwise [C,1,k,k], pointwise [C,C,1,1]].
 pub fn dil_conv(x: &Tensor, w: [&Tensor; 2], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
-    let channels = x.size()[1];
-    let h = conv(&conv(&x.relu(), w[0], stride, kernel - 1, 2, channels), w[1], 1, 0, 1, 1);
+    let h = conv(&conv(&x.relu(), w[0], stride, kernel - 1, 2), w[1], 1, 0, 1);
     batch_norm(&h, None, stats)
 }
 

@@ -59,11 +59,12 @@ impl Clone for Alphas {
     }
 }
 
-/// The weights and BN mode of one forward pass, passed down together.
+/// The weights, BN mode and number of side-by-side tasks of one forward pass, passed down together.
 #[derive(Clone, Copy)]
 struct Pass<'a> {
     params: &'a ParamSet,
     stats: BnStats,
+    tasks: i64,
 }
 
 /// The supernet of one [`SearchSpace`]; holds no weights.
@@ -177,7 +178,7 @@ impl Supernet {
     /// Stem: conv3×3 → BN(affine) → [maxpool2] → ReLU → conv3×3 → BN(affine) → [maxpool2].
     /// `x`: [N, in_ch, S, S] → [N, 3C, S / 2^stem_pools, S / 2^stem_pools].
     pub fn stem(&self, params: &ParamSet, x: &Tensor, stats: BnStats) -> Tensor {
-        let conv = |x: &Tensor, w: &str| x.conv2d(params.get(w), None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        let conv = |x: &Tensor, w: &str| ops::conv(x, params.get(w), 1, 1, 1);
         let bn = |x: &Tensor, prefix: &str| {
             let (w, b) = (params.get(&format!("{prefix}.weight")), params.get(&format!("{prefix}.bias")));
             ops::batch_norm(x, Some((w, b)), stats)
@@ -222,7 +223,7 @@ impl Supernet {
             // State j feeds node n when j <= n + 1 (both inputs feed every node).
             let targets: Vec<usize> = (group_states[0].saturating_sub(1)..steps).collect();
             let edges: Vec<usize> = group_states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
-            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, group_states[0]) };
+            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, group_states[0]), tasks: pass.tasks };
             let inputs: Vec<&Tensor> = group_states.iter().map(|&j| &states[j]).collect();
             let out = fused_edges::mixed_ops(pass.params, &group, &inputs, mixing, pass.stats);
             for (e, &n) in targets.iter().cycle().take(edges.len()).enumerate() {
@@ -234,16 +235,23 @@ impl Supernet {
             }
         }
         states.push(partial[steps - 1].take().expect("the last node has inputs"));
-        Tensor::cat(&states[states.len() - self.space.multiplier..], 1)
+        ops::cat_channels(&states[states.len() - self.space.multiplier..], pass.tasks)
     }
 
     /// Pooled features before the head. `x`: [N, in_ch, S, S] → [N, feature_dim].
     /// `mixing` is softmax(θ) (see [`Alphas::softmaxed`]).
     pub fn features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
+        self.task_features(params, mixing, x, stats, 1)
+    }
+
+    /// Features of `tasks` tasks at once, each with its own weights and θ: every parameter and θ
+    /// stacked task by task along dim 0, `x` [N, T·in_ch, S, S] (image i of every task in row i)
+    /// → [N, T·feature_dim]. See [`crate::task_batch`].
+    pub fn task_features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats, tasks: i64) -> Tensor {
         let stem = self.stem(params, x, stats);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for (i, spec) in self.space.cells().iter().enumerate() {
-            let out = self.cell(Pass { params, stats }, i, spec, &s0, &s1, mixing.for_cell(spec.reduction));
+            let out = self.cell(Pass { params, stats, tasks }, i, spec, &s0, &s1, mixing.for_cell(spec.reduction));
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)

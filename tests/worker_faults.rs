@@ -4,12 +4,10 @@
 mod common;
 
 use common::random_supernet;
-use std::time::{Duration, Instant};
-use tch::Device;
 use tnas::adapt::{BnMode, PredictWith};
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
-use tnas::server::worker::{Job, Readiness, ResolvedOptions, TaskInput, TaskOutput, Worker, WorkerError};
+use tnas::server::worker::{Readiness, ResolvedOptions, TaskInput, TaskOutput, Worker, WorkerError};
 
 const PIXELS: usize = 28 * 28;
 
@@ -25,22 +23,19 @@ fn task(support_labels: Vec<i64>, n_way: usize, support_pixels: usize) -> TaskIn
 }
 
 fn run(worker: &Worker, input: TaskInput) -> Result<TaskOutput, WorkerError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    worker.submit(Job { input, deadline: Instant::now() + Duration::from_secs(60), enqueued: Instant::now(), reply }).unwrap();
-    answer.blocking_recv().expect("the worker always answers")
+    common::answers(worker, vec![input]).remove(0)
+}
+
+fn fixture_worker(max_batch: usize) -> Worker {
+    let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
+    checkpoint.meta.name = "fixture".into();
+    common::ready_worker(checkpoint, max_batch)
 }
 
 #[test]
 fn a_failing_job_fails_alone_and_the_worker_keeps_serving() {
-    let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
-    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
-    checkpoint.meta.name = "fixture".into();
-    let worker = Worker::spawn(vec![checkpoint], Device::Cpu, 4, 1);
-    let started = Instant::now();
-    while worker.readiness() != Readiness::Ready {
-        assert!(started.elapsed() < Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let worker = fixture_worker(1);
     let faults = [
         ("label 7 in a 2-way task", task(vec![0, 7], 2, 2 * PIXELS)),
         ("support pixels that are not whole images", task(vec![0, 1], 2, 2 * PIXELS - 5)),
@@ -55,4 +50,17 @@ fn a_failing_job_fails_alone_and_the_worker_keeps_serving() {
         assert!(output.logits.iter().flatten().all(|v| v.is_finite()));
     }
     assert_eq!(worker.readiness(), Readiness::Ready);
+}
+
+#[test]
+fn a_faulty_task_batched_with_valid_ones_fails_alone() {
+    let worker = fixture_worker(8);
+    // A longer task keeps the worker busy while three tasks of one shape queue behind it; the
+    // middle one names class 7 in a 2-way task.
+    let mut busy = task(vec![0, 1], 2, 2 * PIXELS);
+    busy.options.steps = 20;
+    let inputs = [busy, task(vec![0, 1], 2, 2 * PIXELS), task(vec![0, 7], 2, 2 * PIXELS), task(vec![1, 0], 2, 2 * PIXELS)];
+    let answers = common::answers(&worker, inputs.into());
+    assert!(answers[0].is_ok() && answers[1].is_ok() && answers[3].is_ok(), "{answers:?}");
+    assert!(matches!(answers[2], Err(WorkerError::Failed(_))), "{:?}", answers[2]);
 }

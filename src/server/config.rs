@@ -27,6 +27,9 @@ pub struct Limits {
     /// Adaptations waiting for the worker before new ones get 429.
     #[arg(long, env = "TNAS_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: usize,
+    /// Most queued tasks of the same shape and settings adapted together as one batch (1: none).
+    #[arg(long, env = "TNAS_MAX_BATCH", default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_batch: usize,
     /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
     pub genotype_store_size: usize,

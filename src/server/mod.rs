@@ -90,7 +90,7 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         Some(name) => return Err(format!("--default-model {name} is not among the loaded models: {:?}", models.keys().collect::<Vec<_>>())),
         None => models.keys().next().cloned().ok_or("no models loaded")?,
     };
-    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.threads);
+    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.limits.max_batch, config.threads);
     Ok(Arc::new(AppState {
         models,
         default_model,

@@ -1,6 +1,11 @@
 //! The compute worker: one OS thread per device that owns the models' tensors and runs
 //! adaptations, fed by a bounded queue. The async side only sends a [`Job`] and awaits its reply.
 //!
+//! Queued supernet tasks of the same shape and settings run together, up to `max_batch` at a time,
+//! as one pass over task-stacked weights ([`crate::task_batch`]): at few-shot sizes a step costs
+//! kernel launches, so a batch costs little more than one task, and under load throughput grows
+//! with the batch while each answer stays what the task alone would get.
+//!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
 //! request stops burning compute. A panic inside a job (a libtorch error, out of memory) fails that
@@ -13,7 +18,8 @@ use crate::genotype::Genotype;
 use crate::metadata::ModelMeta;
 use crate::network::Network;
 use crate::params::matrix_rows;
-use std::collections::HashMap;
+use crate::task_batch::{side_by_side, BatchedSupport, TaskBatch};
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -99,8 +105,8 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread: moves the checkpoints to `device`, runs one warm-up adaptation per model,
-    /// then serves jobs. `queue_depth` bounds the jobs waiting.
-    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, threads: i32) -> Worker {
+    /// then serves jobs. `queue_depth` bounds the jobs waiting; up to `max_batch` run together.
+    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, max_batch: usize, threads: i32) -> Worker {
         let (sender, receiver) = mpsc::channel(queue_depth.max(1));
         let (ready_tx, readiness) = watch::channel(Readiness::Loading);
         let thread = std::thread::Builder::new()
@@ -117,7 +123,7 @@ impl Worker {
                     }
                 };
                 let _ = ready_tx.send(Readiness::Ready);
-                serve(models, receiver, device);
+                serve(models, receiver, device, max_batch.max(1));
             })
             .expect("the OS can start a thread");
         Worker { sender: Some(sender), readiness, thread: Some(thread), device }
@@ -193,41 +199,119 @@ fn warm_up(model: &ResidentModel, device: Device) {
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
 }
 
-fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, device: Device) {
-    while let Some(job) = receiver.blocking_recv() {
-        metrics::gauge!("tnas_queue_depth").decrement(1.0);
-        let queue_s = job.enqueued.elapsed().as_secs_f64();
-        metrics::histogram!("tnas_queue_wait_seconds").record(queue_s);
-        if job.reply.is_closed() {
+fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, device: Device, max_batch: usize) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match receiver.blocking_recv() {
+                Some(job) => waiting.push_back(taken_off_queue(job)),
+                None => return,
+            }
+        }
+        while waiting.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(job) => waiting.push_back(taken_off_queue(job)),
+                Err(_) => break,
+            }
+        }
+        let first = waiting.pop_front().expect("a job is waiting");
+        if first.reply.is_closed() {
             count_job("cancelled");
             continue;
         }
-        let Some(model) = models.get(&job.input.model) else {
-            let _ = job.reply.send(Err(WorkerError::Failed(format!("model {} is not resident", job.input.model))));
+        let Some(model) = models.get(&first.input.model) else {
+            let _ = first.reply.send(Err(WorkerError::Failed(format!("model {} is not resident", first.input.model))));
             continue;
         };
-        let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
-        let result = catch_unwind(AssertUnwindSafe(|| run_task(model, &job.input, device, &keep_going)))
-            .unwrap_or_else(|panic| Err(WorkerError::Failed(panic_message(&panic))))
-            .map_err(|e| match e {
-                WorkerError::DeadlinePassed { .. } if job.reply.is_closed() => WorkerError::Cancelled,
-                other => other,
-            })
-            .map(|mut out| {
-                out.queue_ms = queue_s * 1e3;
-                out
-            });
-        count_job(match &result {
-            Ok(_) => "completed",
-            Err(WorkerError::Cancelled) => "cancelled",
-            Err(WorkerError::DeadlinePassed { .. }) => "deadline",
-            Err(error) => {
-                tracing::error!(%error, "an adaptation failed inside the worker; the worker goes on");
-                "failed"
+        let key = batch_key(model, &first.input);
+        let mut batch = vec![first];
+        if key.is_some() {
+            let mut index = 0;
+            while batch.len() < max_batch && index < waiting.len() {
+                if !waiting[index].reply.is_closed() && batch_key(model, &waiting[index].input) == key {
+                    batch.push(waiting.remove(index).expect("index is in range"));
+                } else {
+                    index += 1;
+                }
             }
-        });
-        let _ = job.reply.send(result);
+        }
+        metrics::histogram!("tnas_batch_size").record(batch.len() as f64);
+        let started = Instant::now();
+        let alone = |job: &Job| {
+            let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
+            catch_unwind(AssertUnwindSafe(|| run_task(model, &job.input, device, &keep_going))).unwrap_or_else(|panic| Err(WorkerError::Failed(panic_message(&panic))))
+        };
+        // A batch that fails runs again task by task, so a faulty task fails alone.
+        let results = match batch.as_slice() {
+            [single] => vec![alone(single)],
+            _ => {
+                let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
+                let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
+                catch_unwind(AssertUnwindSafe(|| run_batch(model, &inputs, device, &keep_going))).unwrap_or_else(|_| batch.iter().map(alone).collect())
+            }
+        };
+        for (job, result) in batch.into_iter().zip(results) {
+            reply(job, result, started);
+        }
     }
+}
+
+/// Bookkeeping when a job leaves the channel for the worker's hands.
+fn taken_off_queue(job: Job) -> Job {
+    metrics::gauge!("tnas_queue_depth").decrement(1.0);
+    metrics::histogram!("tnas_queue_wait_seconds").record(job.enqueued.elapsed().as_secs_f64());
+    job
+}
+
+/// What must match for tasks to run as one batch: their shapes and settings.
+#[derive(PartialEq)]
+struct BatchKey {
+    n_way: usize,
+    support_images: usize,
+    query_values: usize,
+    steps: usize,
+    lr_w: u64,
+    lr_theta: u64,
+    bn: BnMode,
+}
+
+/// `None` when the task runs alone: networks without θ, derived-network predictions.
+fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
+    let o = input.options;
+    (model.network.has_alphas() && o.predict_with == PredictWith::Supernet).then(|| BatchKey {
+        n_way: input.n_way,
+        support_images: input.support_labels.len(),
+        query_values: input.query.len(),
+        steps: o.steps,
+        lr_w: o.lr_w.to_bits(),
+        lr_theta: o.lr_theta.to_bits(),
+        bn: o.bn,
+    })
+}
+
+/// Sends a job's answer, with its time in the queue until the worker `started` it, and counts the
+/// outcome.
+fn reply(job: Job, result: Result<TaskOutput, WorkerError>, started: Instant) {
+    let queue_ms = started.duration_since(job.enqueued).as_secs_f64() * 1e3;
+    let result = result
+        .map_err(|e| match e {
+            WorkerError::DeadlinePassed { .. } if job.reply.is_closed() => WorkerError::Cancelled,
+            other => other,
+        })
+        .map(|mut out| {
+            out.queue_ms = queue_ms;
+            out
+        });
+    count_job(match &result {
+        Ok(_) => "completed",
+        Err(WorkerError::Cancelled) => "cancelled",
+        Err(WorkerError::DeadlinePassed { .. }) => "deadline",
+        Err(error) => {
+            tracing::error!(%error, "an adaptation failed inside the worker; the worker goes on");
+            "failed"
+        }
+    });
+    let _ = job.reply.send(result);
 }
 
 /// `tnas_jobs_total{outcome}`: what became of each job the worker took off the queue.
@@ -268,4 +352,40 @@ fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going
     let logits = matrix_rows(&logits);
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
     Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3 })
+}
+
+/// Adapts same-shaped supernet tasks as one batch and predicts their queries.
+fn run_batch(model: &ResidentModel, inputs: &[&TaskInput], device: Device, keep_going: &dyn Fn() -> bool) -> Vec<Result<TaskOutput, WorkerError>> {
+    let Network::Supernet(net) = &model.network else { unreachable!("only supernet tasks batch") };
+    let meta = &model.checkpoint.meta;
+    let pixels = meta.input.channels * meta.input.size * meta.input.size;
+    let images = |values: &[f32]| tensor_of(values, values.len() / pixels, meta, device);
+    let support = BatchedSupport::new(
+        &inputs.iter().map(|i| images(&i.support)).collect::<Vec<_>>(),
+        &inputs.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
+        inputs[0].n_way,
+    );
+    let o = inputs[0].options;
+    let inner = InnerLoop { steps: o.steps, lr_w: o.lr_w, lr_theta: o.lr_theta, second_order: false };
+    let started = Instant::now();
+    let alphas = model.checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
+    let mut batch = TaskBatch::start(net, &model.checkpoint.params, alphas, meta.head, &support);
+    if let Err(interrupted) = batch.adapt(net, &support, &inner, keep_going) {
+        return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect();
+    }
+    let genotypes = batch.genotypes(net);
+    let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let query = side_by_side(&inputs.iter().map(|i| images(&i.query)).collect::<Vec<_>>());
+    let logits = batch.predict(net, &support, &query, o.bn);
+    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
+    metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
+    genotypes
+        .into_iter()
+        .enumerate()
+        .map(|(t, genotype)| {
+            let (normal, reduce) = batch.mixing(t as i64);
+            Ok(TaskOutput { genotype: Some(genotype), alphas: Some(AlphaWeights { normal, reduce }), logits: matrix_rows(&logits.select(1, t as i64)), queue_ms: 0.0, adapt_ms, predict_ms })
+        })
+        .collect()
 }

@@ -131,3 +131,30 @@ pub fn serve(models: &std::path::Path, extra_args: &[&str]) -> String {
     }
     panic!("server never became ready");
 }
+
+/// A worker on the CPU serving `checkpoint`, once it reports ready.
+pub fn ready_worker(checkpoint: Checkpoint, max_batch: usize) -> tnas::server::worker::Worker {
+    use tnas::server::worker::{Readiness, Worker};
+    let worker = Worker::spawn(vec![checkpoint], Device::Cpu, 16, max_batch, 2);
+    let started = std::time::Instant::now();
+    while worker.readiness() != Readiness::Ready {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    worker
+}
+
+/// Queues every input at once (so queued ones can batch), then waits for every answer.
+pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::worker::TaskInput>) -> Vec<Result<tnas::server::worker::TaskOutput, tnas::server::worker::WorkerError>> {
+    use std::time::{Duration, Instant};
+    let receivers: Vec<_> = inputs
+        .into_iter()
+        .map(|input| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let job = tnas::server::worker::Job { input, deadline: Instant::now() + Duration::from_secs(120), enqueued: Instant::now(), reply };
+            worker.submit(job).expect("the queue has room");
+            answer
+        })
+        .collect();
+    receivers.into_iter().map(|r| r.blocking_recv().expect("the worker always answers")).collect()
+}

@@ -1,0 +1,135 @@
+//! Several tasks adapted as one network pass (cross-task batching).
+//!
+//! At few-shot sizes a step costs kernel launches, not arithmetic, so T tasks cost little more
+//! than one when they run as one: every weight and θ is stacked task by task along dim 0, image i
+//! of every task sits in row i with the tasks' channels side by side ([N, T·C, H, W]), and every
+//! convolution is grouped by task (its grouping follows from the shapes, [`crate::ops::conv`]).
+//! BatchNorm is per channel, hence per task; the loss is the sum of the tasks' losses, so each
+//! task's gradient is its own. Each task's logits and genotype equal those of adapting it alone
+//! (the task-batching tests compare them).
+//!
+//! Tasks batch together when they have the same shape: way, shots, queries and settings.
+
+use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, TaskState};
+use crate::genotype::Genotype;
+use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
+use crate::metadata::HeadSpec;
+use crate::ops::BnStats;
+use crate::params::{matrix_rows, ParamSet};
+use crate::supernet::{Alphas, Supernet};
+use tch::Tensor;
+
+/// Images of T tasks side by side: T tensors [N, C, H, W] → [N, T·C, H, W].
+pub fn side_by_side(images: &[Tensor]) -> Tensor {
+    Tensor::stack(images, 1).flatten(1, 2)
+}
+
+/// The support sets of T tasks of the same shape.
+pub struct BatchedSupport {
+    /// [N, T·C, H, W] (see [`side_by_side`]).
+    pub images: Tensor,
+    /// [T, N] class indices in 0..n_way.
+    pub labels: Tensor,
+    pub n_way: usize,
+}
+
+impl BatchedSupport {
+    /// `images[t]` [N, C, H, W] and `labels[t]` [N] are task t's support set.
+    pub fn new(images: &[Tensor], labels: &[Tensor], n_way: usize) -> BatchedSupport {
+        BatchedSupport { images: side_by_side(images), labels: Tensor::stack(labels, 0), n_way }
+    }
+
+    pub fn tasks(&self) -> i64 {
+        self.labels.size()[0]
+    }
+}
+
+/// T tasks' adapted weights and θ, stacked along dim 0.
+pub struct TaskBatch {
+    state: TaskState,
+    tasks: i64,
+}
+
+impl TaskBatch {
+    /// Every task starts from the meta-weights; a proto head is built per task from its own
+    /// support prototypes.
+    pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
+        let tasks = support.tasks();
+        let stack = |t: &Tensor| {
+            let mut repeats = vec![1i64; t.dim()];
+            repeats[0] = tasks;
+            t.detach().repeat(&repeats).set_requires_grad(true)
+        };
+        let state = TaskState { params: meta.map(|_, t| stack(t)), alphas: Some(meta_alphas.map(stack)) };
+        let mut batch = TaskBatch { state, tasks };
+        if let HeadSpec::Proto { .. } = head {
+            let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
+                let features = batch.features(net, &support.images, BnStats::Batch);
+                (0..tasks).map(|t| prototype_classifier(&features.select(1, t), &support.labels.get(t), support.n_way)).unzip()
+            });
+            batch.state.params.insert(CLASSIFIER_WEIGHT.into(), Tensor::cat(&weights, 0).set_requires_grad(true));
+            batch.state.params.insert(CLASSIFIER_BIAS.into(), Tensor::cat(&biases, 0).set_requires_grad(true));
+        }
+        batch
+    }
+
+    /// [N, T·C, H, W] → features [N, T, F].
+    fn features(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
+        let alphas = self.state.alphas.as_ref().expect("a task batch holds θ");
+        let features = net.task_features(&self.state.params, &alphas.softmaxed(), x, stats, self.tasks);
+        features.view([features.size()[0], self.tasks, -1])
+    }
+
+    /// Each task's classifier on its own features: [N, T·C, H, W] → logits [N, T, n_way].
+    fn logits(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
+        let features = self.features(net, x, stats).transpose(0, 1);
+        let weight = self.state.params.get(CLASSIFIER_WEIGHT);
+        let weight = weight.view([self.tasks, -1, weight.size()[1]]);
+        let bias = self.state.params.get(CLASSIFIER_BIAS).view([self.tasks, 1, -1]);
+        features.matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1)
+    }
+
+    /// Σ_t (cross-entropy of task t's support set), so each task's gradient is its own.
+    fn support_loss(&self, net: &Supernet, support: &BatchedSupport) -> Tensor {
+        let logits = self.logits(net, &support.images, BnStats::Batch).transpose(0, 1);
+        let n_way = logits.size()[2];
+        logits.reshape([-1, n_way]).cross_entropy_for_logits(&support.labels.reshape([-1])) * self.tasks as f64
+    }
+
+    /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each.
+    pub fn adapt(&mut self, net: &Supernet, support: &BatchedSupport, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<(), Interrupted> {
+        for step in 0..inner.steps {
+            if !keep_going() {
+                return Err(Interrupted { completed_steps: step });
+            }
+            let loss = self.support_loss(net, support);
+            self.state.descend(&loss, inner);
+        }
+        Ok(())
+    }
+
+    /// softmax(θ) of task `t`: (normal, reduce) rows.
+    pub fn mixing(&self, t: i64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let alphas = self.state.alphas.as_ref().expect("a task batch holds θ").softmaxed();
+        let rows = |m: &Tensor| {
+            let edges = m.size()[0] / self.tasks;
+            matrix_rows(&m.narrow(0, t * edges, edges))
+        };
+        (rows(&alphas.normal), rows(&alphas.reduce))
+    }
+
+    /// Every task's decoded genotype, in task order.
+    pub fn genotypes(&self, net: &Supernet) -> Vec<Genotype> {
+        (0..self.tasks)
+            .map(|t| {
+                let (normal, reduce) = self.mixing(t);
+                Genotype::decode(&net.space, &normal, &reduce)
+            })
+            .collect()
+    }
+
+    /// Query logits [N_q, T, n_way] without gradients; `query` is [N_q, T·C, H, W].
+    pub fn predict(&self, net: &Supernet, support: &BatchedSupport, query: &Tensor, bn: BnMode) -> Tensor {
+        crate::grad::no_grad(|| logits_under(bn, &support.images, query, |x, stats| self.logits(net, x, stats)))
+    }
+}

@@ -1,0 +1,120 @@
+//! Cross-task batching: several tasks adapted as one pass give each task exactly what adapting it
+//! alone gives, the same query logits and the same genotype, in the library and in the worker.
+
+mod common;
+
+use tch::{Device, Tensor};
+use tnas::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use tnas::checkpoint::Checkpoint;
+use tnas::imaging::{decode, to_input, ImageLimits};
+use tnas::metadata::HeadSpec;
+use tnas::network::Network;
+use tnas::search_space::SearchSpace;
+use tnas::server::worker::{ResolvedOptions, TaskInput};
+use tnas::task_batch::{side_by_side, BatchedSupport, TaskBatch};
+
+struct Task {
+    support: Tensor,
+    labels: Tensor,
+    query: Tensor,
+}
+
+/// Real Omniglot 5-way 1-shot tasks (4 queries each), one per alphabet, with the support classes
+/// in a different order in each task.
+fn tasks(checkpoint: &Checkpoint, alphabets: &[&str]) -> Vec<Task> {
+    let input = &checkpoint.meta.input;
+    let image = |png: &[u8]| {
+        let pixels = to_input(&decode(png, &ImageLimits::default()).unwrap(), input);
+        Tensor::from_slice(&pixels).view([1, input.channels as i64, input.size as i64, input.size as i64])
+    };
+    alphabets
+        .iter()
+        .enumerate()
+        .map(|(t, alphabet)| {
+            let pngs = common::omniglot_pngs(alphabet, 5, 2);
+            let order: Vec<i64> = (0..5).map(|c| (c + t as i64) % 5).collect();
+            let support = Tensor::cat(&order.iter().map(|&c| image(&pngs[c as usize][0])).collect::<Vec<_>>(), 0);
+            let query = Tensor::cat(&[0, 2, 4, 1].map(|c| image(&pngs[c][1])), 0);
+            Task { support, labels: Tensor::from_slice(&order), query }
+        })
+        .collect()
+}
+
+fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: BnMode) {
+    let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
+    let network = checkpoint.network();
+    let alphas = checkpoint.alphas.as_ref().unwrap();
+    let inner = InnerLoop { steps: 3, lr_w: checkpoint.meta.adaptation.lr_w, lr_theta: checkpoint.meta.adaptation.lr_theta, second_order: false };
+    let tasks = tasks(checkpoint, alphabets);
+
+    let support = BatchedSupport::new(&tasks.iter().map(|t| t.support.shallow_clone()).collect::<Vec<_>>(), &tasks.iter().map(|t| t.labels.shallow_clone()).collect::<Vec<_>>(), 5);
+    let mut batch = TaskBatch::start(&net, &checkpoint.params, alphas, checkpoint.meta.head, &support);
+    batch.adapt(&net, &support, &inner, &|| true).unwrap();
+    let batched_logits = batch.predict(&net, &support, &side_by_side(&tasks.iter().map(|t| t.query.shallow_clone()).collect::<Vec<_>>()), bn);
+    let batched_genotypes = batch.genotypes(&net);
+
+    for (t, task) in tasks.iter().enumerate() {
+        let set = SupportSet { images: &task.support, labels: &task.labels, n_way: 5 };
+        let mut alone = TaskState::start(&network, &checkpoint.params, Some(alphas), checkpoint.meta.head, &set, Device::Cpu);
+        alone.adapt(&network, &set, &inner, &|| true).unwrap();
+        let logits = alone.predict(&network, &set, &task.query, bn);
+        let error = common::relative_error(&batched_logits.select(1, t as i64), &logits);
+        assert!(error < 1e-4, "task {t}: batched logits differ from adapting alone by {error:.1e}");
+        assert_eq!(batched_genotypes[t], alone.genotype(&network).unwrap(), "task {t}: genotype");
+    }
+    // Tasks stay apart: the same start adapted on different tasks does not end in one answer.
+    let first = batched_logits.select(1, 0);
+    assert!((0..tasks.len() as i64).skip(1).all(|t| common::relative_error(&batched_logits.select(1, t), &first) > 1e-3));
+}
+
+#[test]
+fn batched_tasks_of_the_shipped_model_match_adapting_each_alone() {
+    tch::set_num_threads(2);
+    let checkpoint = Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu).expect("the shipped model loads");
+    assert_batch_equals_alone(&checkpoint, &["Latin", "Greek", "Korean"], BnMode::Support);
+}
+
+#[test]
+fn batched_tasks_with_a_fixed_head_stride_two_stem_and_reduction_inputs_match_alone() {
+    tch::set_num_threads(2);
+    // No stem pool: the first cell reads 28×28 maps, reduction cells halve odd and even sizes.
+    let checkpoint = common::random_supernet(SearchSpace { stem_pools: 0, ..SearchSpace::tnas_official(1, 28, 4) }, HeadSpec::Fixed { n_way: 5 }, 3, 1.0);
+    assert_batch_equals_alone(&checkpoint, &["Latin", "Greek"], BnMode::Transductive);
+}
+
+/// Real Omniglot pixels of a 5-way 1-shot task with 3 queries, as the server hands them to the
+/// worker.
+fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskInput {
+    let pixels = |png: &[u8]| to_input(&decode(png, &ImageLimits::default()).unwrap(), &checkpoint.meta.input);
+    let pngs = common::omniglot_pngs(alphabet, 5, 2);
+    let a = checkpoint.meta.adaptation;
+    TaskInput {
+        model: checkpoint.meta.name.clone(),
+        support: pngs.iter().flat_map(|class| pixels(&class[0])).collect(),
+        support_labels: (0..5).collect(),
+        n_way: 5,
+        query: [3, 0, 1].iter().flat_map(|&c| pixels(&pngs[c][1])).collect(),
+        options: ResolvedOptions { steps, lr_w: a.lr_w, lr_theta: a.lr_theta, bn: BnMode::Support, predict_with: PredictWith::Supernet, finetune_steps: 0 },
+    }
+}
+
+#[test]
+fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
+    tch::set_num_threads(2);
+    let load = || Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu).expect("the shipped model loads");
+    let checkpoint = load();
+    let alphabets = ["Latin", "Greek", "Korean"];
+    // A 4-step task first keeps the worker busy while the three 2-step tasks queue up behind it.
+    let inputs = || std::iter::once(worker_input(&checkpoint, "Greek", 4)).chain(alphabets.iter().map(|a| worker_input(&checkpoint, a, 2))).collect::<Vec<_>>();
+    let outputs = |max_batch| common::answers(&common::ready_worker(load(), max_batch), inputs()).into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>();
+    let (batched, alone) = (outputs(8), outputs(1));
+    // One batch: the three share one adaptation, so one timing.
+    assert!(batched[1..].iter().all(|out| out.adapt_ms == batched[1].adapt_ms), "the queued tasks ran as one batch");
+    assert!(alone[1..].iter().any(|out| out.adapt_ms != alone[1].adapt_ms), "max_batch 1 runs tasks one by one");
+    for (t, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert_eq!(b.genotype, a.genotype, "task {t}: genotype");
+        assert_eq!(b.alphas.as_ref().map(|m| m.normal.len()), a.alphas.as_ref().map(|m| m.normal.len()));
+        let error = common::relative_error(&Tensor::from_slice2(&b.logits), &Tensor::from_slice2(&a.logits));
+        assert!(error < 1e-4, "task {t}: batched logits differ from alone by {error:.1e}");
+    }
+}
