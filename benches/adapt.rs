@@ -6,8 +6,6 @@
 mod common;
 mod support;
 
-use base64::Engine;
-use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,7 +16,8 @@ use tnas::device::{device_name, DeviceChoice};
 use tnas::metadata::{AdaptationDefaults, HeadSpec};
 use tnas::params::matrix_rows;
 use tnas::search_space::SearchSpace;
-use support::{closed_loop, percentile, ServerProcess};
+use common::ServerProcess;
+use support::{closed_loop, percentile};
 
 const RUNS: usize = 20;
 const STEPS: usize = 10;
@@ -46,9 +45,9 @@ fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tens
         let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, device);
         state.adapt(&network, &set, &inner, &|| true).expect("not interrupted");
         let _genotype = state.genotype(&network);
-        let logits = state.predict(&network, &set, query, BnMode::Support);
+        let logits = state.predict(&network, &set, query, BnMode::Support).to_device(Device::Cpu);
         let _rows = matrix_rows(&logits);
-        logits.to_device(Device::Cpu)
+        logits
     };
     let _warm_up = run();
     let mut times = Vec::new();
@@ -108,11 +107,8 @@ fn latency(model_dir: &Path, label: &str, threads: i32, device: Device, scratch:
 /// (`--max-batch 1`) and on (16); answers that arrive later are not counted.
 fn throughput(threads: i32, device: Device, seconds: u64) {
     let device = device_name(device);
-    let pngs = common::omniglot_pngs("Latin", WAY, 1 + QUERIES / WAY);
-    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    let support: Vec<_> = pngs.iter().enumerate().map(|(c, d)| json!({"label": format!("c{c}"), "image": b64(&d[0])})).collect();
-    let query: Vec<_> = pngs.iter().enumerate().flat_map(|(c, d)| d[1..].iter().enumerate().map(move |(i, png)| json!({"id": format!("c{c}q{i}"), "image": b64(png)}))).collect();
-    let task = json!({"support": support, "query": query, "steps": STEPS});
+    let mut task = common::task_json(&common::omniglot_pngs("Latin", WAY, 1 + QUERIES / WAY));
+    task["steps"] = STEPS.into();
     println!("\nthroughput: release tnas-server, {device}, {threads} threads, 5-way 1-shot, {QUERIES} queries, {STEPS} steps, {seconds} s per row");
     println!("| max batch | concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
     println!("|---|---|---|---|---|---|");

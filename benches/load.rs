@@ -8,29 +8,18 @@
 mod common;
 mod support;
 
-use base64::Engine;
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::{closed_loop, percentile, ServerProcess};
+use common::{b64, ServerProcess};
+use support::{closed_loop, percentile};
 
 /// A valid 67-byte PNG whose header declares 100 000 × 100 000 pixels.
 const PNG_BOMB: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 /// Memory may not grow by more than this fraction from the warm-up (the first third of the run,
 /// in which every request kind has been served) to the last third.
 const MAX_RSS_GROWTH: f64 = 0.2;
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// An N-way 1-shot task on Latin characters: drawer 0 as support, drawers 1..=3 as queries.
-fn task(pngs: &[Vec<Vec<u8>>], way: usize) -> Value {
-    let support: Vec<Value> = pngs.iter().take(way).enumerate().map(|(c, d)| json!({"label": format!("latin{c:02}"), "image": b64(&d[0])})).collect();
-    let query: Vec<Value> = pngs.iter().take(way).enumerate().flat_map(|(c, d)| (1..4).map(move |i| json!({"id": format!("c{c}d{i}"), "image": b64(&d[i])}))).collect();
-    json!({"support": support, "query": query})
-}
 
 /// The request kinds, in the proportions the clients cycle through, with the statuses each may get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,7 +64,8 @@ fn main() {
     let models = common::repo_path("models");
     let server = ServerProcess::start(&models, &["--default-model", "omniglot-tnas", "--device", "cpu", "--threads", "2", "--queue-depth", "4"]);
     let pngs = common::omniglot_pngs("Latin", 20, 4);
-    let (five, twenty) = (task(&pngs, 5), task(&pngs, 20));
+    // 5-way and 20-way 1-shot Latin tasks: drawer 0 as support, drawers 1..=3 as queries.
+    let (five, twenty) = (common::task_json(&pngs[..5]), common::task_json(&pngs));
     let with = |key: &str, value: Value| {
         let mut v = five.clone();
         v[key] = value;

@@ -9,7 +9,7 @@ use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
-use crate::params::{matrix_rows, ParamSet};
+use crate::params::ParamSet;
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -157,8 +157,8 @@ impl TaskState {
     /// The decoded genotype of the current θ (DARTS rule); `None` without alphas.
     pub fn genotype(&self, network: &Network) -> Option<Genotype> {
         let (Network::Supernet(net), Some(alphas)) = (network, &self.alphas) else { return None };
-        let mixing = alphas.softmaxed();
-        Some(Genotype::decode(&net.space, &matrix_rows(&mixing.normal), &matrix_rows(&mixing.reduce)))
+        let (normal, reduce) = alphas.mixing_rows();
+        Some(Genotype::decode(&net.space, &normal, &reduce))
     }
 
     /// Query logits [N_q, n_way] without gradients.

@@ -44,17 +44,15 @@ fn split_edges(t: &Tensor, k: i64, tasks: i64) -> Tensor {
     t.view([s[0], k, tasks, s[1] / (k * tasks), s[2], s[3]])
 }
 
-/// The four parametric candidates in the order their channel blocks are laid out below.
-const CONVS: [Primitive; 4] = [Primitive::SepConv3x3, Primitive::SepConv5x5, Primitive::DilConv3x3, Primitive::DilConv5x5];
+/// The four parametric candidates (sep 3×3, sep 5×5, dil 3×3, dil 5×5): primitives
+/// `FIRST_CONV..FIRST_CONV + 4`, in the order their channel blocks are laid out below.
+const FIRST_CONV: usize = 4;
+const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_CONV + 1], Primitive::ALL[FIRST_CONV + 2], Primitive::ALL[FIRST_CONV + 3]];
 
-/// Depthwise k×k conv of every edge for `primitive` (its kernel size and dilation).
+/// Depthwise k×k conv of every edge for `primitive` (its kernel size; dilation 2 for dil convs).
 fn depthwise(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, suffix: &str, x: &Tensor, stride: i64) -> Tensor {
-    let (kernel, dilation) = match primitive {
-        Primitive::SepConv3x3 => (3, 1),
-        Primitive::SepConv5x5 => (5, 1),
-        Primitive::DilConv3x3 => (3, 2),
-        _ => (5, 2),
-    };
+    let kernel = primitive.conv_kernel().expect("a sep or dil conv");
+    let dilation = if matches!(primitive, Primitive::DilConv3x3 | Primitive::DilConv5x5) { 2 } else { 1 };
     conv(x, &group.stacked(params, primitive, suffix), stride, dilation * (kernel - 1) / 2, dilation)
 }
 
@@ -85,8 +83,7 @@ fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu_k: &Tensor, stats:
 /// stacked order (state, edge, task) to (state, task, edge), and the outputs back.
 fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
     let (k, tasks) = (group.k(), group.tasks);
-    let x = if relu.size()[2] % 2 != 0 { relu.constant_pad_nd([1, 0, 1, 0]) } else { relu.shallow_clone() };
-    let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
+    let (x, shifted) = ops::factorized_inputs(relu);
     let half = |input: &Tensor, suffix: &str| {
         let w = group.stacked(params, Primitive::SkipConnect, suffix);
         let c = w.size()[1];
@@ -124,9 +121,7 @@ pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixin
         + per_state(&ops::pool_bn(&x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
     sum += if group.stride == 1 { per_state(&x) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, s, stats).view_as(&sum) * weight(Primitive::SkipConnect) };
     let sum = sum.flatten(1, 2);
-    // The conv candidates are primitives 4..8, in CONVS order.
-    debug_assert!(CONVS.iter().enumerate().all(|(i, p)| p.index() == 4 + i));
-    let conv_weights = weights.narrow(2, 4, 4).permute([2, 1, 0]).reshape(&[1, 4, k, tasks, 1, 1, 1][..]);
+    let conv_weights = weights.narrow(2, FIRST_CONV as i64, 4).permute([2, 1, 0]).reshape(&[1, 4, k, tasks, 1, 1, 1][..]);
     let sum = sum + (conv_candidates(params, group, &relu_k, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
     debug_assert_eq!(sum.kind(), Kind::Float);
     sum.flatten(2, 3)

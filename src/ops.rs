@@ -74,13 +74,17 @@ pub fn relu_conv_bn(x: &Tensor, w: &Tensor, stats: BnStats) -> Tensor {
 /// `w1`, `w2`: [C_out/2, C_in, 1, 1].
 pub fn factorized_reduce(x: &Tensor, w1: &Tensor, w2: &Tensor, stats: BnStats) -> Tensor {
     let tasks = x.size()[1] / w1.size()[1];
-    let mut x = x.relu();
-    if x.size()[2] % 2 != 0 {
-        x = x.constant_pad_nd([1, 0, 1, 0]);
-    }
-    let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
+    let (x, shifted) = factorized_inputs(&x.relu());
     let out = cat_channels(&[conv(&x, w1, 2, 0, 1), conv(&shifted, w2, 2, 0, 1)], tasks);
     batch_norm(&out, None, stats)
+}
+
+/// What `FactorizedReduce`'s two convolutions read from ReLU(x): the map (zero-padded on top and
+/// left when its size is odd) and the same map shifted by one pixel.
+pub fn factorized_inputs(relu: &Tensor) -> (Tensor, Tensor) {
+    let x = if relu.size()[2] % 2 != 0 { relu.constant_pad_nd([1, 0, 1, 0]) } else { relu.shallow_clone() };
+    let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
+    (x, shifted)
 }
 
 /// `SepConv`: [ReLU, depthwise k×k (stride), 1×1, BN] twice, the second at stride 1.

@@ -55,6 +55,15 @@ impl Primitive {
         PRIMITIVES[self.index()]
     }
 
+    /// Side of the depthwise kernel of a sep or dil conv; `None` for the other primitives.
+    pub fn conv_kernel(self) -> Option<i64> {
+        match self {
+            Primitive::SepConv3x3 | Primitive::DilConv3x3 => Some(3),
+            Primitive::SepConv5x5 | Primitive::DilConv5x5 => Some(5),
+            _ => None,
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Primitive> {
         PRIMITIVES.iter().position(|p| *p == name).map(|i| Primitive::ALL[i])
     }

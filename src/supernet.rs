@@ -5,11 +5,14 @@
 //! the classifier, and the derived network finds an edge's weights by the same name.
 
 use crate::ops::{self, BnStats};
-use crate::params::{Init, ParamSet, ParamSpec};
+use crate::params::{matrix_rows, Init, ParamSet, ParamSpec};
 use crate::fused_edges::{self, EdgeGroup};
 use crate::head::classify;
 use crate::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
+
+/// softmax(θ) as host rows, (normal, reduce), each [num_edges][8] (see [`Alphas::mixing_rows`]).
+pub type MixingRows = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
 /// Architecture logits θ: `alphas_normal` and `alphas_reduce`, each [num_edges, 8].
 #[derive(Debug)]
@@ -31,6 +34,13 @@ impl Alphas {
     /// The mixing weights softmax(θ) over ops, per edge.
     pub fn softmaxed(&self) -> Alphas {
         Alphas { normal: self.normal.softmax(-1, Kind::Float), reduce: self.reduce.softmax(-1, Kind::Float) }
+    }
+
+    /// softmax(θ) on the host, a row of 8 op weights per edge: what genotypes decode from and
+    /// responses show.
+    pub fn mixing_rows(&self) -> MixingRows {
+        let mixing = self.softmaxed();
+        (matrix_rows(&mixing.normal), matrix_rows(&mixing.reduce))
     }
 
     pub fn for_cell(&self, reduction: bool) -> &Tensor {
@@ -88,7 +98,7 @@ pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<
             ParamSpec::new(format!("{prefix}.conv_2.weight"), &[c / 2, c, 1, 1], Init::FanIn),
         ],
         Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
-            let k = if primitive == Primitive::SepConv3x3 { 3 } else { 5 };
+            let k = primitive.conv_kernel().expect("a sep conv");
             vec![
                 ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
                 ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
@@ -97,7 +107,7 @@ pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<
             ]
         }
         Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
-            let k = if primitive == Primitive::DilConv3x3 { 3 } else { 5 };
+            let k = primitive.conv_kernel().expect("a dil conv");
             vec![
                 ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
                 ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
@@ -117,11 +127,11 @@ pub fn edge_op(primitive: Primitive, x: &Tensor, params: &ParamSet, prefix: &str
         Primitive::SkipConnect if stride == 2 => ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats),
         Primitive::SkipConnect => x.shallow_clone(),
         Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
-            let k = if primitive == Primitive::SepConv3x3 { 3 } else { 5 };
+            let k = primitive.conv_kernel().expect("a sep conv");
             ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], k, stride, stats)
         }
         Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
-            let k = if primitive == Primitive::DilConv3x3 { 3 } else { 5 };
+            let k = primitive.conv_kernel().expect("a dil conv");
             ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], k, stride, stats)
         }
     }

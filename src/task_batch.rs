@@ -15,8 +15,8 @@ use crate::genotype::Genotype;
 use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 use crate::metadata::HeadSpec;
 use crate::ops::BnStats;
-use crate::params::{matrix_rows, ParamSet};
-use crate::supernet::{Alphas, Supernet};
+use crate::params::ParamSet;
+use crate::supernet::{Alphas, MixingRows, Supernet};
 use tch::Tensor;
 
 /// Images of T tasks side by side: T tensors [N, C, H, W] → [N, T·C, H, W].
@@ -108,24 +108,17 @@ impl TaskBatch {
         Ok(())
     }
 
-    /// softmax(θ) of task `t`: (normal, reduce) rows.
-    pub fn mixing(&self, t: i64) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let alphas = self.state.alphas.as_ref().expect("a task batch holds θ").softmaxed();
-        let rows = |m: &Tensor| {
-            let edges = m.size()[0] / self.tasks;
-            matrix_rows(&m.narrow(0, t * edges, edges))
-        };
-        (rows(&alphas.normal), rows(&alphas.reduce))
+    /// Every task's softmax(θ) as (normal, reduce) rows, in task order: one softmax and one copy to
+    /// the host for all tasks.
+    pub fn mixings(&self) -> Vec<MixingRows> {
+        let (normal, reduce) = self.state.alphas.as_ref().expect("a task batch holds θ").mixing_rows();
+        let edges = normal.len() / self.tasks as usize;
+        normal.chunks(edges).zip(reduce.chunks(edges)).map(|(n, r)| (n.to_vec(), r.to_vec())).collect()
     }
 
     /// Every task's decoded genotype, in task order.
     pub fn genotypes(&self, net: &Supernet) -> Vec<Genotype> {
-        (0..self.tasks)
-            .map(|t| {
-                let (normal, reduce) = self.mixing(t);
-                Genotype::decode(&net.space, &normal, &reduce)
-            })
-            .collect()
+        self.mixings().iter().map(|(normal, reduce)| Genotype::decode(&net.space, normal, reduce)).collect()
     }
 
     /// Query logits [N_q, T, n_way] without gradients; `query` is [N_q, T·C, H, W].

@@ -2,8 +2,7 @@
 
 mod common;
 
-use base64::Engine;
-use common::{omniglot_pngs, random_supernet, serve};
+use common::{b64, omniglot_pngs, random_supernet, serve};
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
@@ -29,10 +28,6 @@ fn start(extra_args: &[&str]) -> TestServer {
 fn server() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
     SERVER.get_or_init(|| start(&["--max-steps", "20", "--max-body-bytes", "4000000"]))
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A 3-way 1-shot task from Greek: support images drawer 0, queries drawers 1 and 2.

@@ -2,10 +2,10 @@
 
 mod common;
 
-use common::{omniglot_pngs, random_supernet};
+use common::{b64, omniglot_pngs, random_supernet, ServerProcess};
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
 
@@ -17,23 +17,10 @@ fn free_port() -> u16 {
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     let models = tempfile::tempdir().unwrap();
     random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
-    let port = free_port();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-        .args(["--models", models.path().to_str().unwrap(), "--port", &port.to_string(), "--device", "cpu", "--threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::blocking::Client::new();
-    let started = Instant::now();
-    while client.get(format!("{url}/readyz")).send().map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(started.elapsed() < Duration::from_secs(120), "server never became ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
+    let (url, port) = (server.url.clone(), server.port);
 
     let pngs = omniglot_pngs("Greek", 2, 2);
-    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
     let task = json!({
         "support": [{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}],
         "query": [{"id": "q", "image": b64(&pngs[0][1])}],
@@ -41,7 +28,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     });
     let in_flight = std::thread::spawn(move || reqwest::blocking::Client::new().post(format!("{url}/adapt")).json(&task).send().map(|r| (r.status().as_u16(), r.json::<Value>().ok())));
     std::thread::sleep(Duration::from_millis(300));
-    let status = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
     assert!(status.success());
 
     let (code, body) = in_flight.join().unwrap().expect("the request in flight gets its answer");
@@ -50,7 +37,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     assert_eq!(body["steps"], 60);
     // The signal came 300 ms after the request; a longer request was still adapting then.
     assert!(body["timing_ms"]["total"].as_f64().unwrap() > 300.0, "the adaptation ended before the signal: {body}");
-    let exit = server.wait().unwrap();
+    let exit = server.wait();
     assert!(exit.success(), "server exited with {exit:?}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused after shutdown");
 }

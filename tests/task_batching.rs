@@ -19,14 +19,16 @@ struct Task {
     query: Tensor,
 }
 
+/// A PNG as the model's input, in plain numbers (CHW), as the server hands images to the worker.
+fn pixels(checkpoint: &Checkpoint, png: &[u8]) -> Vec<f32> {
+    to_input(&decode(png, &ImageLimits::default()).unwrap(), &checkpoint.meta.input)
+}
+
 /// Real Omniglot 5-way 1-shot tasks (4 queries each), one per alphabet, with the support classes
 /// in a different order in each task.
 fn tasks(checkpoint: &Checkpoint, alphabets: &[&str]) -> Vec<Task> {
     let input = &checkpoint.meta.input;
-    let image = |png: &[u8]| {
-        let pixels = to_input(&decode(png, &ImageLimits::default()).unwrap(), input);
-        Tensor::from_slice(&pixels).view([1, input.channels as i64, input.size as i64, input.size as i64])
-    };
+    let image = |png: &[u8]| Tensor::from_slice(&pixels(checkpoint, png)).view([1, input.channels as i64, input.size as i64, input.size as i64]);
     alphabets
         .iter()
         .enumerate()
@@ -41,17 +43,17 @@ fn tasks(checkpoint: &Checkpoint, alphabets: &[&str]) -> Vec<Task> {
 }
 
 fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: BnMode) {
-    let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
     let network = checkpoint.network();
+    let Network::Supernet(net) = &network else { panic!("a supernet checkpoint") };
     let alphas = checkpoint.alphas.as_ref().unwrap();
     let inner = InnerLoop { steps: 3, lr_w: checkpoint.meta.adaptation.lr_w, lr_theta: checkpoint.meta.adaptation.lr_theta, second_order: false };
     let tasks = tasks(checkpoint, alphabets);
 
     let support = BatchedSupport::new(&tasks.iter().map(|t| t.support.shallow_clone()).collect::<Vec<_>>(), &tasks.iter().map(|t| t.labels.shallow_clone()).collect::<Vec<_>>(), 5);
-    let mut batch = TaskBatch::start(&net, &checkpoint.params, alphas, checkpoint.meta.head, &support);
-    batch.adapt(&net, &support, &inner, &|| true).unwrap();
-    let batched_logits = batch.predict(&net, &support, &side_by_side(&tasks.iter().map(|t| t.query.shallow_clone()).collect::<Vec<_>>()), bn);
-    let batched_genotypes = batch.genotypes(&net);
+    let mut batch = TaskBatch::start(net, &checkpoint.params, alphas, checkpoint.meta.head, &support);
+    batch.adapt(net, &support, &inner, &|| true).unwrap();
+    let batched_logits = batch.predict(net, &support, &side_by_side(&tasks.iter().map(|t| t.query.shallow_clone()).collect::<Vec<_>>()), bn);
+    let batched_genotypes = batch.genotypes(net);
 
     for (t, task) in tasks.iter().enumerate() {
         let set = SupportSet { images: &task.support, labels: &task.labels, n_way: 5 };
@@ -85,7 +87,7 @@ fn batched_tasks_with_a_fixed_head_stride_two_stem_and_reduction_inputs_match_al
 /// Real Omniglot pixels of a 5-way 1-shot task with 3 queries, as the server hands them to the
 /// worker.
 fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskInput {
-    let pixels = |png: &[u8]| to_input(&decode(png, &ImageLimits::default()).unwrap(), &checkpoint.meta.input);
+    let pixels = |png: &[u8]| pixels(checkpoint, png);
     let pngs = common::omniglot_pngs(alphabet, 5, 2);
     let a = checkpoint.meta.adaptation;
     TaskInput {

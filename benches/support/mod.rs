@@ -1,61 +1,9 @@
-//! Shared by the benches that go through HTTP: the release `tnas-server` as a child process on
-//! loopback (so its memory can be read from /proc), and closed-loop clients that record every
-//! answer's status and latency.
+//! Shared by the benches that go through HTTP: closed-loop clients that record every answer's
+//! status and latency (the server itself is `common::ServerProcess`).
 
 use reqwest::blocking::{Client, Response};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// A running `tnas-server`; killed when dropped.
-pub struct ServerProcess {
-    child: Child,
-    pub url: String,
-}
-
-impl ServerProcess {
-    /// Starts the server on a free loopback port and waits (up to two minutes) for /readyz.
-    pub fn start(models: &Path, args: &[&str]) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-            .args(["--models", models.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the server binary starts");
-        let server = ServerProcess { child, url: format!("http://127.0.0.1:{port}") };
-        let started = Instant::now();
-        while !server.ready() {
-            assert!(started.elapsed() < Duration::from_secs(120), "the server did not become ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        server
-    }
-
-    pub fn ready(&self) -> bool {
-        Client::new().get(format!("{}/readyz", self.url)).send().is_ok_and(|r| r.status() == 200)
-    }
-
-    /// (resident, peak resident) memory in MiB, from /proc/<pid>/status.
-    #[allow(dead_code)] // read by the load bench only
-    pub fn memory_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One answered request.
 #[derive(Clone, Copy, Debug)]

@@ -1,7 +1,7 @@
 //! The `tnas-train` subcommands as library functions: arguments in, files and reports out.
 
 use super::algorithm::Algorithm;
-use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
+use super::evaluate::{mean_and_ci95, predict_name, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{BnMode, InnerLoop, PredictWith};
@@ -304,13 +304,6 @@ pub struct EvalArgs {
     pub threads: i32,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-}
-
-fn predict_name(p: PredictWith) -> &'static str {
-    match p {
-        PredictWith::Supernet => "supernet",
-        PredictWith::Derived => "derived",
-    }
 }
 
 /// Runs `eval`: every prediction mode the model supports, each over the same `--tasks` episodes.

@@ -23,10 +23,18 @@ pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
 /// How a results row names its predictions: `supernet` or `derived`, or `conv4` for a network
 /// without a genotype, which always predicts with itself.
 pub fn prediction_label(network: &Network, predict_with: PredictWith) -> &'static str {
-    match (network.has_alphas(), predict_with) {
-        (false, _) => "conv4",
-        (true, PredictWith::Supernet) => "supernet",
-        (true, PredictWith::Derived) => "derived",
+    if network.has_alphas() {
+        predict_name(predict_with)
+    } else {
+        "conv4"
+    }
+}
+
+/// A prediction mode as `--predict-with` and results rows name it.
+pub fn predict_name(p: PredictWith) -> &'static str {
+    match p {
+        PredictWith::Supernet => "supernet",
+        PredictWith::Derived => "derived",
     }
 }
 

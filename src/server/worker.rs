@@ -18,6 +18,7 @@ use crate::genotype::Genotype;
 use crate::metadata::ModelMeta;
 use crate::network::Network;
 use crate::params::matrix_rows;
+use crate::supernet::{Alphas, MixingRows};
 use crate::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -34,6 +35,13 @@ pub struct ResolvedOptions {
     pub bn: BnMode,
     pub predict_with: PredictWith,
     pub finetune_steps: usize,
+}
+
+impl ResolvedOptions {
+    /// The adaptation steps these options ask for (first order, as served).
+    fn inner_loop(&self) -> InnerLoop {
+        InnerLoop { steps: self.steps, lr_w: self.lr_w, lr_theta: self.lr_theta, second_order: false }
+    }
 }
 
 /// A task in plain numbers: images already decoded and normalised (CHW, row-major).
@@ -319,30 +327,36 @@ fn count_job(outcome: &'static str) {
     metrics::counter!("tnas_jobs_total", "outcome" => outcome).increment(1);
 }
 
-fn tensor_of(values: &[f32], rows: usize, meta: &ModelMeta, device: Device) -> Tensor {
+/// Images in plain numbers (CHW, row-major, one after another) as a tensor [N, C, S, S] on `device`.
+fn images(values: &[f32], meta: &ModelMeta, device: Device) -> Tensor {
     let (c, s) = (meta.input.channels as i64, meta.input.size as i64);
-    Tensor::from_slice(values).view([rows as i64, c, s, s]).to_device(device)
+    Tensor::from_slice(values).view([-1, c, s, s]).to_device(device)
+}
+
+/// The architecture a response shows: the task's softmax(θ) when the model adapts θ, and the
+/// genotype decoded from it (or, for a model without θ, the genotype it was built from, if any).
+fn architecture(model: &ResidentModel, mixing: Option<MixingRows>) -> (Option<Genotype>, Option<AlphaWeights>) {
+    let genotype = match (&model.network, &mixing) {
+        (Network::Supernet(net), Some((normal, reduce))) => Some(Genotype::decode(&net.space, normal, reduce)),
+        _ => model.checkpoint.meta.genotype.clone(),
+    };
+    (genotype, mixing.map(|(normal, reduce)| AlphaWeights { normal, reduce }))
 }
 
 /// Adapts one task and predicts its queries (T-NAS Algorithm 2 + decoding).
 fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going: &dyn Fn() -> bool) -> Result<TaskOutput, WorkerError> {
     let meta = &model.checkpoint.meta;
-    let pixels = meta.input.channels * meta.input.size * meta.input.size;
-    let support = tensor_of(&input.support, input.support.len() / pixels, meta, device);
+    let support = images(&input.support, meta, device);
     let labels = Tensor::from_slice(&input.support_labels).to_device(device);
-    let query = tensor_of(&input.query, input.query.len() / pixels, meta, device);
+    let query = images(&input.query, meta, device);
     let support_set = SupportSet { images: &support, labels: &labels, n_way: input.n_way };
     let o = input.options;
-    let inner = InnerLoop { steps: o.steps, lr_w: o.lr_w, lr_theta: o.lr_theta, second_order: false };
+    let inner = o.inner_loop();
     let started = Instant::now();
     let network = &model.network;
     let mut state = TaskState::start(network, &model.checkpoint.params, model.checkpoint.alphas.as_ref(), meta.head, &support_set, device);
     state.adapt(network, &support_set, &inner, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: i.completed_steps })?;
-    let genotype = state.genotype(network).or_else(|| meta.genotype.clone());
-    let alphas = state.alphas.as_ref().map(|a| {
-        let mixing = a.softmaxed();
-        AlphaWeights { normal: matrix_rows(&mixing.normal), reduce: matrix_rows(&mixing.reduce) }
-    });
+    let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     let options = PredictOptions { bn: o.bn, predict_with: o.predict_with, finetune: InnerLoop { steps: o.finetune_steps, ..inner } };
@@ -358,34 +372,34 @@ fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going
 fn run_batch(model: &ResidentModel, inputs: &[&TaskInput], device: Device, keep_going: &dyn Fn() -> bool) -> Vec<Result<TaskOutput, WorkerError>> {
     let Network::Supernet(net) = &model.network else { unreachable!("only supernet tasks batch") };
     let meta = &model.checkpoint.meta;
-    let pixels = meta.input.channels * meta.input.size * meta.input.size;
-    let images = |values: &[f32]| tensor_of(values, values.len() / pixels, meta, device);
     let support = BatchedSupport::new(
-        &inputs.iter().map(|i| images(&i.support)).collect::<Vec<_>>(),
+        &inputs.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>(),
         &inputs.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
         inputs[0].n_way,
     );
     let o = inputs[0].options;
-    let inner = InnerLoop { steps: o.steps, lr_w: o.lr_w, lr_theta: o.lr_theta, second_order: false };
     let started = Instant::now();
     let alphas = model.checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
     let mut batch = TaskBatch::start(net, &model.checkpoint.params, alphas, meta.head, &support);
-    if let Err(interrupted) = batch.adapt(net, &support, &inner, keep_going) {
+    if let Err(interrupted) = batch.adapt(net, &support, &o.inner_loop(), keep_going) {
         return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect();
     }
-    let genotypes = batch.genotypes(net);
+    let mixings = batch.mixings();
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let query = side_by_side(&inputs.iter().map(|i| images(&i.query)).collect::<Vec<_>>());
-    let logits = batch.predict(net, &support, &query, o.bn);
+    let query = side_by_side(&inputs.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>());
+    // [N_q, T, n_way] → one copy to the host, task-major rows.
+    let logits = batch.predict(net, &support, &query, o.bn).transpose(0, 1);
+    let queries = logits.size()[1] as usize;
+    let rows = matrix_rows(&logits.reshape([-1, logits.size()[2]]));
     let predict_ms = started.elapsed().as_secs_f64() * 1e3;
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    genotypes
+    mixings
         .into_iter()
-        .enumerate()
-        .map(|(t, genotype)| {
-            let (normal, reduce) = batch.mixing(t as i64);
-            Ok(TaskOutput { genotype: Some(genotype), alphas: Some(AlphaWeights { normal, reduce }), logits: matrix_rows(&logits.select(1, t as i64)), queue_ms: 0.0, adapt_ms, predict_ms })
+        .zip(rows.chunks(queries))
+        .map(|(mixing, logits)| {
+            let (genotype, alphas) = architecture(model, Some(mixing));
+            Ok(TaskOutput { genotype, alphas, logits: logits.to_vec(), queue_ms: 0.0, adapt_ms, predict_ms })
         })
         .collect()
 }

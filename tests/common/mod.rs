@@ -1,8 +1,11 @@
-//! Shared fixtures for the integration tests: random checkpoints built on the fly and the path to
-//! the Python that holds torch (the setup's virtual environment).
+//! Shared fixtures for the integration tests and the benches: random checkpoints built on the fly,
+//! real Omniglot PNGs and `/adapt` bodies made of them, the server in-process, as a worker or as
+//! a child process, and the path to the Python that holds torch (the setup's virtual environment).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::BnMode;
 use tnas::checkpoint::{param_specs, Checkpoint};
@@ -105,7 +108,7 @@ pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Ve
 
 /// Starts the real router on a loopback port for `models` (every test binary may start several),
 /// waits for /readyz, and returns the base URL. The server lives until the test binary exits.
-pub fn serve(models: &std::path::Path, extra_args: &[&str]) -> String {
+pub fn serve(models: &Path, extra_args: &[&str]) -> String {
     use clap::Parser;
     let mut args = vec!["tnas-server", "--models", models.to_str().unwrap(), "--device", "cpu", "--threads", "1"];
     args.extend_from_slice(extra_args);
@@ -127,7 +130,7 @@ pub fn serve(models: &std::path::Path, extra_args: &[&str]) -> String {
         if client.get(format!("{url}/readyz")).send().is_ok_and(|r| r.status() == 200) {
             return url;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     }
     panic!("server never became ready");
 }
@@ -136,17 +139,16 @@ pub fn serve(models: &std::path::Path, extra_args: &[&str]) -> String {
 pub fn ready_worker(checkpoint: Checkpoint, max_batch: usize) -> tnas::server::worker::Worker {
     use tnas::server::worker::{Readiness, Worker};
     let worker = Worker::spawn(vec![checkpoint], Device::Cpu, 16, max_batch, 2);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     while worker.readiness() != Readiness::Ready {
-        assert!(started.elapsed() < std::time::Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(started.elapsed() < Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
+        std::thread::sleep(Duration::from_millis(20));
     }
     worker
 }
 
 /// Queues every input at once (so queued ones can batch), then waits for every answer.
 pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::worker::TaskInput>) -> Vec<Result<tnas::server::worker::TaskOutput, tnas::server::worker::WorkerError>> {
-    use std::time::{Duration, Instant};
     let receivers: Vec<_> = inputs
         .into_iter()
         .map(|input| {
@@ -158,3 +160,74 @@ pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::
         .collect();
     receivers.into_iter().map(|r| r.blocking_recv().expect("the worker always answers")).collect()
 }
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+/// A JSON `/adapt` body from `omniglot_pngs`: each class's drawing 0 as its support image, the
+/// others as queries.
+pub fn task_json(pngs: &[Vec<Vec<u8>>]) -> serde_json::Value {
+    let support: Vec<_> = pngs.iter().enumerate().map(|(c, d)| serde_json::json!({"label": format!("c{c}"), "image": b64(&d[0])})).collect();
+    let query: Vec<_> = pngs.iter().enumerate().flat_map(|(c, d)| d[1..].iter().enumerate().map(move |(i, png)| serde_json::json!({"id": format!("c{c}q{i}"), "image": b64(png)}))).collect();
+    serde_json::json!({"support": support, "query": query})
+}
+
+/// A running `tnas-server`; killed when dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Starts the server on a free loopback port and waits (up to two minutes) for /readyz.
+    pub fn start(models: &Path, args: &[&str]) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
+            .args(["--models", models.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the server binary starts");
+        let server = ServerProcess { child, port, url: format!("http://127.0.0.1:{port}") };
+        let started = Instant::now();
+        while !server.ready() {
+            assert!(started.elapsed() < Duration::from_secs(120), "the server did not become ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit (after a signal, say).
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("the server process can be waited for")
+    }
+
+    pub fn ready(&self) -> bool {
+        reqwest::blocking::Client::new().get(format!("{}/readyz", self.url)).send().is_ok_and(|r| r.status() == 200)
+    }
+
+    /// (resident, peak resident) memory in MiB, from /proc/<pid>/status.
+    pub fn memory_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
