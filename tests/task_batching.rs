@@ -108,7 +108,7 @@ fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
     let alphabets = ["Latin", "Greek", "Korean"];
     // A 4-step task first keeps the worker busy while the three 2-step tasks queue up behind it.
     let inputs = || std::iter::once(worker_input(&checkpoint, "Greek", 4)).chain(alphabets.iter().map(|a| worker_input(&checkpoint, a, 2))).collect::<Vec<_>>();
-    let outputs = |max_batch| common::answers(&common::ready_worker(load(), max_batch), inputs()).into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>();
+    let outputs = |max_batch| common::answers(&common::ready_worker(load(), 16, max_batch), inputs()).into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>();
     let (batched, alone) = (outputs(8), outputs(1));
     // One batch: the three share one adaptation, so one timing.
     assert!(batched[1..].iter().all(|out| out.adapt_ms == batched[1].adapt_ms), "the queued tasks ran as one batch");

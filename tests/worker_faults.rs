@@ -1,5 +1,5 @@
 //! The compute worker contains faults: a job that makes libtorch throw fails with an error, and
-//! the same worker thread serves the next job.
+//! the same worker thread serves the next job. Its queue bound holds while it batches.
 
 mod common;
 
@@ -26,16 +26,16 @@ fn run(worker: &Worker, input: TaskInput) -> Result<TaskOutput, WorkerError> {
     common::answers(worker, vec![input]).remove(0)
 }
 
-fn fixture_worker(max_batch: usize) -> Worker {
+fn fixture_worker(queue_depth: usize, max_batch: usize) -> Worker {
     let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
     let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
     checkpoint.meta.name = "fixture".into();
-    common::ready_worker(checkpoint, max_batch)
+    common::ready_worker(checkpoint, queue_depth, max_batch)
 }
 
 #[test]
 fn a_failing_job_fails_alone_and_the_worker_keeps_serving() {
-    let worker = fixture_worker(1);
+    let worker = fixture_worker(16, 1);
     let faults = [
         ("label 7 in a 2-way task", task(vec![0, 7], 2, 2 * PIXELS)),
         ("support pixels that are not whole images", task(vec![0, 1], 2, 2 * PIXELS - 5)),
@@ -54,7 +54,7 @@ fn a_failing_job_fails_alone_and_the_worker_keeps_serving() {
 
 #[test]
 fn a_faulty_task_batched_with_valid_ones_fails_alone() {
-    let worker = fixture_worker(8);
+    let worker = fixture_worker(16, 8);
     // A longer task keeps the worker busy while three tasks of one shape queue behind it; the
     // middle one names class 7 in a 2-way task.
     let mut busy = task(vec![0, 1], 2, 2 * PIXELS);
@@ -63,4 +63,30 @@ fn a_faulty_task_batched_with_valid_ones_fails_alone() {
     let answers = common::answers(&worker, inputs.into());
     assert!(answers[0].is_ok() && answers[1].is_ok() && answers[3].is_ok(), "{answers:?}");
     assert!(matches!(answers[2], Err(WorkerError::Failed(_))), "{:?}", answers[2]);
+}
+
+#[test]
+fn jobs_held_back_for_a_batch_still_count_against_the_queue_depth() {
+    let worker = fixture_worker(2, 8);
+    let job = |n_way: usize, steps: usize| {
+        let mut input = task((0..n_way as i64).collect(), n_way, n_way * PIXELS);
+        input.options.steps = steps;
+        input
+    };
+    // While the first job runs, a long 2-way job and a 3-way job queue behind it. They cannot
+    // batch together, so when the first is done the worker starts one and holds the other.
+    let first = common::submit(&worker, job(2, 5)).unwrap();
+    while worker.queued() > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let long = common::submit(&worker, job(2, 30)).unwrap();
+    let held = common::submit(&worker, job(3, 2)).unwrap();
+    first.blocking_recv().unwrap().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(worker.queued(), 1, "the held job is still waiting");
+    let admitted = common::submit(&worker, job(3, 2)).unwrap();
+    assert!(matches!(common::submit(&worker, job(3, 2)), Err(WorkerError::QueueFull)), "a queue of depth 2 admits no third waiting job");
+    for answer in [long, held, admitted] {
+        answer.blocking_recv().unwrap().unwrap();
+    }
 }

@@ -22,6 +22,8 @@ use crate::supernet::{Alphas, MixingRows};
 use crate::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -106,6 +108,10 @@ struct ResidentModel {
 /// Handle to the worker thread; dropping it closes the queue and joins the thread.
 pub struct Worker {
     sender: Option<mpsc::Sender<Job>>,
+    /// Jobs submitted and not yet started: in the channel or held by the worker while it forms a
+    /// batch. `queue_depth` bounds this count, so holding jobs back to batch them admits no more.
+    waiting: Arc<AtomicUsize>,
+    queue_depth: usize,
     readiness: watch::Receiver<Readiness>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub device: Device,
@@ -115,8 +121,11 @@ impl Worker {
     /// Starts the thread: moves the checkpoints to `device`, runs one warm-up adaptation per model,
     /// then serves jobs. `queue_depth` bounds the jobs waiting; up to `max_batch` run together.
     pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, max_batch: usize, threads: i32) -> Worker {
-        let (sender, receiver) = mpsc::channel(queue_depth.max(1));
+        let queue_depth = queue_depth.max(1);
+        let (sender, receiver) = mpsc::channel(queue_depth);
+        let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, readiness) = watch::channel(Readiness::Loading);
+        let worker_waiting = Arc::clone(&waiting);
         let thread = std::thread::Builder::new()
             .name(format!("tnas-worker-{}", crate::device::device_name(device)))
             .spawn(move || {
@@ -131,10 +140,10 @@ impl Worker {
                     }
                 };
                 let _ = ready_tx.send(Readiness::Ready);
-                serve(models, receiver, device, max_batch.max(1));
+                serve(models, receiver, &worker_waiting, device, max_batch.max(1));
             })
             .expect("the OS can start a thread");
-        Worker { sender: Some(sender), readiness, thread: Some(thread), device }
+        Worker { sender: Some(sender), waiting, queue_depth, readiness, thread: Some(thread), device }
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -144,18 +153,28 @@ impl Worker {
     /// Queues a job without waiting; a full queue is an immediate [`WorkerError::QueueFull`].
     pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
         let sender = self.sender.as_ref().ok_or(WorkerError::Stopped)?;
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue_depth {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkerError::QueueFull);
+        }
         match sender.try_send(job) {
             Ok(()) => {
                 metrics::gauge!("tnas_queue_depth").increment(1.0);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(WorkerError::QueueFull),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(WorkerError::Stopped),
+            Err(error) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(match error {
+                    mpsc::error::TrySendError::Full(_) => WorkerError::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => WorkerError::Stopped,
+                })
+            }
         }
     }
 
+    /// Jobs submitted and not yet started.
     pub fn queued(&self) -> usize {
-        self.sender.as_ref().map_or(0, |s| s.max_capacity() - s.capacity())
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
@@ -207,22 +226,23 @@ fn warm_up(model: &ResidentModel, device: Device) {
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
 }
 
-fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, device: Device, max_batch: usize) {
-    let mut waiting: VecDeque<Job> = VecDeque::new();
+fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, waiting: &AtomicUsize, device: Device, max_batch: usize) {
+    // Jobs taken off the channel but not started: the candidates for the next batch.
+    let mut held: VecDeque<Job> = VecDeque::new();
     loop {
-        if waiting.is_empty() {
+        if held.is_empty() {
             match receiver.blocking_recv() {
-                Some(job) => waiting.push_back(taken_off_queue(job)),
+                Some(job) => held.push_back(job),
                 None => return,
             }
         }
-        while waiting.len() < max_batch {
+        while held.len() < max_batch {
             match receiver.try_recv() {
-                Ok(job) => waiting.push_back(taken_off_queue(job)),
+                Ok(job) => held.push_back(job),
                 Err(_) => break,
             }
         }
-        let first = waiting.pop_front().expect("a job is waiting");
+        let first = leave_queue(held.pop_front().expect("a job is held"), waiting);
         if first.reply.is_closed() {
             count_job("cancelled");
             continue;
@@ -235,9 +255,9 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
         let mut batch = vec![first];
         if key.is_some() {
             let mut index = 0;
-            while batch.len() < max_batch && index < waiting.len() {
-                if !waiting[index].reply.is_closed() && batch_key(model, &waiting[index].input) == key {
-                    batch.push(waiting.remove(index).expect("index is in range"));
+            while batch.len() < max_batch && index < held.len() {
+                if !held[index].reply.is_closed() && batch_key(model, &held[index].input) == key {
+                    batch.push(leave_queue(held.remove(index).expect("index is in range"), waiting));
                 } else {
                     index += 1;
                 }
@@ -264,8 +284,9 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
     }
 }
 
-/// Bookkeeping when a job leaves the channel for the worker's hands.
-fn taken_off_queue(job: Job) -> Job {
+/// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
+fn leave_queue(job: Job, waiting: &AtomicUsize) -> Job {
+    waiting.fetch_sub(1, Ordering::SeqCst);
     metrics::gauge!("tnas_queue_depth").decrement(1.0);
     metrics::histogram!("tnas_queue_wait_seconds").record(job.enqueued.elapsed().as_secs_f64());
     job

@@ -136,9 +136,9 @@ pub fn serve(models: &Path, extra_args: &[&str]) -> String {
 }
 
 /// A worker on the CPU serving `checkpoint`, once it reports ready.
-pub fn ready_worker(checkpoint: Checkpoint, max_batch: usize) -> tnas::server::worker::Worker {
+pub fn ready_worker(checkpoint: Checkpoint, queue_depth: usize, max_batch: usize) -> tnas::server::worker::Worker {
     use tnas::server::worker::{Readiness, Worker};
-    let worker = Worker::spawn(vec![checkpoint], Device::Cpu, 16, max_batch, 2);
+    let worker = Worker::spawn(vec![checkpoint], Device::Cpu, queue_depth, max_batch, 2);
     let started = Instant::now();
     while worker.readiness() != Readiness::Ready {
         assert!(started.elapsed() < Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
@@ -147,17 +147,19 @@ pub fn ready_worker(checkpoint: Checkpoint, max_batch: usize) -> tnas::server::w
     worker
 }
 
+/// The answer to come of a job submitted to a worker.
+pub type Answer = tokio::sync::oneshot::Receiver<Result<tnas::server::worker::TaskOutput, tnas::server::worker::WorkerError>>;
+
+/// Submits `input` with a two-minute deadline; the queue's refusal is returned as is.
+pub fn submit(worker: &tnas::server::worker::Worker, input: tnas::server::worker::TaskInput) -> Result<Answer, tnas::server::worker::WorkerError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    worker.submit(tnas::server::worker::Job { input, deadline: Instant::now() + Duration::from_secs(120), enqueued: Instant::now(), reply })?;
+    Ok(answer)
+}
+
 /// Queues every input at once (so queued ones can batch), then waits for every answer.
 pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::worker::TaskInput>) -> Vec<Result<tnas::server::worker::TaskOutput, tnas::server::worker::WorkerError>> {
-    let receivers: Vec<_> = inputs
-        .into_iter()
-        .map(|input| {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let job = tnas::server::worker::Job { input, deadline: Instant::now() + Duration::from_secs(120), enqueued: Instant::now(), reply };
-            worker.submit(job).expect("the queue has room");
-            answer
-        })
-        .collect();
+    let receivers: Vec<Answer> = inputs.into_iter().map(|input| submit(worker, input).expect("the queue has room")).collect();
     receivers.into_iter().map(|r| r.blocking_recv().expect("the worker always answers")).collect()
 }
 
