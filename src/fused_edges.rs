@@ -9,6 +9,7 @@
 //! equal the per-edge `MixedOp` sums (the parity tests compare against the PyTorch reference);
 //! what changes is many times fewer kernel launches, which dominate the cost at few-shot sizes.
 
+use crate::depthwise::{depthwise_blocks, depthwise_fanout, Kernel};
 use crate::ops::{self, conv, BnStats};
 use crate::params::ParamSet;
 use crate::search_space::Primitive;
@@ -49,31 +50,31 @@ fn split_edges(t: &Tensor, k: i64, tasks: i64) -> Tensor {
 const FIRST_CONV: usize = 4;
 const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_CONV + 1], Primitive::ALL[FIRST_CONV + 2], Primitive::ALL[FIRST_CONV + 3]];
 
-/// Depthwise k×k conv of every edge for `primitive` (its kernel size; dilation 2 for dil convs).
-fn depthwise(params: &ParamSet, group: &EdgeGroup, primitive: Primitive, suffix: &str, x: &Tensor, stride: i64) -> Tensor {
-    let kernel = primitive.conv_kernel().expect("a sep or dil conv");
-    let dilation = if matches!(primitive, Primitive::DilConv3x3 | Primitive::DilConv5x5) { 2 } else { 1 };
-    conv(x, &group.stacked(params, primitive, suffix), stride, dilation * (kernel - 1) / 2, dilation)
-}
-
-/// The sep and dil convs of all K edges. `relu_k` is ReLU(x) repeated K times, [N, K·T·C, H, W].
-/// Returns [N, 4, K, T, C, H', W'], blocks in [`CONVS`] order.
+/// The sep and dil convs of all K edges. `relu` is ReLU of the S states side by side,
+/// [N, S·T·C, H, W]. Returns [N, 4, K, T, C, H', W'], blocks in [`CONVS`] order.
 ///
-/// Each candidate's depthwise conv runs over the K edges; then their pointwise convs are one
-/// grouped conv over 4·K groups and one BN normalises all 4·K·C channels (BN is per channel, so
-/// this is exactly the per-op BN). The sep convs' second half runs the same way over 2·K groups.
-fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu_k: &Tensor, stats: BnStats) -> Tensor {
+/// The four candidates' depthwise convs on all edges run as one ([`depthwise_fanout`]); then their pointwise convs
+/// are one grouped conv over 4·K groups and one BN normalises all 4·K·C channels (BN is per channel,
+/// so this is exactly the per-op BN). The sep convs' second half runs the same way over 2·K groups.
+fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
     let k = group.k();
-    let kc = relu_k.size()[1];
-    let pointwise = |primitives: &[Primitive], suffix: &str| Tensor::cat(&primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>(), 0);
-    let first = Tensor::cat(&CONVS.map(|p| depthwise(params, group, p, "op.1.weight", relu_k, group.stride)), 1);
-    let first = ops::batch_norm(&conv(&first, &pointwise(&CONVS, "op.2.weight"), 1, 0, 1), None, stats);
+    let kc = relu.size()[1] / states * k;
+    let stacked = |primitives: &[Primitive], suffix: &str| primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>();
+    let first_depthwise = stacked(&CONVS, "op.1.weight");
+    let first = depthwise_fanout(relu, &kernels_of(&CONVS, &first_depthwise), states, group.stride);
+    let first = ops::batch_norm(&conv(&first, &Tensor::cat(&stacked(&CONVS, "op.2.weight"), 0), 1, 0, 1), None, stats);
     let seps = &CONVS[..2];
-    let second = Tensor::cat(&[0, 1].map(|i| depthwise(params, group, seps[i], "op.5.weight", &first.narrow(1, i as i64 * kc, kc).relu(), 1)), 1);
-    let second = ops::batch_norm(&conv(&second, &pointwise(seps, "op.6.weight"), 1, 0, 1), None, stats);
+    let second_depthwise = stacked(seps, "op.5.weight");
+    let second = depthwise_blocks(&first.narrow(1, 0, 2 * kc).relu(), &kernels_of(seps, &second_depthwise), 1);
+    let second = ops::batch_norm(&conv(&second, &Tensor::cat(&stacked(seps, "op.6.weight"), 0), 1, 0, 1), None, stats);
     let out = Tensor::cat(&[second, first.narrow(1, 2 * kc, 2 * kc)], 1);
     let s = out.size();
     out.view(&[s[0], 4, k, group.tasks, kc / (k * group.tasks), s[2], s[3]][..])
+}
+
+/// Each primitive's depthwise kernel with its stacked weights.
+fn kernels_of<'a>(primitives: &[Primitive], weights: &'a [Tensor]) -> Vec<Kernel<'a>> {
+    primitives.iter().zip(weights).map(|(&p, w)| Kernel::of(p, w)).collect()
 }
 
 /// The stride-2 skip (`FactorizedReduce`) on every edge; `relu` is ReLU of the S states side by
@@ -107,8 +108,7 @@ pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixin
     // [T, S·K, 8] → per primitive [1, S, K/S, T, 1, 1, 1], to broadcast over the edges' outputs.
     let weights = Tensor::stack(&group.edges.iter().map(|&e| mixing.select(1, e as i64)).collect::<Vec<_>>(), 1);
     let x = if states.len() == 1 { states[0].shallow_clone() } else { Tensor::cat(states, 1) };
-    let [n, stc, h, w] = x.size()[..] else { unreachable!("states are [N, T·C, H, W]") };
-    let c = stc / (s * tasks);
+    let c = x.size()[1] / (s * tasks);
     // A per-state tensor [N, S·T·C, H', W'] viewed [N, S, 1, T, C, H', W'].
     let per_state = |t: &Tensor| {
         let z = t.size();
@@ -116,13 +116,12 @@ pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixin
     };
     let weight = |p: Primitive| weights.select(2, p.index() as i64).transpose(0, 1).reshape(&[1, s, k / s, tasks, 1, 1, 1][..]);
     let relu = x.relu();
-    let relu_k = per_state(&relu).expand(&[n, s, k / s, tasks, c, h, w][..], false).reshape([n, k * tasks * c, h, w]);
     let mut sum = per_state(&ops::pool_bn(&x, true, group.stride, stats)) * weight(Primitive::MaxPool3x3)
         + per_state(&ops::pool_bn(&x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
     sum += if group.stride == 1 { per_state(&x) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, s, stats).view_as(&sum) * weight(Primitive::SkipConnect) };
     let sum = sum.flatten(1, 2);
     let conv_weights = weights.narrow(2, FIRST_CONV as i64, 4).permute([2, 1, 0]).reshape(&[1, 4, k, tasks, 1, 1, 1][..]);
-    let sum = sum + (conv_candidates(params, group, &relu_k, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
+    let sum = sum + (conv_candidates(params, group, &relu, s, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
     debug_assert_eq!(sum.kind(), Kind::Float);
     sum.flatten(2, 3)
 }

@@ -9,6 +9,7 @@
 //! Search space and networks (pure functions of explicit weights, so tasks adapt private copies):
 //! - [`search_space`]: the primitive table and the supernet's shape (`SearchSpace`).
 //! - [`ops`]: DARTS operations (sep/dil conv, pools, FactorizedReduce, BatchNorm modes).
+//! - [`depthwise`]: depthwise convolutions on small maps as batched matrix products.
 //! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
 //! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
 //! - [`fused_edges`]: a cell's mixed ops computed together, per input state.
@@ -37,6 +38,7 @@ pub mod adapt;
 pub mod checkpoint;
 pub mod conv4;
 pub mod data;
+pub mod depthwise;
 pub mod derived;
 pub mod device;
 pub mod fused_edges;

@@ -4,7 +4,8 @@
 //! a request's adapted copy, or a derived network. Every BatchNorm is the batch-statistics kind
 //! (T-NAS never uses running statistics); [`BnStats`] says which rows supply the statistics.
 
-use tch::Tensor;
+use crate::depthwise::{depthwise, Kernel};
+use tch::{Device, Tensor};
 
 /// BatchNorm epsilon, as PyTorch's default.
 pub const BN_EPS: f64 = 1e-5;
@@ -89,18 +90,17 @@ pub fn factorized_inputs(relu: &Tensor) -> (Tensor, Tensor) {
 
 /// `SepConv`: [ReLU, depthwise k×k (stride), 1×1, BN] twice, the second at stride 1.
 /// `w`: [depthwise1 [C,1,k,k], pointwise1 [C,C,1,1], depthwise2, pointwise2].
-pub fn sep_conv(x: &Tensor, w: [&Tensor; 4], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
-    let pad = kernel / 2;
-    let h = conv(&conv(&x.relu(), w[0], stride, pad, 1), w[1], 1, 0, 1);
+pub fn sep_conv(x: &Tensor, w: [&Tensor; 4], stride: i64, stats: BnStats) -> Tensor {
+    let h = conv(&depthwise(&x.relu(), Kernel { weight: w[0], dilation: 1 }, stride), w[1], 1, 0, 1);
     let h = batch_norm(&h, None, stats).relu();
-    let h = conv(&conv(&h, w[2], 1, pad, 1), w[3], 1, 0, 1);
+    let h = conv(&depthwise(&h, Kernel { weight: w[2], dilation: 1 }, 1), w[3], 1, 0, 1);
     batch_norm(&h, None, stats)
 }
 
 /// `DilConv`: ReLU, depthwise k×k with dilation 2 (stride), 1×1, BN.
 /// `w`: [depthwise [C,1,k,k], pointwise [C,C,1,1]].
-pub fn dil_conv(x: &Tensor, w: [&Tensor; 2], kernel: i64, stride: i64, stats: BnStats) -> Tensor {
-    let h = conv(&conv(&x.relu(), w[0], stride, kernel - 1, 2), w[1], 1, 0, 1);
+pub fn dil_conv(x: &Tensor, w: [&Tensor; 2], stride: i64, stats: BnStats) -> Tensor {
+    let h = conv(&depthwise(&x.relu(), Kernel { weight: w[0], dilation: 2 }, stride), w[1], 1, 0, 1);
     batch_norm(&h, None, stats)
 }
 
@@ -113,6 +113,18 @@ pub fn pool_bn(x: &Tensor, max: bool, stride: i64, stats: BnStats) -> Tensor {
         x.avg_pool2d([3, 3], [stride, stride], [1, 1], false, false, None)
     };
     batch_norm(&pooled, None, stats)
+}
+
+/// The stem's 2×2 max pool (stride 2). On the CPU it runs on a channels-last copy: libtorch's NCHW
+/// max-pool kernel is a scalar loop, and at the stem's map sizes the copies cost less than half of
+/// what the channels-last kernel saves (forward and backward).
+pub fn max_pool_2x2(x: &Tensor) -> Tensor {
+    let pool = |t: &Tensor| t.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+    if x.device() != Device::Cpu {
+        return pool(x);
+    }
+    let channels_last = x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+    pool(&channels_last).contiguous()
 }
 
 /// The `none` op: zeros of the (strided) input's shape.

@@ -126,14 +126,8 @@ pub fn edge_op(primitive: Primitive, x: &Tensor, params: &ParamSet, prefix: &str
         Primitive::AvgPool3x3 => ops::pool_bn(x, false, stride, stats),
         Primitive::SkipConnect if stride == 2 => ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats),
         Primitive::SkipConnect => x.shallow_clone(),
-        Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
-            let k = primitive.conv_kernel().expect("a sep conv");
-            ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], k, stride, stats)
-        }
-        Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
-            let k = primitive.conv_kernel().expect("a dil conv");
-            ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], k, stride, stats)
-        }
+        Primitive::SepConv3x3 | Primitive::SepConv5x5 => ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], stride, stats),
+        Primitive::DilConv3x3 | Primitive::DilConv5x5 => ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], stride, stats),
     }
 }
 
@@ -195,11 +189,11 @@ impl Supernet {
         };
         let mut h = bn(&conv(x, "stem0.0.weight"), "stem0.1");
         if self.space.stem_pools >= 1 {
-            h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            h = ops::max_pool_2x2(&h);
         }
         h = bn(&conv(&h.relu(), "stem0.4.weight"), "stem0.5");
         if self.space.stem_pools >= 2 {
-            h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+            h = ops::max_pool_2x2(&h);
         }
         h
     }
