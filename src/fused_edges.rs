@@ -53,9 +53,10 @@ const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_
 /// The sep and dil convs of all K edges. `relu` is ReLU of the S states side by side,
 /// [N, S·T·C, H, W]. Returns [N, 4, K, T, C, H', W'], blocks in [`CONVS`] order.
 ///
-/// The four candidates' depthwise convs on all edges run as one ([`depthwise_fanout`]); then their pointwise convs
-/// are one grouped conv over 4·K groups and one BN normalises all 4·K·C channels (BN is per channel,
-/// so this is exactly the per-op BN). The sep convs' second half runs the same way over 2·K groups.
+/// The four candidates' depthwise convs on all K edges run as one ([`depthwise_fanout`]); then
+/// their pointwise convs are one grouped conv over 4·K groups and one BN normalises all 4·K·C
+/// channels (BN is per channel, so this is exactly the per-op BN). The sep convs' second half runs
+/// the same way over 2·K groups.
 fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
     let k = group.k();
     let kc = relu.size()[1] / states * k;
