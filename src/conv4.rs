@@ -46,7 +46,7 @@ impl Conv4 {
             h = h.conv2d(p("conv.weight"), Some(p("conv.bias")), [1, 1], [1, 1], [1, 1], 1);
             h = ops::batch_norm(&h, Some((p("bn.weight"), p("bn.bias"))), stats).relu();
             if h.size()[2] >= 2 {
-                h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+                h = ops::max_pool_2x2(&h);
             }
         }
         h.flatten(1, -1)
