@@ -74,8 +74,8 @@ fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32, device: De
     (times, logits)
 }
 
-/// `exact`: assert that both sides' logits agree (else report the difference; see below).
-fn latency(model_dir: &Path, label: &str, exact: bool, threads: i32, device: Device, scratch: &Path) {
+/// `assert_equal`: fail unless both sides' logits agree (else the difference is only reported).
+fn latency(model_dir: &Path, label: &str, assert_equal: bool, threads: i32, device: Device, scratch: &Path) {
     let checkpoint = Checkpoint::load(model_dir, device).expect("benchmark model loads");
     let input = &checkpoint.meta.input;
     let (c, s) = (input.channels as i64, input.size as i64);
@@ -89,12 +89,7 @@ fn latency(model_dir: &Path, label: &str, exact: bool, threads: i32, device: Dev
         let (mine, my_logits) = ours(&checkpoint, &support, &labels, &query, device);
         let (theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads, device);
         let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
-        // The two sides sum in different orders (ours: grouped and matrix-product convolutions;
-        // on CUDA both convolve in TF32, libtorch's default, which tch cannot turn off). Ten steps
-        // at lr_θ = 30 keep those roundings small on the trained model but amplify them on random
-        // weights (one step agrees to 1e-6 there), so equality is asserted for the trained model
-        // on the CPU and reported otherwise.
-        assert!(!exact || device.is_cuda() || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
+        assert!(!assert_equal || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
         let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
         println!(
             "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
@@ -135,9 +130,14 @@ fn main() {
     println!("adaptation: {STEPS} steps + decode + {QUERIES} query predictions (support BN), {}, {threads} threads, {RUNS} runs", device_name(device));
     println!("| model | task | ours p50 ms | ours p95 ms | PyTorch eager p50 ms | PyTorch p95 ms | ours / PyTorch (p50) | logits rel. diff |");
     println!("|---|---|---|---|---|---|---|---|");
+    // The two sides sum in different orders (ours: grouped and matrix-product convolutions; on
+    // CUDA both convolve in TF32, libtorch's default, which tch cannot turn off). Ten steps at
+    // lr_θ = 30 keep those roundings small on the trained model but amplify them on random weights
+    // (one step agrees to 1e-6 there), so equality is asserted for the trained model on the CPU
+    // and reported otherwise.
     let shipped = common::repo_path("models/omniglot-tnas");
     if shipped.join("model.json").exists() {
-        latency(&shipped, "omniglot-tnas (shipped)", true, threads, device, scratch.path());
+        latency(&shipped, "omniglot-tnas (shipped)", !device.is_cuda(), threads, device, scratch.path());
     }
     let mini = miniimagenet_sized(scratch.path());
     latency(&mini, "3×84×84, C=16", false, threads, device, scratch.path());

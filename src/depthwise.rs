@@ -60,7 +60,7 @@ fn matrices(kernels: &[Kernel], states: i64, fanout: i64, h: i64, w: i64, stride
     let rows = kernels[0].weight.size()[0];
     let d = rows / (states * fanout);
     let taps: Vec<Tensor> = kernels.iter().map(|k| k.weight.view([states, fanout, d, -1]).transpose(1, 2)).collect();
-    let with_zero = Tensor::cat(&taps, 3).reshape([states * d, -1]).constant_pad_nd([0, 1]);
+    let with_zero = join(taps, 3).reshape([states * d, -1]).constant_pad_nd([0, 1]);
     let shapes: Vec<(i64, i64)> = kernels.iter().map(|k| (k.size(), k.dilation)).collect();
     with_zero.index_select(1, &tap_index(&shapes, fanout, stride, h, w, kernels[0].weight.device())).view([states * d, h * w, -1])
 }
@@ -81,7 +81,7 @@ pub fn depthwise_fanout(x: &Tensor, kernels: &[Kernel], states: i64, stride: i64
     let (ho, wo) = kernels[0].output_size(h, w, stride);
     if !small_enough(h * w, ho * wo) {
         let per_edge = x.view([n, states, 1, d, h, w]).expand([n, states, fanout, d, h, w], false).reshape([n, -1, h, w]);
-        return Tensor::cat(&kernels.iter().map(|k| k.convolve(&per_edge, stride)).collect::<Vec<_>>(), 1);
+        return join(kernels.iter().map(|k| k.convolve(&per_edge, stride)).collect(), 1);
     }
     let y = channels_first(x).bmm(&matrices(kernels, states, fanout, h, w, stride));
     y.view(&[states, d, n, fanout, p, ho, wo][..]).permute([2, 4, 0, 3, 1, 5, 6]).reshape([n, p * sd * fanout, ho, wo])
@@ -93,11 +93,10 @@ pub fn depthwise_blocks(x: &Tensor, kernels: &[Kernel], stride: i64) -> Tensor {
     let (ho, wo) = kernels[0].output_size(h, w, stride);
     if !small_enough(h * w, ho * wo) {
         let c = pc / kernels.len() as i64;
-        let outputs: Vec<Tensor> = kernels.iter().enumerate().map(|(i, k)| k.convolve(&x.narrow(1, i as i64 * c, c), stride)).collect();
-        return Tensor::cat(&outputs, 1);
+        return join(kernels.iter().enumerate().map(|(i, k)| k.convolve(&x.narrow(1, i as i64 * c, c), stride)).collect(), 1);
     }
-    let per_block: Vec<Tensor> = kernels.iter().map(|k| matrices(&[*k], 1, 1, h, w, stride)).collect();
-    channels_first(x).bmm(&Tensor::cat(&per_block, 0)).permute([1, 0, 2]).reshape([n, pc, ho, wo])
+    let per_block = kernels.iter().map(|k| matrices(&[*k], 1, 1, h, w, stride)).collect();
+    channels_first(x).bmm(&join(per_block, 0)).permute([1, 0, 2]).reshape([n, pc, ho, wo])
 }
 
 /// Output side of a "same"-padded convolution at `stride`.
@@ -108,6 +107,15 @@ fn output_side(side: i64, kernel: i64, dilation: i64, stride: i64) -> i64 {
 
 fn small_enough(input_pixels: i64, output_pixels: i64) -> bool {
     input_pixels * output_pixels <= MAX_MATRIX_ELEMENTS
+}
+
+/// `parts` concatenated along `dim`; a single part is returned as it is (`cat` would copy it, and
+/// a lone sep or dil conv has one kernel).
+fn join(mut parts: Vec<Tensor>, dim: i64) -> Tensor {
+    if parts.len() == 1 {
+        return parts.remove(0);
+    }
+    Tensor::cat(&parts, dim)
 }
 
 /// [N, C, H, W] → [C, N, H·W], each channel's images as rows of a matrix.
