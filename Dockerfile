@@ -4,7 +4,7 @@ FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS base
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 ENV TNAS_CACHE=/opt/tnas
-RUN python3 -m venv $TNAS_CACHE/venv && $TNAS_CACHE/venv/bin/pip install --no-cache-dir torch==2.11.0 numpy pillow safetensors
+RUN python3 -m venv $TNAS_CACHE/venv && $TNAS_CACHE/venv/bin/pip install --no-cache-dir torch==2.11.0 nvidia-cuda-crt==13.0.88 numpy pillow safetensors
 
 FROM base AS build
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential curl make \
@@ -13,7 +13,7 @@ RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
 ENV PATH=/root/.cargo/bin:$PATH
 WORKDIR /src
 COPY . .
-RUN touch $TNAS_CACHE/venv/.tnas-setup-1 && make release TNAS_CACHE=$TNAS_CACHE
+RUN touch $TNAS_CACHE/venv/.tnas-setup-2 && make release TNAS_CACHE=$TNAS_CACHE
 
 FROM base
 COPY --from=build /src/target/release/tnas-server /src/target/release/tnas-train /usr/local/bin/

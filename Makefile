@@ -6,7 +6,7 @@
 TNAS_CACHE ?= $(HOME)/.cache/tnas
 VENV := $(TNAS_CACHE)/venv
 PYTHON := $(VENV)/bin/python
-TORCH_STAMP := $(VENV)/.tnas-setup-1
+TORCH_STAMP := $(VENV)/.tnas-setup-2
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
@@ -24,7 +24,7 @@ setup: $(TORCH_STAMP)
 $(TORCH_STAMP):
 	mkdir -p $(TNAS_CACHE)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.11.0 numpy pillow safetensors
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.11.0 nvidia-cuda-crt==13.0.88 numpy pillow safetensors
 	touch $@
 
 build: setup

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::checkpoint::Checkpoint;
+use tnas::cuda_graph::Replay;
 use tnas::device::{device_name, DeviceChoice};
 use tnas::metadata::{AdaptationDefaults, HeadSpec};
+use tnas::network::Network;
 use tnas::params::matrix_rows;
 use tnas::search_space::SearchSpace;
+use tnas::task_batch::{adapt_and_predict, task_mixings, BatchedSupport};
 use common::ServerProcess;
 use support::{closed_loop, percentile};
 
@@ -34,30 +37,58 @@ fn miniimagenet_sized(dir: &Path) -> PathBuf {
     out
 }
 
-/// Our side: start, 10 steps, decode, predict 75 queries with support BN; milliseconds per run.
-fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
-    let network = checkpoint.network();
-    let (support, labels, query) = (&support.to_device(device), &labels.to_device(device), &query.to_device(device));
-    let set = SupportSet { images: support, labels, n_way: WAY };
+fn inner_loop(checkpoint: &Checkpoint) -> InnerLoop {
     let a = checkpoint.meta.adaptation;
-    let inner = InnerLoop { steps: STEPS, lr_w: a.lr_w, lr_theta: a.lr_theta, second_order: false };
-    let run = || {
-        let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, device);
-        state.adapt(&network, &set, &inner, &|| true).expect("not interrupted");
-        let _genotype = state.genotype(&network);
-        let logits = state.predict(&network, &set, query, BnMode::Support).to_device(Device::Cpu);
-        let _rows = matrix_rows(&logits);
-        logits
-    };
-    let _warm_up = run();
+    InnerLoop { steps: STEPS, lr_w: a.lr_w, lr_theta: a.lr_theta, second_order: false }
+}
+
+/// Milliseconds of each of `RUNS` runs after one warm-up, and the last run's logits.
+fn timed(run: impl Fn() -> Tensor) -> (Vec<f64>, Tensor) {
+    let mut last = run();
     let mut times = Vec::new();
-    let mut last = Tensor::zeros([1], (Kind::Float, Device::Cpu));
     for _ in 0..RUNS {
         let start = Instant::now();
         last = run();
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     (times, last)
+}
+
+/// Our side: start, 10 steps, decode, predict 75 queries with support BN.
+fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
+    let network = checkpoint.network();
+    let (support, labels, query) = (&support.to_device(device), &labels.to_device(device), &query.to_device(device));
+    let set = SupportSet { images: support, labels, n_way: WAY };
+    let inner = inner_loop(checkpoint);
+    timed(|| {
+        let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, device);
+        state.adapt(&network, &set, &inner, &|| true).expect("not interrupted");
+        let _genotype = state.genotype(&network);
+        let logits = state.predict(&network, &set, query, BnMode::Support).to_device(Device::Cpu);
+        let _rows = matrix_rows(&logits);
+        logits
+    })
+}
+
+/// The same work as the server does it on a GPU: recorded once as a CUDA graph (a batch of one
+/// task), then each run copies the inputs in, replays, decodes and reads the logits back.
+fn ours_replayed(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
+    let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
+    let inner = inner_loop(checkpoint);
+    let inputs = [support.to_device(device), labels.to_device(device).unsqueeze(0), query.to_device(device)];
+    let replay = Replay::record(&inputs, |tensors| {
+        let support = BatchedSupport { images: tensors[0].shallow_clone(), labels: tensors[1].shallow_clone(), n_way: WAY };
+        let (logits, alphas) = adapt_and_predict(&net, checkpoint, &support, &tensors[2], &inner, BnMode::Support, &|| true).expect("not interrupted");
+        vec![logits, alphas.normal, alphas.reduce]
+    })
+    .expect("the adaptation records as a CUDA graph");
+    timed(|| {
+        let [logits, normal, reduce] = <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays")).expect("three outputs");
+        let _mixings = task_mixings(&tnas::supernet::Alphas { normal, reduce }, 1);
+        let logits = logits.select(1, 0).to_device(Device::Cpu);
+        let _rows = matrix_rows(&logits);
+        logits
+    })
 }
 
 fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32, device: Device) -> (Vec<f64>, Tensor) {
@@ -86,38 +117,58 @@ fn latency(model_dir: &Path, label: &str, assert_equal: bool, threads: i32, devi
         let query = Tensor::randn([QUERIES as i64, c, s, s], (Kind::Float, Device::Cpu));
         let inputs = scratch.join("inputs.safetensors");
         Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
-        let (mine, my_logits) = ours(&checkpoint, &support, &labels, &query, device);
         let (theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads, device);
-        let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
-        assert!(!assert_equal || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
-        let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
-        println!(
-            "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
-            percentile(&mine, 0.95),
-            percentile(&theirs, 0.95),
-            m50 / t50
-        );
+        let mut sides = vec![(label.to_string(), ours(&checkpoint, &support, &labels, &query, device), assert_equal)];
+        if device.is_cuda() {
+            sides.push((format!("{label}, CUDA graph"), ours_replayed(&checkpoint, &support, &labels, &query, device), false));
+        }
+        for (label, (mine, my_logits), assert_equal) in sides {
+            let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
+            assert!(!assert_equal || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
+            let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
+            println!(
+                "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
+                percentile(&mine, 0.95),
+                percentile(&theirs, 0.95),
+                m50 / t50
+            );
+        }
     }
 }
 
 /// Tasks per second through real HTTP: `clients` closed-loop clients POST 5-way 1-shot tasks (75
 /// queries) on Latin characters to the release server for `seconds`, with cross-task batching off
-/// (`--max-batch 1`) and on (16); answers that arrive later are not counted.
+/// (`--max-batch 1`) and on (16), and on a GPU also with batching on and CUDA graphs off; answers
+/// that arrive later are not counted. Each server first serves 16 clients for 5 s untimed, so a GPU
+/// server has recorded its batch shapes' graphs before the timed rows.
 fn throughput(threads: i32, device: Device, seconds: u64) {
+    let mut servers = vec![("1", "16"), ("16", "16")];
+    if device.is_cuda() {
+        servers.push(("16", "0"));
+    }
     let device = device_name(device);
     let mut task = common::task_json(&common::omniglot_pngs("Latin", WAY, 1 + QUERIES / WAY));
     task["steps"] = STEPS.into();
     println!("\nthroughput: release tnas-server, {device}, {threads} threads, 5-way 1-shot, {QUERIES} queries, {STEPS} steps, {seconds} s per row");
-    println!("| max batch | concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
-    println!("|---|---|---|---|---|---|");
-    for max_batch in ["1", "16"] {
-        let server = ServerProcess::start(&common::repo_path("models"), &["--default-model", "omniglot-tnas", "--device", &device, "--threads", &threads.to_string(), "--queue-depth", "64", "--max-batch", max_batch]);
+    println!("| max batch | `--cuda-graphs` | concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
+    println!("|---|---|---|---|---|---|---|");
+    for (max_batch, cuda_graphs) in servers {
+        let flags = ["--default-model", "omniglot-tnas", "--device", &device, "--threads", &threads.to_string(), "--queue-depth", "64", "--max-batch", max_batch, "--cuda-graphs", cuda_graphs];
+        let server = ServerProcess::start(&common::repo_path("models"), &flags);
         let url = format!("{}/adapt", server.url);
+        let send = |client: &reqwest::blocking::Client, _, _| client.post(&url).json(&task).send();
+        closed_loop(16, Duration::from_secs(5), &send);
         for clients in [1, 4, 16] {
             let duration = Duration::from_secs(seconds);
-            let answers: Vec<_> = closed_loop(clients, duration, &|client, _, _| client.post(&url).json(&task).send()).into_iter().filter(|a| a.in_time(duration)).collect();
+            let answers: Vec<_> = closed_loop(clients, duration, &send).into_iter().filter(|a| a.in_time(duration)).collect();
             let served: Vec<f64> = answers.iter().filter(|a| a.status == 200).map(|a| a.ms).collect();
-            println!("| {max_batch} | {clients} | {:.2} | {:.0} | {:.0} | {} |", served.len() as f64 / seconds as f64, percentile(&served, 0.5), percentile(&served, 0.95), answers.len() - served.len());
+            println!(
+                "| {max_batch} | {cuda_graphs} | {clients} | {:.2} | {:.0} | {:.0} | {} |",
+                served.len() as f64 / seconds as f64,
+                percentile(&served, 0.5),
+                percentile(&served, 0.95),
+                answers.len() - served.len()
+            );
         }
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Tensor};
 use utoipa::ToSchema;
 
 /// Where BatchNorm takes its statistics when predicting queries (adaptation always uses the support set).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BnMode {
     /// Support-set statistics: a query's prediction does not depend on the other queries.

@@ -23,6 +23,7 @@
 //! Adaptation and models:
 //! - [`adapt`]: T-NAS Algorithm 2 on a task's copies, and query prediction.
 //! - [`task_batch`]: several same-shaped tasks adapted as one pass (cross-task batching).
+//! - [`cuda_graph`]: GPU work recorded once as a CUDA graph and replayed with one launch.
 //! - [`metadata`]: what `model.json` records.
 //! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
@@ -37,6 +38,7 @@
 pub mod adapt;
 pub mod checkpoint;
 pub mod conv4;
+pub mod cuda_graph;
 pub mod data;
 pub mod depthwise;
 pub mod derived;

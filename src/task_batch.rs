@@ -11,6 +11,7 @@
 //! Tasks batch together when they have the same shape: way, shots, queries and settings.
 
 use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, TaskState};
+use crate::checkpoint::Checkpoint;
 use crate::genotype::Genotype;
 use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 use crate::metadata::HeadSpec;
@@ -108,12 +109,14 @@ impl TaskBatch {
         Ok(())
     }
 
-    /// Every task's softmax(θ) as (normal, reduce) rows, in task order: one softmax and one copy to
-    /// the host for all tasks.
+    /// Every task's θ, stacked task by task.
+    pub fn alphas(&self) -> &Alphas {
+        self.state.alphas.as_ref().expect("a task batch holds θ")
+    }
+
+    /// Every task's softmax(θ) as (normal, reduce) rows, in task order.
     pub fn mixings(&self) -> Vec<MixingRows> {
-        let (normal, reduce) = self.state.alphas.as_ref().expect("a task batch holds θ").mixing_rows();
-        let edges = normal.len() / self.tasks as usize;
-        normal.chunks(edges).zip(reduce.chunks(edges)).map(|(n, r)| (n.to_vec(), r.to_vec())).collect()
+        task_mixings(self.alphas(), self.tasks)
     }
 
     /// Every task's decoded genotype, in task order.
@@ -125,4 +128,23 @@ impl TaskBatch {
     pub fn predict(&self, net: &Supernet, support: &BatchedSupport, query: &Tensor, bn: BnMode) -> Tensor {
         crate::grad::no_grad(|| logits_under(bn, &support.images, query, |x, stats| self.logits(net, x, stats)))
     }
+}
+
+/// Adapts every task of `support` from `checkpoint`'s meta-weights (`inner.steps` steps, asking
+/// `keep_going` before each) and predicts `query` [N_q, T·C, H, W]: query logits [N_q, T, n_way]
+/// and every task's adapted θ, stacked. Reads nothing back to the host, so a CUDA graph can record it.
+pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, support: &BatchedSupport, query: &Tensor, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<(Tensor, Alphas), Interrupted> {
+    let meta_alphas = checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
+    let mut batch = TaskBatch::start(net, &checkpoint.params, meta_alphas, checkpoint.meta.head, support);
+    batch.adapt(net, support, inner, keep_going)?;
+    let logits = batch.predict(net, support, query, bn);
+    Ok((logits, batch.alphas().map(Tensor::detach)))
+}
+
+/// Each task's softmax(θ) rows, in task order, from θ stacked over `tasks` tasks: one softmax and
+/// one copy to the host for all of them.
+pub fn task_mixings(alphas: &Alphas, tasks: i64) -> Vec<MixingRows> {
+    let (normal, reduce) = alphas.mixing_rows();
+    let edges = normal.len() / tasks as usize;
+    normal.chunks(edges).zip(reduce.chunks(edges)).map(|(n, r)| (n.to_vec(), r.to_vec())).collect()
 }

@@ -1,5 +1,6 @@
 //! Cross-task batching: several tasks adapted as one pass give each task exactly what adapting it
-//! alone gives, the same query logits and the same genotype, in the library and in the worker.
+//! alone gives, the same query logits and the same genotype, in the library and in the worker; and
+//! on a GPU, so do adaptations replayed from recorded CUDA graphs.
 
 mod common;
 
@@ -119,4 +120,34 @@ fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
         let error = common::relative_error(&Tensor::from_slice2(&b.logits), &Tensor::from_slice2(&a.logits));
         assert!(error < 1e-4, "task {t}: batched logits differ from alone by {error:.1e}");
     }
+}
+
+/// On a GPU the worker records each task shape as a CUDA graph and replays it: the recording task,
+/// the replayed ones and a replayed batch answer as the eager worker does.
+#[test]
+fn recorded_adaptations_answer_like_eager_ones_on_a_gpu() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: recorded adaptations are checked on GPU machines only");
+        return;
+    }
+    let load = || Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu).expect("the shipped model loads");
+    let checkpoint = load();
+    let alphabets = ["Latin", "Greek", "Korean", "Latin"];
+    let outputs = |cuda_graphs| {
+        let worker = common::ready_worker_on(Device::Cuda(0), load(), 16, 8, cuda_graphs);
+        // One at a time (the first records, the next replay), then three queued together (a batch).
+        let mut out: Vec<_> = alphabets.iter().flat_map(|a| common::answers(&worker, vec![worker_input(&checkpoint, a, 10)])).collect();
+        out.extend(common::answers(&worker, alphabets[..3].iter().map(|a| worker_input(&checkpoint, a, 10)).collect()));
+        out.into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>()
+    };
+    let (recorded, eager) = (outputs(4), outputs(0));
+    assert!(recorded.iter().all(|out| out.cuda_graph), "every task is answered by replaying its shape's graph");
+    assert!(eager.iter().all(|out| !out.cuda_graph));
+    for (t, (r, e)) in recorded.iter().zip(&eager).enumerate() {
+        assert_eq!(r.genotype, e.genotype, "task {t}: genotype");
+        let error = common::relative_error(&Tensor::from_slice2(&r.logits), &Tensor::from_slice2(&e.logits));
+        assert!(error < 1e-3, "task {t}: replayed logits differ from eager ones by {error:.1e}");
+    }
+    let latin = common::relative_error(&Tensor::from_slice2(&recorded[3].logits), &Tensor::from_slice2(&recorded[0].logits));
+    assert!(latin < 1e-5, "the same task replayed gives the same answer ({latin:.1e})");
 }

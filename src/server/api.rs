@@ -71,7 +71,10 @@ pub struct Prediction {
 pub struct TimingMs {
     pub decode_images: f64,
     pub queue: f64,
+    /// The adaptation steps and decoding. For a task adapted in a batch, or replayed from a recorded
+    /// CUDA graph, also the queries' forward pass, which runs with them.
     pub adapt: f64,
+    /// The queries' forward pass; for a batched or replayed task, copying its predictions back.
     pub predict: f64,
     pub total: f64,
 }
@@ -89,6 +92,9 @@ pub struct AdaptResponse {
     pub predictions: Vec<Prediction>,
     pub steps: usize,
     pub device: String,
+    /// True when the adaptation was replayed from a recorded CUDA graph (on a GPU: supernet
+    /// predictions; a task shape's first task also waits for its recording).
+    pub cuda_graph: bool,
     pub timing_ms: TimingMs,
 }
 

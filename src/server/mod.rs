@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod middleware;
 pub mod openapi;
+mod recorded;
 pub mod routes;
 pub mod state;
 pub mod store;
@@ -90,7 +91,7 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         Some(name) => return Err(format!("--default-model {name} is not among the loaded models: {:?}", models.keys().collect::<Vec<_>>())),
         None => models.keys().next().cloned().ok_or("no models loaded")?,
     };
-    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.limits.max_batch, config.threads);
+    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.limits.max_batch, config.threads, config.cuda_graphs);
     Ok(Arc::new(AppState {
         models,
         default_model,

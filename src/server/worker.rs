@@ -6,20 +6,26 @@
 //! kernel launches, so a batch costs little more than one task, and under load throughput grows
 //! with the batch while each answer stays what the task alone would get.
 //!
+//! On a GPU each task shape's batch is recorded once as a CUDA graph and replayed after that
+//! ([`super::recorded`]); single tasks go that way too, as batches of one. Recorded batches are
+//! padded to a power of two (repeating the last task), so a shape needs at most five recordings
+//! at the default `max_batch` of 16, not sixteen.
+//!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
 //! request stops burning compute. A panic inside a job (a libtorch error, out of memory) fails that
 //! job only; the thread keeps serving.
 
 use super::api::AlphaWeights;
-use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
+use super::recorded::RecordedAdaptations;
+use crate::adapt::{BnMode, InnerLoop, Interrupted, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::checkpoint::Checkpoint;
 use crate::genotype::Genotype;
 use crate::metadata::ModelMeta;
 use crate::network::Network;
 use crate::params::matrix_rows;
 use crate::supernet::{Alphas, MixingRows};
-use crate::task_batch::{side_by_side, BatchedSupport, TaskBatch};
+use crate::task_batch::{self, side_by_side, task_mixings, BatchedSupport};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +73,8 @@ pub struct TaskOutput {
     pub queue_ms: f64,
     pub adapt_ms: f64,
     pub predict_ms: f64,
+    /// Replayed from a recorded CUDA graph.
+    pub cuda_graph: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -119,8 +127,9 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the thread: moves the checkpoints to `device`, runs one warm-up adaptation per model,
-    /// then serves jobs. `queue_depth` bounds the jobs waiting; up to `max_batch` run together.
-    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, max_batch: usize, threads: i32) -> Worker {
+    /// then serves jobs. `queue_depth` bounds the jobs waiting; up to `max_batch` run together; on
+    /// a GPU up to `cuda_graphs` task shapes are kept as recorded graphs.
+    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, max_batch: usize, threads: i32, cuda_graphs: usize) -> Worker {
         let queue_depth = queue_depth.max(1);
         let (sender, receiver) = mpsc::channel(queue_depth);
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -140,7 +149,8 @@ impl Worker {
                     }
                 };
                 let _ = ready_tx.send(Readiness::Ready);
-                serve(models, receiver, &worker_waiting, device, max_batch.max(1));
+                let recorded = RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
+                serve(models, receiver, &worker_waiting, device, max_batch.max(1), recorded);
             })
             .expect("the OS can start a thread");
         Worker { sender: Some(sender), waiting, queue_depth, readiness, thread: Some(thread), device }
@@ -226,7 +236,7 @@ fn warm_up(model: &ResidentModel, device: Device) {
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
 }
 
-fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, waiting: &AtomicUsize, device: Device, max_batch: usize) {
+fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, waiting: &AtomicUsize, device: Device, max_batch: usize, mut recorded: RecordedAdaptations<TaskShape>) {
     // Jobs taken off the channel but not started: the candidates for the next batch.
     let mut held: VecDeque<Job> = VecDeque::new();
     loop {
@@ -253,10 +263,10 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
         };
         let key = batch_key(model, &first.input);
         let mut batch = vec![first];
-        if key.is_some() {
+        if let Some(key) = &key {
             let mut index = 0;
             while batch.len() < max_batch && index < held.len() {
-                if !held[index].reply.is_closed() && batch_key(model, &held[index].input) == key {
+                if !held[index].reply.is_closed() && batch_key(model, &held[index].input).as_ref() == Some(key) {
                     batch.push(leave_queue(held.remove(index).expect("index is in range"), waiting));
                 } else {
                     index += 1;
@@ -270,13 +280,15 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
             catch_unwind(AssertUnwindSafe(|| run_task(model, &job.input, device, &keep_going))).unwrap_or_else(|panic| Err(WorkerError::Failed(panic_message(&panic))))
         };
         // A batch that fails runs again task by task, so a faulty task fails alone.
-        let results = match batch.as_slice() {
-            [single] => vec![alone(single)],
-            _ => {
+        let results = match (&key, batch.as_slice()) {
+            (Some(key), _) if batch.len() > 1 || recorded.is_on() => {
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
                 let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
-                catch_unwind(AssertUnwindSafe(|| run_batch(model, &inputs, device, &keep_going))).unwrap_or_else(|_| batch.iter().map(alone).collect())
+                let tasks = if recorded.is_on() { batch.len().next_power_of_two().min(max_batch) } else { batch.len() };
+                let shape = TaskShape { model: model.checkpoint.meta.name.clone(), key: key.clone(), tasks };
+                catch_unwind(AssertUnwindSafe(|| run_batch(model, &inputs, device, &keep_going, &shape, &mut recorded))).unwrap_or_else(|_| batch.iter().map(alone).collect())
             }
+            _ => batch.iter().map(alone).collect(),
         };
         for (job, result) in batch.into_iter().zip(results) {
             reply(job, result, started);
@@ -293,7 +305,7 @@ fn leave_queue(job: Job, waiting: &AtomicUsize) -> Job {
 }
 
 /// What must match for tasks to run as one batch: their shapes and settings.
-#[derive(PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct BatchKey {
     n_way: usize,
     support_images: usize,
@@ -302,6 +314,15 @@ struct BatchKey {
     lr_w: u64,
     lr_theta: u64,
     bn: BnMode,
+}
+
+/// What a batch is adapted as: `tasks` tasks (the batch, padded) with the same [`BatchKey`]; each
+/// recorded adaptation is recorded for one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TaskShape {
+    model: String,
+    key: BatchKey,
+    tasks: usize,
 }
 
 /// `None` when the task runs alone: networks without θ, derived-network predictions.
@@ -386,31 +407,52 @@ fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going
         .map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
     let logits = matrix_rows(&logits);
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3 })
+    Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3, cuda_graph: false })
 }
 
-/// Adapts same-shaped supernet tasks as one batch and predicts their queries.
-fn run_batch(model: &ResidentModel, inputs: &[&TaskInput], device: Device, keep_going: &dyn Fn() -> bool) -> Vec<Result<TaskOutput, WorkerError>> {
+/// Adapts same-shaped supernet tasks as one batch of `shape.tasks` (the last task repeated to fill
+/// it) and predicts their queries: by replaying the shape's recorded graph when there is one, else
+/// eagerly.
+fn run_batch(
+    model: &ResidentModel,
+    inputs: &[&TaskInput],
+    device: Device,
+    keep_going: &dyn Fn() -> bool,
+    shape: &TaskShape,
+    recorded: &mut RecordedAdaptations<TaskShape>,
+) -> Vec<Result<TaskOutput, WorkerError>> {
     let Network::Supernet(net) = &model.network else { unreachable!("only supernet tasks batch") };
     let meta = &model.checkpoint.meta;
-    let support = BatchedSupport::new(
-        &inputs.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>(),
-        &inputs.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
-        inputs[0].n_way,
-    );
-    let o = inputs[0].options;
+    let (n_way, o) = (inputs[0].n_way, inputs[0].options);
+    let padding = std::iter::repeat_n(inputs[inputs.len() - 1], shape.tasks - inputs.len());
+    let tasks: Vec<&TaskInput> = inputs.iter().copied().chain(padding).collect();
+    let batch_inputs = [
+        side_by_side(&tasks.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>()),
+        Tensor::stack(&tasks.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(), 0),
+        side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>()),
+    ];
+    // [support images, labels, query images] → [query logits [N_q, T, n_way], θ normal, θ reduce].
+    let adapt_and_predict = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
+        let support = BatchedSupport { images: tensors[0].shallow_clone(), labels: tensors[1].shallow_clone(), n_way };
+        let (logits, alphas) = task_batch::adapt_and_predict(net, &model.checkpoint, &support, &tensors[2], &o.inner_loop(), o.bn, keep_going)?;
+        Ok::<_, Interrupted>(vec![logits, alphas.normal, alphas.reduce])
+    };
     let started = Instant::now();
-    let alphas = model.checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
-    let mut batch = TaskBatch::start(net, &model.checkpoint.params, alphas, meta.head, &support);
-    if let Err(interrupted) = batch.adapt(net, &support, &o.inner_loop(), keep_going) {
-        return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect();
+    if !keep_going() {
+        return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 })).collect();
     }
-    let mixings = batch.mixings();
+    let replayed = recorded.run(shape, &batch_inputs, |tensors| adapt_and_predict(tensors, &|| true).expect("recorded work is never interrupted"));
+    let cuda_graph = replayed.is_some();
+    let outputs = match replayed.map(Ok).unwrap_or_else(|| adapt_and_predict(&batch_inputs, keep_going)) {
+        Ok(outputs) => outputs,
+        Err(interrupted) => return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect(),
+    };
+    let [logits, normal, reduce] = <[Tensor; 3]>::try_from(outputs).expect("three outputs");
+    let mixings = task_mixings(&Alphas { normal, reduce }, tasks.len() as i64);
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let query = side_by_side(&inputs.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>());
     // [N_q, T, n_way] → one copy to the host, task-major rows.
-    let logits = batch.predict(net, &support, &query, o.bn).transpose(0, 1);
+    let logits = logits.transpose(0, 1);
     let queries = logits.size()[1] as usize;
     let rows = matrix_rows(&logits.reshape([-1, logits.size()[2]]));
     let predict_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -418,9 +460,10 @@ fn run_batch(model: &ResidentModel, inputs: &[&TaskInput], device: Device, keep_
     mixings
         .into_iter()
         .zip(rows.chunks(queries))
+        .take(inputs.len())
         .map(|(mixing, logits)| {
             let (genotype, alphas) = architecture(model, Some(mixing));
-            Ok(TaskOutput { genotype, alphas, logits: logits.to_vec(), queue_ms: 0.0, adapt_ms, predict_ms })
+            Ok(TaskOutput { genotype, alphas, logits: logits.to_vec(), queue_ms: 0.0, adapt_ms, predict_ms, cuda_graph })
         })
         .collect()
 }

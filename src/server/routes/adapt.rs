@@ -83,6 +83,7 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
         predictions,
         steps: options.steps,
         device: crate::device::device_name(state.worker.device),
+        cuda_graph: output.cuda_graph,
         timing_ms: TimingMs { decode_images: decode_ms, queue: output.queue_ms, adapt: output.adapt_ms, predict: output.predict_ms, total: arrived.elapsed().as_secs_f64() * 1e3 },
     }))
 }
