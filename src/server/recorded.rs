@@ -4,30 +4,26 @@
 //! whole adaptation at once instead of kernel by kernel from the host.
 //!
 //! Each graph keeps its own GPU memory, so at most `capacity` are kept; the least recently used
-//! goes first. A shape whose recording fails is remembered and adapts eagerly from then on.
+//! goes first. A recording or replay that fails turns recording off for good (logged, with the
+//! reason): a failed capture can leave libtorch's allocator holding the capture's memory pool, so
+//! trying again shape after shape is not safe. The worker then adapts eagerly.
 
 use crate::cuda_graph::Replay;
 use std::collections::HashMap;
 use std::hash::Hash;
 use tch::Tensor;
 
-/// A task shape's graph, or `None` when the shape could not be recorded or replayed.
-struct Entry {
-    replay: Option<Replay>,
-    last_used: u64,
-}
-
-/// Graphs by task shape `K`.
+/// Graphs by task shape `K`, each with when it was last used.
 pub struct RecordedAdaptations<K> {
     capacity: usize,
-    entries: HashMap<K, Entry>,
+    replays: HashMap<K, (Replay, u64)>,
     clock: u64,
 }
 
 impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
     /// Keeps up to `capacity` shapes; 0 records none.
     pub fn new(capacity: usize) -> Self {
-        RecordedAdaptations { capacity, entries: HashMap::new(), clock: 0 }
+        RecordedAdaptations { capacity, replays: HashMap::new(), clock: 0 }
     }
 
     pub fn is_on(&self) -> bool {
@@ -35,40 +31,44 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
     }
 
     /// The outputs of `work(inputs)`, from the graph of `key`, recorded now if this shape is new.
-    /// `None` means: adapt eagerly (graphs off, or this shape could not be recorded or replayed;
-    /// the reason is logged once).
+    /// `None` means: adapt eagerly (recording is off, or has just failed).
     pub fn run(&mut self, key: &K, inputs: &[Tensor], work: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Option<Vec<Tensor>> {
         if !self.is_on() {
             return None;
         }
         self.clock += 1;
-        if !self.entries.contains_key(key) {
-            let replay = Replay::record(inputs, work)
-                .inspect_err(|error| tracing::warn!(?key, %error, "this task shape cannot be recorded as a CUDA graph; it adapts eagerly"))
-                .ok();
-            self.make_room();
-            self.entries.insert(key.clone(), Entry { replay, last_used: self.clock });
-        }
-        let entry = self.entries.get_mut(key).expect("the shape has an entry");
-        entry.last_used = self.clock;
-        match entry.replay.as_ref()?.run(inputs) {
-            Ok(outputs) => Some(outputs),
-            Err(error) => {
-                tracing::warn!(?key, %error, "replaying a recorded adaptation failed; this task shape adapts eagerly");
-                entry.replay = None;
-                None
+        if !self.replays.contains_key(key) {
+            match Replay::record(inputs, work) {
+                Ok(replay) => {
+                    self.make_room();
+                    self.replays.insert(key.clone(), (replay, self.clock));
+                }
+                Err(error) => return self.turn_off(key, "recording", &error),
             }
+        }
+        let (replay, last_used) = self.replays.get_mut(key).expect("the shape is recorded");
+        *last_used = self.clock;
+        match replay.run(inputs) {
+            Ok(outputs) => Some(outputs),
+            Err(error) => self.turn_off(key, "replaying", &error),
         }
     }
 
-    /// Forgets the least recently used shape when `capacity` are kept.
+    fn turn_off(&mut self, key: &K, what: &str, error: &str) -> Option<Vec<Tensor>> {
+        tracing::warn!(?key, %error, "{what} a CUDA graph failed; this worker adapts eagerly from now on");
+        self.capacity = 0;
+        self.replays.clear();
+        None
+    }
+
+    /// Drops the least recently used graph when `capacity` are kept.
     fn make_room(&mut self) {
-        if self.entries.len() < self.capacity {
+        if self.replays.len() < self.capacity {
             return;
         }
-        let oldest = self.entries.iter().min_by_key(|(_, entry)| entry.last_used).map(|(key, _)| key.clone());
+        let oldest = self.replays.iter().min_by_key(|(_, (_, last_used))| *last_used).map(|(key, _)| key.clone());
         if let Some(key) = oldest {
-            self.entries.remove(&key);
+            self.replays.remove(&key);
         }
     }
 }
@@ -83,14 +83,12 @@ mod tests {
     }
 
     #[test]
-    fn shapes_that_cannot_be_recorded_adapt_eagerly_and_the_least_recently_used_goes_first() {
+    fn a_failed_recording_turns_recording_off_and_the_work_runs_eagerly() {
         let mut recorded = RecordedAdaptations::new(2);
-        for shape in ["a", "b", "a", "c"] {
-            assert!(recorded.run(&shape, &cpu_input(), |inputs| vec![&inputs[0] * 2.0]).is_none(), "CPU work is not recorded");
-        }
-        let mut kept: Vec<&str> = recorded.entries.keys().copied().collect();
-        kept.sort();
-        assert_eq!(kept, ["a", "c"], "b was used least recently");
+        assert!(recorded.is_on());
+        assert!(recorded.run(&"a", &cpu_input(), |inputs| vec![&inputs[0] * 2.0]).is_none(), "CPU work cannot be recorded");
+        assert!(!recorded.is_on(), "no second attempt");
+        assert!(recorded.replays.is_empty());
     }
 
     #[test]
@@ -98,6 +96,6 @@ mod tests {
         let mut recorded = RecordedAdaptations::new(0);
         assert!(!recorded.is_on());
         assert!(recorded.run(&"a", &cpu_input(), |inputs| vec![inputs[0].copy()]).is_none());
-        assert!(recorded.entries.is_empty());
+        assert!(recorded.replays.is_empty());
     }
 }
