@@ -121,7 +121,9 @@ impl TaskState {
         loss.detach()
     }
 
-    /// Plain SGD down `loss`: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L.
+    /// Plain SGD down `loss`: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L. The weights (hundreds of
+    /// tensors) update as one flat tensor whose views are the new weights: a handful of ops instead
+    /// of two per weight tensor, so a GPU step launches hundreds fewer kernels.
     pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
         let grads = Tensor::run_backward(&[loss], &self.trainable(), inner.second_order, inner.second_order);
         let n = self.params.len();
@@ -132,7 +134,8 @@ impl TaskState {
                 crate::grad::no_grad(|| (t - g * lr).set_requires_grad(true))
             }
         };
-        let params = self.params.map_indexed(|i, t| update(t, &grads[i], inner.lr_w));
+        let weights = update(&ParamSet::flat(self.params.tensors()), &ParamSet::flat(&grads[..n]), inner.lr_w);
+        let params = self.params.views_of(&weights);
         let alphas = self.alphas.as_ref().map(|a| Alphas {
             normal: update(&a.normal, &grads[n], inner.lr_theta),
             reduce: update(&a.reduce, &grads[n + 1], inner.lr_theta),

@@ -140,6 +140,19 @@ impl ParamSet {
         }
     }
 
+    /// Every tensor flattened and concatenated in order: [numel].
+    pub fn flat(tensors: &[impl std::borrow::Borrow<Tensor>]) -> Tensor {
+        Tensor::cat(&tensors.iter().map(|t| t.borrow().reshape([-1])).collect::<Vec<_>>(), 0)
+    }
+
+    /// A set with these names and shapes whose tensors are views of `flat` (laid out as
+    /// [`ParamSet::flat`] lays them).
+    pub fn views_of(&self, flat: &Tensor) -> ParamSet {
+        let sizes: Vec<i64> = self.tensors.iter().map(|t| t.numel() as i64).collect();
+        let parts = flat.split_with_sizes(&sizes, 0);
+        self.map_indexed(|i, _| parts[i].view(self.tensors[i].size().as_slice()))
+    }
+
     /// Independent copies that are leaves of a new autograd graph: a task's starting point.
     pub fn leaf_copies(&self, device: Device) -> ParamSet {
         self.map(|_, t| t.detach().to_device(device).copy().set_requires_grad(true))
@@ -220,6 +233,25 @@ mod tests {
         let set = ParamSet::from_pairs([("a".to_string(), Tensor::zeros([5], (Kind::Float, Device::Cpu))), ("c".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))]);
         let err = set.check_against(&specs).unwrap_err();
         assert!(err.contains("'a' has shape [5]") && err.contains("missing 'b'") && err.contains("unexpected 'c'"), "{err}");
+    }
+
+    #[test]
+    fn views_of_the_flat_layout_have_each_tensor_back_and_carry_gradients() {
+        let set = ParamSet::from_pairs([
+            ("w".to_string(), Tensor::randn([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1)),
+            ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
+        ]);
+        let flat = ParamSet::flat(set.tensors()).set_requires_grad(true);
+        assert_eq!(flat.size(), [10]);
+        let views = set.views_of(&flat);
+        assert_eq!(views.names(), set.names());
+        for (view, original) in views.tensors().iter().zip(set.tensors()) {
+            assert!(view.equal(original), "same shape and values, a non-contiguous original included");
+        }
+        let loss = (views.get("w").sum(Kind::Float) * 2.0) + views.get("b").square().sum(Kind::Float);
+        let grads = Tensor::run_backward(&[loss], &views.tensors().iter().collect::<Vec<_>>(), false, false);
+        assert!(grads[0].equal(&Tensor::full([3, 2], 2.0, (Kind::Float, Device::Cpu))));
+        assert!(grads[1].allclose(&(set.get("b") * 2.0), 1e-6, 1e-6, false));
     }
 
     #[test]
