@@ -6,8 +6,10 @@
 // C++ exception crosses into Rust. Streams, events and guards go through c10's device-generic types,
 // which call into libc10_cuda, so the shim needs no CUDA runtime of its own.
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/Event.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -24,13 +26,31 @@ void order(c10::Stream earlier, c10::Stream later) {
   done.block(later);
 }
 
+// libtorch's CUDAGraph leaves its allocators recording into the capture's memory pool when
+// capture_end fails (the capture was invalidated); `abandon_capture` ends that, as a successful
+// capture_end would have.
+struct Recorder : at::cuda::CUDAGraph {
+  void abandon_capture() {
+    try {
+      c10::cuda::CUDACachingAllocator::endAllocateToPool(capture_dev_, mempool_id_);
+    } catch (...) {
+    }
+    try {
+      at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(mempool_id_);
+    } catch (...) {
+    }
+  }
+};
+
 struct Graph {
   explicit Graph(c10::Stream stream) : stream(stream) {}
 
-  at::cuda::CUDAGraph graph;
+  Recorder graph;
   c10::Stream stream;
   // Set while the graph's stream is the current stream of the calling thread.
   std::optional<c10::StreamGuard> on_stream;
+  // Between a successful capture_begin and a successful capture_end.
+  bool capturing = false;
 };
 
 c10::Stream current_stream(const Graph* g) {
@@ -46,6 +66,8 @@ char* guarded(F f) {
     return strdup(e.what_without_backtrace());
   } catch (const std::exception& e) {
     return strdup(e.what());
+  } catch (...) {
+    return strdup("unknown C++ exception");
   }
 }
 
@@ -81,16 +103,39 @@ char* tnas_graph_leave_stream(void* graph) {
   });
 }
 
-char* tnas_graph_synchronize(void* graph) {
-  return guarded([&] { as_graph(graph)->stream.synchronize(); });
+// Waits for the graph's stream, then hands the allocator's cached free blocks back to the device:
+// memory cached for the warm-up's stream cannot serve the capture, and no cache is emptied while
+// a capture runs, so without this a capture can run out of memory where eager work would not.
+char* tnas_graph_settle(void* graph) {
+  return guarded([&] {
+    as_graph(graph)->stream.synchronize();
+    c10::cuda::CUDACachingAllocator::emptyCache();
+  });
 }
 
 char* tnas_graph_capture_begin(void* graph) {
-  return guarded([&] { as_graph(graph)->graph.capture_begin(); });
+  return guarded([&] {
+    as_graph(graph)->graph.capture_begin();
+    as_graph(graph)->capturing = true;
+  });
 }
 
 char* tnas_graph_capture_end(void* graph) {
-  return guarded([&] { as_graph(graph)->graph.capture_end(); });
+  return guarded([&] {
+    as_graph(graph)->graph.capture_end();
+    as_graph(graph)->capturing = false;
+  });
+}
+
+// After a failed capture: stops the allocators recording into its pool.
+char* tnas_graph_abandon_capture(void* graph) {
+  return guarded([&] {
+    Graph* g = as_graph(graph);
+    if (g->capturing) {
+      g->graph.abandon_capture();
+      g->capturing = false;
+    }
+  });
 }
 
 char* tnas_graph_replay(void* graph) {

@@ -127,20 +127,19 @@ impl TaskState {
     pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
         let grads = Tensor::run_backward(&[loss], &self.trainable(), inner.second_order, inner.second_order);
         let n = self.params.len();
-        let update = |t: &Tensor, g: &Tensor, lr: f64| {
-            if inner.second_order {
-                t - g * lr
-            } else {
-                crate::grad::no_grad(|| (t - g * lr).set_requires_grad(true))
-            }
+        let stepped = || {
+            let weights = ParamSet::flat(self.params.tensors()) - ParamSet::flat(&grads[..n]) * inner.lr_w;
+            let alphas = self.alphas.as_ref().map(|a| Alphas { normal: &a.normal - &grads[n] * inner.lr_theta, reduce: &a.reduce - &grads[n + 1] * inner.lr_theta });
+            (weights, alphas)
         };
-        let weights = update(&ParamSet::flat(self.params.tensors()), &ParamSet::flat(&grads[..n]), inner.lr_w);
-        let params = self.params.views_of(&weights);
-        let alphas = self.alphas.as_ref().map(|a| Alphas {
-            normal: update(&a.normal, &grads[n], inner.lr_theta),
-            reduce: update(&a.reduce, &grads[n + 1], inner.lr_theta),
-        });
-        *self = TaskState { params, alphas };
+        // First order: each step's graph starts at fresh leaves, so the update itself is not recorded.
+        let (weights, alphas) = if inner.second_order {
+            stepped()
+        } else {
+            let (weights, alphas) = crate::grad::no_grad(stepped);
+            (weights.set_requires_grad(true), alphas.map(|a| a.map(|t| t.set_requires_grad(true))))
+        };
+        *self = TaskState { params: self.params.views_of(&weights), alphas };
     }
 
     /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early.

@@ -32,7 +32,7 @@ impl Replay {
         graph.apply(Step::EnterStream)?;
         let recorded = (|| {
             run_caught(|| drop(work(&inputs)))?;
-            graph.apply(Step::Synchronize)?;
+            graph.apply(Step::Settle)?;
             graph.apply(Step::CaptureBegin)?;
             let outputs = run_caught(|| work(&inputs));
             let ended = graph.apply(Step::CaptureEnd);
@@ -40,9 +40,13 @@ impl Replay {
             ended.map(|()| outputs)
         })();
         let left = graph.apply(Step::LeaveStream);
-        let outputs = recorded?;
-        left?;
-        Ok(Replay { graph, inputs, outputs })
+        match (recorded, left) {
+            (Ok(outputs), Ok(())) => Ok(Replay { graph, inputs, outputs }),
+            (Err(error), _) | (Ok(_), Err(error)) => {
+                graph.abandon();
+                Err(error)
+            }
+        }
     }
 
     /// Copies `inputs` (the recorded shapes) into the recorded inputs, replays the work, and
@@ -51,11 +55,13 @@ impl Replay {
         if inputs.len() != self.inputs.len() || inputs.iter().zip(&self.inputs).any(|(new, recorded)| new.size() != recorded.size()) {
             return Err("the inputs' shapes differ from the recorded ones".into());
         }
-        for (new, recorded) in inputs.iter().zip(&self.inputs) {
-            recorded.shallow_clone().copy_(new);
-        }
+        run_caught(|| {
+            for (new, recorded) in inputs.iter().zip(&self.inputs) {
+                recorded.shallow_clone().copy_(new);
+            }
+        })?;
         self.graph.apply(Step::Replay)?;
-        Ok(self.outputs.iter().map(Tensor::copy).collect())
+        run_caught(|| self.outputs.iter().map(Tensor::copy).collect())
     }
 }
 
@@ -73,7 +79,9 @@ enum Step {
     EnterStream,
     /// Restores the caller's stream, ordered after the graph's.
     LeaveStream,
-    Synchronize,
+    /// Waits for the graph's stream and returns cached free memory to the device, so the capture
+    /// has the room the eager warm-up had.
+    Settle,
     CaptureBegin,
     CaptureEnd,
     /// Launches the recorded kernels on the caller's current stream.
@@ -93,9 +101,10 @@ mod shim {
         fn tnas_graph_new(device: c_int, out: *mut *mut c_void) -> *mut c_char;
         fn tnas_graph_enter_stream(graph: *mut c_void) -> *mut c_char;
         fn tnas_graph_leave_stream(graph: *mut c_void) -> *mut c_char;
-        fn tnas_graph_synchronize(graph: *mut c_void) -> *mut c_char;
+        fn tnas_graph_settle(graph: *mut c_void) -> *mut c_char;
         fn tnas_graph_capture_begin(graph: *mut c_void) -> *mut c_char;
         fn tnas_graph_capture_end(graph: *mut c_void) -> *mut c_char;
+        fn tnas_graph_abandon_capture(graph: *mut c_void) -> *mut c_char;
         fn tnas_graph_replay(graph: *mut c_void) -> *mut c_char;
         fn tnas_graph_free(graph: *mut c_void);
         fn tnas_graph_free_error(message: *mut c_char);
@@ -127,13 +136,22 @@ mod shim {
             let shim_function: unsafe extern "C" fn(*mut c_void) -> *mut c_char = match step {
                 Step::EnterStream => tnas_graph_enter_stream,
                 Step::LeaveStream => tnas_graph_leave_stream,
-                Step::Synchronize => tnas_graph_synchronize,
+                Step::Settle => tnas_graph_settle,
                 Step::CaptureBegin => tnas_graph_capture_begin,
                 Step::CaptureEnd => tnas_graph_capture_end,
                 Step::Replay => tnas_graph_replay,
             };
             // SAFETY: `self.0` came from `tnas_graph_new` and is freed only in `drop`.
             checked(unsafe { shim_function(self.0) })
+        }
+
+        /// After a failed recording: stops libtorch's allocators recording into the capture's
+        /// pool, and keeps the graph alive on purpose, as the allocator may still hold callbacks
+        /// that refer to it (recording stops after a failure, so this happens once).
+        pub fn abandon(self) {
+            // SAFETY: as in `apply`.
+            let _ = checked(unsafe { tnas_graph_abandon_capture(self.0) });
+            std::mem::forget(self);
         }
     }
 
@@ -151,7 +169,7 @@ use no_shim::Graph;
 /// A build whose libtorch has no CUDA (or was built without CUDA headers) records no graphs.
 #[cfg(not(tnas_cuda_graphs))]
 mod no_shim {
-    /// Uninhabited: [`Graph::new`] always fails, so `apply` cannot be reached.
+    /// Uninhabited: [`Graph::new`] always fails, so no method below can be reached.
     pub enum Graph {}
 
     impl Graph {
@@ -161,6 +179,10 @@ mod no_shim {
 
         pub fn apply(&self, _step: super::Step) -> Result<(), String> {
             match *self {}
+        }
+
+        pub fn abandon(self) {
+            match self {}
         }
     }
 }

@@ -122,8 +122,40 @@ fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
     }
 }
 
-/// On a GPU the worker records each task shape as a CUDA graph and replays it: the recording task,
-/// the replayed ones and a replayed batch answer as the eager worker does.
+/// Tasks of the same shape for two models queue together but adapt apart, each on its own model.
+#[test]
+fn tasks_for_different_models_never_share_a_batch() {
+    tch::set_num_threads(2);
+    let shipped = || Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu).expect("the shipped model loads");
+    // A second model of the same shape: the shipped weights with θ negated, so it decodes differently.
+    let flipped = || {
+        let mut checkpoint = shipped();
+        checkpoint.meta.name = "flipped".into();
+        checkpoint.alphas = checkpoint.alphas.map(|a| a.map(|t| -t));
+        checkpoint
+    };
+    let checkpoint = shipped();
+    let inputs = || {
+        let mut other = worker_input(&checkpoint, "Latin", 2);
+        other.model = "flipped".into();
+        // The 4-step task keeps the worker busy while the other two queue up behind it.
+        vec![worker_input(&checkpoint, "Greek", 4), worker_input(&checkpoint, "Latin", 2), other]
+    };
+    let outputs = |max_batch| {
+        let worker = common::ready_worker_on(Device::Cpu, vec![shipped(), flipped()], 16, max_batch, 0);
+        common::answers(&worker, inputs()).into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>()
+    };
+    let (batched, alone) = (outputs(8), outputs(1));
+    assert_ne!(alone[1].genotype, alone[2].genotype, "the two models answer the same task differently");
+    for (t, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert_eq!(b.genotype, a.genotype, "task {t}: genotype");
+        let error = common::relative_error(&Tensor::from_slice2(&b.logits), &Tensor::from_slice2(&a.logits));
+        assert!(error < 1e-4, "task {t}: logits differ from adapting on its own model alone by {error:.1e}");
+    }
+}
+
+/// On a GPU the worker records each task shape as a CUDA graph on its second sighting and replays
+/// it: eager, recorded and replayed answers, single and batched, are what the eager worker gives.
 #[test]
 fn recorded_adaptations_answer_like_eager_ones_on_a_gpu() {
     if !tch::Cuda::is_available() {
@@ -134,15 +166,18 @@ fn recorded_adaptations_answer_like_eager_ones_on_a_gpu() {
     let checkpoint = load();
     let alphabets = ["Latin", "Greek", "Korean", "Latin"];
     let outputs = |cuda_graphs| {
-        let worker = common::ready_worker_on(Device::Cuda(0), load(), 16, 8, cuda_graphs);
-        // One at a time (the first records, the next replay), then three queued together (a batch).
+        let worker = common::ready_worker_on(Device::Cuda(0), vec![load()], 16, 8, cuda_graphs);
+        // One at a time (eager, then recorded, then replayed), then two rounds of three queued
+        // together (batches, whose recording evicts the single task's graph: room for one).
         let mut out: Vec<_> = alphabets.iter().flat_map(|a| common::answers(&worker, vec![worker_input(&checkpoint, a, 10)])).collect();
-        out.extend(common::answers(&worker, alphabets[..3].iter().map(|a| worker_input(&checkpoint, a, 10)).collect()));
+        for _ in 0..2 {
+            out.extend(common::answers(&worker, alphabets[..3].iter().map(|a| worker_input(&checkpoint, a, 10)).collect()));
+        }
         out.into_iter().map(|r| r.expect("the task succeeds")).collect::<Vec<_>>()
     };
-    // Room for one graph: the batch's shape evicts the single task's.
     let (recorded, eager) = (outputs(1), outputs(0));
-    assert!(recorded.iter().all(|out| out.cuda_graph), "every task is answered by replaying its shape's graph");
+    assert!(!recorded[0].cuda_graph, "a shape's first task adapts eagerly");
+    assert!(recorded[1..4].iter().all(|out| out.cuda_graph), "its later tasks replay the shape's graph");
     assert!(eager.iter().all(|out| !out.cuda_graph));
     for (t, (r, e)) in recorded.iter().zip(&eager).enumerate() {
         assert_eq!(r.genotype, e.genotype, "task {t}: genotype");
@@ -150,5 +185,5 @@ fn recorded_adaptations_answer_like_eager_ones_on_a_gpu() {
         assert!(error < 1e-3, "task {t}: replayed logits differ from eager ones by {error:.1e}");
     }
     let latin = common::relative_error(&Tensor::from_slice2(&recorded[3].logits), &Tensor::from_slice2(&recorded[0].logits));
-    assert!(latin < 1e-5, "the same task replayed gives the same answer ({latin:.1e})");
+    assert!(latin < 1e-3, "the same task eager and replayed gives the same answer ({latin:.1e})");
 }

@@ -92,8 +92,8 @@ pub struct AdaptResponse {
     pub predictions: Vec<Prediction>,
     pub steps: usize,
     pub device: String,
-    /// True when the adaptation was replayed from a recorded CUDA graph (on a GPU: supernet
-    /// predictions; a task shape's first task also waits for its recording).
+    /// True when the adaptation was replayed from a recorded CUDA graph (on a GPU, supernet
+    /// predictions of a task shape seen before; the task that records a shape waits for that too).
     pub cuda_graph: bool,
     pub timing_ms: TimingMs,
 }

@@ -54,8 +54,8 @@ pub struct ServerConfig {
     /// Intra-op threads of the worker (0 = libtorch's default).
     #[arg(long, env = "TNAS_THREADS", default_value_t = 0)]
     pub threads: i32,
-    /// Task shapes whose adaptation is kept as a recorded CUDA graph on a GPU, replayed for later
-    /// tasks of the same shape (0: none). Each keeps its own GPU memory.
+    /// Task shapes whose adaptation is kept as a recorded CUDA graph on a GPU (recorded when a
+    /// shape comes back, replayed for its later tasks; 0: none). Each keeps its own GPU memory.
     #[arg(long, env = "TNAS_CUDA_GRAPHS", default_value_t = 16)]
     pub cuda_graphs: usize,
     /// Require `Authorization: Bearer <key>` on everything but /healthz, /readyz and /metrics.

@@ -1,46 +1,56 @@
-//! The worker's recorded adaptations: on a GPU, the first batch of each task shape (model, way,
-//! shots, queries, steps, learning rates, BN mode, tasks in the batch) is recorded as a CUDA graph
-//! ([`crate::cuda_graph`]), and every later batch of that shape replays it, which launches the
-//! whole adaptation at once instead of kernel by kernel from the host.
+//! The worker's recorded adaptations: on a GPU, each task shape (model, way, shots, queries, steps,
+//! learning rates, BN mode, tasks in the batch) is recorded as a CUDA graph
+//! ([`crate::cuda_graph`]) the second time it is seen, and every later batch of that shape replays
+//! it, which launches the whole adaptation at once instead of kernel by kernel from the host. A
+//! shape seen once adapts eagerly: steps and learning rates are request settings, and recording
+//! (about two eager adaptations) only pays off for a shape that comes back.
 //!
 //! Each graph keeps its own GPU memory, so at most `capacity` are kept; the least recently used
 //! goes first. A recording or replay that fails turns recording off for good (logged, with the
-//! reason): a failed capture can leave libtorch's allocator holding the capture's memory pool, so
-//! trying again shape after shape is not safe. The worker then adapts eagerly.
+//! reason): a failed capture can leave libtorch's allocator in a state where trying again shape
+//! after shape is not safe. The worker then adapts eagerly.
 
 use crate::cuda_graph::Replay;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use tch::Tensor;
+
+/// Shapes seen once, remembered so the second sighting records (most recent last).
+const REMEMBERED_SHAPES: usize = 256;
 
 /// Graphs by task shape `K`, each with when it was last used.
 pub struct RecordedAdaptations<K> {
     capacity: usize,
     replays: HashMap<K, (Replay, u64)>,
+    seen_once: VecDeque<K>,
     clock: u64,
 }
 
 impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
     /// Keeps up to `capacity` shapes; 0 records none.
     pub fn new(capacity: usize) -> Self {
-        RecordedAdaptations { capacity, replays: HashMap::new(), clock: 0 }
+        RecordedAdaptations { capacity, replays: HashMap::new(), seen_once: VecDeque::new(), clock: 0 }
     }
 
     pub fn is_on(&self) -> bool {
         self.capacity > 0
     }
 
-    /// The outputs of `work(inputs)`, from the graph of `key`, recorded now if this shape is new.
-    /// `None` means: adapt eagerly (recording is off, or has just failed).
+    /// The outputs of `work(inputs)` from the graph of `key`, recorded now if this shape was seen
+    /// before. `None` means: adapt eagerly (recording is off, this is the shape's first sighting,
+    /// or recording has just failed).
     pub fn run(&mut self, key: &K, inputs: &[Tensor], work: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Option<Vec<Tensor>> {
         if !self.is_on() {
             return None;
         }
         self.clock += 1;
         if !self.replays.contains_key(key) {
+            if !self.seen_before(key) {
+                return None;
+            }
+            self.make_room();
             match Replay::record(inputs, work) {
                 Ok(replay) => {
-                    self.make_room();
                     self.replays.insert(key.clone(), (replay, self.clock));
                 }
                 Err(error) => return self.turn_off(key, "recording", &error),
@@ -54,6 +64,19 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
         }
     }
 
+    /// Whether `key` was seen once before (and is now taken off that list); remembers it if not.
+    fn seen_before(&mut self, key: &K) -> bool {
+        if let Some(position) = self.seen_once.iter().position(|k| k == key) {
+            self.seen_once.remove(position);
+            return true;
+        }
+        if self.seen_once.len() == REMEMBERED_SHAPES {
+            self.seen_once.pop_front();
+        }
+        self.seen_once.push_back(key.clone());
+        false
+    }
+
     fn turn_off(&mut self, key: &K, what: &str, error: &str) -> Option<Vec<Tensor>> {
         tracing::warn!(?key, %error, "{what} a CUDA graph failed; this worker adapts eagerly from now on");
         self.capacity = 0;
@@ -61,7 +84,7 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
         None
     }
 
-    /// Drops the least recently used graph when `capacity` are kept.
+    /// Drops the least recently used graph when `capacity` are kept, before recording another.
     fn make_room(&mut self) {
         if self.replays.len() < self.capacity {
             return;
@@ -83,12 +106,26 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_recording_turns_recording_off_and_the_work_runs_eagerly() {
+    fn a_shape_records_on_its_second_sighting_and_a_failed_recording_turns_recording_off() {
         let mut recorded = RecordedAdaptations::new(2);
-        assert!(recorded.is_on());
-        assert!(recorded.run(&"a", &cpu_input(), |inputs| vec![&inputs[0] * 2.0]).is_none(), "CPU work cannot be recorded");
+        let work = |inputs: &[Tensor]| vec![&inputs[0] * 2.0];
+        assert!(recorded.run(&"a", &cpu_input(), work).is_none(), "first sighting: eager");
+        assert!(recorded.run(&"b", &cpu_input(), work).is_none());
+        assert!(recorded.is_on(), "nothing was recorded yet");
+        assert!(recorded.run(&"a", &cpu_input(), work).is_none(), "second sighting records, which fails on the CPU");
         assert!(!recorded.is_on(), "no second attempt");
         assert!(recorded.replays.is_empty());
+    }
+
+    #[test]
+    fn only_the_most_recent_first_sightings_are_remembered() {
+        let mut recorded = RecordedAdaptations::new(2);
+        for shape in 0..=REMEMBERED_SHAPES {
+            assert!(!recorded.seen_before(&shape));
+        }
+        assert!(!recorded.seen_before(&0), "the oldest sighting was forgotten");
+        assert!(recorded.seen_before(&REMEMBERED_SHAPES));
+        assert!(!recorded.seen_before(&REMEMBERED_SHAPES), "taken off the list once recorded");
     }
 
     #[test]

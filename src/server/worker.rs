@@ -285,7 +285,7 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
                 let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
                 let tasks = if recorded.is_on() { batch.len().next_power_of_two().min(max_batch) } else { batch.len() };
-                let shape = TaskShape { model: model.checkpoint.meta.name.clone(), key: key.clone(), tasks };
+                let shape = TaskShape { key: key.clone(), tasks };
                 catch_unwind(AssertUnwindSafe(|| run_batch(model, &inputs, device, &keep_going, &shape, &mut recorded))).unwrap_or_else(|_| batch.iter().map(alone).collect())
             }
             _ => batch.iter().map(alone).collect(),
@@ -304,9 +304,10 @@ fn leave_queue(job: Job, waiting: &AtomicUsize) -> Job {
     job
 }
 
-/// What must match for tasks to run as one batch: their shapes and settings.
+/// What must match for tasks to run as one batch: their model, shapes and settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct BatchKey {
+    model: String,
     n_way: usize,
     support_images: usize,
     query_values: usize,
@@ -320,7 +321,6 @@ struct BatchKey {
 /// recorded adaptation is recorded for one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct TaskShape {
-    model: String,
     key: BatchKey,
     tasks: usize,
 }
@@ -329,6 +329,7 @@ struct TaskShape {
 fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
     let o = input.options;
     (model.network.has_alphas() && o.predict_with == PredictWith::Supernet).then(|| BatchKey {
+        model: input.model.clone(),
         n_way: input.n_way,
         support_images: input.support_labels.len(),
         query_values: input.query.len(),

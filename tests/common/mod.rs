@@ -137,13 +137,14 @@ pub fn serve(models: &Path, extra_args: &[&str]) -> String {
 
 /// A worker on the CPU serving `checkpoint`, once it reports ready.
 pub fn ready_worker(checkpoint: Checkpoint, queue_depth: usize, max_batch: usize) -> tnas::server::worker::Worker {
-    ready_worker_on(Device::Cpu, checkpoint, queue_depth, max_batch, 0)
+    ready_worker_on(Device::Cpu, vec![checkpoint], queue_depth, max_batch, 0)
 }
 
-/// A worker on `device` keeping up to `cuda_graphs` recorded adaptations, once it reports ready.
-pub fn ready_worker_on(device: Device, checkpoint: Checkpoint, queue_depth: usize, max_batch: usize, cuda_graphs: usize) -> tnas::server::worker::Worker {
+/// A worker on `device` serving `checkpoints` and keeping up to `cuda_graphs` recorded
+/// adaptations, once it reports ready.
+pub fn ready_worker_on(device: Device, checkpoints: Vec<Checkpoint>, queue_depth: usize, max_batch: usize, cuda_graphs: usize) -> tnas::server::worker::Worker {
     use tnas::server::worker::{Readiness, Worker};
-    let worker = Worker::spawn(vec![checkpoint], device, queue_depth, max_batch, 2, cuda_graphs);
+    let worker = Worker::spawn(checkpoints, device, queue_depth, max_batch, 2, cuda_graphs);
     let started = Instant::now();
     while worker.readiness() != Readiness::Ready {
         assert!(started.elapsed() < Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
