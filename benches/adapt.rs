@@ -18,7 +18,7 @@ use tnas::metadata::{AdaptationDefaults, HeadSpec};
 use tnas::network::Network;
 use tnas::params::matrix_rows;
 use tnas::search_space::SearchSpace;
-use tnas::task_batch::{adapt_and_predict, task_mixings, BatchedSupport};
+use tnas::task_batch::{adapt_and_predict, task_mixings};
 use common::ServerProcess;
 use support::{closed_loop, percentile};
 
@@ -76,12 +76,8 @@ fn ours_replayed(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, que
     let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
     let inner = inner_loop(checkpoint);
     let inputs = [support.to_device(device), labels.to_device(device).unsqueeze(0), query.to_device(device)];
-    let replay = Replay::record(&inputs, |tensors| {
-        let support = BatchedSupport { images: tensors[0].shallow_clone(), labels: tensors[1].shallow_clone(), n_way: WAY };
-        let (logits, alphas) = adapt_and_predict(&net, checkpoint, &support, &tensors[2], &inner, BnMode::Support, &|| true).expect("not interrupted");
-        vec![logits, alphas.normal, alphas.reduce]
-    })
-    .expect("the adaptation records as a CUDA graph");
+    let replay = Replay::record(&inputs, |tensors| adapt_and_predict(&net, checkpoint, tensors, WAY, &inner, BnMode::Support, &|| true).expect("not interrupted"))
+        .expect("the adaptation records as a CUDA graph");
     timed(|| {
         let [logits, normal, reduce] = <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays")).expect("three outputs");
         let _mixings = task_mixings(&tnas::supernet::Alphas { normal, reduce }, 1);

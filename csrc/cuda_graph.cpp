@@ -28,9 +28,12 @@ void order(c10::Stream earlier, c10::Stream later) {
 
 // libtorch's CUDAGraph leaves its allocators recording into the capture's memory pool when
 // capture_end fails (the capture was invalidated); `abandon_capture` ends that, as a successful
-// capture_end would have.
+// capture_end would have. A pool exists from capture_begin on; a successful end marks it ended.
 struct Recorder : at::cuda::CUDAGraph {
   void abandon_capture() {
+    if (capture_ended_ || (mempool_id_.first == 0 && mempool_id_.second == 0)) {
+      return;
+    }
     try {
       c10::cuda::CUDACachingAllocator::endAllocateToPool(capture_dev_, mempool_id_);
     } catch (...) {
@@ -49,8 +52,6 @@ struct Graph {
   c10::Stream stream;
   // Set while the graph's stream is the current stream of the calling thread.
   std::optional<c10::StreamGuard> on_stream;
-  // Between a successful capture_begin and a successful capture_end.
-  bool capturing = false;
 };
 
 c10::Stream current_stream(const Graph* g) {
@@ -114,28 +115,16 @@ char* tnas_graph_settle(void* graph) {
 }
 
 char* tnas_graph_capture_begin(void* graph) {
-  return guarded([&] {
-    as_graph(graph)->graph.capture_begin();
-    as_graph(graph)->capturing = true;
-  });
+  return guarded([&] { as_graph(graph)->graph.capture_begin(); });
 }
 
 char* tnas_graph_capture_end(void* graph) {
-  return guarded([&] {
-    as_graph(graph)->graph.capture_end();
-    as_graph(graph)->capturing = false;
-  });
+  return guarded([&] { as_graph(graph)->graph.capture_end(); });
 }
 
-// After a failed capture: stops the allocators recording into its pool.
+// After a failed recording: stops the allocators recording into the capture's pool, if any.
 char* tnas_graph_abandon_capture(void* graph) {
-  return guarded([&] {
-    Graph* g = as_graph(graph);
-    if (g->capturing) {
-      g->graph.abandon_capture();
-      g->capturing = false;
-    }
-  });
+  return guarded([&] { as_graph(graph)->graph.abandon_capture(); });
 }
 
 char* tnas_graph_replay(void* graph) {

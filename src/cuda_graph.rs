@@ -10,7 +10,7 @@
 //! Recordable work reads nothing back to the host and takes no branch on tensor values: the shapes
 //! alone decide which kernels run.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use crate::panics::caught;
 use tch::{Device, Tensor};
 
 /// Work recorded as a CUDA graph, with the tensors it reads and writes.
@@ -31,10 +31,10 @@ impl Replay {
         let inputs: Vec<Tensor> = inputs.iter().map(Tensor::copy).collect();
         graph.apply(Step::EnterStream)?;
         let recorded = (|| {
-            run_caught(|| drop(work(&inputs)))?;
+            caught(|| drop(work(&inputs)))?;
             graph.apply(Step::Settle)?;
             graph.apply(Step::CaptureBegin)?;
-            let outputs = run_caught(|| work(&inputs));
+            let outputs = caught(|| work(&inputs));
             let ended = graph.apply(Step::CaptureEnd);
             let outputs = outputs?;
             ended.map(|()| outputs)
@@ -55,21 +55,14 @@ impl Replay {
         if inputs.len() != self.inputs.len() || inputs.iter().zip(&self.inputs).any(|(new, recorded)| new.size() != recorded.size()) {
             return Err("the inputs' shapes differ from the recorded ones".into());
         }
-        run_caught(|| {
+        caught(|| {
             for (new, recorded) in inputs.iter().zip(&self.inputs) {
                 recorded.shallow_clone().copy_(new);
             }
         })?;
         self.graph.apply(Step::Replay)?;
-        run_caught(|| self.outputs.iter().map(Tensor::copy).collect())
+        caught(|| self.outputs.iter().map(Tensor::copy).collect())
     }
-}
-
-/// `f()`, with a panic (a libtorch error, or a CUDA call that recording forbids) as its message.
-fn run_caught<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
-        panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the recorded work panicked".into())
-    })
 }
 
 /// What the shim does to a graph.

@@ -30,6 +30,7 @@
 //! - [`data`]: few-shot datasets (Omniglot zips, mini-ImageNet, folders) and episode sampling.
 //! - [`device`]: `--device auto|cpu|cuda|cuda:N`.
 //! - [`grad`]: no-grad scopes that restore the grad mode even when libtorch panics.
+//! - [`panics`]: libtorch errors (panics) caught as messages.
 //!
 //! Programs (the binaries in `src/bin/` only parse arguments and call these):
 //! - [`meta`]: meta-training (T-NAS Algorithm 1 and baselines), evaluation, model cards.
@@ -53,6 +54,7 @@ pub mod meta;
 pub mod metadata;
 pub mod network;
 pub mod ops;
+pub mod panics;
 pub mod params;
 pub mod search_space;
 pub mod server;

@@ -130,15 +130,19 @@ impl TaskBatch {
     }
 }
 
-/// Adapts every task of `support` from `checkpoint`'s meta-weights (`inner.steps` steps, asking
-/// `keep_going` before each) and predicts `query` [N_q, T·C, H, W]: query logits [N_q, T, n_way]
-/// and every task's adapted θ, stacked. Reads nothing back to the host, so a CUDA graph can record it.
-pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, support: &BatchedSupport, query: &Tensor, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<(Tensor, Alphas), Interrupted> {
+/// A batch's whole adaptation in the form a CUDA graph records, tensors in and out: from
+/// [support images [N, T·C, H, W], labels [T, N], query images [N_q, T·C, H, W]], every task adapts
+/// from `checkpoint`'s meta-weights (`inner.steps` steps, asking `keep_going` before each) and
+/// predicts its queries → [query logits [N_q, T, n_way], θ normal, θ reduce] (θ stacked by task).
+/// Reads nothing back to the host.
+pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, tensors: &[Tensor], n_way: usize, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<Vec<Tensor>, Interrupted> {
+    let [images, labels, query] = tensors else { panic!("three input tensors: support images, labels, query images") };
+    let support = BatchedSupport { images: images.shallow_clone(), labels: labels.shallow_clone(), n_way };
     let meta_alphas = checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
-    let mut batch = TaskBatch::start(net, &checkpoint.params, meta_alphas, checkpoint.meta.head, support);
-    batch.adapt(net, support, inner, keep_going)?;
-    let logits = batch.predict(net, support, query, bn);
-    Ok((logits, batch.alphas().map(Tensor::detach)))
+    let mut batch = TaskBatch::start(net, &checkpoint.params, meta_alphas, checkpoint.meta.head, &support);
+    batch.adapt(net, &support, inner, keep_going)?;
+    let alphas = batch.alphas();
+    Ok(vec![batch.predict(net, &support, query, bn), alphas.normal.detach(), alphas.reduce.detach()])
 }
 
 /// Each task's softmax(θ) rows, in task order, from θ stacked over `tasks` tasks: one softmax and

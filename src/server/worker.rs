@@ -18,16 +18,16 @@
 
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
-use crate::adapt::{BnMode, InnerLoop, Interrupted, PredictOptions, PredictWith, SupportSet, TaskState};
+use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::checkpoint::Checkpoint;
 use crate::genotype::Genotype;
 use crate::metadata::ModelMeta;
 use crate::network::Network;
+use crate::panics::caught;
 use crate::params::matrix_rows;
 use crate::supernet::{Alphas, MixingRows};
-use crate::task_batch::{self, side_by_side, task_mixings, BatchedSupport};
+use crate::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
 use std::collections::{HashMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -141,10 +141,10 @@ impl Worker {
                 if threads > 0 {
                     tch::set_num_threads(threads);
                 }
-                let models = match catch_unwind(AssertUnwindSafe(|| load_and_warm_up(checkpoints, device))) {
+                let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
-                    Err(panic) => {
-                        let _ = ready_tx.send(Readiness::Failed(panic_message(&panic)));
+                    Err(message) => {
+                        let _ = ready_tx.send(Readiness::Failed(message));
                         return;
                     }
                 };
@@ -195,10 +195,6 @@ impl Drop for Worker {
             let _ = thread.join();
         }
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
 }
 
 fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<String, ResidentModel> {
@@ -277,16 +273,16 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
         let started = Instant::now();
         let alone = |job: &Job| {
             let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
-            catch_unwind(AssertUnwindSafe(|| run_task(model, &job.input, device, &keep_going))).unwrap_or_else(|panic| Err(WorkerError::Failed(panic_message(&panic))))
+            caught(|| run_task(model, &job.input, device, &keep_going)).unwrap_or_else(|message| Err(WorkerError::Failed(message)))
         };
         // A batch that fails runs again task by task, so a faulty task fails alone.
-        let results = match (&key, batch.as_slice()) {
-            (Some(key), _) if batch.len() > 1 || recorded.is_on() => {
+        let results = match &key {
+            Some(key) if batch.len() > 1 || recorded.is_on() => {
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
                 let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
                 let tasks = if recorded.is_on() { batch.len().next_power_of_two().min(max_batch) } else { batch.len() };
                 let shape = TaskShape { key: key.clone(), tasks };
-                catch_unwind(AssertUnwindSafe(|| run_batch(model, &inputs, device, &keep_going, &shape, &mut recorded))).unwrap_or_else(|_| batch.iter().map(alone).collect())
+                caught(|| run_batch(model, &inputs, device, &keep_going, &shape, &mut recorded)).unwrap_or_else(|_| batch.iter().map(alone).collect())
             }
             _ => batch.iter().map(alone).collect(),
         };
@@ -427,24 +423,20 @@ fn run_batch(
     let (n_way, o) = (inputs[0].n_way, inputs[0].options);
     let padding = std::iter::repeat_n(inputs[inputs.len() - 1], shape.tasks - inputs.len());
     let tasks: Vec<&TaskInput> = inputs.iter().copied().chain(padding).collect();
-    let batch_inputs = [
-        side_by_side(&tasks.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>()),
-        Tensor::stack(&tasks.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(), 0),
-        side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>()),
-    ];
-    // [support images, labels, query images] → [query logits [N_q, T, n_way], θ normal, θ reduce].
-    let adapt_and_predict = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
-        let support = BatchedSupport { images: tensors[0].shallow_clone(), labels: tensors[1].shallow_clone(), n_way };
-        let (logits, alphas) = task_batch::adapt_and_predict(net, &model.checkpoint, &support, &tensors[2], &o.inner_loop(), o.bn, keep_going)?;
-        Ok::<_, Interrupted>(vec![logits, alphas.normal, alphas.reduce])
-    };
+    let support = BatchedSupport::new(
+        &tasks.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>(),
+        &tasks.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
+        n_way,
+    );
+    let batch_inputs = [support.images, support.labels, side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>())];
+    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| adapt_and_predict(net, &model.checkpoint, tensors, n_way, &o.inner_loop(), o.bn, keep_going);
     let started = Instant::now();
     if !keep_going() {
         return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 })).collect();
     }
-    let replayed = recorded.run(shape, &batch_inputs, |tensors| adapt_and_predict(tensors, &|| true).expect("recorded work is never interrupted"));
+    let replayed = recorded.run(shape, &batch_inputs, |tensors| adapt(tensors, &|| true).expect("recorded work is never interrupted"));
     let cuda_graph = replayed.is_some();
-    let outputs = match replayed.map(Ok).unwrap_or_else(|| adapt_and_predict(&batch_inputs, keep_going)) {
+    let outputs = match replayed.map_or_else(|| adapt(&batch_inputs, keep_going), Ok) {
         Ok(outputs) => outputs,
         Err(interrupted) => return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect(),
     };
