@@ -5,16 +5,19 @@
 //! are computed once per state; the parametric ones (sep/dil convs, FactorizedReduce) run as
 //! grouped convolutions over all the edges at once, with BatchNorm over their stacked channels,
 //! which is exactly the per-edge BN because BN is per channel. The two cell inputs, which exist
-//! before any node and feed the same number of edges, go through together. Values and gradients
-//! equal the per-edge `MixedOp` sums (the parity tests compare against the PyTorch reference);
-//! what changes is many times fewer kernel launches, which dominate the cost at few-shot sizes.
+//! before any node and feed the same number of edges, go through together, and what they add to
+//! each node comes out summed. Values and gradients equal the sums of per-edge `MixedOp`s (the
+//! parity tests compare against the PyTorch reference); what changes is many times fewer kernel
+//! launches, which dominate the cost at few-shot sizes.
 
 use crate::depthwise::{depthwise_blocks, depthwise_fanout, Kernel};
 use crate::ops::{self, conv, BnStats};
 use crate::params::ParamSet;
 use crate::search_space::Primitive;
 use crate::supernet::op_prefix;
-use tch::{Kind, Tensor};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use tch::{Device, Kind, Tensor};
 
 /// The edges leaving S states of a cell, K per state: cell index, edge indices (rows of α,
 /// state-major: the first K read the first state), their common stride, and how many tasks'
@@ -51,13 +54,14 @@ const FIRST_CONV: usize = 4;
 const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_CONV + 1], Primitive::ALL[FIRST_CONV + 2], Primitive::ALL[FIRST_CONV + 3]];
 
 /// The sep and dil convs of all K edges. `relu` is ReLU of the S states side by side,
-/// [N, S·T·C, H, W]. Returns [N, 4, K, T, C, H', W'], blocks in [`CONVS`] order.
+/// [N, S·T·C, H, W]. Returns the two sep convs' and the two dil convs' outputs, each
+/// [N, 2·K·T·C, H', W'], blocks in [`CONVS`] order.
 ///
 /// The four candidates' depthwise convs on all K edges run as one ([`depthwise_fanout`]); then
 /// their pointwise convs are one grouped conv over 4·K groups and one BN normalises all 4·K·C
 /// channels (BN is per channel, so this is exactly the per-op BN). The sep convs' second half runs
 /// the same way over 2·K groups.
-fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> Tensor {
+fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> [Tensor; 2] {
     let k = group.k();
     let kc = relu.size()[1] / states * k;
     let stacked = |primitives: &[Primitive], suffix: &str| primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>();
@@ -68,9 +72,7 @@ fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: 
     let second_depthwise = stacked(seps, "op.5.weight");
     let second = depthwise_blocks(&first.narrow(1, 0, 2 * kc).relu(), &kernels_of(seps, &second_depthwise), 1);
     let second = ops::batch_norm(&conv(&second, &Tensor::cat(&stacked(seps, "op.6.weight"), 0), 1, 0, 1), None, stats);
-    let out = Tensor::cat(&[second, first.narrow(1, 2 * kc, 2 * kc)], 1);
-    let s = out.size();
-    out.view(&[s[0], 4, k, group.tasks, kc / (k * group.tasks), s[2], s[3]][..])
+    [second, first.narrow(1, 2 * kc, 2 * kc)]
 }
 
 /// Each primitive's depthwise kernel with its stacked weights.
@@ -100,29 +102,57 @@ fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, state
     split_edges(&normalised, k, tasks)
 }
 
-/// Σ_o softmax(α_e)_o · o(x_e) for every edge e of `group`, where x_e is the edge's state among
-/// `states` (each [N, T·C, H, W], same shape). `mixing`: softmax(θ) of the cell for each task,
-/// [T·num_edges, 8]. Returns [N, S·K, T·C, H', W'], edge-major in `group.edges` order.
-pub fn mixed_ops(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixing: &Tensor, stats: BnStats) -> Tensor {
+/// What the S states of `group` add to each node they feed: Σ over the states j of
+/// Σ_o softmax(α_(j→node))_o · o(state j), each state feeding the same K' nodes. `states`: each
+/// [N, T·C, H, W], same shape; `mixing`: softmax(θ) of the cell for each task, [T·num_edges, 8].
+/// Returns [N, K', T·C, H', W'], nodes in the order of the first state's edges in `group.edges`.
+///
+/// Every candidate but `none` (whose output is zero) of every edge goes into one tensor,
+/// [N, 7, S, K', T, C, H', W'] (the parameter-free ones computed once per state and repeated for
+/// its edges), which one product with the mixing weights and one sum over candidates and states
+/// reduce: a few kernels for the whole group, forward and backward, instead of a product and a
+/// sum per candidate and a selection per edge.
+pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixing: &Tensor, stats: BnStats) -> Tensor {
     let (k, s, tasks) = (group.k(), states.len() as i64, group.tasks);
-    let mixing = mixing.view([tasks, -1, mixing.size()[1]]);
-    // [T, S·K, 8] → per primitive [1, S, K/S, T, 1, 1, 1], to broadcast over the edges' outputs.
-    let weights = Tensor::stack(&group.edges.iter().map(|&e| mixing.select(1, e as i64)).collect::<Vec<_>>(), 1);
     let x = if states.len() == 1 { states[0].shallow_clone() } else { Tensor::cat(states, 1) };
     let c = x.size()[1] / (s * tasks);
-    // A per-state tensor [N, S·T·C, H', W'] viewed [N, S, 1, T, C, H', W'].
-    let per_state = |t: &Tensor| {
-        let z = t.size();
-        t.reshape(&[z[0], s, 1, tasks, c, z[2], z[3]][..])
-    };
-    let weight = |p: Primitive| weights.select(2, p.index() as i64).transpose(0, 1).reshape(&[1, s, k / s, tasks, 1, 1, 1][..]);
     let relu = x.relu();
-    let mut sum = per_state(&ops::pool_bn(&x, true, group.stride, stats)) * weight(Primitive::MaxPool3x3)
-        + per_state(&ops::pool_bn(&x, false, group.stride, stats)) * weight(Primitive::AvgPool3x3);
-    sum += if group.stride == 1 { per_state(&x) * weight(Primitive::SkipConnect) } else { factorized_reduces(params, group, &relu, s, stats).view_as(&sum) * weight(Primitive::SkipConnect) };
-    let sum = sum.flatten(1, 2);
-    let conv_weights = weights.narrow(2, FIRST_CONV as i64, 4).permute([2, 1, 0]).reshape(&[1, 4, k, tasks, 1, 1, 1][..]);
-    let sum = sum + (conv_candidates(params, group, &relu, s, stats) * conv_weights).sum_dim_intlist(&[1i64][..], false, None);
-    debug_assert_eq!(sum.kind(), Kind::Float);
-    sum.flatten(2, 3)
+    let pool = |max: bool| ops::pool_bn(&x, max, group.stride, stats);
+    let [max_pool, avg_pool] = [pool(true), pool(false)];
+    let [n, _, h, w] = max_pool.size()[..] else { unreachable!("pools keep the layout") };
+    // [N, P·S·K'·T·C, H', W'] (P candidates, edge-major) or, with `once_per_state`, [N, S·T·C, H', W']
+    // repeated for the K' edges of each state, as [N, P, S, K', T, C, H', W'].
+    let candidates = |t: &Tensor, once_per_state: bool| {
+        let shape = [n, -1, s, k / s, tasks, c, h, w];
+        if once_per_state {
+            t.view(&[n, 1, s, 1, tasks, c, h, w][..]).expand(shape, false)
+        } else {
+            t.view(&shape[..])
+        }
+    };
+    let skip = if group.stride == 1 { candidates(&x, true) } else { candidates(&factorized_reduces(params, group, &relu, s, stats), false) };
+    let [seps, dils] = conv_candidates(params, group, &relu, s, stats);
+    // Every primitive but `none`, in `Primitive::ALL` order.
+    let outputs = Tensor::cat(&[candidates(&max_pool, true), candidates(&avg_pool, true), skip, candidates(&seps, false), candidates(&dils, false)], 1);
+    let weights = mixing.reshape([tasks, -1]).transpose(0, 1).index_select(0, &mixing_index(group.edges, x.device()));
+    let mixed = (outputs * weights.view(&[1, -1, s, k / s, tasks, 1, 1, 1][..])).sum_dim_intlist(&[1i64, 2][..], false, None);
+    debug_assert_eq!(mixed.kind(), Kind::Float);
+    mixed.view([n, k / s, tasks * c, h, w])
+}
+
+/// The rows of softmax(θ) laid out [num_edges·8, T] (edge-major, then op) that hold the mixing
+/// weights of every candidate but `none` on `edges`, candidate-major in `Primitive::ALL` order: the
+/// order of [`node_contributions`]'s outputs. Built once per edge list and device: an index built
+/// in every pass would be a host-to-device copy, which a CUDA graph cannot record.
+fn mixing_index(edges: &[usize], device: Device) -> Tensor {
+    type Key = (Vec<usize>, Device);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let index = cache.entry((edges.to_vec(), device)).or_insert_with(|| {
+        let ops = Primitive::ALL.len();
+        let mixed = Primitive::ALL.iter().filter(|&&p| p != Primitive::None);
+        let rows: Vec<i64> = mixed.flat_map(|p| edges.iter().map(move |&e| (e * ops + p.index()) as i64)).collect();
+        Tensor::from_slice(&rows).to_device(device)
+    });
+    index.shallow_clone()
 }

@@ -153,9 +153,12 @@ impl ParamSet {
         self.map_indexed(|i, _| parts[i].view(self.tensors[i].size().as_slice()))
     }
 
-    /// Independent copies that are leaves of a new autograd graph: a task's starting point.
-    pub fn leaf_copies(&self, device: Device) -> ParamSet {
-        self.map(|_, t| t.detach().to_device(device).copy().set_requires_grad(true))
+    /// A task's starting point: an independent copy whose tensors are views of one new leaf of
+    /// the autograd graph, laid out as [`ParamSet::flat`] lays them. One copy kernel for all the
+    /// tensors (two per tensor when copied one by one: 724 launches on a GPU for the shipped model).
+    pub fn task_copy(&self, device: Device) -> ParamSet {
+        let flat = crate::grad::no_grad(|| ParamSet::flat(&self.tensors).to_device(device));
+        self.views_of(&flat.set_requires_grad(true))
     }
 
     /// Checks names and shapes against `specs`; the error lists what is missing, extra or misshapen.
@@ -191,7 +194,7 @@ impl ParamSet {
 }
 
 impl Clone for ParamSet {
-    /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::leaf_copies`] for a copy.
+    /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::task_copy`] for a copy.
     fn clone(&self) -> Self {
         self.map(|_, t| t.shallow_clone())
     }
@@ -255,13 +258,18 @@ mod tests {
     }
 
     #[test]
-    fn leaf_copies_do_not_alias_the_original() {
-        let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu)))]);
-        let copy = set.leaf_copies(Device::Cpu);
+    fn task_copies_do_not_alias_the_original_and_start_a_new_graph() {
+        let original = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let set = ParamSet::from_pairs([("w".to_string(), original.shallow_clone()), ("b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
+        let copy = set.task_copy(Device::Cpu);
         crate::grad::no_grad(|| {
-            let _ = copy.get("w").shallow_clone().fill_(5.0);
+            let _ = original.shallow_clone().fill_(5.0);
         });
-        assert_eq!(set.get("w").sum(Kind::Float).double_value(&[]), 3.0);
-        assert!(copy.get("w").requires_grad());
+        assert_eq!(copy.get("w").sum(Kind::Float).double_value(&[]), 3.0);
+        assert_eq!(copy.get("b").size(), [2]);
+        let grads = Tensor::run_backward(&[copy.get("w").sum(Kind::Float)], &[copy.get("w")], false, false);
+        assert!(grads[0].equal(&Tensor::ones([3], (Kind::Float, Device::Cpu))), "the copy is differentiable");
+        let to_original = Tensor::run_backward(&[copy.get("w").sum(Kind::Float)], &[&original], false, false);
+        assert!(!to_original[0].defined(), "and not connected to the original");
     }
 }

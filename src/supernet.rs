@@ -229,9 +229,8 @@ impl Supernet {
             let edges: Vec<usize> = group_states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
             let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, group_states[0]), tasks: pass.tasks };
             let inputs: Vec<&Tensor> = group_states.iter().map(|&j| &states[j]).collect();
-            let out = fused_edges::mixed_ops(pass.params, &group, &inputs, mixing, pass.stats);
-            for (e, &n) in targets.iter().cycle().take(edges.len()).enumerate() {
-                let contribution = out.select(1, e as i64);
+            let contributions = fused_edges::node_contributions(pass.params, &group, &inputs, mixing, pass.stats);
+            for (&n, contribution) in targets.iter().zip(contributions.unbind(1)) {
                 partial[n] = Some(match partial[n].take() {
                     Some(sum) => sum + contribution,
                     None => contribution,

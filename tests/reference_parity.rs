@@ -6,6 +6,7 @@ mod common;
 use common::{python, random_supernet, relative_error, repo_path};
 use serde_json::Value;
 use std::process::Command;
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::derived::DerivedNetwork;
@@ -15,6 +16,16 @@ use tnas::search_space::SearchSpace;
 
 const TOLERANCE: f64 = 1e-4;
 const N_WAY: usize = 5;
+
+/// Runs `draw` right after seeding libtorch's global generator, with no other test drawing in
+/// between: the tests run in parallel and share the generator, so without this a test's weights and
+/// inputs would depend on the interleaving, and a failure could not be reproduced.
+fn seeded<T>(seed: i64, draw: impl FnOnce() -> T) -> T {
+    static GENERATOR: Mutex<()> = Mutex::new(());
+    let _alone = GENERATOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed);
+    draw()
+}
 
 struct Case {
     space: SearchSpace,
@@ -51,12 +62,14 @@ fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
 fn check_case(case: &Case, seed: i64) {
     let Case { space, shot, steps, alpha_scale } = *case;
     let dir = tempfile::tempdir().unwrap();
-    let mut checkpoint = random_supernet(space, HeadSpec::Fixed { n_way: N_WAY }, seed, alpha_scale);
-    checkpoint.save(dir.path()).unwrap();
     let s = space.image_size as i64;
-    let support = Tensor::randn([(N_WAY * shot) as i64, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
+    let (mut checkpoint, support, query) = seeded(seed, || {
+        let checkpoint = random_supernet(space, HeadSpec::Fixed { n_way: N_WAY }, seed, alpha_scale);
+        let support = Tensor::randn([(N_WAY * shot) as i64, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
+        (checkpoint, support, Tensor::randn([7, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu)))
+    });
+    checkpoint.save(dir.path()).unwrap();
     let labels = Tensor::arange(N_WAY as i64, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(shot as i64, None, None);
-    let query = Tensor::randn([7, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
     let inputs = dir.path().join("inputs.safetensors");
     Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
     let (lr_w, lr_theta) = (0.01, 30.0);
@@ -124,17 +137,17 @@ fn deeper_network_matches_reference() {
 /// (near-ties): the Rust decoder and the reference agree on every one.
 #[test]
 fn decoding_agrees_with_reference_on_ties_and_near_ties() {
-    tch::manual_seed(21);
     let dir = tempfile::tempdir().unwrap();
-    let count = 60;
-    let mut named = Vec::new();
-    for i in 0..count {
-        for cell in ["normal", "reduce"] {
-            let coarse = (Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * 2.0).round() / 2.0;
-            let jitter = Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * if i % 2 == 0 { 0.0 } else { 1e-6 };
-            named.push((format!("{cell}_{i}"), coarse + jitter));
-        }
-    }
+    let named: Vec<(String, Tensor)> = seeded(21, || {
+        (0..60)
+            .flat_map(|i| ["normal", "reduce"].map(|cell| (i, cell)))
+            .map(|(i, cell)| {
+                let coarse = (Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * 2.0).round() / 2.0;
+                let jitter = Tensor::randn([14, 8], (Kind::Float, Device::Cpu)) * if i % 2 == 0 { 0.0 } else { 1e-6 };
+                (format!("{cell}_{i}"), coarse + jitter)
+            })
+            .collect()
+    });
     let inputs = dir.path().join("alphas.safetensors");
     Tensor::write_safetensors(&named, &inputs).unwrap();
     let out = dir.path().join("genotypes.json");
