@@ -56,7 +56,8 @@ pub struct InnerLoop {
     pub second_order: bool,
 }
 
-/// A task's own weights and architecture logits, leaves of this task's autograd graph.
+/// A task's own weights and architecture logits, where this task's autograd graph starts (the
+/// weights are views of one flat leaf, see [`ParamSet::task_copy`]).
 #[derive(Debug)]
 pub struct TaskState {
     pub params: ParamSet,

@@ -1,7 +1,7 @@
 //! All the mixed ops that read some states of a cell, computed together.
 //!
 //! In a DARTS cell, state j feeds one edge of every later node. The parameter-free candidates
-//! (pools with their BN, identity, zero) give the same output on each of those K edges, so they
+//! (pools with their BN, identity, zero) give the same output on each of those edges, so they
 //! are computed once per state; the parametric ones (sep/dil convs, FactorizedReduce) run as
 //! grouped convolutions over all the edges at once, with BatchNorm over their stacked channels,
 //! which is exactly the per-edge BN because BN is per channel. The two cell inputs, which exist
@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
 
-/// The edges leaving S states of a cell, K per state: cell index, edge indices (rows of α,
-/// state-major: the first K read the first state), their common stride, and how many tasks'
+/// The edges leaving S states of a cell, K' per state: cell index, edge indices (rows of α,
+/// state-major: the first K' read the first state), their common stride, and how many tasks'
 /// channels sit side by side in every state ([`crate::task_batch`]; 1 for a single task).
 pub struct EdgeGroup<'a> {
     pub cell: usize,
@@ -30,7 +30,7 @@ pub struct EdgeGroup<'a> {
 }
 
 impl EdgeGroup<'_> {
-    /// All the edges, S·K.
+    /// All the edges, K = S·K'.
     fn k(&self) -> i64 {
         self.edges.len() as i64
     }
@@ -58,9 +58,9 @@ const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_
 /// [N, 2·K·T·C, H', W'], blocks in [`CONVS`] order.
 ///
 /// The four candidates' depthwise convs on all K edges run as one ([`depthwise_fanout`]); then
-/// their pointwise convs are one grouped conv over 4·K groups and one BN normalises all 4·K·C
+/// their pointwise convs are one grouped conv over 4·K·T groups and one BN normalises all 4·K·T·C
 /// channels (BN is per channel, so this is exactly the per-op BN). The sep convs' second half runs
-/// the same way over 2·K groups.
+/// the same way over 2·K·T groups.
 fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> [Tensor; 2] {
     let k = group.k();
     let kc = relu.size()[1] / states * k;
@@ -120,8 +120,9 @@ pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tenso
     let pool = |max: bool| ops::pool_bn(&x, max, group.stride, stats);
     let [max_pool, avg_pool] = [pool(true), pool(false)];
     let [n, _, h, w] = max_pool.size()[..] else { unreachable!("pools keep the layout") };
-    // [N, P·S·K'·T·C, H', W'] (P candidates, edge-major) or, with `once_per_state`, [N, S·T·C, H', W']
-    // repeated for the K' edges of each state, as [N, P, S, K', T, C, H', W'].
+    // [N, P·S·K'·T·C, H', W'] (P candidates, then the edges in `group.edges` order, tasks and
+    // channels) or, with `once_per_state`, [N, S·T·C, H', W'] repeated for the K' edges of each
+    // state, as [N, P, S, K', T, C, H', W'].
     let candidates = |t: &Tensor, once_per_state: bool| {
         let shape = [n, -1, s, k / s, tasks, c, h, w];
         if once_per_state {
