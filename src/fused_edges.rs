@@ -70,9 +70,12 @@ fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: 
     let first = ops::batch_norm(&conv(&first, &Tensor::cat(&stacked(&CONVS, "op.2.weight"), 0), 1, 0, 1), None, stats);
     let seps = &CONVS[..2];
     let second_depthwise = stacked(seps, "op.5.weight");
-    let second = depthwise_blocks(&first.narrow(1, 0, 2 * kc).relu(), &kernels_of(seps, &second_depthwise), 1);
+    // One split, not two narrows: its backward is one concatenation, where each narrow's is a
+    // zero-filled copy of `first` plus an accumulation.
+    let [first_seps, dils] = <[Tensor; 2]>::try_from(first.split(2 * kc, 1)).expect("sep and dil halves");
+    let second = depthwise_blocks(&first_seps.relu(), &kernels_of(seps, &second_depthwise), 1);
     let second = ops::batch_norm(&conv(&second, &Tensor::cat(&stacked(seps, "op.6.weight"), 0), 1, 0, 1), None, stats);
-    [second, first.narrow(1, 2 * kc, 2 * kc)]
+    [second, dils]
 }
 
 /// Each primitive's depthwise kernel with its stacked weights.
