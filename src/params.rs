@@ -4,6 +4,7 @@
 //! private copy while the meta-weights stay untouched (T-NAS Algorithm 2 works on copies of w̃, θ̃).
 
 use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
 
 /// How a parameter is initialised (PyTorch's defaults for the module it belongs to).
@@ -148,17 +149,48 @@ impl ParamSet {
     /// A set with these names and shapes whose tensors are views of `flat` (laid out as
     /// [`ParamSet::flat`] lays them).
     pub fn views_of(&self, flat: &Tensor) -> ParamSet {
-        let sizes: Vec<i64> = self.tensors.iter().map(|t| t.numel() as i64).collect();
+        let shapes: Vec<Vec<i64>> = self.tensors.iter().map(Tensor::size).collect();
+        self.views_shaped(flat, &shapes)
+    }
+
+    fn views_shaped(&self, flat: &Tensor, shapes: &[Vec<i64>]) -> ParamSet {
+        let sizes: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
         let parts = flat.split_with_sizes(&sizes, 0);
-        self.map_indexed(|i, _| parts[i].view(self.tensors[i].size().as_slice()))
+        self.map_indexed(|i, _| parts[i].view(shapes[i].as_slice()))
     }
 
     /// A task's starting point: an independent copy whose tensors are views of one new leaf of
-    /// the autograd graph, laid out as [`ParamSet::flat`] lays them. One copy kernel for all the
-    /// tensors (two per tensor when copied one by one: 724 launches on a GPU for the shipped model).
-    pub fn task_copy(&self, device: Device) -> ParamSet {
-        let flat = crate::grad::no_grad(|| ParamSet::flat(&self.tensors).to_device(device));
-        self.views_of(&flat.set_requires_grad(true))
+    /// the autograd graph, laid out as [`ParamSet::flat`] lays them, with `tasks` copies of every
+    /// tensor stacked along dim 0 for a task batch ([`crate::task_batch`]; 1 for a single task).
+    /// One concatenation and, for a batch, one gather, whatever the number of tensors (copying them
+    /// one by one takes two kernels each: 724 launches on a GPU for the shipped model).
+    pub fn task_copy(&self, device: Device, tasks: i64) -> ParamSet {
+        let flat = crate::grad::no_grad(|| {
+            let flat = ParamSet::flat(&self.tensors).to_device(device);
+            if tasks == 1 {
+                flat
+            } else {
+                flat.index_select(0, &self.repeat_index(tasks, device))
+            }
+        });
+        let shapes: Vec<Vec<i64>> = self.tensors.iter().map(|t| [&[t.size()[0] * tasks], &t.size()[1..]].concat()).collect();
+        self.views_shaped(&flat.set_requires_grad(true), &shapes)
+    }
+
+    /// For each tensor in turn, its positions in [`ParamSet::flat`] `tasks` times over. Built once
+    /// per layout, batch size and device: built in every call it would be a host-to-device copy,
+    /// which a CUDA graph cannot record.
+    fn repeat_index(&self, tasks: i64, device: Device) -> Tensor {
+        type Key = (Vec<i64>, i64, Device);
+        static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
+        let sizes: Vec<i64> = self.tensors.iter().map(|t| t.numel() as i64).collect();
+        let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let index = cache.entry((sizes.clone(), tasks, device)).or_insert_with(|| {
+            let starts = sizes.iter().scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
+            let positions: Vec<i64> = starts.zip(&sizes).flat_map(|(start, &n)| (0..tasks).flat_map(move |_| start..start + n)).collect();
+            Tensor::from_slice(&positions).to_device(device)
+        });
+        index.shallow_clone()
     }
 
     /// Checks names and shapes against `specs`; the error lists what is missing, extra or misshapen.
@@ -261,7 +293,7 @@ mod tests {
     fn task_copies_do_not_alias_the_original_and_start_a_new_graph() {
         let original = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let set = ParamSet::from_pairs([("w".to_string(), original.shallow_clone()), ("b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
-        let copy = set.task_copy(Device::Cpu);
+        let copy = set.task_copy(Device::Cpu, 1);
         crate::grad::no_grad(|| {
             let _ = original.shallow_clone().fill_(5.0);
         });
@@ -271,5 +303,21 @@ mod tests {
         assert!(grads[0].equal(&Tensor::ones([3], (Kind::Float, Device::Cpu))), "the copy is differentiable");
         let to_original = Tensor::run_backward(&[copy.get("w").sum(Kind::Float)], &[&original], false, false);
         assert!(!to_original[0].defined(), "and not connected to the original");
+    }
+
+    #[test]
+    fn a_batch_copy_stacks_every_tensor_once_per_task() {
+        tch::manual_seed(3);
+        let set = ParamSet::from_pairs([
+            ("w".to_string(), Tensor::randn([2, 3, 1, 1], (Kind::Float, Device::Cpu))),
+            ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
+        ]);
+        let batch = set.task_copy(Device::Cpu, 3);
+        for (name, original) in set.iter() {
+            let mut repeats = vec![1i64; original.dim()];
+            repeats[0] = 3;
+            assert!(batch.get(name).equal(&original.repeat(&repeats)), "{name}");
+        }
+        assert!(batch.get("b").requires_grad());
     }
 }

@@ -61,7 +61,7 @@ impl TaskBatch {
             repeats[0] = tasks;
             t.detach().repeat(&repeats).set_requires_grad(true)
         };
-        let state = TaskState { params: meta.map(|_, t| stack(t)), alphas: Some(meta_alphas.map(stack)) };
+        let state = TaskState { params: meta.task_copy(support.images.device(), tasks), alphas: Some(meta_alphas.map(stack)) };
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
