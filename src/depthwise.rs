@@ -10,10 +10,9 @@
 //! channel that took a third of an adaptation step (docs/PERFORMANCE.md). Larger maps, where the
 //! matrices would outgrow the convolution, keep `conv2d`.
 
+use crate::index_cache::IndexCache;
 use crate::ops::conv;
 use crate::search_space::Primitive;
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 use tch::{Device, Tensor};
 
 /// Largest (H·W)·(H'·W') computed as a product: 7×7 → 7×7 is, 8×8 → 8×8 is not (there the two
@@ -129,10 +128,10 @@ fn channels_first(x: &Tensor) -> Tensor {
 /// all edges' and kernels' taps laid side by side, or the column after the last (a zero) where no
 /// tap links the two pixels. Built once per shape and device.
 fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, device: Device) -> Tensor {
-    type Key = (Vec<(i64, i64)>, i64, i64, i64, i64, Device);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let built = cache.entry((shapes.to_vec(), fanout, stride, h, w, device)).or_insert_with(|| {
+    /// (kernel shapes, fanout, stride, h, w)
+    type Key = (Vec<(i64, i64)>, i64, i64, i64, i64);
+    static CACHE: IndexCache<Key> = IndexCache::new();
+    CACHE.get((shapes.to_vec(), fanout, stride, h, w), device, |_| {
         let taps_per_edge: i64 = shapes.iter().map(|(k, _)| k * k).sum();
         let no_tap = fanout * taps_per_edge;
         // The tap of a kernel linking input (row, col) to output (a, b), if any.
@@ -155,9 +154,8 @@ fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, de
                 }
             }
         }
-        Tensor::from_slice(&index).to_device(device)
-    });
-    built.shallow_clone()
+        index
+    })
 }
 
 #[cfg(test)]

@@ -15,8 +15,7 @@ use crate::ops::{self, conv, BnStats};
 use crate::params::ParamSet;
 use crate::search_space::Primitive;
 use crate::supernet::op_prefix;
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use crate::index_cache::IndexCache;
 use tch::{Device, Kind, Tensor};
 
 /// The edges leaving S states of a cell, K' per state: cell index, edge indices (rows of α,
@@ -146,17 +145,12 @@ pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tenso
 
 /// The rows of softmax(θ) laid out [num_edges·8, T] (edge-major, then op) that hold the mixing
 /// weights of every candidate but `none` on `edges`, candidate-major in `Primitive::ALL` order: the
-/// order of [`node_contributions`]'s outputs. Built once per edge list and device: an index built
-/// in every pass would be a host-to-device copy, which a CUDA graph cannot record.
+/// order of [`node_contributions`]'s outputs.
 fn mixing_index(edges: &[usize], device: Device) -> Tensor {
-    type Key = (Vec<usize>, Device);
-    static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
-    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let index = cache.entry((edges.to_vec(), device)).or_insert_with(|| {
+    static CACHE: IndexCache<Vec<usize>> = IndexCache::new();
+    CACHE.get(edges.to_vec(), device, |edges| {
         let ops = Primitive::ALL.len();
         let mixed = Primitive::ALL.iter().filter(|&&p| p != Primitive::None);
-        let rows: Vec<i64> = mixed.flat_map(|p| edges.iter().map(move |&e| (e * ops + p.index()) as i64)).collect();
-        Tensor::from_slice(&rows).to_device(device)
-    });
-    index.shallow_clone()
+        mixed.flat_map(|p| edges.iter().map(move |&e| (e * ops + p.index()) as i64)).collect()
+    })
 }

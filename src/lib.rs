@@ -31,6 +31,7 @@
 //! - [`device`]: `--device auto|cpu|cuda|cuda:N`.
 //! - [`grad`]: no-grad scopes that restore the grad mode even when libtorch panics.
 //! - [`panics`]: libtorch errors (panics) caught as messages.
+//! - [`index_cache`]: index tensors built once per shape and device.
 //!
 //! Programs (the binaries in `src/bin/` only parse arguments and call these):
 //! - [`meta`]: meta-training (T-NAS Algorithm 1 and baselines), evaluation, model cards.
@@ -50,6 +51,7 @@ pub mod grad;
 pub mod genotype_svg;
 pub mod head;
 pub mod imaging;
+pub mod index_cache;
 pub mod meta;
 pub mod metadata;
 pub mod network;

@@ -3,8 +3,8 @@
 //! Forward functions take a `ParamSet` explicitly instead of owning modules, so a request adapts a
 //! private copy while the meta-weights stay untouched (T-NAS Algorithm 2 works on copies of w̃, θ̃).
 
+use crate::index_cache::IndexCache;
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
 
 /// How a parameter is initialised (PyTorch's defaults for the module it belongs to).
@@ -177,20 +177,14 @@ impl ParamSet {
         self.views_shaped(&flat.set_requires_grad(true), &shapes)
     }
 
-    /// For each tensor in turn, its positions in [`ParamSet::flat`] `tasks` times over. Built once
-    /// per layout, batch size and device: built in every call it would be a host-to-device copy,
-    /// which a CUDA graph cannot record.
+    /// For each tensor in turn, its positions in [`ParamSet::flat`] `tasks` times over.
     fn repeat_index(&self, tasks: i64, device: Device) -> Tensor {
-        type Key = (Vec<i64>, i64, Device);
-        static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
+        static CACHE: IndexCache<(Vec<i64>, i64)> = IndexCache::new();
         let sizes: Vec<i64> = self.tensors.iter().map(|t| t.numel() as i64).collect();
-        let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let index = cache.entry((sizes.clone(), tasks, device)).or_insert_with(|| {
+        CACHE.get((sizes, tasks), device, |(sizes, tasks)| {
             let starts = sizes.iter().scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
-            let positions: Vec<i64> = starts.zip(&sizes).flat_map(|(start, &n)| (0..tasks).flat_map(move |_| start..start + n)).collect();
-            Tensor::from_slice(&positions).to_device(device)
-        });
-        index.shallow_clone()
+            starts.zip(sizes).flat_map(|(start, &n)| (0..*tasks).flat_map(move |_| start..start + n)).collect()
+        })
     }
 
     /// Checks names and shapes against `specs`; the error lists what is missing, extra or misshapen.
