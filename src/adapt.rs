@@ -83,7 +83,7 @@ impl TaskState {
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
     /// from the support prototypes under the starting weights.
     pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
-        let mut state = TaskState { params: meta.task_copy(device, 1), alphas: meta_alphas.map(|a| a.leaf_copies(device)) };
+        let mut state = TaskState { params: meta.task_copy(device, 1), alphas: meta_alphas.map(|a| a.task_copy(device, 1)) };
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
         }

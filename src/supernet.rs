@@ -56,14 +56,15 @@ impl Alphas {
         Alphas { normal: f(&self.normal), reduce: f(&self.reduce) }
     }
 
-    /// Independent leaf copies for a task's adaptation.
-    pub fn leaf_copies(&self, device: tch::Device) -> Alphas {
-        self.map(|t| t.detach().to_device(device).copy().set_requires_grad(true))
+    /// Independent leaf copies for a task's adaptation, `tasks` copies stacked along dim 0 for a
+    /// task batch ([`crate::task_batch`]; 1 for a single task), like [`ParamSet::task_copy`].
+    pub fn task_copy(&self, device: tch::Device, tasks: i64) -> Alphas {
+        self.map(|t| t.detach().to_device(device).repeat([tasks, 1]).set_requires_grad(true))
     }
 }
 
 impl Clone for Alphas {
-    /// Shares storage (like `Tensor::shallow_clone`); use [`Alphas::leaf_copies`] for a copy.
+    /// Shares storage (like `Tensor::shallow_clone`); use [`Alphas::task_copy`] for a copy.
     fn clone(&self) -> Self {
         self.map(Tensor::shallow_clone)
     }

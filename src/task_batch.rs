@@ -55,13 +55,8 @@ impl TaskBatch {
     /// Every task starts from the meta-weights; a proto head is built per task from its own
     /// support prototypes.
     pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
-        let tasks = support.tasks();
-        let stack = |t: &Tensor| {
-            let mut repeats = vec![1i64; t.dim()];
-            repeats[0] = tasks;
-            t.detach().repeat(&repeats).set_requires_grad(true)
-        };
-        let state = TaskState { params: meta.task_copy(support.images.device(), tasks), alphas: Some(meta_alphas.map(stack)) };
+        let (tasks, device) = (support.tasks(), support.images.device());
+        let state = TaskState { params: meta.task_copy(device, tasks), alphas: Some(meta_alphas.task_copy(device, tasks)) };
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
