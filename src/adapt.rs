@@ -129,7 +129,7 @@ impl TaskState {
         let grads = Tensor::run_backward(&[loss], &self.trainable(), inner.second_order, inner.second_order);
         let n = self.params.len();
         let stepped = || {
-            let weights = ParamSet::flat(self.params.tensors()) - ParamSet::flat(&grads[..n]) * inner.lr_w;
+            let weights = self.params.flattened() - ParamSet::flat(&grads[..n]) * inner.lr_w;
             let alphas = self.alphas.as_ref().map(|a| Alphas { normal: &a.normal - &grads[n] * inner.lr_theta, reduce: &a.reduce - &grads[n + 1] * inner.lr_theta });
             (weights, alphas)
         };

@@ -57,12 +57,15 @@ pub struct ParamSet {
     names: Vec<String>,
     tensors: Vec<Tensor>,
     index: HashMap<String, usize>,
+    /// The tensor laid out as [`ParamSet::flat`] whose views the tensors are, when they are
+    /// ([`ParamSet::views_of`]), so an SGD step does not concatenate again what it just split.
+    flat: Option<Tensor>,
 }
 
 impl ParamSet {
     /// Builds a set from (name, tensor) pairs; later duplicates replace earlier ones.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new() };
+        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new(), flat: None };
         for (name, tensor) in pairs {
             set.insert(name, tensor);
         }
@@ -75,6 +78,7 @@ impl ParamSet {
     }
 
     pub fn insert(&mut self, name: String, tensor: Tensor) {
+        self.flat = None;
         match self.index.get(&name) {
             Some(&i) => self.tensors[i] = tensor,
             None => {
@@ -129,21 +133,19 @@ impl ParamSet {
             names: self.names.clone(),
             tensors: self.iter().map(|(n, t)| f(n, t)).collect(),
             index: self.index.clone(),
-        }
-    }
-
-    /// Like [`ParamSet::map`], with the tensor's position instead of its name.
-    pub fn map_indexed(&self, f: impl Fn(usize, &Tensor) -> Tensor) -> ParamSet {
-        ParamSet {
-            names: self.names.clone(),
-            tensors: self.tensors.iter().enumerate().map(|(i, t)| f(i, t)).collect(),
-            index: self.index.clone(),
+            flat: None,
         }
     }
 
     /// Every tensor flattened and concatenated in order: [numel].
     pub fn flat(tensors: &[impl std::borrow::Borrow<Tensor>]) -> Tensor {
         Tensor::cat(&tensors.iter().map(|t| t.borrow().reshape([-1])).collect::<Vec<_>>(), 0)
+    }
+
+    /// This set's tensors laid out as [`ParamSet::flat`] lays them: the tensor they are views of
+    /// when there is one, else a concatenation.
+    pub fn flattened(&self) -> Tensor {
+        self.flat.as_ref().map_or_else(|| ParamSet::flat(&self.tensors), Tensor::shallow_clone)
     }
 
     /// A set with these names and shapes whose tensors are views of `flat` (laid out as
@@ -156,7 +158,12 @@ impl ParamSet {
     fn views_shaped(&self, flat: &Tensor, shapes: &[Vec<i64>]) -> ParamSet {
         let sizes: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
         let parts = flat.split_with_sizes(&sizes, 0);
-        self.map_indexed(|i, _| parts[i].view(shapes[i].as_slice()))
+        ParamSet {
+            names: self.names.clone(),
+            tensors: parts.iter().zip(shapes).map(|(part, shape)| part.view(shape.as_slice())).collect(),
+            index: self.index.clone(),
+            flat: Some(flat.shallow_clone()),
+        }
     }
 
     /// A task's starting point: an independent copy whose tensors are views of one new leaf of
@@ -222,7 +229,7 @@ impl ParamSet {
 impl Clone for ParamSet {
     /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::task_copy`] for a copy.
     fn clone(&self) -> Self {
-        self.map(|_, t| t.shallow_clone())
+        ParamSet { flat: self.flat.as_ref().map(Tensor::shallow_clone), ..self.map(|_, t| t.shallow_clone()) }
     }
 }
 
@@ -281,6 +288,17 @@ mod tests {
         let grads = Tensor::run_backward(&[loss], &views.tensors().iter().collect::<Vec<_>>(), false, false);
         assert!(grads[0].equal(&Tensor::full([3, 2], 2.0, (Kind::Float, Device::Cpu))));
         assert!(grads[1].allclose(&(set.get("b") * 2.0), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn views_flatten_to_their_own_flat_tensor_until_one_is_replaced() {
+        let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu))), ("b".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
+        let flat = ParamSet::flat(set.tensors());
+        let mut views = set.views_of(&flat);
+        assert_eq!(views.flattened().data_ptr(), flat.data_ptr(), "no concatenation");
+        assert_eq!(views.clone().flattened().data_ptr(), flat.data_ptr());
+        views.insert("b".into(), Tensor::full([4], 7.0, (Kind::Float, Device::Cpu)));
+        assert_eq!(views.flattened().sum(Kind::Float).double_value(&[]), 6.0 + 28.0, "the replaced tensor's values");
     }
 
     #[test]
