@@ -83,7 +83,7 @@ impl TaskState {
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
     /// from the support prototypes under the starting weights.
     pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
-        let mut state = TaskState { params: meta.task_copy(device, 1), alphas: meta_alphas.map(|a| a.task_copy(device, 1)) };
+        let mut state = TaskState { params: meta.task_copy(&network.weight_runs(), device, 1), alphas: meta_alphas.map(|a| a.task_copy(device, 1)) };
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
         }
@@ -96,8 +96,19 @@ impl TaskState {
             let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
             prototype_classifier(&features, support.labels, support.n_way)
         });
-        self.params.insert(CLASSIFIER_WEIGHT.into(), w.set_requires_grad(true));
-        self.params.insert(CLASSIFIER_BIAS.into(), b.set_requires_grad(true));
+        self.set_classifier(w, b);
+    }
+
+    /// Replaces the classifier (a proto head's, built for the task). Weights that lay in one flat
+    /// leaf are copied into a new one with it, so that every step still reads each run of weights
+    /// as a view and differentiates with respect to one tensor.
+    pub fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
+        let device = self.params.flat_tensor().map(Tensor::device);
+        self.params.insert(CLASSIFIER_WEIGHT.into(), weight.set_requires_grad(true));
+        self.params.insert(CLASSIFIER_BIAS.into(), bias.set_requires_grad(true));
+        if let Some(device) = device {
+            self.params = self.params.leaf_copy(device, 1);
+        }
     }
 
     /// Support-set cross-entropy at the current point (support-batch BN).
@@ -105,13 +116,23 @@ impl TaskState {
         network.logits(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch).cross_entropy_for_logits(support.labels)
     }
 
-    /// Every tensor that adapts: the weights, then θ (normal, reduce) when present.
-    pub fn trainable(&self) -> Vec<&Tensor> {
-        let mut all: Vec<&Tensor> = self.params.tensors().iter().collect();
+    /// ∇ `loss` with respect to the weights, laid out flat as [`ParamSet::flattened`] lays them,
+    /// and to θ (normal, reduce) when present. `keep_graph` keeps the graph of the gradients, for
+    /// second-order meta-gradients. When the weights are views of one flat tensor, the gradient
+    /// is taken with respect to it: its backward gathers every weight's gradient in one piece.
+    pub fn gradients(&self, loss: &Tensor, keep_graph: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
+        let mut inputs: Vec<&Tensor> = match self.params.flat_tensor() {
+            Some(flat) => vec![flat],
+            None => self.params.tensors().iter().collect(),
+        };
+        let n = inputs.len();
         if let Some(a) = &self.alphas {
-            all.extend([&a.normal, &a.reduce]);
+            inputs.extend([&a.normal, &a.reduce]);
         }
-        all
+        let mut grads = Tensor::run_backward(&[loss], &inputs, keep_graph, keep_graph);
+        let theta = self.alphas.as_ref().map(|_| (grads.remove(n), grads.remove(n)));
+        let weights = if self.params.flat_tensor().is_some() { grads.remove(0) } else { self.params.flatten(&grads) };
+        (weights, theta)
     }
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
@@ -126,11 +147,10 @@ impl TaskState {
     /// tensors) update as one flat tensor whose views are the new weights: a handful of ops instead
     /// of two per weight tensor, so a GPU step launches hundreds fewer kernels.
     pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
-        let grads = Tensor::run_backward(&[loss], &self.trainable(), inner.second_order, inner.second_order);
-        let n = self.params.len();
+        let (grad_w, grad_theta) = self.gradients(loss, inner.second_order);
         let stepped = || {
-            let weights = self.params.flattened() - ParamSet::flat(&grads[..n]) * inner.lr_w;
-            let alphas = self.alphas.as_ref().map(|a| Alphas { normal: &a.normal - &grads[n] * inner.lr_theta, reduce: &a.reduce - &grads[n + 1] * inner.lr_theta });
+            let weights = self.params.flattened() - &grad_w * inner.lr_w;
+            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| Alphas { normal: &a.normal - normal * inner.lr_theta, reduce: &a.reduce - reduce * inner.lr_theta });
             (weights, alphas)
         };
         // First order: each step's graph starts at fresh leaves, so the update itself is not recorded.

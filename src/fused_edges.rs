@@ -34,10 +34,30 @@ impl EdgeGroup<'_> {
         self.edges.len() as i64
     }
 
-    /// Every edge's `suffix` weight for `primitive`, concatenated along dim 0.
-    fn stacked(&self, params: &ParamSet, primitive: Primitive, suffix: &str) -> Tensor {
-        let weights: Vec<&Tensor> = self.edges.iter().map(|&e| params.get(&format!("{}.{suffix}", op_prefix(self.cell, e, primitive)))).collect();
-        Tensor::cat(&weights, 0)
+    /// The names of every edge's `suffix` weight of each of `primitives` in turn.
+    fn run(&self, primitives: &[Primitive], suffix: &str) -> Vec<String> {
+        primitives.iter().flat_map(|&p| self.edges.iter().map(move |&e| format!("{}.{suffix}", op_prefix(self.cell, e, p)))).collect()
+    }
+
+    /// Those weights concatenated along dim 0; a view of a task's flat weights when they are
+    /// laid out by [`EdgeGroup::weight_runs`].
+    fn stacked(&self, params: &ParamSet, primitives: &[Primitive], suffix: &str) -> Tensor {
+        params.stacked(&self.run(primitives, suffix))
+    }
+
+    /// Every run of weights [`node_contributions`] reads stacked: each conv candidate's first
+    /// depthwise kernels (their sizes differ), the four first pointwise convs, each sep conv's second
+    /// depthwise kernels, the two second pointwise convs and, at stride 2, each half of
+    /// `FactorizedReduce`.
+    pub fn weight_runs(&self) -> Vec<Vec<String>> {
+        let mut runs: Vec<Vec<String>> = CONVS.iter().map(|&p| self.run(&[p], "op.1.weight")).collect();
+        runs.push(self.run(&CONVS, "op.2.weight"));
+        runs.extend(SEPS.iter().map(|&p| self.run(&[p], "op.5.weight")));
+        runs.push(self.run(&SEPS, "op.6.weight"));
+        if self.stride == 2 {
+            runs.extend(["conv_1.weight", "conv_2.weight"].map(|half| self.run(&[Primitive::SkipConnect], half)));
+        }
+        runs
     }
 }
 
@@ -51,6 +71,8 @@ fn split_edges(t: &Tensor, k: i64, tasks: i64) -> Tensor {
 /// `FIRST_CONV..FIRST_CONV + 4`, in the order their channel blocks are laid out below.
 const FIRST_CONV: usize = 4;
 const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_CONV + 1], Primitive::ALL[FIRST_CONV + 2], Primitive::ALL[FIRST_CONV + 3]];
+/// The two sep convs, whose blocks come first.
+const SEPS: [Primitive; 2] = [CONVS[0], CONVS[1]];
 
 /// The sep and dil convs of all K edges. `relu` is ReLU of the S states side by side,
 /// [N, S·T·C, H, W]. Returns the two sep convs' and the two dil convs' outputs, each
@@ -63,17 +85,16 @@ const CONVS: [Primitive; 4] = [Primitive::ALL[FIRST_CONV], Primitive::ALL[FIRST_
 fn conv_candidates(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, states: i64, stats: BnStats) -> [Tensor; 2] {
     let k = group.k();
     let kc = relu.size()[1] / states * k;
-    let stacked = |primitives: &[Primitive], suffix: &str| primitives.iter().map(|&p| group.stacked(params, p, suffix)).collect::<Vec<_>>();
-    let first_depthwise = stacked(&CONVS, "op.1.weight");
+    let depthwise = |primitives: &[Primitive], suffix: &str| primitives.iter().map(|&p| group.stacked(params, &[p], suffix)).collect::<Vec<_>>();
+    let first_depthwise = depthwise(&CONVS, "op.1.weight");
     let first = depthwise_fanout(relu, &kernels_of(&CONVS, &first_depthwise), states, group.stride);
-    let first = ops::batch_norm(&conv(&first, &Tensor::cat(&stacked(&CONVS, "op.2.weight"), 0), 1, 0, 1), None, stats);
-    let seps = &CONVS[..2];
-    let second_depthwise = stacked(seps, "op.5.weight");
+    let first = ops::batch_norm(&conv(&first, &group.stacked(params, &CONVS, "op.2.weight"), 1, 0, 1), None, stats);
+    let second_depthwise = depthwise(&SEPS, "op.5.weight");
     // One split, not two narrows: its backward is one concatenation, where each narrow's is a
     // zero-filled copy of `first` plus an accumulation.
     let [first_seps, dils] = <[Tensor; 2]>::try_from(first.split(2 * kc, 1)).expect("sep and dil halves");
-    let second = depthwise_blocks(&first_seps.relu(), &kernels_of(seps, &second_depthwise), 1);
-    let second = ops::batch_norm(&conv(&second, &Tensor::cat(&stacked(seps, "op.6.weight"), 0), 1, 0, 1), None, stats);
+    let second = depthwise_blocks(&first_seps.relu(), &kernels_of(&SEPS, &second_depthwise), 1);
+    let second = ops::batch_norm(&conv(&second, &group.stacked(params, &SEPS, "op.6.weight"), 1, 0, 1), None, stats);
     [second, dils]
 }
 
@@ -91,7 +112,7 @@ fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, state
     let (k, tasks) = (group.k(), group.tasks);
     let (x, shifted) = ops::factorized_inputs(relu);
     let half = |input: &Tensor, suffix: &str| {
-        let w = group.stacked(params, Primitive::SkipConnect, suffix);
+        let w = group.stacked(params, &[Primitive::SkipConnect], suffix);
         let c = w.size()[1];
         let w = w.view(&[states, k / states, tasks, -1, c, 1, 1][..]).transpose(1, 2).reshape([-1, c, 1, 1]);
         let out = conv(input, &w, 2, 0, 1);

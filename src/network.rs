@@ -33,6 +33,15 @@ impl Network {
         }
     }
 
+    /// The runs of weights the forward pass reads stacked, to lay out as blocks of a task's flat
+    /// weights ([`crate::params::Layout`]); none but the supernet's.
+    pub fn weight_runs(&self) -> Vec<Vec<String>> {
+        match self {
+            Network::Supernet(n) => n.weight_runs(),
+            Network::Derived(_) | Network::Conv4(_) => Vec::new(),
+        }
+    }
+
     pub fn feature_dim(&self) -> usize {
         match self {
             Network::Supernet(n) => n.space.feature_dim(),

@@ -5,6 +5,7 @@
 
 use crate::index_cache::IndexCache;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// How a parameter is initialised (PyTorch's defaults for the module it belongs to).
@@ -57,15 +58,74 @@ pub struct ParamSet {
     names: Vec<String>,
     tensors: Vec<Tensor>,
     index: HashMap<String, usize>,
-    /// The tensor laid out as [`ParamSet::flat`] whose views the tensors are, when they are
-    /// ([`ParamSet::views_of`]), so an SGD step does not concatenate again what it just split.
-    flat: Option<Tensor>,
+    /// How the tensors lie in a flat tensor ([`ParamSet::flattened`]); spec order when `None`.
+    layout: Option<Arc<Layout>>,
+    /// The flat tensor whose views the tensors are, when they are ([`ParamSet::views_of`]), and
+    /// its blocks: an SGD step neither concatenates again what it just split nor the forward pass
+    /// a run of weights that lies in one piece.
+    flat: Option<FlatViews>,
+}
+
+#[derive(Debug)]
+struct FlatViews {
+    flat: Tensor,
+    /// One per block of the layout, in its order.
+    blocks: Vec<Tensor>,
+}
+
+/// Where a set's tensors lie in its flat tensor: in blocks, each either one tensor or a run of
+/// tensors that the forward pass reads concatenated along dim 0 (one candidate's weights on every
+/// edge of a group, [`crate::fused_edges`]), so that the run is one view of the flat tensor instead
+/// of a concatenation in every forward pass (and a split of its gradient in every backward pass).
+/// Blocks follow each other in the set order of their first tensors.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Each block's tensors, as indices in set order.
+    blocks: Vec<Vec<usize>>,
+    /// For each tensor that starts a block of several, that block.
+    run_starting_at: Vec<Option<usize>>,
+}
+
+impl Layout {
+    /// The layout of `set` with each of `runs` (names in the set, each run's tensors of equal shape
+    /// but for dim 0) as a block and every other tensor alone.
+    pub fn new(set: &ParamSet, runs: &[Vec<String>]) -> Layout {
+        let position = |name: &String| *set.index.get(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"));
+        let runs: Vec<Vec<usize>> = runs.iter().map(|run| run.iter().map(position).collect()).collect();
+        let mut run_of = vec![None; set.len()];
+        for (r, run) in runs.iter().enumerate() {
+            let trailing = &set.tensors[run[0]].size()[1..];
+            for &i in run {
+                assert!(run_of[i].is_none(), "'{}' is in two runs", set.names[i]);
+                assert_eq!(&set.tensors[i].size()[1..], trailing, "'{}' does not stack with its run", set.names[i]);
+                run_of[i] = Some(r);
+            }
+        }
+        let (mut blocks, mut run_starting_at) = (Vec::new(), vec![None; set.len()]);
+        for (i, run) in run_of.iter().enumerate() {
+            match run {
+                None => blocks.push(vec![i]),
+                Some(r) if runs[*r][0] == i => {
+                    run_starting_at[i] = Some(blocks.len());
+                    blocks.push(runs[*r].clone());
+                }
+                Some(_) => {}
+            }
+        }
+        Layout { blocks, run_starting_at }
+    }
+
+    /// Adds tensor `i`, the set's last, as a block of its own.
+    fn append_alone(&mut self, i: usize) {
+        self.blocks.push(vec![i]);
+        self.run_starting_at.push(None);
+    }
 }
 
 impl ParamSet {
     /// Builds a set from (name, tensor) pairs; later duplicates replace earlier ones.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new(), flat: None };
+        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new(), layout: None, flat: None };
         for (name, tensor) in pairs {
             set.insert(name, tensor);
         }
@@ -77,11 +137,16 @@ impl ParamSet {
         crate::grad::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
     }
 
+    /// Adds or replaces a tensor; a new one comes last, also in the layout. The set then no longer
+    /// lies in a flat tensor.
     pub fn insert(&mut self, name: String, tensor: Tensor) {
         self.flat = None;
         match self.index.get(&name) {
             Some(&i) => self.tensors[i] = tensor,
             None => {
+                if let Some(layout) = &mut self.layout {
+                    Arc::make_mut(layout).append_alone(self.names.len());
+                }
                 self.index.insert(name.clone(), self.names.len());
                 self.names.push(name);
                 self.tensors.push(tensor);
@@ -133,47 +198,101 @@ impl ParamSet {
             names: self.names.clone(),
             tensors: self.iter().map(|(n, t)| f(n, t)).collect(),
             index: self.index.clone(),
+            layout: self.layout.clone(),
             flat: None,
         }
     }
 
-    /// Every tensor flattened and concatenated in order: [numel].
-    pub fn flat(tensors: &[impl std::borrow::Borrow<Tensor>]) -> Tensor {
-        Tensor::cat(&tensors.iter().map(|t| t.borrow().reshape([-1])).collect::<Vec<_>>(), 0)
+    /// The tensors of each block, in flat order.
+    fn blocks(&self) -> Vec<Vec<usize>> {
+        match &self.layout {
+            Some(layout) => layout.blocks.clone(),
+            None => (0..self.len()).map(|i| vec![i]).collect(),
+        }
     }
 
-    /// This set's tensors laid out as [`ParamSet::flat`] lays them: the tensor they are views of
-    /// when there is one, else a concatenation.
+    /// `tensors` (one per tensor of this set, in set order) flattened and concatenated as this
+    /// set's flat tensor lays them out: [numel].
+    pub fn flatten(&self, tensors: &[Tensor]) -> Tensor {
+        let in_order: Vec<Tensor> = self.blocks().concat().into_iter().map(|i| tensors[i].reshape([-1])).collect();
+        Tensor::cat(&in_order, 0)
+    }
+
+    /// This set's tensors in its flat layout: the tensor they are views of when there is one,
+    /// else a concatenation.
     pub fn flattened(&self) -> Tensor {
-        self.flat.as_ref().map_or_else(|| ParamSet::flat(&self.tensors), Tensor::shallow_clone)
+        self.flat.as_ref().map_or_else(|| self.flatten(&self.tensors), |f| f.flat.shallow_clone())
     }
 
-    /// A set with these names and shapes whose tensors are views of `flat` (laid out as
-    /// [`ParamSet::flat`] lays them).
+    /// The flat tensor the tensors are views of, if they are: differentiating with respect to it
+    /// gives every tensor's gradient, in [`ParamSet::flattened`]'s layout, from one backward pass.
+    pub fn flat_tensor(&self) -> Option<&Tensor> {
+        self.flat.as_ref().map(|f| &f.flat)
+    }
+
+    /// A set with these names, shapes and layout whose tensors are views of `flat` (laid out as
+    /// [`ParamSet::flattened`] lays them).
     pub fn views_of(&self, flat: &Tensor) -> ParamSet {
         let shapes: Vec<Vec<i64>> = self.tensors.iter().map(Tensor::size).collect();
         self.views_shaped(flat, &shapes)
     }
 
     fn views_shaped(&self, flat: &Tensor, shapes: &[Vec<i64>]) -> ParamSet {
-        let sizes: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
+        let blocks = self.blocks();
+        let sizes: Vec<i64> = blocks.iter().map(|block| block.iter().map(|&i| shapes[i].iter().product::<i64>()).sum()).collect();
+        let mut tensors: Vec<Option<Tensor>> = (0..self.len()).map(|_| None).collect();
         let parts = flat.split_with_sizes(&sizes, 0);
+        let block_views = parts.iter().zip(&blocks).map(|(part, block)| {
+            if let [i] = block[..] {
+                let view = part.view(shapes[i].as_slice());
+                tensors[i] = Some(view.shallow_clone());
+                return view;
+            }
+            let rows = block.iter().map(|&i| shapes[i][0]).sum::<i64>();
+            let stacked = part.view([&[rows], &shapes[block[0]][1..]].concat().as_slice());
+            let mut first_row = 0;
+            for &i in block {
+                tensors[i] = Some(stacked.narrow(0, first_row, shapes[i][0]));
+                first_row += shapes[i][0];
+            }
+            stacked
+        });
+        let blocks = block_views.collect();
         ParamSet {
             names: self.names.clone(),
-            tensors: parts.iter().zip(shapes).map(|(part, shape)| part.view(shape.as_slice())).collect(),
+            tensors: tensors.into_iter().map(|t| t.expect("every tensor is in a block")).collect(),
             index: self.index.clone(),
-            flat: Some(flat.shallow_clone()),
+            layout: self.layout.clone(),
+            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks }),
         }
     }
 
-    /// A task's starting point: an independent copy whose tensors are views of one new leaf of
-    /// the autograd graph, laid out as [`ParamSet::flat`] lays them, with `tasks` copies of every
-    /// tensor stacked along dim 0 for a task batch ([`crate::task_batch`]; 1 for a single task).
-    /// One concatenation and, for a batch, one gather, whatever the number of tensors (copying them
-    /// one by one takes two kernels each: 724 launches on a GPU for the shipped model).
-    pub fn task_copy(&self, device: Device, tasks: i64) -> ParamSet {
+    /// The tensors called `names` concatenated along dim 0: a view when they are one block of
+    /// the flat tensor the set lies in, else a concatenation.
+    pub fn stacked(&self, names: &[String]) -> Tensor {
+        let positions: Vec<usize> = names.iter().map(|n| self.index[n]).collect();
+        if let (Some(layout), Some(flat)) = (&self.layout, &self.flat) {
+            match layout.run_starting_at[positions[0]] {
+                Some(b) if layout.blocks[b] == positions => return flat.blocks[b].shallow_clone(),
+                _ => debug_assert!(false, "{names:?} is not a run of the layout: the forward pass and Network::weight_runs disagree"),
+            }
+        }
+        Tensor::cat(&positions.iter().map(|&i| &self.tensors[i]).collect::<Vec<_>>(), 0)
+    }
+
+    /// A task's starting point: [`ParamSet::leaf_copy`] laid out with `runs` as blocks ([`Layout`]).
+    pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
+        ParamSet { layout: Some(Arc::new(Layout::new(self, runs))), ..self.clone() }.leaf_copy(device, tasks)
+    }
+
+    /// An independent copy in this set's layout whose tensors are views of one new leaf of the
+    /// autograd graph, with `tasks` copies of every tensor stacked along dim 0 for a task batch
+    /// ([`crate::task_batch`]; 1 for a single task). One concatenation and, for a batch, one
+    /// gather, whatever the number of tensors (copying them one by one takes two kernels each: 724
+    /// launches on a GPU for the shipped model).
+    pub fn leaf_copy(&self, device: Device, tasks: i64) -> ParamSet {
         let flat = crate::grad::no_grad(|| {
-            let flat = ParamSet::flat(&self.tensors).to_device(device);
+            let flat = self.flatten(&self.tensors).to_device(device);
             if tasks == 1 {
                 flat
             } else {
@@ -184,10 +303,10 @@ impl ParamSet {
         self.views_shaped(&flat.set_requires_grad(true), &shapes)
     }
 
-    /// For each tensor in turn, its positions in [`ParamSet::flat`] `tasks` times over.
+    /// For each tensor in flat order, its positions in the flat tensor `tasks` times over.
     fn repeat_index(&self, tasks: i64, device: Device) -> Tensor {
         static CACHE: IndexCache<(Vec<i64>, i64)> = IndexCache::new();
-        let sizes: Vec<i64> = self.tensors.iter().map(|t| t.numel() as i64).collect();
+        let sizes: Vec<i64> = self.blocks().concat().into_iter().map(|i| self.tensors[i].numel() as i64).collect();
         CACHE.get((sizes, tasks), device, |(sizes, tasks)| {
             let starts = sizes.iter().scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
             starts.zip(sizes).flat_map(|(start, &n)| (0..*tasks).flat_map(move |_| start..start + n)).collect()
@@ -229,7 +348,8 @@ impl ParamSet {
 impl Clone for ParamSet {
     /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::task_copy`] for a copy.
     fn clone(&self) -> Self {
-        ParamSet { flat: self.flat.as_ref().map(Tensor::shallow_clone), ..self.map(|_, t| t.shallow_clone()) }
+        let flat = self.flat.as_ref().map(|f| FlatViews { flat: f.flat.shallow_clone(), blocks: f.blocks.iter().map(Tensor::shallow_clone).collect() });
+        ParamSet { flat, ..self.map(|_, t| t.shallow_clone()) }
     }
 }
 
@@ -277,7 +397,7 @@ mod tests {
             ("w".to_string(), Tensor::randn([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1)),
             ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
         ]);
-        let flat = ParamSet::flat(set.tensors()).set_requires_grad(true);
+        let flat = set.flattened().set_requires_grad(true);
         assert_eq!(flat.size(), [10]);
         let views = set.views_of(&flat);
         assert_eq!(views.names(), set.names());
@@ -293,7 +413,7 @@ mod tests {
     #[test]
     fn views_flatten_to_their_own_flat_tensor_until_one_is_replaced() {
         let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu))), ("b".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
-        let flat = ParamSet::flat(set.tensors());
+        let flat = set.flattened();
         let mut views = set.views_of(&flat);
         assert_eq!(views.flattened().data_ptr(), flat.data_ptr(), "no concatenation");
         assert_eq!(views.clone().flattened().data_ptr(), flat.data_ptr());
@@ -305,7 +425,7 @@ mod tests {
     fn task_copies_do_not_alias_the_original_and_start_a_new_graph() {
         let original = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let set = ParamSet::from_pairs([("w".to_string(), original.shallow_clone()), ("b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
-        let copy = set.task_copy(Device::Cpu, 1);
+        let copy = set.task_copy(&[], Device::Cpu, 1);
         crate::grad::no_grad(|| {
             let _ = original.shallow_clone().fill_(5.0);
         });
@@ -317,6 +437,38 @@ mod tests {
         assert!(!to_original[0].defined(), "and not connected to the original");
     }
 
+    /// Whether `t` lies inside `flat`'s storage.
+    fn lies_in(t: &Tensor, flat: &Tensor) -> bool {
+        let (start, at) = (flat.data_ptr() as usize, t.data_ptr() as usize);
+        at >= start && at < start + flat.numel() * 4
+    }
+
+    #[test]
+    fn runs_of_the_layout_are_views_and_the_flat_gradient_holds_every_tensors() {
+        tch::manual_seed(5);
+        let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let set = ParamSet::from_pairs([("a".to_string(), randn(&[2, 3])), ("b".to_string(), randn(&[4])), ("c".to_string(), randn(&[1, 3])), ("d".to_string(), randn(&[3, 3]))]);
+        let run: Vec<String> = ["d", "a"].map(String::from).to_vec();
+        for tasks in [1, 3] {
+            let copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, tasks);
+            let flat = copy.flat_tensor().expect("a task copy lies in one flat tensor");
+            let stacked = copy.stacked(&run);
+            assert!(lies_in(&stacked, flat) && stacked.equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)), "{tasks} tasks");
+            for (name, original) in set.iter() {
+                assert!(copy.get(name).equal(&original.repeat([&[tasks], &vec![1; original.dim() - 1][..]].concat())), "{name}, {tasks} tasks");
+            }
+            let loss = stacked.square().sum(Kind::Float) + copy.get("b").sum(Kind::Float) * 3.0 + copy.get("c").sum(Kind::Float);
+            let grad = copy.views_of(&Tensor::run_backward(&[loss], &[flat], false, false)[0]);
+            assert!(grad.get("a").allclose(&(copy.get("a") * 2.0), 1e-6, 1e-6, false) && grad.get("d").allclose(&(copy.get("d") * 2.0), 1e-6, 1e-6, false));
+            assert!(grad.get("b").equal(&Tensor::full([4 * tasks], 3.0, (Kind::Float, Device::Cpu))) && grad.get("c").equal(&copy.get("c").ones_like()));
+        }
+        let mut copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, 1);
+        copy.insert("e".into(), randn(&[2]));
+        assert!(copy.flat_tensor().is_none() && copy.stacked(&run).equal(&Tensor::cat(&[set.get("d"), set.get("a")], 0)), "a concatenation once the set is not flat");
+        let relaid = copy.leaf_copy(Device::Cpu, 1);
+        assert!(lies_in(&relaid.stacked(&run), relaid.flat_tensor().unwrap()) && relaid.get("e").equal(copy.get("e")), "a new tensor joins the layout");
+    }
+
     #[test]
     fn a_batch_copy_stacks_every_tensor_once_per_task() {
         tch::manual_seed(3);
@@ -324,7 +476,7 @@ mod tests {
             ("w".to_string(), Tensor::randn([2, 3, 1, 1], (Kind::Float, Device::Cpu))),
             ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
         ]);
-        let batch = set.task_copy(Device::Cpu, 3);
+        let batch = set.task_copy(&[], Device::Cpu, 3);
         for (name, original) in set.iter() {
             let mut repeats = vec![1i64; original.dim()];
             repeats[0] = 3;

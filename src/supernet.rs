@@ -78,6 +78,15 @@ struct Pass<'a> {
     tasks: i64,
 }
 
+/// The edges leaving some states of a cell ([`Supernet::edge_groups`]): the states, the nodes they
+/// feed, the edges (state-major) and their stride.
+struct GroupPlan {
+    states: Vec<usize>,
+    targets: Vec<usize>,
+    edges: Vec<usize>,
+    stride: i64,
+}
+
 /// The supernet of one [`SearchSpace`]; holds no weights.
 #[derive(Clone, Copy, Debug)]
 pub struct Supernet {
@@ -220,18 +229,14 @@ impl Supernet {
         let steps = self.space.steps;
         let mut states = vec![p0, p1];
         let mut partial: Vec<Option<Tensor>> = (0..steps).map(|_| None).collect();
-        let sources: Vec<Vec<usize>> = std::iter::once(vec![0, 1]).chain((2..=steps).map(|j| vec![j])).collect();
-        for group_states in sources {
-            if let &[j] = group_states.as_slice() {
+        for plan in self.edge_groups(spec.reduction) {
+            if let &[j] = plan.states.as_slice() {
                 states.push(partial[j - 2].take().expect("every node has inputs"));
             }
-            // State j feeds node n when j <= n + 1 (both inputs feed every node).
-            let targets: Vec<usize> = (group_states[0].saturating_sub(1)..steps).collect();
-            let edges: Vec<usize> = group_states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
-            let group = EdgeGroup { cell: i, edges: &edges, stride: edge_stride(spec.reduction, group_states[0]), tasks: pass.tasks };
-            let inputs: Vec<&Tensor> = group_states.iter().map(|&j| &states[j]).collect();
+            let group = EdgeGroup { cell: i, edges: &plan.edges, stride: plan.stride, tasks: pass.tasks };
+            let inputs: Vec<&Tensor> = plan.states.iter().map(|&j| &states[j]).collect();
             let contributions = fused_edges::node_contributions(pass.params, &group, &inputs, mixing, pass.stats);
-            for (&n, contribution) in targets.iter().zip(contributions.unbind(1)) {
+            for (&n, contribution) in plan.targets.iter().zip(contributions.unbind(1)) {
                 partial[n] = Some(match partial[n].take() {
                     Some(sum) => sum + contribution,
                     None => contribution,
@@ -240,6 +245,30 @@ impl Supernet {
         }
         states.push(partial[steps - 1].take().expect("the last node has inputs"));
         ops::cat_channels(&states[states.len() - self.space.multiplier..], pass.tasks)
+    }
+
+    /// A cell's edges grouped by the states they read, in the order the cell computes them: the
+    /// two inputs together, then each node's state as soon as it exists.
+    fn edge_groups(&self, reduction: bool) -> Vec<GroupPlan> {
+        let steps = self.space.steps;
+        let sources = std::iter::once(vec![0, 1]).chain((2..=steps).map(|j| vec![j]));
+        sources
+            .map(|states| {
+                // State j feeds node n when j <= n + 1 (both inputs feed every node).
+                let targets: Vec<usize> = (states[0].saturating_sub(1)..steps).collect();
+                let edges = states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
+                let stride = edge_stride(reduction, states[0]);
+                GroupPlan { states, targets, edges, stride }
+            })
+            .collect()
+    }
+
+    /// Every run of weights the forward pass reads stacked, cell by cell and group by group
+    /// ([`EdgeGroup::weight_runs`]).
+    pub fn weight_runs(&self) -> Vec<Vec<String>> {
+        let cells = self.space.cells();
+        let groups = cells.iter().enumerate().flat_map(|(i, spec)| self.edge_groups(spec.reduction).into_iter().map(move |plan| (i, plan)));
+        groups.flat_map(|(cell, plan)| EdgeGroup { cell, edges: &plan.edges, stride: plan.stride, tasks: 1 }.weight_runs()).collect()
     }
 
     /// Pooled features before the head. `x`: [N, in_ch, S, S] → [N, feature_dim].

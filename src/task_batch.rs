@@ -56,15 +56,14 @@ impl TaskBatch {
     /// support prototypes.
     pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
         let (tasks, device) = (support.tasks(), support.images.device());
-        let state = TaskState { params: meta.task_copy(device, tasks), alphas: Some(meta_alphas.task_copy(device, tasks)) };
+        let state = TaskState { params: meta.task_copy(&net.weight_runs(), device, tasks), alphas: Some(meta_alphas.task_copy(device, tasks)) };
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
                 let features = batch.features(net, &support.images, BnStats::Batch);
                 (0..tasks).map(|t| prototype_classifier(&features.select(1, t), &support.labels.get(t), support.n_way)).unzip()
             });
-            batch.state.params.insert(CLASSIFIER_WEIGHT.into(), Tensor::cat(&weights, 0).set_requires_grad(true));
-            batch.state.params.insert(CLASSIFIER_BIAS.into(), Tensor::cat(&biases, 0).set_requires_grad(true));
+            batch.state.set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
         }
         batch
     }

@@ -146,12 +146,9 @@ impl TaskContext<'_> {
             }),
             GradientRule::FirstOrder | GradientRule::SecondOrder => {
                 let at = if second_order { &origin } else { &state };
-                let grads = Tensor::run_backward(&[&loss], &at.trainable(), false, false);
-                let index: std::collections::HashMap<&str, usize> = at.params.names().iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-                let w = meta.names().iter().map(|n| grads[index[n.as_str()]].shallow_clone()).collect();
-                let n = at.params.len();
-                let theta = at.alphas.as_ref().map(|_| (grads[n].shallow_clone(), grads[n + 1].shallow_clone()));
-                (w, theta)
+                let (w, theta) = at.gradients(&loss, false);
+                let w = at.params.views_of(&w);
+                (meta.names().iter().map(|n| w.get(n).shallow_clone()).collect(), theta)
             }
         };
         TaskGradient { w, theta, query_loss, query_accuracy }
