@@ -127,7 +127,7 @@ fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, state
 
 /// What the S states of `group` add to each node they feed: Σ over the states j of
 /// Σ_o softmax(α_(j→node))_o · o(state j), each state feeding the same K' nodes. `states`: each
-/// [N, T·C, H, W], same shape; `mixing`: softmax(θ) of the cell for each task, [T·num_edges, 8].
+/// [N, T·C, H, W], same shape; `weights`: the group's mixing weights ([`mixing_weights`]).
 /// Returns [N, K', T·C, H', W'], nodes in the order of the first state's edges in `group.edges`.
 ///
 /// Every candidate but `none` (whose output is zero) of every edge goes into one tensor,
@@ -135,7 +135,7 @@ fn factorized_reduces(params: &ParamSet, group: &EdgeGroup, relu: &Tensor, state
 /// its edges), which one product with the mixing weights and one sum over candidates and states
 /// reduce: a few kernels for the whole group, forward and backward, instead of a product and a
 /// sum per candidate and a selection per edge.
-pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], mixing: &Tensor, stats: BnStats) -> Tensor {
+pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tensor], weights: &Tensor, stats: BnStats) -> Tensor {
     let (k, s, tasks) = (group.k(), states.len() as i64, group.tasks);
     let x = if states.len() == 1 { states[0].shallow_clone() } else { Tensor::cat(states, 1) };
     let c = x.size()[1] / (s * tasks);
@@ -158,20 +158,30 @@ pub fn node_contributions(params: &ParamSet, group: &EdgeGroup, states: &[&Tenso
     let [seps, dils] = conv_candidates(params, group, &relu, s, stats);
     // Every primitive but `none`, in `Primitive::ALL` order.
     let outputs = Tensor::cat(&[candidates(&max_pool, true), candidates(&avg_pool, true), skip, candidates(&seps, false), candidates(&dils, false)], 1);
-    let weights = mixing.reshape([tasks, -1]).transpose(0, 1).index_select(0, &mixing_index(group.edges, x.device()));
     let mixed = (outputs * weights.view(&[1, -1, s, k / s, tasks, 1, 1, 1][..])).sum_dim_intlist(&[1i64, 2][..], false, None);
     debug_assert_eq!(mixed.kind(), Kind::Float);
     mixed.view([n, k / s, tasks * c, h, w])
 }
 
-/// The rows of softmax(θ) laid out [num_edges·8, T] (edge-major, then op) that hold the mixing
-/// weights of every candidate but `none` on `edges`, candidate-major in `Primitive::ALL` order: the
-/// order of [`node_contributions`]'s outputs.
-fn mixing_index(edges: &[usize], device: Device) -> Tensor {
-    static CACHE: IndexCache<Vec<usize>> = IndexCache::new();
-    CACHE.get(edges.to_vec(), device, |edges| {
+/// The mixing weights of every candidate but `none` on the edges of each of a cell's groups, one
+/// tensor per group, [7·K, T] (candidate-major in `Primitive::ALL` order, then the group's edges;
+/// T tasks): the order of [`node_contributions`]'s outputs. `mixing` is the cell's softmax(θ) for
+/// each task, [T·num_edges, 8]. One gather for the whole cell, split into views: its backward is
+/// one concatenation and one scatter, where a gather per group costs two kernels backward each.
+pub fn mixing_weights(mixing: &Tensor, groups: &[&[usize]], tasks: i64) -> Vec<Tensor> {
+    let candidates = Primitive::ALL.len() as i64 - 1;
+    let sizes: Vec<i64> = groups.iter().map(|edges| candidates * edges.len() as i64).collect();
+    let all = mixing.reshape([tasks, -1]).transpose(0, 1).index_select(0, &mixing_index(groups, mixing.device()));
+    all.split_with_sizes(&sizes, 0)
+}
+
+/// The rows of softmax(θ) laid out [num_edges·8, T] (edge-major, then op) that [`mixing_weights`]
+/// gathers, group after group.
+fn mixing_index(groups: &[&[usize]], device: Device) -> Tensor {
+    static CACHE: IndexCache<Vec<Vec<usize>>> = IndexCache::new();
+    CACHE.get(groups.iter().map(|edges| edges.to_vec()).collect(), device, |groups| {
         let ops = Primitive::ALL.len();
-        let mixed = Primitive::ALL.iter().filter(|&&p| p != Primitive::None);
-        mixed.flat_map(|p| edges.iter().map(move |&e| (e * ops + p.index()) as i64)).collect()
+        let mixed: Vec<Primitive> = Primitive::ALL.into_iter().filter(|&p| p != Primitive::None).collect();
+        groups.iter().flat_map(|edges| mixed.iter().flat_map(move |p| edges.iter().map(move |&e| (e * ops + p.index()) as i64))).collect()
     })
 }

@@ -229,13 +229,16 @@ impl Supernet {
         let steps = self.space.steps;
         let mut states = vec![p0, p1];
         let mut partial: Vec<Option<Tensor>> = (0..steps).map(|_| None).collect();
-        for plan in self.edge_groups(spec.reduction) {
+        let plans = self.edge_groups(spec.reduction);
+        let edges: Vec<&[usize]> = plans.iter().map(|plan| plan.edges.as_slice()).collect();
+        let weights = fused_edges::mixing_weights(mixing, &edges, pass.tasks);
+        for (plan, weights) in plans.iter().zip(&weights) {
             if let &[j] = plan.states.as_slice() {
                 states.push(partial[j - 2].take().expect("every node has inputs"));
             }
             let group = EdgeGroup { cell: i, edges: &plan.edges, stride: plan.stride, tasks: pass.tasks };
             let inputs: Vec<&Tensor> = plan.states.iter().map(|&j| &states[j]).collect();
-            let contributions = fused_edges::node_contributions(pass.params, &group, &inputs, mixing, pass.stats);
+            let contributions = fused_edges::node_contributions(pass.params, &group, &inputs, weights, pass.stats);
             for (&n, contribution) in plan.targets.iter().zip(contributions.unbind(1)) {
                 partial[n] = Some(match partial[n].take() {
                     Some(sum) => sum + contribution,
