@@ -13,7 +13,7 @@
 use crate::index_cache::IndexCache;
 use crate::ops::conv;
 use crate::search_space::Primitive;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Largest (H·W)·(H'·W') computed as a product: 7×7 → 7×7 is, 8×8 → 8×8 is not (there the two
 /// ways cost the same, and beyond it the convolution wins).
@@ -54,12 +54,15 @@ impl<'a> Kernel<'a> {
 /// channels that each feed `fanout` edges: weights [S·E·D, 1, k, k] in (state, edge, channel) order
 /// → [S·D, H·W, E·P·H'·W'], entry (q, (e, p, o)) the weight of kernel p on edge e linking input
 /// pixel q to output pixel o, or 0. One gather of the weights (and, backward, one scatter-add), as
-/// no two taps of a kernel link the same two pixels.
+/// no two taps of a kernel link the same two pixels. The zero that entries without a tap gather is
+/// a column concatenated to each edge's taps, expanded from a cached zero: no kernel of its own,
+/// where padding the taps took two, and one more backward.
 fn matrices(kernels: &[Kernel], states: i64, fanout: i64, h: i64, w: i64, stride: i64) -> Tensor {
     let rows = kernels[0].weight.size()[0];
     let d = rows / (states * fanout);
-    let taps: Vec<Tensor> = kernels.iter().map(|k| k.weight.view([states, fanout, d, -1]).transpose(1, 2)).collect();
-    let with_zero = join(taps, 3).reshape([states * d, -1]).constant_pad_nd([0, 1]);
+    let mut taps: Vec<Tensor> = kernels.iter().map(|k| k.weight.view([states, fanout, d, -1]).transpose(1, 2)).collect();
+    taps.push(cached_zero(kernels[0].weight).expand([states, d, fanout, 1], false));
+    let with_zero = Tensor::cat(&taps, 3).reshape([states * d, -1]);
     let shapes: Vec<(i64, i64)> = kernels.iter().map(|k| (k.size(), k.dilation)).collect();
     with_zero.index_select(1, &tap_index(&shapes, fanout, stride, h, w, kernels[0].weight.device())).view([states * d, h * w, -1])
 }
@@ -140,6 +143,12 @@ fn join(mut parts: Vec<Tensor>, dim: i64) -> Tensor {
     Tensor::cat(&parts, dim)
 }
 
+/// A zero of `like`'s kind on its device, [1, 1, 1, 1], made once (so a recorded graph only reads it).
+fn cached_zero(like: &Tensor) -> Tensor {
+    static CACHE: IndexCache<Kind> = IndexCache::new();
+    CACHE.get_tensor(like.kind(), like.device(), |&kind| Tensor::zeros([1, 1, 1, 1], (kind, Device::Cpu)))
+}
+
 /// [N, C, H, W] → [C, N, H·W], each channel's images as rows of a matrix.
 fn channels_first(x: &Tensor) -> Tensor {
     let s = x.size();
@@ -148,15 +157,15 @@ fn channels_first(x: &Tensor) -> Tensor {
 
 /// For kernels of (size, dilation) `shapes` on `fanout` edges, at `stride` on an h×w map:
 /// [H·W·E·P·H'·W'], for each (input pixel, edge, kernel, output pixel) the column of that tap among
-/// all edges' and kernels' taps laid side by side, or the column after the last (a zero) where no
-/// tap links the two pixels. Built once per shape and device.
+/// all edges' taps laid side by side (each edge's kernels' taps, then a zero), or the first edge's
+/// zero where no tap links the two pixels. Built once per shape and device.
 fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, device: Device) -> Tensor {
     /// (kernel shapes, fanout, stride, h, w)
     type Key = (Vec<(i64, i64)>, i64, i64, i64, i64);
     static CACHE: IndexCache<Key> = IndexCache::new();
     CACHE.get((shapes.to_vec(), fanout, stride, h, w), device, |_| {
-        let taps_per_edge: i64 = shapes.iter().map(|(k, _)| k * k).sum();
-        let no_tap = fanout * taps_per_edge;
+        let taps: i64 = shapes.iter().map(|(k, _)| k * k).sum();
+        let (columns_per_edge, no_tap) = (taps + 1, taps);
         // The tap of a kernel linking input (row, col) to output (a, b), if any.
         let tap = |(kernel, dilation): (i64, i64), (row, col): (i64, i64), (a, b): (i64, i64)| {
             let pad = dilation * (kernel - 1) / 2;
@@ -169,7 +178,7 @@ fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, de
         let mut index = Vec::new();
         for input in (0..h).flat_map(|r| (0..w).map(move |c| (r, c))) {
             for edge in 0..fanout {
-                let mut first_tap = edge * taps_per_edge;
+                let mut first_tap = edge * columns_per_edge;
                 for &shape @ (kernel, dilation) in shapes {
                     let (ho, wo) = (output_side(h, kernel, dilation, stride), output_side(w, kernel, dilation, stride));
                     index.extend((0..ho).flat_map(|a| (0..wo).map(move |b| (a, b))).map(|output| tap(shape, input, output).map_or(no_tap, |t| first_tap + t)));
@@ -184,7 +193,6 @@ fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, de
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
 
     fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])

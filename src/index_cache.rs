@@ -1,4 +1,4 @@
-//! Index tensors that depend only on shapes, built once per key and device.
+//! Index tensors (and other constants) that depend only on shapes, built once per key and device.
 //!
 //! Gathers with a fixed pattern (depthwise matrices, mixing weights, a task batch's weight copies)
 //! need an index on the compute device. Built in every pass it would be a host-to-device copy per
@@ -27,14 +27,20 @@ impl<K: Hash + Eq> IndexCache<K> {
 
     /// The index of `key` on `device`, built from `build(&key)` the first time.
     pub fn get(&self, key: K, device: Device, build: impl FnOnce(&K) -> Vec<i64>) -> Tensor {
+        self.get_tensor(key, device, |key| Tensor::from_slice(&build(key)))
+    }
+
+    /// The tensor of `key` on `device`, built on the host from `build(&key)` the first time: a
+    /// constant other than an index (a zero to gather from).
+    pub fn get_tensor(&self, key: K, device: Device, build: impl FnOnce(&K) -> Tensor) -> Tensor {
         let mut cache = self.0.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let index = match cache.entry((key, device)) {
+        let tensor = match cache.entry((key, device)) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                let index = Tensor::from_slice(&build(&entry.key().0)).to_device(device);
-                entry.insert(index)
+                let tensor = build(&entry.key().0).to_device(device);
+                entry.insert(tensor)
             }
         };
-        index.shallow_clone()
+        tensor.shallow_clone()
     }
 }
