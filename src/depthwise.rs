@@ -116,9 +116,14 @@ fn widened_to_one(kernels: &[Kernel]) -> Option<Tensor> {
     let size = kernels.iter().map(Kernel::size).max()?;
     let widened: Vec<Tensor> = kernels
         .iter()
-        .map(|k| match (size - k.size()) / 2 {
-            0 => k.weight.shallow_clone(),
-            border => k.weight.constant_pad_nd([border; 4]),
+        .map(|k| {
+            let border = (size - k.size()) / 2;
+            debug_assert_eq!(size - k.size(), 2 * border, "odd kernel sizes widen by a whole border");
+            if border == 0 {
+                k.weight.shallow_clone()
+            } else {
+                k.weight.constant_pad_nd([border; 4])
+            }
         })
         .collect();
     Some(Tensor::cat(&widened, 0))

@@ -45,6 +45,7 @@ pub mod data;
 pub mod depthwise;
 pub mod derived;
 pub mod device;
+pub mod flat_layout;
 pub mod fused_edges;
 pub mod genotype;
 pub mod grad;

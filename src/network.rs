@@ -34,7 +34,7 @@ impl Network {
     }
 
     /// The runs of weights the forward pass reads stacked, to lay out as blocks of a task's flat
-    /// weights ([`crate::params::Layout`]); none but the supernet's.
+    /// weights ([`crate::flat_layout::Layout`]); none but the supernet's.
     pub fn weight_runs(&self) -> Vec<Vec<String>> {
         match self {
             Network::Supernet(n) => n.weight_runs(),

@@ -3,6 +3,7 @@
 //! Forward functions take a `ParamSet` explicitly instead of owning modules, so a request adapts a
 //! private copy while the meta-weights stay untouched (T-NAS Algorithm 2 works on copies of w̃, θ̃).
 
+use crate::flat_layout::Layout;
 use crate::index_cache::IndexCache;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,7 +59,7 @@ pub struct ParamSet {
     names: Vec<String>,
     tensors: Vec<Tensor>,
     index: HashMap<String, usize>,
-    /// How the tensors lie in a flat tensor ([`ParamSet::flattened`]); spec order when `None`.
+    /// How the tensors lie in a flat tensor ([`ParamSet::flattened`]); in set order when `None`.
     layout: Option<Arc<Layout>>,
     /// The flat tensor whose views the tensors are, when they are ([`ParamSet::views_of`]), and
     /// its blocks: an SGD step neither concatenates again what it just split nor the forward pass
@@ -68,58 +69,10 @@ pub struct ParamSet {
 
 #[derive(Debug)]
 struct FlatViews {
+    /// [numel]: every tensor of the set, laid out by the layout.
     flat: Tensor,
     /// One per block of the layout, in its order.
     blocks: Vec<Tensor>,
-}
-
-/// Where a set's tensors lie in its flat tensor: in blocks, each either one tensor or a run of
-/// tensors that the forward pass reads concatenated along dim 0 (one candidate's weights on every
-/// edge of a group, [`crate::fused_edges`]), so that the run is one view of the flat tensor instead
-/// of a concatenation in every forward pass (and a split of its gradient in every backward pass).
-/// Blocks follow each other in the set order of their first tensors.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    /// Each block's tensors, as indices in set order.
-    blocks: Vec<Vec<usize>>,
-    /// For each tensor that starts a block of several, that block.
-    run_starting_at: Vec<Option<usize>>,
-}
-
-impl Layout {
-    /// The layout of `set` with each of `runs` (names in the set, each run's tensors of equal shape
-    /// but for dim 0) as a block and every other tensor alone.
-    pub fn new(set: &ParamSet, runs: &[Vec<String>]) -> Layout {
-        let position = |name: &String| *set.index.get(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"));
-        let runs: Vec<Vec<usize>> = runs.iter().map(|run| run.iter().map(position).collect()).collect();
-        let mut run_of = vec![None; set.len()];
-        for (r, run) in runs.iter().enumerate() {
-            let trailing = &set.tensors[run[0]].size()[1..];
-            for &i in run {
-                assert!(run_of[i].is_none(), "'{}' is in two runs", set.names[i]);
-                assert_eq!(&set.tensors[i].size()[1..], trailing, "'{}' does not stack with its run", set.names[i]);
-                run_of[i] = Some(r);
-            }
-        }
-        let (mut blocks, mut run_starting_at) = (Vec::new(), vec![None; set.len()]);
-        for (i, run) in run_of.iter().enumerate() {
-            match run {
-                None => blocks.push(vec![i]),
-                Some(r) if runs[*r][0] == i => {
-                    run_starting_at[i] = Some(blocks.len());
-                    blocks.push(runs[*r].clone());
-                }
-                Some(_) => {}
-            }
-        }
-        Layout { blocks, run_starting_at }
-    }
-
-    /// Adds tensor `i`, the set's last, as a block of its own.
-    fn append_alone(&mut self, i: usize) {
-        self.blocks.push(vec![i]);
-        self.run_starting_at.push(None);
-    }
 }
 
 impl ParamSet {
@@ -145,7 +98,7 @@ impl ParamSet {
             Some(&i) => self.tensors[i] = tensor,
             None => {
                 if let Some(layout) = &mut self.layout {
-                    Arc::make_mut(layout).append_alone(self.names.len());
+                    Arc::make_mut(layout).append_alone();
                 }
                 self.index.insert(name.clone(), self.names.len());
                 self.names.push(name);
@@ -161,6 +114,11 @@ impl ParamSet {
             Some(&i) => &self.tensors[i],
             None => panic!("parameter '{name}' is not in the set"),
         }
+    }
+
+    /// Where `name` is in set order.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -206,7 +164,7 @@ impl ParamSet {
     /// The tensors of each block, in flat order.
     fn blocks(&self) -> Vec<Vec<usize>> {
         match &self.layout {
-            Some(layout) => layout.blocks.clone(),
+            Some(layout) => layout.blocks().to_vec(),
             None => (0..self.len()).map(|i| vec![i]).collect(),
         }
     }
@@ -241,12 +199,13 @@ impl ParamSet {
         let blocks = self.blocks();
         let sizes: Vec<i64> = blocks.iter().map(|block| block.iter().map(|&i| shapes[i].iter().product::<i64>()).sum()).collect();
         let mut tensors: Vec<Option<Tensor>> = (0..self.len()).map(|_| None).collect();
-        let parts = flat.split_with_sizes(&sizes, 0);
-        let block_views = parts.iter().zip(&blocks).map(|(part, block)| {
+        let mut block_views = Vec::with_capacity(blocks.len());
+        for (part, block) in flat.split_with_sizes(&sizes, 0).iter().zip(&blocks) {
             if let [i] = block[..] {
                 let view = part.view(shapes[i].as_slice());
                 tensors[i] = Some(view.shallow_clone());
-                return view;
+                block_views.push(view);
+                continue;
             }
             let rows = block.iter().map(|&i| shapes[i][0]).sum::<i64>();
             let stacked = part.view([&[rows], &shapes[block[0]][1..]].concat().as_slice());
@@ -255,15 +214,14 @@ impl ParamSet {
                 tensors[i] = Some(stacked.narrow(0, first_row, shapes[i][0]));
                 first_row += shapes[i][0];
             }
-            stacked
-        });
-        let blocks = block_views.collect();
+            block_views.push(stacked);
+        }
         ParamSet {
             names: self.names.clone(),
             tensors: tensors.into_iter().map(|t| t.expect("every tensor is in a block")).collect(),
             index: self.index.clone(),
             layout: self.layout.clone(),
-            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks }),
+            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks: block_views }),
         }
     }
 
@@ -272,8 +230,8 @@ impl ParamSet {
     pub fn stacked(&self, names: &[String]) -> Tensor {
         let positions: Vec<usize> = names.iter().map(|n| self.index[n]).collect();
         if let (Some(layout), Some(flat)) = (&self.layout, &self.flat) {
-            match layout.run_starting_at[positions[0]] {
-                Some(b) if layout.blocks[b] == positions => return flat.blocks[b].shallow_clone(),
+            match layout.run_starting_at(positions[0]) {
+                Some(b) if layout.blocks()[b] == positions => return flat.blocks[b].shallow_clone(),
                 _ => debug_assert!(false, "{names:?} is not a run of the layout: the forward pass and Network::weight_runs disagree"),
             }
         }
