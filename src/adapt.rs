@@ -99,16 +99,11 @@ impl TaskState {
         self.set_classifier(w, b);
     }
 
-    /// Replaces the classifier (a proto head's, built for the task). Weights that lay in one flat
-    /// leaf are copied into a new one with it, so that every step still reads each run of weights
-    /// as a view and differentiates with respect to one tensor.
+    /// Sets the classifier (a proto head's, built for the task) as leaves of their own. Added
+    /// after the weights' flat tensor, they leave it whole ([`ParamSet::insert`]).
     pub fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
-        let device = self.params.flat_tensor().map(Tensor::device);
         self.params.insert(CLASSIFIER_WEIGHT.into(), weight.set_requires_grad(true));
         self.params.insert(CLASSIFIER_BIAS.into(), bias.set_requires_grad(true));
-        if let Some(device) = device {
-            self.params = self.params.leaf_copy(device, 1);
-        }
     }
 
     /// Support-set cross-entropy at the current point (support-batch BN).
@@ -119,19 +114,17 @@ impl TaskState {
     /// ∇ `loss` with respect to the weights, laid out flat as [`ParamSet::flattened`] lays them,
     /// and to θ (normal, reduce) when present. `keep_graph` keeps the graph of the gradients, for
     /// second-order meta-gradients. When the weights are views of one flat tensor, the gradient
-    /// is taken with respect to it: its backward gathers every weight's gradient in one piece.
+    /// is taken with respect to it ([`ParamSet::flat_parts`]): its backward gathers every weight's
+    /// gradient in one piece.
     pub fn gradients(&self, loss: &Tensor, keep_graph: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
-        let mut inputs: Vec<&Tensor> = match self.params.flat_tensor() {
-            Some(flat) => vec![flat],
-            None => self.params.tensors().iter().collect(),
-        };
+        let mut inputs = self.params.flat_parts();
         let n = inputs.len();
         if let Some(a) = &self.alphas {
             inputs.extend([&a.normal, &a.reduce]);
         }
         let mut grads = Tensor::run_backward(&[loss], &inputs, keep_graph, keep_graph);
         let theta = self.alphas.as_ref().map(|_| (grads.remove(n), grads.remove(n)));
-        let weights = if self.params.flat_tensor().is_some() { grads.remove(0) } else { self.params.flatten(&grads) };
+        let weights = ParamSet::join(&grads);
         (weights, theta)
     }
 

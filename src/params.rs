@@ -69,10 +69,13 @@ pub struct ParamSet {
 
 #[derive(Debug)]
 struct FlatViews {
-    /// [numel]: every tensor of the set, laid out by the layout.
+    /// [numel]: the set's first `covers` tensors, laid out by the layout.
     flat: Tensor,
-    /// One per block of the layout, in its order.
+    /// One per block of the layout that it holds, in its order.
     blocks: Vec<Tensor>,
+    /// How many tensors it holds; any after them were inserted since (a proto head's classifier)
+    /// and lie outside it.
+    covers: usize,
 }
 
 impl ParamSet {
@@ -90,12 +93,16 @@ impl ParamSet {
         crate::grad::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
     }
 
-    /// Adds or replaces a tensor; a new one comes last, also in the layout. The set then no longer
-    /// lies in a flat tensor.
+    /// Adds or replaces a tensor. A new one comes last, also in the layout, after the flat tensor
+    /// the others may lie in, which stays; replacing one that lies in it leaves the set not flat.
     pub fn insert(&mut self, name: String, tensor: Tensor) {
-        self.flat = None;
         match self.index.get(&name) {
-            Some(&i) => self.tensors[i] = tensor,
+            Some(&i) => {
+                if self.flat.as_ref().is_some_and(|f| i < f.covers) {
+                    self.flat = None;
+                }
+                self.tensors[i] = tensor;
+            }
             None => {
                 if let Some(layout) = &mut self.layout {
                     Arc::make_mut(layout).append_alone();
@@ -169,23 +176,30 @@ impl ParamSet {
         }
     }
 
-    /// `tensors` (one per tensor of this set, in set order) flattened and concatenated as this
-    /// set's flat tensor lays them out: [numel].
-    pub fn flatten(&self, tensors: &[Tensor]) -> Tensor {
-        let in_order: Vec<Tensor> = self.blocks().concat().into_iter().map(|i| tensors[i].reshape([-1])).collect();
-        Tensor::cat(&in_order, 0)
+    /// What this set's flat layout is made of, in order: the flat tensor the tensors are views
+    /// of and any tensor inserted after it, or else every tensor in flat order. Differentiating
+    /// with respect to these gives every tensor's gradient from one backward pass, the flat
+    /// tensor's in one piece; [`ParamSet::join`] lays them (or their gradients) out flat.
+    pub fn flat_parts(&self) -> Vec<&Tensor> {
+        match &self.flat {
+            Some(f) => std::iter::once(&f.flat).chain(&self.tensors[f.covers..]).collect(),
+            None => self.blocks().concat().into_iter().map(|i| &self.tensors[i]).collect(),
+        }
     }
 
-    /// This set's tensors in its flat layout: the tensor they are views of when there is one,
+    /// `parts` (as [`ParamSet::flat_parts`] lists them, or their gradients) flattened and
+    /// concatenated: [numel]. A lone flat tensor is returned as it is.
+    pub fn join(parts: &[impl std::borrow::Borrow<Tensor>]) -> Tensor {
+        match parts {
+            [only] => only.borrow().reshape([-1]),
+            parts => Tensor::cat(&parts.iter().map(|t| t.borrow().reshape([-1])).collect::<Vec<_>>(), 0),
+        }
+    }
+
+    /// This set's tensors in its flat layout: the tensor they are views of when that is all,
     /// else a concatenation.
     pub fn flattened(&self) -> Tensor {
-        self.flat.as_ref().map_or_else(|| self.flatten(&self.tensors), |f| f.flat.shallow_clone())
-    }
-
-    /// The flat tensor the tensors are views of, if they are: differentiating with respect to it
-    /// gives every tensor's gradient, in [`ParamSet::flattened`]'s layout, from one backward pass.
-    pub fn flat_tensor(&self) -> Option<&Tensor> {
-        self.flat.as_ref().map(|f| &f.flat)
+        ParamSet::join(&self.flat_parts())
     }
 
     /// A set with these names, shapes and layout whose tensors are views of `flat` (laid out as
@@ -221,7 +235,7 @@ impl ParamSet {
             tensors: tensors.into_iter().map(|t| t.expect("every tensor is in a block")).collect(),
             index: self.index.clone(),
             layout: self.layout.clone(),
-            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks: block_views }),
+            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks: block_views, covers: self.len() }),
         }
     }
 
@@ -238,27 +252,24 @@ impl ParamSet {
         Tensor::cat(&positions.iter().map(|&i| &self.tensors[i]).collect::<Vec<_>>(), 0)
     }
 
-    /// A task's starting point: [`ParamSet::leaf_copy`] laid out with `runs` as blocks ([`Layout`]).
+    /// A task's starting point: an independent copy whose tensors are views of one new leaf of
+    /// the autograd graph, laid out with `runs` as blocks ([`Layout`]), with `tasks` copies of
+    /// every tensor stacked along dim 0 for a task batch ([`crate::task_batch`]; 1 for a single
+    /// task). One concatenation and, for a batch, one gather, whatever the number of tensors
+    /// (copying them one by one takes two kernels each: 724 launches on a GPU for the shipped model).
     pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
-        ParamSet { layout: Some(Arc::new(Layout::new(self, runs))), ..self.clone() }.leaf_copy(device, tasks)
-    }
-
-    /// An independent copy in this set's layout whose tensors are views of one new leaf of the
-    /// autograd graph, with `tasks` copies of every tensor stacked along dim 0 for a task batch
-    /// ([`crate::task_batch`]; 1 for a single task). One concatenation and, for a batch, one
-    /// gather, whatever the number of tensors (copying them one by one takes two kernels each: 724
-    /// launches on a GPU for the shipped model).
-    pub fn leaf_copy(&self, device: Device, tasks: i64) -> ParamSet {
+        let laid_out = ParamSet { layout: Some(Arc::new(Layout::new(self, runs))), flat: None, ..self.clone() };
         let flat = crate::grad::no_grad(|| {
-            let flat = self.flatten(&self.tensors).to_device(device);
+            let in_order: Vec<&Tensor> = laid_out.blocks().concat().into_iter().map(|i| &self.tensors[i]).collect();
+            let flat = Tensor::cat(&in_order.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0).to_device(device);
             if tasks == 1 {
                 flat
             } else {
-                flat.index_select(0, &self.repeat_index(tasks, device))
+                flat.index_select(0, &laid_out.repeat_index(tasks, device))
             }
         });
         let shapes: Vec<Vec<i64>> = self.tensors.iter().map(|t| [&[t.size()[0] * tasks], &t.size()[1..]].concat()).collect();
-        self.views_shaped(&flat.set_requires_grad(true), &shapes)
+        laid_out.views_shaped(&flat.set_requires_grad(true), &shapes)
     }
 
     /// For each tensor in flat order, its positions in the flat tensor `tasks` times over.
@@ -306,7 +317,7 @@ impl ParamSet {
 impl Clone for ParamSet {
     /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::task_copy`] for a copy.
     fn clone(&self) -> Self {
-        let flat = self.flat.as_ref().map(|f| FlatViews { flat: f.flat.shallow_clone(), blocks: f.blocks.iter().map(Tensor::shallow_clone).collect() });
+        let flat = self.flat.as_ref().map(|f| FlatViews { flat: f.flat.shallow_clone(), blocks: f.blocks.iter().map(Tensor::shallow_clone).collect(), covers: f.covers });
         ParamSet { flat, ..self.map(|_, t| t.shallow_clone()) }
     }
 }
@@ -409,7 +420,7 @@ mod tests {
         let run: Vec<String> = ["d", "a"].map(String::from).to_vec();
         for tasks in [1, 3] {
             let copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, tasks);
-            let flat = copy.flat_tensor().expect("a task copy lies in one flat tensor");
+            let [flat] = copy.flat_parts()[..] else { panic!("a task copy lies in one flat tensor") };
             let stacked = copy.stacked(&run);
             assert!(lies_in(&stacked, flat) && stacked.equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)), "{tasks} tasks");
             for (name, original) in set.iter() {
@@ -420,11 +431,21 @@ mod tests {
             assert!(grad.get("a").allclose(&(copy.get("a") * 2.0), 1e-6, 1e-6, false) && grad.get("d").allclose(&(copy.get("d") * 2.0), 1e-6, 1e-6, false));
             assert!(grad.get("b").equal(&Tensor::full([4 * tasks], 3.0, (Kind::Float, Device::Cpu))) && grad.get("c").equal(&copy.get("c").ones_like()));
         }
+
+        // A tensor inserted later lies after the flat tensor, which stays whole.
         let mut copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, 1);
-        copy.insert("e".into(), randn(&[2]));
-        assert!(copy.flat_tensor().is_none() && copy.stacked(&run).equal(&Tensor::cat(&[set.get("d"), set.get("a")], 0)), "a concatenation once the set is not flat");
-        let relaid = copy.leaf_copy(Device::Cpu, 1);
-        assert!(lies_in(&relaid.stacked(&run), relaid.flat_tensor().unwrap()) && relaid.get("e").equal(copy.get("e")), "a new tensor joins the layout");
+        copy.insert("e".into(), randn(&[2]).set_requires_grad(true));
+        let parts = copy.flat_parts();
+        assert!(parts.len() == 2 && lies_in(&copy.stacked(&run), parts[0]), "the runs are still views");
+        // Blocks in the set order of their first tensors: b, c, then the run [d, a] (d first).
+        let expected = Tensor::cat(&[copy.get("b").shallow_clone(), copy.get("c").reshape([-1]), copy.get("d").reshape([-1]), copy.get("a").reshape([-1]), copy.get("e").shallow_clone()], 0);
+        assert!(copy.flattened().equal(&expected), "laid out in flat order, the new tensor last");
+        let loss = copy.get("a").sum(Kind::Float) + copy.get("e").sum(Kind::Float) * 2.0;
+        let grad = ParamSet::join(&Tensor::run_backward(&[loss], &parts, false, false));
+        assert_eq!(grad.sum(Kind::Float).double_value(&[]), 6.0 + 4.0);
+        copy.insert("a".into(), randn(&[2, 3]));
+        assert_eq!(copy.flat_parts().len(), 5, "replacing a tensor of the flat tensor leaves the set not flat");
+        assert!(copy.stacked(&run).equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)));
     }
 
     #[test]
