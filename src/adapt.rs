@@ -5,7 +5,7 @@
 
 use crate::derived::DerivedNetwork;
 use crate::genotype::Genotype;
-use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
+use crate::head::{classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
@@ -62,6 +62,16 @@ pub struct InnerLoop {
 pub struct TaskState {
     pub params: ParamSet,
     pub alphas: Option<Alphas>,
+    /// The support loss of the forward pass that built a proto head, kept for the next step,
+    /// which would repeat that pass.
+    kept_loss: Option<KeptLoss>,
+}
+
+/// A support loss and every tensor it was computed from, so that it is used only at that point.
+#[derive(Debug)]
+struct KeptLoss {
+    loss: Tensor,
+    from: Vec<Tensor>,
 }
 
 /// How queries are predicted after adaptation.
@@ -80,10 +90,14 @@ pub struct Interrupted {
 }
 
 impl TaskState {
+    pub fn new(params: ParamSet, alphas: Option<Alphas>) -> TaskState {
+        TaskState { params, alphas, kept_loss: None }
+    }
+
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
     /// from the support prototypes under the starting weights.
     pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
-        let mut state = TaskState { params: meta.task_copy(&network.weight_runs(), device, 1), alphas: meta_alphas.map(|a| a.task_copy(device, 1)) };
+        let mut state = TaskState::new(meta.task_copy(&network.weight_runs(), device, 1), meta_alphas.map(|a| a.task_copy(device, 1)));
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
         }
@@ -91,12 +105,36 @@ impl TaskState {
     }
 
     /// Rebuilds the classifier from the support prototypes of `network` under the current weights.
+    /// The forward pass that gives the prototypes also gives the support loss with the new
+    /// classifier, which the next step takes instead of repeating the pass.
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
-        let (w, b) = crate::grad::no_grad(|| {
-            let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
-            prototype_classifier(&features, support.labels, support.n_way)
-        });
+        let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
+        let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features.detach(), support.labels, support.n_way));
         self.set_classifier(w, b);
+        self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images);
+    }
+
+    /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
+    /// the support images.
+    fn point(&self, support_images: &Tensor) -> Vec<Tensor> {
+        let mut from: Vec<Tensor> = self.params.flat_parts().into_iter().map(Tensor::shallow_clone).collect();
+        from.extend(self.alphas.iter().flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]));
+        from.push(support_images.shallow_clone());
+        from
+    }
+
+    /// Keeps `loss`, the support loss at this point, for the next step (unless it has no graph to
+    /// differentiate, as under `no_grad`).
+    pub(crate) fn keep_support_loss(&mut self, loss: Tensor, support_images: &Tensor) {
+        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(support_images) });
+    }
+
+    /// The kept support loss, if it was computed at this point from these images.
+    pub(crate) fn take_support_loss(&mut self, support_images: &Tensor) -> Option<Tensor> {
+        let kept = self.kept_loss.take()?;
+        let now = self.point(support_images);
+        let same = kept.from.len() == now.len() && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
+        same.then_some(kept.loss)
     }
 
     /// Sets the classifier (a proto head's, built for the task) as leaves of their own. Added
@@ -131,7 +169,7 @@ impl TaskState {
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
     /// backward pass, then plain SGD. Returns the loss (detached).
     pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> Tensor {
-        let loss = self.support_loss(network, support);
+        let loss = self.take_support_loss(support.images).unwrap_or_else(|| self.support_loss(network, support));
         self.descend(&loss, inner);
         loss.detach()
     }
@@ -153,7 +191,7 @@ impl TaskState {
             let (weights, alphas) = crate::grad::no_grad(stepped);
             (weights.set_requires_grad(true), alphas.map(|a| a.map(|t| t.set_requires_grad(true))))
         };
-        *self = TaskState { params: self.params.views_of(&weights), alphas };
+        *self = TaskState::new(self.params.views_of(&weights), alphas);
     }
 
     /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early.
@@ -192,7 +230,7 @@ impl TaskState {
             let t = self.params.get(&n).detach().copy().set_requires_grad(true);
             (n, t)
         }));
-        let mut state = TaskState { params, alphas: None };
+        let mut state = TaskState::new(params, None);
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(&network, support);
         }
@@ -230,5 +268,40 @@ pub fn logits_under(bn: BnMode, support: &Tensor, query: &Tensor, logits: impl F
             let n_support = support.size()[0];
             logits(&Tensor::cat(&[support, query], 0), BnStats::LeadingRows(n_support)).narrow(0, n_support, query.size()[0])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search_space::SearchSpace;
+    use crate::supernet::Supernet;
+    use tch::Kind;
+
+    /// The support loss kept from building a proto head is the loss a step would compute, and a
+    /// step takes it only at the point it was computed at: once, with the same images, weights and θ.
+    #[test]
+    fn the_kept_support_loss_is_the_steps_own_and_only_at_its_point() {
+        let space = SearchSpace { in_channels: 1, image_size: 8, init_channels: 4, layers: 2, steps: 2, multiplier: 2, stem_multiplier: 2, stem_pools: 1 };
+        let network = Network::Supernet(Supernet::new(space));
+        tch::manual_seed(0);
+        let meta = ParamSet::initialise(&network.body_specs(), Device::Cpu);
+        let alphas = Alphas::initialise(&space, Device::Cpu);
+        let images = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
+        let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
+        let mut state = TaskState::start(&network, &meta, Some(&alphas), HeadSpec::Proto { max_way: 5 }, &support, Device::Cpu);
+        let kept = state.take_support_loss(&images).expect("building the head keeps its loss");
+        assert!(kept.equal(&state.support_loss(&network, &support)), "the loss a step would compute");
+        assert!(state.take_support_loss(&images).is_none(), "taken once");
+
+        state.reset_proto_head(&network, &support);
+        assert!(state.take_support_loss(&images.copy()).is_none(), "other images");
+        state.reset_proto_head(&network, &support);
+        state.alphas = Some(alphas.task_copy(Device::Cpu, 1));
+        assert!(state.take_support_loss(&images).is_none(), "another θ");
+        state.reset_proto_head(&network, &support);
+        state.params = state.params.views_of(&state.params.flattened().detach().set_requires_grad(true));
+        assert!(state.take_support_loss(&images).is_none(), "other weights");
     }
 }

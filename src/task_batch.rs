@@ -56,14 +56,18 @@ impl TaskBatch {
     /// support prototypes.
     pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
         let (tasks, device) = (support.tasks(), support.images.device());
-        let state = TaskState { params: meta.task_copy(&net.weight_runs(), device, tasks), alphas: Some(meta_alphas.task_copy(device, tasks)) };
+        let state = TaskState::new(meta.task_copy(&net.weight_runs(), device, tasks), Some(meta_alphas.task_copy(device, tasks)));
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
+            // The forward pass that gives the prototypes also gives the first step's loss.
+            let features = batch.features(net, &support.images, BnStats::Batch);
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
-                let features = batch.features(net, &support.images, BnStats::Batch);
+                let features = features.detach();
                 (0..tasks).map(|t| prototype_classifier(&features.select(1, t), &support.labels.get(t), support.n_way)).unzip()
             });
             batch.state.set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
+            let loss = batch.loss_of(&batch.classify(&features), support);
+            batch.state.keep_support_loss(loss, &support.images);
         }
         batch
     }
@@ -77,16 +81,25 @@ impl TaskBatch {
 
     /// Each task's classifier on its own features: [N, T·C, H, W] → logits [N, T, n_way].
     fn logits(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
-        let features = self.features(net, x, stats).transpose(0, 1);
+        self.classify(&self.features(net, x, stats))
+    }
+
+    /// Features [N, T, F] → logits [N, T, n_way], each task's classifier on its own features.
+    fn classify(&self, features: &Tensor) -> Tensor {
         let weight = self.state.params.get(CLASSIFIER_WEIGHT);
         let weight = weight.view([self.tasks, -1, weight.size()[1]]);
         let bias = self.state.params.get(CLASSIFIER_BIAS).view([self.tasks, 1, -1]);
-        features.matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1)
+        features.transpose(0, 1).matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1)
     }
 
     /// Σ_t (cross-entropy of task t's support set), so each task's gradient is its own.
     fn support_loss(&self, net: &Supernet, support: &BatchedSupport) -> Tensor {
-        let logits = self.logits(net, &support.images, BnStats::Batch).transpose(0, 1);
+        self.loss_of(&self.logits(net, &support.images, BnStats::Batch), support)
+    }
+
+    /// The support loss of support logits [N, T, n_way].
+    fn loss_of(&self, logits: &Tensor, support: &BatchedSupport) -> Tensor {
+        let logits = logits.transpose(0, 1);
         let n_way = logits.size()[2];
         logits.reshape([-1, n_way]).cross_entropy_for_logits(&support.labels.reshape([-1])) * self.tasks as f64
     }
@@ -97,7 +110,7 @@ impl TaskBatch {
             if !keep_going() {
                 return Err(Interrupted { completed_steps: step });
             }
-            let loss = self.support_loss(net, support);
+            let loss = self.state.take_support_loss(&support.images).unwrap_or_else(|| self.support_loss(net, support));
             self.state.descend(&loss, inner);
         }
         Ok(())

@@ -110,7 +110,7 @@ impl TaskContext<'_> {
             // Leaves that share the meta-weights' storage: the graph runs from them through every step.
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
-            let mut state = TaskState { params, alphas };
+            let mut state = TaskState::new(params, alphas);
             if let HeadSpec::Proto { .. } = self.head {
                 state.reset_proto_head(self.network, &task.support);
             }
@@ -129,7 +129,7 @@ impl TaskContext<'_> {
                 state.reset_proto_head(self.network, &task.support);
             }
         }
-        let origin = TaskState { params: state.params.clone(), alphas: state.alphas.clone() };
+        let origin = TaskState::new(state.params.clone(), state.alphas.clone());
         state.adapt(self.network, &task.support, &inner, &|| true).expect("never interrupted");
         let logits = query_logits(self.network, &state.params, state.alphas.as_ref(), &task.support, task.query, self.bn);
         let loss = logits.cross_entropy_for_logits(task.query_labels);
