@@ -111,28 +111,28 @@ impl TaskState {
         let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
         let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features.detach(), support.labels, support.n_way));
         self.set_classifier(w, b);
-        self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images);
+        self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images, support.labels);
     }
 
     /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
-    /// the support images.
-    fn point(&self, support_images: &Tensor) -> Vec<Tensor> {
+    /// the support set.
+    fn point(&self, images: &Tensor, labels: &Tensor) -> Vec<Tensor> {
         let mut from: Vec<Tensor> = self.params.flat_parts().into_iter().map(Tensor::shallow_clone).collect();
         from.extend(self.alphas.iter().flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]));
-        from.push(support_images.shallow_clone());
+        from.extend([images.shallow_clone(), labels.shallow_clone()]);
         from
     }
 
-    /// Keeps `loss`, the support loss at this point, for the next step (unless it has no graph to
-    /// differentiate, as under `no_grad`).
-    pub(crate) fn keep_support_loss(&mut self, loss: Tensor, support_images: &Tensor) {
-        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(support_images) });
+    /// Keeps `loss`, the loss of the support set (`images`, `labels`) at this point, for the next
+    /// step (unless it has no graph to differentiate, as under `no_grad`).
+    pub(crate) fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
+        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(images, labels) });
     }
 
-    /// The kept support loss, if it was computed at this point from these images.
-    pub(crate) fn take_support_loss(&mut self, support_images: &Tensor) -> Option<Tensor> {
+    /// The kept support loss, if it was computed at this point from this support set.
+    pub(crate) fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
         let kept = self.kept_loss.take()?;
-        let now = self.point(support_images);
+        let now = self.point(images, labels);
         let same = kept.from.len() == now.len() && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
         same.then_some(kept.loss)
     }
@@ -169,7 +169,7 @@ impl TaskState {
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
     /// backward pass, then plain SGD. Returns the loss (detached).
     pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> Tensor {
-        let loss = self.take_support_loss(support.images).unwrap_or_else(|| self.support_loss(network, support));
+        let loss = self.take_support_loss(support.images, support.labels).unwrap_or_else(|| self.support_loss(network, support));
         self.descend(&loss, inner);
         loss.detach()
     }
@@ -291,17 +291,19 @@ mod tests {
         let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
         let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
         let mut state = TaskState::start(&network, &meta, Some(&alphas), HeadSpec::Proto { max_way: 5 }, &support, Device::Cpu);
-        let kept = state.take_support_loss(&images).expect("building the head keeps its loss");
+        let kept = state.take_support_loss(&images, &labels).expect("building the head keeps its loss");
         assert!(kept.equal(&state.support_loss(&network, &support)), "the loss a step would compute");
-        assert!(state.take_support_loss(&images).is_none(), "taken once");
+        assert!(state.take_support_loss(&images, &labels).is_none(), "taken once");
 
         state.reset_proto_head(&network, &support);
-        assert!(state.take_support_loss(&images.copy()).is_none(), "other images");
+        assert!(state.take_support_loss(&images.copy(), &labels).is_none(), "other images");
+        state.reset_proto_head(&network, &support);
+        assert!(state.take_support_loss(&images, &labels.flip([0])).is_none(), "other labels");
         state.reset_proto_head(&network, &support);
         state.alphas = Some(alphas.task_copy(Device::Cpu, 1));
-        assert!(state.take_support_loss(&images).is_none(), "another θ");
+        assert!(state.take_support_loss(&images, &labels).is_none(), "another θ");
         state.reset_proto_head(&network, &support);
         state.params = state.params.views_of(&state.params.flattened().detach().set_requires_grad(true));
-        assert!(state.take_support_loss(&images).is_none(), "other weights");
+        assert!(state.take_support_loss(&images, &labels).is_none(), "other weights");
     }
 }

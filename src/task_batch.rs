@@ -67,7 +67,7 @@ impl TaskBatch {
             });
             batch.state.set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
             let loss = batch.loss_of(&batch.classify(&features), support);
-            batch.state.keep_support_loss(loss, &support.images);
+            batch.state.keep_support_loss(loss, &support.images, &support.labels);
         }
         batch
     }
@@ -110,7 +110,7 @@ impl TaskBatch {
             if !keep_going() {
                 return Err(Interrupted { completed_steps: step });
             }
-            let loss = self.state.take_support_loss(&support.images).unwrap_or_else(|| self.support_loss(net, support));
+            let loss = self.state.take_support_loss(&support.images, &support.labels).unwrap_or_else(|| self.support_loss(net, support));
             self.state.descend(&loss, inner);
         }
         Ok(())
