@@ -110,8 +110,13 @@ impl TaskState {
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
         let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
         let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features.detach(), support.labels, support.n_way));
+        let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
-        self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images, support.labels);
+        // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as
+        // separate views, which the pass above did not read: its loss could not reach them.
+        if self.params.is_flat() == was_flat {
+            self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images, support.labels);
+        }
     }
 
     /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
@@ -129,7 +134,10 @@ impl TaskState {
         self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(images, labels) });
     }
 
-    /// The kept support loss, if it was computed at this point from this support set.
+    /// The kept support loss, if it was computed at this point from this support set: the same
+    /// tensors by `is_set_to` (storage, offset, sizes, strides), which holds for the state as
+    /// `reset_proto_head` left it. Whoever replaces the weights or θ with new tensors on the same
+    /// storage, or changes them in place, before the next step must not leave a loss kept.
     pub(crate) fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
         let kept = self.kept_loss.take()?;
         let now = self.point(images, labels);
@@ -305,5 +313,13 @@ mod tests {
         state.reset_proto_head(&network, &support);
         state.params = state.params.views_of(&state.params.flattened().detach().set_requires_grad(true));
         assert!(state.take_support_loss(&images, &labels).is_none(), "other weights");
+
+        // After a step the classifier lies in the flat tensor; replacing it leaves no loss kept
+        // (the pass read the flat tensor's blocks, not the separate views left), and a step works.
+        let inner = InnerLoop { steps: 1, lr_w: 0.1, lr_theta: 0.1, second_order: false };
+        let _ = state.sgd_step(&network, &support, &inner);
+        state.reset_proto_head(&network, &support);
+        assert!(state.kept_loss.is_none());
+        assert!(state.sgd_step(&network, &support, &inner).double_value(&[]).is_finite());
     }
 }

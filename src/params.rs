@@ -176,6 +176,11 @@ impl ParamSet {
         }
     }
 
+    /// Whether the tensors (but any inserted since) are views of one flat tensor.
+    pub fn is_flat(&self) -> bool {
+        self.flat.is_some()
+    }
+
     /// What this set's flat layout is made of, in order: the flat tensor the tensors are views
     /// of and any tensor inserted after it, or else every tensor in flat order. Differentiating
     /// with respect to these gives every tensor's gradient from one backward pass, the flat
