@@ -176,6 +176,11 @@ impl ParamSet {
         }
     }
 
+    /// Every tensor's index in set order, in flat order.
+    fn flat_order(&self) -> Vec<usize> {
+        self.blocks().concat()
+    }
+
     /// Whether the tensors (but any inserted since) are views of one flat tensor.
     pub fn is_flat(&self) -> bool {
         self.flat.is_some()
@@ -188,7 +193,7 @@ impl ParamSet {
     pub fn flat_parts(&self) -> Vec<&Tensor> {
         match &self.flat {
             Some(f) => std::iter::once(&f.flat).chain(&self.tensors[f.covers..]).collect(),
-            None => self.blocks().concat().into_iter().map(|i| &self.tensors[i]).collect(),
+            None => self.flat_order().into_iter().map(|i| &self.tensors[i]).collect(),
         }
     }
 
@@ -265,8 +270,8 @@ impl ParamSet {
     pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
         let laid_out = ParamSet { layout: Some(Arc::new(Layout::new(self, runs))), flat: None, ..self.clone() };
         let flat = crate::grad::no_grad(|| {
-            let in_order: Vec<&Tensor> = laid_out.blocks().concat().into_iter().map(|i| &self.tensors[i]).collect();
-            let flat = Tensor::cat(&in_order.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0).to_device(device);
+            // Always a concatenation (never `join`'s lone-tensor view): the copy must not alias `self`.
+            let flat = Tensor::cat(&laid_out.flat_parts().iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0).to_device(device);
             if tasks == 1 {
                 flat
             } else {
@@ -280,7 +285,7 @@ impl ParamSet {
     /// For each tensor in flat order, its positions in the flat tensor `tasks` times over.
     fn repeat_index(&self, tasks: i64, device: Device) -> Tensor {
         static CACHE: IndexCache<(Vec<i64>, i64)> = IndexCache::new();
-        let sizes: Vec<i64> = self.blocks().concat().into_iter().map(|i| self.tensors[i].numel() as i64).collect();
+        let sizes: Vec<i64> = self.flat_order().into_iter().map(|i| self.tensors[i].numel() as i64).collect();
         CACHE.get((sizes, tasks), device, |(sizes, tasks)| {
             let starts = sizes.iter().scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
             starts.zip(sizes).flat_map(|(start, &n)| (0..*tasks).flat_map(move |_| start..start + n)).collect()
