@@ -20,10 +20,15 @@ pub struct ImageLimits {
     pub max_pixels: u64,
 }
 
+impl ImageLimits {
+    /// 4 MiB and 2048 × 2048 pixels: far above few-shot inputs (28 to 84 pixels a side), and at
+    /// most about 100 MB to decode and convert one picture ([`to_input`] works in f32 RGBA).
+    pub const DEFAULT: ImageLimits = ImageLimits { max_bytes: 4 * 1024 * 1024, max_pixels: 2048 * 2048 };
+}
+
 impl Default for ImageLimits {
-    /// 5 MiB and 4096 × 4096 pixels: far above few-shot inputs, far below a memory problem.
     fn default() -> Self {
-        ImageLimits { max_bytes: 5 * 1024 * 1024, max_pixels: 4096 * 4096 }
+        ImageLimits::DEFAULT
     }
 }
 
@@ -291,7 +296,7 @@ mod tests {
         let start = Instant::now();
         let err = decode(&png_declaring(100_000, 100_000), &ImageLimits::default()).unwrap_err();
         assert!(start.elapsed() < Duration::from_millis(500));
-        assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, max_pixels: 4096 * 4096 });
+        assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, max_pixels: 2048 * 2048 });
         assert!(err.to_string().contains("downscale"));
     }
 

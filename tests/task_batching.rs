@@ -11,7 +11,7 @@ use tnas::imaging::{decode, to_input, ImageLimits};
 use tnas::metadata::HeadSpec;
 use tnas::network::Network;
 use tnas::search_space::SearchSpace;
-use tnas::server::worker::{ResolvedOptions, TaskInput};
+use tnas::server::compute::{ResolvedOptions, TaskInput};
 use tnas::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 
 struct Task {

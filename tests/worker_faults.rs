@@ -1,13 +1,17 @@
 //! The compute worker contains faults: a job that makes libtorch throw fails with an error, and
-//! the same worker thread serves the next job. Its queue bound holds while it batches.
+//! the same worker thread serves the next job; a task whose numbers are not finite is refused,
+//! not answered with NaN; a worker that cannot start refuses its jobs. Its queue bound holds while it
+//! batches.
 
 mod common;
 
 use common::random_supernet;
 use tnas::adapt::{BnMode, PredictWith};
 use tnas::metadata::HeadSpec;
+use tnas::params::ParamSet;
 use tnas::search_space::SearchSpace;
-use tnas::server::worker::{Readiness, ResolvedOptions, TaskInput, TaskOutput, Worker, WorkerError};
+use tnas::server::compute::{ResolvedOptions, TaskInput, TaskOutput};
+use tnas::server::worker::{Readiness, Worker, WorkerError};
 
 const PIXELS: usize = 28 * 28;
 
@@ -89,4 +93,39 @@ fn jobs_held_back_for_a_batch_still_count_against_the_queue_depth() {
     for answer in [long, held, admitted] {
         answer.blocking_recv().unwrap().unwrap();
     }
+}
+
+#[test]
+fn an_adaptation_whose_numbers_are_not_finite_is_refused_not_answered_with_nan() {
+    let worker = fixture_worker(16, 1);
+    // One NaN pixel (decoding never yields one) poisons the task's numbers the way a diverging
+    // adaptation does: the answer is an error, not NaN logits.
+    let mut poisoned = task(vec![0, 1], 2, 2 * PIXELS);
+    poisoned.support[3] = f32::NAN;
+    assert_eq!(run(&worker, poisoned).unwrap_err(), WorkerError::Diverged);
+    assert!(run(&worker, task(vec![0, 1], 2, 2 * PIXELS)).is_ok(), "the next task is served");
+}
+
+#[test]
+fn a_worker_that_cannot_warm_up_refuses_its_jobs_and_says_why() {
+    let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
+    checkpoint.meta.name = "fixture".into();
+    // Without its first weight (the stem's), the warm-up's forward pass cannot run.
+    let missing = checkpoint.params.names()[0].clone();
+    checkpoint.params = ParamSet::from_pairs(checkpoint.params.names().iter().zip(checkpoint.params.tensors()).skip(1).map(|(n, t)| (n.clone(), t.shallow_clone())));
+    let worker = Worker::spawn(vec![checkpoint], tch::Device::Cpu, 8, 1, 1, 0);
+    // Whether a job reaches the queue before the warm-up fails or after, it hears that the
+    // worker is not running; none is left waiting for an answer that never comes.
+    for _ in 0..4 {
+        match common::submit(&worker, task(vec![0, 1], 2, 2 * PIXELS)) {
+            Ok(answer) => assert_eq!(answer.blocking_recv().expect("an answer, not a dropped reply").unwrap_err(), WorkerError::Stopped),
+            Err(refused) => assert_eq!(refused, WorkerError::Stopped),
+        }
+    }
+    match worker.readiness() {
+        Readiness::Failed(why) => assert!(why.contains(&missing), "{why}"),
+        other => panic!("readiness {other:?}"),
+    }
+    assert_eq!(worker.queued(), 0);
 }

@@ -82,7 +82,9 @@ pub struct TimingMs {
 /// `POST /adapt` response.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AdaptResponse {
-    pub task_id: String,
+    /// Where `GET /genotypes/{task_id}` finds this task's genotype; null when the model has no
+    /// architecture (conv4), as there is nothing to fetch.
+    pub task_id: Option<String>,
     pub model: String,
     /// Class names; class i is the i-th distinct support label in order of first appearance.
     pub labels: Vec<String>,

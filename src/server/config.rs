@@ -1,6 +1,7 @@
 //! `tnas-server` configuration: every flag also reads an environment variable (`TNAS_*`).
 
 use crate::device::DeviceChoice;
+use crate::imaging::ImageLimits;
 use std::path::PathBuf;
 
 /// Limits that protect the server from oversized or abusive requests.
@@ -13,10 +14,11 @@ pub struct Limits {
     #[arg(long, env = "TNAS_MAX_IMAGES", default_value_t = 512)]
     pub max_images: usize,
     /// Largest single encoded image in bytes.
-    #[arg(long, env = "TNAS_MAX_IMAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "TNAS_MAX_IMAGE_BYTES", default_value_t = ImageLimits::DEFAULT.max_bytes)]
     pub max_image_bytes: usize,
     /// Largest decoded image (width × height); refused before decoding (decompression bombs).
-    #[arg(long, env = "TNAS_MAX_IMAGE_PIXELS", default_value_t = 4096 * 4096)]
+    /// Decoding one costs about 25 bytes a pixel, one request per core at a time.
+    #[arg(long, env = "TNAS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::DEFAULT.max_pixels)]
     pub max_image_pixels: u64,
     /// Most adaptation steps (and fine-tuning steps) a request may ask for.
     #[arg(long, env = "TNAS_MAX_STEPS", default_value_t = 100)]
@@ -44,8 +46,10 @@ pub struct ServerConfig {
     /// Model used when a request names none (default: the only or first model by name).
     #[arg(long, env = "TNAS_DEFAULT_MODEL")]
     pub default_model: Option<String>,
+    /// Address to listen on (0.0.0.0: every interface).
     #[arg(long, env = "TNAS_HOST", default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, env = "TNAS_PORT", default_value_t = 8080)]
     pub port: u16,
     /// auto, cpu, cuda or cuda:N.

@@ -41,6 +41,11 @@ pub async fn not_found(request: Request) -> ApiError {
     ApiError::NotFound(format!("no route for {} {}; see /docs", request.method(), request.uri().path()))
 }
 
+/// JSON 405 for a known path asked with a method it does not serve.
+pub async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} {} is not served; see /docs for this path's methods", request.method(), request.uri().path()))
+}
+
 /// Gives every request an `x-request-id` (kept if the client sent one), returns it, and opens a
 /// tracing span carrying it, so every log line of the request names it.
 pub fn with_request_ids(app: Router) -> Router {
@@ -53,14 +58,13 @@ pub fn with_request_ids(app: Router) -> Router {
 }
 
 /// Adds CORS for the configured origins only; with none configured, browsers get no CORS headers.
-pub fn with_cors(app: Router, origins: &[String]) -> Router {
-    let allowed: Vec<header::HeaderValue> = origins.iter().filter_map(|o| header::HeaderValue::from_str(o).ok()).collect();
-    if allowed.is_empty() {
+pub fn with_cors(app: Router, origins: &[header::HeaderValue]) -> Router {
+    if origins.is_empty() {
         return app;
     }
     app.layer(
         tower_http::cors::CorsLayer::new()
-            .allow_origin(allowed)
+            .allow_origin(origins.to_vec())
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
     )

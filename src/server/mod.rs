@@ -1,14 +1,18 @@
 //! The HTTP adaptation server (SPEC §6).
 //!
-//! - [`config`]: flags and limits. [`api`]: request/response bodies. [`error`]: `ApiError` → status + JSON.
+//! - [`config`]: flags and limits. [`api`]: request/response bodies. [`error`]: `ApiError` → status + JSON;
+//!   [`extract`]: query and path extractors that reject with it.
 //! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
-//! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue.
+//! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
+//!   what it computes for a task or a batch.
 //! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
 //! - [`openapi`]: the generated OpenAPI document.
 
 pub mod api;
+pub mod compute;
 pub mod config;
 pub mod error;
+pub mod extract;
 pub mod middleware;
 pub mod openapi;
 mod recorded;
@@ -49,6 +53,7 @@ pub fn router(state: SharedState) -> Router {
     let app = protected
         .merge(open)
         .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .layer(axum::middleware::from_fn(middleware::record_metrics))
         .with_state(state.clone());
@@ -91,16 +96,22 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         Some(name) => return Err(format!("--default-model {name} is not among the loaded models: {:?}", models.keys().collect::<Vec<_>>())),
         None => models.keys().next().cloned().ok_or("no models loaded")?,
     };
+    let cors_origins = config
+        .cors_origins
+        .iter()
+        .map(|origin| axum::http::HeaderValue::from_str(origin).map_err(|_| format!("--cors-origins: '{origin}' is not a valid origin; give origins like https://example.org, comma-separated")))
+        .collect::<Result<Vec<_>, _>>()?;
     let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.limits.max_batch, config.threads, config.cuda_graphs);
     Ok(Arc::new(AppState {
         models,
         default_model,
         worker,
+        decoding_slots: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
         store: GenotypeStore::new(config.limits.genotype_store_size),
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),
-        cors_origins: config.cors_origins.clone(),
+        cors_origins,
     }))
 }
 

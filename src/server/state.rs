@@ -4,21 +4,25 @@ use super::config::Limits;
 use super::store::GenotypeStore;
 use super::worker::Worker;
 use crate::metadata::ModelMeta;
+use axum::http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 pub struct AppState {
     /// Metadata of the loaded models, by name, for validation and `GET /models`.
     pub models: BTreeMap<String, ModelMeta>,
     pub default_model: String,
     pub worker: Worker,
+    /// Requests whose images may be decoding at once (one per core); see `routes::adapt::decode`.
+    pub decoding_slots: Arc<Semaphore>,
     pub store: GenotypeStore,
     pub limits: Limits,
     pub metrics: PrometheusHandle,
     pub api_key: Option<String>,
     /// Origins allowed by CORS; empty means no CORS headers at all.
-    pub cors_origins: Vec<String>,
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 pub type SharedState = Arc<AppState>;

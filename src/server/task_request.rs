@@ -4,7 +4,7 @@
 use super::api::{AdaptOptions, AdaptRequest};
 use super::config::Limits;
 use super::error::ApiError;
-use super::worker::{ResolvedOptions, TaskInput};
+use super::compute::{ResolvedOptions, TaskInput};
 use crate::imaging::{self, ImageLimits};
 use crate::metadata::ModelMeta;
 use axum::body::Bytes;
@@ -139,10 +139,14 @@ impl TaskRequest {
         })
     }
 
-    /// Decodes every image into the model's input (CPU work, run off the async runtime).
-    pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions) -> Result<TaskInput, ApiError> {
+    /// Decodes every image into the model's input (CPU work, run off the async runtime), stopping
+    /// between images with a 504 once `keep_going` says the request's time is up or it was abandoned.
+    pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions, keep_going: &dyn Fn() -> bool) -> Result<TaskInput, ApiError> {
         let image_limits = ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels };
         let decode = |what: String, bytes: &Bytes| -> Result<Vec<f32>, ApiError> {
+            if !keep_going() {
+                return Err(ApiError::Timeout(limits.request_timeout_ms));
+            }
             let image = imaging::decode(bytes, &image_limits).map_err(|e| match e {
                 imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
                 _ => ApiError::bad_request("invalid_image", format!("{what}: {e}")),

@@ -14,68 +14,20 @@
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
 //! request stops burning compute. A panic inside a job (a libtorch error, out of memory) fails that
-//! job only; the thread keeps serving.
+//! job only and the thread keeps serving, unless the device itself no longer works: then the
+//! worker stops, `/readyz` says why, and every waiting job is refused.
 
-use super::api::AlphaWeights;
+use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
 use super::recorded::RecordedAdaptations;
-use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
+use crate::adapt::{BnMode, PredictWith};
 use crate::checkpoint::Checkpoint;
-use crate::genotype::Genotype;
-use crate::metadata::ModelMeta;
-use crate::network::Network;
 use crate::panics::caught;
-use crate::params::matrix_rows;
-use crate::supernet::{Alphas, MixingRows};
-use crate::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
-
-/// Adaptation settings after merging request overrides with the model's defaults.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResolvedOptions {
-    pub steps: usize,
-    pub lr_w: f64,
-    pub lr_theta: f64,
-    pub bn: BnMode,
-    pub predict_with: PredictWith,
-    pub finetune_steps: usize,
-}
-
-impl ResolvedOptions {
-    /// The adaptation steps these options ask for (first order, as served).
-    fn inner_loop(&self) -> InnerLoop {
-        InnerLoop { steps: self.steps, lr_w: self.lr_w, lr_theta: self.lr_theta, second_order: false }
-    }
-}
-
-/// A task in plain numbers: images already decoded and normalised (CHW, row-major).
-#[derive(Debug)]
-pub struct TaskInput {
-    pub model: String,
-    pub support: Vec<f32>,
-    pub support_labels: Vec<i64>,
-    pub n_way: usize,
-    pub query: Vec<f32>,
-    pub options: ResolvedOptions,
-}
-
-/// What the worker sends back.
-#[derive(Debug)]
-pub struct TaskOutput {
-    pub genotype: Option<Genotype>,
-    pub alphas: Option<AlphaWeights>,
-    /// [n_query][n_way]
-    pub logits: Vec<Vec<f32>>,
-    pub queue_ms: f64,
-    pub adapt_ms: f64,
-    pub predict_ms: f64,
-    /// Replayed from a recorded CUDA graph.
-    pub cuda_graph: bool,
-}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WorkerError {
@@ -87,8 +39,25 @@ pub enum WorkerError {
     QueueFull,
     #[error("the worker is not running")]
     Stopped,
+    #[error("the adaptation diverged: its logits or architecture weights are not finite")]
+    Diverged,
+    #[error("the device ran out of memory: {0}")]
+    OutOfMemory(String),
     #[error("computation failed: {0}")]
     Failed(String),
+}
+
+impl WorkerError {
+    /// What an error raised by libtorch inside a job means: running out of memory is the task's
+    /// size meeting the device's (the same task may fit later, alone or on a bigger device);
+    /// anything else is a fault.
+    fn raised(message: String) -> WorkerError {
+        if message.contains("out of memory") || message.contains("can't allocate memory") {
+            WorkerError::OutOfMemory(message)
+        } else {
+            WorkerError::Failed(message)
+        }
+    }
 }
 
 /// One queued request.
@@ -105,12 +74,6 @@ pub enum Readiness {
     Loading,
     Ready,
     Failed(String),
-}
-
-/// A model resident on the worker's device.
-struct ResidentModel {
-    network: Network,
-    checkpoint: Checkpoint,
 }
 
 /// Handle to the worker thread; dropping it closes the queue and joins the thread.
@@ -141,16 +104,16 @@ impl Worker {
                 if threads > 0 {
                     tch::set_num_threads(threads);
                 }
+                let mut receiver = receiver;
                 let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
-                    Err(message) => {
-                        let _ = ready_tx.send(Readiness::Failed(message));
-                        return;
-                    }
+                    Err(message) => return stop_serving(&ready_tx, message, &mut receiver, VecDeque::new(), &worker_waiting),
                 };
                 let _ = ready_tx.send(Readiness::Ready);
                 let recorded = RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
-                serve(models, receiver, &worker_waiting, device, max_batch.max(1), recorded);
+                if let Err((fault, held)) = serve(models, &mut receiver, &worker_waiting, device, max_batch.max(1), recorded) {
+                    stop_serving(&ready_tx, fault, &mut receiver, held, &worker_waiting);
+                }
             })
             .expect("the OS can start a thread");
         Worker { sender: Some(sender), waiting, queue_depth, readiness, thread: Some(thread), device }
@@ -180,6 +143,11 @@ impl Worker {
                 })
             }
         }
+    }
+
+    /// Whether a job submitted now would be refused as over the queue depth.
+    pub fn is_full(&self) -> bool {
+        self.queued() >= self.queue_depth
     }
 
     /// Jobs submitted and not yet started.
@@ -213,33 +181,24 @@ fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<Str
         .collect()
 }
 
-/// One full adaptation on random images, so the first user request does not pay for lazy init.
-fn warm_up(model: &ResidentModel, device: Device) {
-    let meta = &model.checkpoint.meta;
-    let n_way = match meta.head {
-        crate::metadata::HeadSpec::Fixed { n_way } => n_way,
-        crate::metadata::HeadSpec::Proto { .. } => 2,
-    };
-    let pixels = meta.input.channels * meta.input.size * meta.input.size;
-    let input = TaskInput {
-        model: meta.name.clone(),
-        support: vec![0.5; n_way * pixels],
-        support_labels: (0..n_way as i64).collect(),
-        n_way,
-        query: vec![0.5; pixels],
-        options: ResolvedOptions { steps: 1, lr_w: meta.adaptation.lr_w, lr_theta: meta.adaptation.lr_theta, bn: meta.adaptation.bn, predict_with: PredictWith::Supernet, finetune_steps: 0 },
-    };
-    run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
-}
-
-fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Job>, waiting: &AtomicUsize, device: Device, max_batch: usize, mut recorded: RecordedAdaptations<TaskShape>) {
+/// Takes jobs off the queue, in batches where they share a shape, until the queue closes; or,
+/// after a fault that leaves the device unable to run anything, returns the fault and the jobs
+/// held back unstarted.
+fn serve(
+    models: HashMap<String, ResidentModel>,
+    receiver: &mut mpsc::Receiver<Job>,
+    waiting: &AtomicUsize,
+    device: Device,
+    max_batch: usize,
+    mut recorded: RecordedAdaptations<TaskShape>,
+) -> Result<(), (String, VecDeque<Job>)> {
     // Jobs taken off the channel but not started: the candidates for the next batch.
     let mut held: VecDeque<Job> = VecDeque::new();
     loop {
         if held.is_empty() {
             match receiver.blocking_recv() {
                 Some(job) => held.push_back(job),
-                None => return,
+                None => return Ok(()),
             }
         }
         while held.len() < max_batch {
@@ -273,7 +232,7 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
         let started = Instant::now();
         let alone = |job: &Job| {
             let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
-            caught(|| run_task(model, &job.input, device, &keep_going)).unwrap_or_else(|message| Err(WorkerError::Failed(message)))
+            caught(|| run_task(model, &job.input, device, &keep_going)).unwrap_or_else(|message| Err(WorkerError::raised(message)))
         };
         // A batch that fails runs again task by task, so a faulty task fails alone.
         let results = match &key {
@@ -282,13 +241,41 @@ fn serve(models: HashMap<String, ResidentModel>, mut receiver: mpsc::Receiver<Jo
                 let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
                 let tasks = if recorded.is_on() { batch.len().next_power_of_two().min(max_batch) } else { batch.len() };
                 let shape = TaskShape { key: key.clone(), tasks };
-                caught(|| run_batch(model, &inputs, device, &keep_going, &shape, &mut recorded)).unwrap_or_else(|_| batch.iter().map(alone).collect())
+                caught(|| run_batch(model, &inputs, device, &keep_going, tasks, &shape, &mut recorded)).unwrap_or_else(|_| batch.iter().map(alone).collect())
             }
             _ => batch.iter().map(alone).collect(),
         };
+        let fault = results.iter().find_map(|r| match r {
+            Err(WorkerError::Failed(message)) => Some(message.clone()),
+            _ => None,
+        });
         for (job, result) in batch.into_iter().zip(results) {
             reply(job, result, started);
         }
+        if let Some(fault) = fault.filter(|_| !device_works(device)) {
+            return Err((fault, held));
+        }
+    }
+}
+
+/// Whether `device` still runs work after a job failed on it. Most faults are the job's own, but
+/// some (an illegal memory access on a GPU) poison the device's context for good, and then no
+/// later job can succeed: the worker must say so on `/readyz` instead of failing every request.
+fn device_works(device: Device) -> bool {
+    caught(|| (Tensor::ones([1], (Kind::Float, device)) + 1.0).double_value(&[]) == 2.0).unwrap_or(false)
+}
+
+/// Publishes why the worker stopped (`/readyz` answers 503 with it) and refuses every job still
+/// waiting, held back or queued, so each request hears at once that there is no worker.
+fn stop_serving(ready: &watch::Sender<Readiness>, why: String, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, waiting: &AtomicUsize) {
+    tracing::error!(%why, "the compute worker stopped; /readyz reports it");
+    let _ = ready.send(Readiness::Failed(why));
+    receiver.close();
+    let queued = std::iter::from_fn(|| receiver.blocking_recv());
+    for job in held.into_iter().chain(queued) {
+        let job = leave_queue(job, waiting);
+        count_job("refused");
+        let _ = job.reply.send(Err(WorkerError::Stopped));
     }
 }
 
@@ -366,97 +353,3 @@ fn count_job(outcome: &'static str) {
     metrics::counter!("tnas_jobs_total", "outcome" => outcome).increment(1);
 }
 
-/// Images in plain numbers (CHW, row-major, one after another) as a tensor [N, C, S, S] on `device`.
-fn images(values: &[f32], meta: &ModelMeta, device: Device) -> Tensor {
-    let (c, s) = (meta.input.channels as i64, meta.input.size as i64);
-    Tensor::from_slice(values).view([-1, c, s, s]).to_device(device)
-}
-
-/// The architecture a response shows: the task's softmax(θ) when the model adapts θ, and the
-/// genotype decoded from it (or, for a model without θ, the genotype it was built from, if any).
-fn architecture(model: &ResidentModel, mixing: Option<MixingRows>) -> (Option<Genotype>, Option<AlphaWeights>) {
-    let genotype = match (&model.network, &mixing) {
-        (Network::Supernet(net), Some((normal, reduce))) => Some(Genotype::decode(&net.space, normal, reduce)),
-        _ => model.checkpoint.meta.genotype.clone(),
-    };
-    (genotype, mixing.map(|(normal, reduce)| AlphaWeights { normal, reduce }))
-}
-
-/// Adapts one task and predicts its queries (T-NAS Algorithm 2 + decoding).
-fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going: &dyn Fn() -> bool) -> Result<TaskOutput, WorkerError> {
-    let meta = &model.checkpoint.meta;
-    let support = images(&input.support, meta, device);
-    let labels = Tensor::from_slice(&input.support_labels).to_device(device);
-    let query = images(&input.query, meta, device);
-    let support_set = SupportSet { images: &support, labels: &labels, n_way: input.n_way };
-    let o = input.options;
-    let inner = o.inner_loop();
-    let started = Instant::now();
-    let network = &model.network;
-    let mut state = TaskState::start(network, &model.checkpoint.params, model.checkpoint.alphas.as_ref(), meta.head, &support_set, device);
-    state.adapt(network, &support_set, &inner, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: i.completed_steps })?;
-    let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
-    let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
-    let started = Instant::now();
-    let options = PredictOptions { bn: o.bn, predict_with: o.predict_with, finetune: InnerLoop { steps: o.finetune_steps, ..inner } };
-    let logits = state
-        .predict_queries(network, meta.head, &support_set, &query, &options, keep_going)
-        .map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
-    let logits = matrix_rows(&logits);
-    metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    Ok(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3, cuda_graph: false })
-}
-
-/// Adapts same-shaped supernet tasks as one batch of `shape.tasks` (the last task repeated to fill
-/// it) and predicts their queries: by replaying the shape's recorded graph when there is one, else
-/// eagerly.
-fn run_batch(
-    model: &ResidentModel,
-    inputs: &[&TaskInput],
-    device: Device,
-    keep_going: &dyn Fn() -> bool,
-    shape: &TaskShape,
-    recorded: &mut RecordedAdaptations<TaskShape>,
-) -> Vec<Result<TaskOutput, WorkerError>> {
-    let Network::Supernet(net) = &model.network else { unreachable!("only supernet tasks batch") };
-    let meta = &model.checkpoint.meta;
-    let (n_way, o) = (inputs[0].n_way, inputs[0].options);
-    let padding = std::iter::repeat_n(inputs[inputs.len() - 1], shape.tasks - inputs.len());
-    let tasks: Vec<&TaskInput> = inputs.iter().copied().chain(padding).collect();
-    let support = BatchedSupport::new(
-        &tasks.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>(),
-        &tasks.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
-        n_way,
-    );
-    let batch_inputs = [support.images, support.labels, side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>())];
-    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| adapt_and_predict(net, &model.checkpoint, tensors, n_way, &o.inner_loop(), o.bn, keep_going);
-    let started = Instant::now();
-    if !keep_going() {
-        return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 })).collect();
-    }
-    let replayed = recorded.run(shape, &batch_inputs, |tensors| adapt(tensors, &|| true).expect("recorded work is never interrupted"));
-    let cuda_graph = replayed.is_some();
-    let outputs = match replayed.map_or_else(|| adapt(&batch_inputs, keep_going), Ok) {
-        Ok(outputs) => outputs,
-        Err(interrupted) => return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect(),
-    };
-    let [logits, normal, reduce] = <[Tensor; 3]>::try_from(outputs).expect("three outputs");
-    let mixings = task_mixings(&Alphas { normal, reduce }, tasks.len() as i64);
-    let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
-    let started = Instant::now();
-    // [N_q, T, n_way] → one copy to the host, task-major rows.
-    let logits = logits.transpose(0, 1);
-    let queries = logits.size()[1] as usize;
-    let rows = matrix_rows(&logits.reshape([-1, logits.size()[2]]));
-    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
-    metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    mixings
-        .into_iter()
-        .zip(rows.chunks(queries))
-        .take(inputs.len())
-        .map(|(mixing, logits)| {
-            let (genotype, alphas) = architecture(model, Some(mixing));
-            Ok(TaskOutput { genotype, alphas, logits: logits.to_vec(), queue_ms: 0.0, adapt_ms, predict_ms, cuda_graph })
-        })
-        .collect()
-}

@@ -3,28 +3,35 @@
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
+use crate::metadata::ModelMeta;
+use crate::server::compute::{ResolvedOptions, TaskInput};
 use crate::server::task_request::TaskRequest;
-use crate::server::worker::{Job, WorkerError};
+use crate::server::worker::{Job, Readiness, WorkerError};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::Json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Adapt the model to a few-shot task and classify its queries.
 #[utoipa::path(
     post,
     path = "/adapt",
-    request_body(content = crate::server::api::AdaptRequest, description = "JSON, or multipart/form-data with support[<label>] files, query files and an options part", content_type = "application/json"),
+    request_body(
+        description = "JSON, or multipart/form-data: `support[<label>]` parts (image files, repeated), `query` parts (image files, repeated; id = filename) and an optional `options` part holding the JSON options",
+        content((crate::server::api::AdaptRequest = "application/json"), ("multipart/form-data"))
+    ),
     responses(
         (status = 200, description = "Genotype and predictions", body = AdaptResponse),
         (status = 400, description = "Malformed JSON, multipart, base64 or image", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
-        (status = 413, description = "Body, image or image count over the limit", body = ErrorBody),
+        (status = 413, description = "Body, image or image count over the limit, or the task over the device's free memory", body = ErrorBody),
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
-        (status = 422, description = "Semantically invalid task", body = ErrorBody),
+        (status = 422, description = "Semantically invalid task, or an adaptation that diverged", body = ErrorBody),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Not ready", body = ErrorBody),
+        (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     ),
     tag = "adaptation"
@@ -32,36 +39,45 @@ use std::time::{Duration, Instant};
 pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result<Json<AdaptResponse>, ApiError> {
     let arrived = Instant::now();
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
-    let task = parse(&state, request).await?;
+    let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
+    // Refusals that need nothing from the body come before reading and decoding it.
+    if let Readiness::Failed(why) = state.worker.readiness() {
+        return Err(ApiError::NotReady(format!("the compute worker stopped ({why}); check /readyz")));
+    }
+    if state.worker.is_full() {
+        return Err(ApiError::QueueFull(state.worker.queued()));
+    }
+    let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
     let name = task.options.model.clone().unwrap_or_else(|| state.default_model.clone());
     let meta = state.models.get(&name).ok_or_else(|| ApiError::NotFound(format!("no model named '{name}'; GET /models lists the loaded ones")))?.clone();
     let options = task.validate(&meta, &state.limits)?;
-    let (labels, _) = task.classes();
+    let (labels, support_labels) = task.classes();
     let ids: Vec<String> = task.query.iter().map(|(id, _)| id.clone()).collect();
-    let k_shot = task.support.len() / labels.len();
-    let limits = state.limits.clone();
-    let decode_meta = meta.clone();
-    let input = tokio::task::spawn_blocking(move || task.into_task_input(&decode_meta, &limits, options))
-        .await
-        .map_err(|e| ApiError::Internal(format!("image decoding task failed: {e}")))??;
-    let decode_ms = arrived.elapsed().as_secs_f64() * 1e3;
+    let k_shot = (0..labels.len() as i64).map(|class| support_labels.iter().filter(|&&l| l == class).count()).min().unwrap_or(0);
+    let decode_started = Instant::now();
+    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options, deadline)).await.map_err(|_| timed_out())??;
+    let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
 
     let (reply, response) = tokio::sync::oneshot::channel();
     state.worker.submit(Job { input, deadline, enqueued: Instant::now(), reply }).map_err(|e| match e {
         WorkerError::QueueFull => ApiError::QueueFull(state.worker.queued()),
         other => ApiError::NotReady(format!("the compute worker is unavailable ({other}); check /readyz")),
     })?;
-    let timeout_ms = state.limits.request_timeout_ms;
     let output = match tokio::time::timeout_at(deadline.into(), response).await {
-        Err(_) => return Err(ApiError::Timeout(timeout_ms)),
-        Ok(Err(_)) => return Err(ApiError::Internal("the worker dropped the reply".into())),
-        Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => return Err(ApiError::Timeout(timeout_ms)),
+        Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => return Err(timed_out()),
+        Ok(Err(_) | Ok(Err(WorkerError::Stopped))) => return Err(ApiError::NotReady("the compute worker stopped before this task ran; check /readyz".into())),
+        Ok(Ok(Err(WorkerError::Diverged))) => {
+            return Err(ApiError::unprocessable("adaptation_diverged", "the adaptation diverged (its logits or architecture weights became infinite or NaN); lower lr_w or lr_theta, or leave them at the model's defaults"))
+        }
+        Ok(Ok(Err(WorkerError::OutOfMemory(_)))) => {
+            return Err(ApiError::PayloadTooLarge("the task needs more memory than the device has free; send fewer query images per request".into()))
+        }
         Ok(Ok(Err(e))) => return Err(ApiError::Internal(e.to_string())),
         Ok(Ok(Ok(output))) => output,
     };
 
-    let task_id = uuid::Uuid::new_v4().to_string();
-    if let Some(genotype) = &output.genotype {
+    let task_id = output.genotype.as_ref().map(|genotype| {
+        let task_id = uuid::Uuid::new_v4().to_string();
         state.store.insert(GenotypeRecord {
             task_id: task_id.clone(),
             model: name.clone(),
@@ -71,7 +87,8 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
             created_at: chrono::Utc::now().to_rfc3339(),
             genotype: genotype.clone(),
         });
-    }
+        task_id
+    });
     let predictions = ids.into_iter().zip(output.logits).map(|(id, logits)| prediction(id, logits, &labels)).collect();
     metrics::histogram!("tnas_total_seconds").record(arrived.elapsed().as_secs_f64());
     Ok(Json(AdaptResponse {
@@ -88,6 +105,33 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     }))
 }
 
+/// Decodes the task's images off the async runtime, at most one request per decoding slot (one
+/// per core) at a time, so that a burst of large pictures queues here instead of taking every
+/// blocking thread and its memory. Decoding stops between images once the deadline passes or the
+/// client has gone (this future dropped).
+async fn decode(state: &SharedState, task: TaskRequest, meta: ModelMeta, options: ResolvedOptions, deadline: Instant) -> Result<TaskInput, ApiError> {
+    let slot = Arc::clone(&state.decoding_slots).acquire_owned().await.map_err(|e| ApiError::Internal(format!("decoding slots closed: {e}")))?;
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let _on_drop = AbandonOnDrop(Arc::clone(&abandoned));
+    let limits = state.limits.clone();
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let keep_going = || Instant::now() < deadline && !abandoned.load(Ordering::Relaxed);
+        task.into_task_input(&meta, &limits, options, &keep_going)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("image decoding task failed: {e}")))?
+}
+
+/// Marks a request's decoding abandoned when its handler is dropped (the client went away).
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Reads the body by content type, refusing oversized bodies before reading them.
 async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, ApiError> {
     let max = state.limits.max_body_bytes;
@@ -98,7 +142,14 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
     }
     let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
     if content_type.starts_with("application/json") {
-        let body = axum::body::to_bytes(request.into_body(), max).await.map_err(|_| too_large())?;
+        let body = axum::body::to_bytes(request.into_body(), max).await.map_err(|e| {
+            let over_limit = std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if over_limit {
+                too_large()
+            } else {
+                ApiError::bad_request("invalid_body", format!("the request body could not be read ({e}); send the whole body again"))
+            }
+        })?;
         TaskRequest::from_json(&body)
     } else if content_type.starts_with("multipart/form-data") {
         let multipart = axum::extract::Multipart::from_request(request, &())

@@ -2,8 +2,9 @@
 
 use crate::server::api::{ErrorBody, GenotypeRecord};
 use crate::server::error::ApiError;
+use crate::server::extract::{Path, Query};
 use crate::server::state::SharedState;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -26,14 +27,14 @@ pub struct ListQuery {
 
 fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError> {
     if uuid::Uuid::parse_str(task_id).is_err() {
-        return Err(ApiError::bad_request("invalid_task_id", format!("'{task_id}' is not a task id; task ids are UUIDs returned by POST /adapt")));
+        return Err(ApiError::NotFound(format!("'{task_id}' is not a task id; use the task_id (a UUID) that POST /adapt returned")));
     }
     state.store.get(task_id).ok_or_else(|| ApiError::NotFound(format!("no genotype for task {task_id}; it never existed or was evicted from the store")))
 }
 
 /// A task's genotype with its metadata.
 #[utoipa::path(get, path = "/genotypes/{task_id}", params(("task_id" = String, Path, description = "From POST /adapt"), GenotypeQuery),
-    responses((status = 200, body = GenotypeRecord, description = "JSON, or text/x-python with ?format=python"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), tag = "genotypes")]
+    responses((status = 200, body = GenotypeRecord, description = "JSON, or text/x-python with ?format=python"), (status = 400, body = ErrorBody, description = "Unknown format or query parameter"), (status = 404, body = ErrorBody, description = "Unknown task id")), tag = "genotypes")]
 pub async fn get_genotype(State(state): State<SharedState>, Path(task_id): Path<String>, Query(query): Query<GenotypeQuery>) -> Result<Response, ApiError> {
     let record = lookup(&state, &task_id)?;
     match query.format.as_deref() {
@@ -45,14 +46,14 @@ pub async fn get_genotype(State(state): State<SharedState>, Path(task_id): Path<
 
 /// The normal and reduction cells drawn as DARTS draws them.
 #[utoipa::path(get, path = "/genotypes/{task_id}/svg", params(("task_id" = String, Path, description = "From POST /adapt")),
-    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), tag = "genotypes")]
+    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 404, body = ErrorBody, description = "Unknown task id")), tag = "genotypes")]
 pub async fn get_genotype_svg(State(state): State<SharedState>, Path(task_id): Path<String>) -> Result<Response, ApiError> {
     let record = lookup(&state, &task_id)?;
     Ok(([(header::CONTENT_TYPE, "image/svg+xml")], crate::genotype_svg::render(&record.genotype)).into_response())
 }
 
 /// The most recent genotypes, newest first.
-#[utoipa::path(get, path = "/genotypes", params(ListQuery), responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody)), tag = "genotypes")]
+#[utoipa::path(get, path = "/genotypes", params(ListQuery), responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody, description = "Malformed or unknown query parameter")), tag = "genotypes")]
 pub async fn list_genotypes(State(state): State<SharedState>, Query(query): Query<ListQuery>) -> Json<Vec<GenotypeRecord>> {
     Json(state.store.recent(query.limit.unwrap_or(20).min(1000)))
 }

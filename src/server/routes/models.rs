@@ -4,7 +4,8 @@ use crate::metadata::ModelMeta;
 use crate::server::api::ErrorBody;
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
-use axum::extract::{Path, State};
+use crate::server::extract::Path;
+use axum::extract::State;
 use axum::Json;
 
 /// Every loaded model.
