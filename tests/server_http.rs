@@ -195,12 +195,14 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     }
 }
 
-/// Sends only the headers of a request that declares `length` body bytes and reads the answer:
-/// an oversized body must be refused before the server reads it.
+/// Sends only the headers and the first byte of a request that declares `length` body bytes and
+/// reads the answer: an oversized body must be refused before the server reads it, and a body
+/// that never finishes arriving must meet the request's deadline.
 fn declared_only(url: &str, content_type: &str, length: usize) -> (u16, Value) {
     use std::io::{Read, Write};
     let address = url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
     write!(stream, "POST /adapt HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n").unwrap();
     stream.write_all(b"{").unwrap();
     let mut answer = String::new();
@@ -281,6 +283,8 @@ fn past_the_deadline_the_request_gets_504_and_the_server_recovers() {
     assert_eq!(response.status(), 504);
     let body: Value = response.json().unwrap();
     assert_eq!(body["error"]["code"], "timeout");
+    let (status, body) = declared_only(&hurried.url, "application/json", 1000);
+    assert_eq!((status, &body["error"]["code"]), (504, &json!("timeout")), "a body that never arrives");
     assert_eq!(Client::new().get(format!("{}/readyz", hurried.url)).send().unwrap().status(), 200);
 }
 
