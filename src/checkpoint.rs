@@ -85,18 +85,12 @@ impl Checkpoint {
     }
 
     fn weights_bytes(&self) -> Result<Vec<u8>, String> {
-        let mut named: Vec<(String, FloatBytes)> =
-            self.params.iter().map(|(n, t)| (n.clone(), float_bytes(t))).collect();
+        let mut named: Vec<(String, Tensor)> = self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         if let Some(a) = &self.alphas {
-            named.push((ALPHAS_NORMAL.into(), float_bytes(&a.normal)));
-            named.push((ALPHAS_REDUCE.into(), float_bytes(&a.reduce)));
+            named.push((ALPHAS_NORMAL.into(), a.normal.shallow_clone()));
+            named.push((ALPHAS_REDUCE.into(), a.reduce.shallow_clone()));
         }
-        let views = named
-            .iter()
-            .map(|(n, (shape, data))| TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (n.as_str(), v)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        safetensors::serialize(views, &None).map_err(|e| e.to_string())
+        safetensors_bytes(&named)
     }
 
     /// Reads and verifies `dir/model.json` and `dir/model.safetensors`, placing tensors on `device`.
@@ -111,12 +105,11 @@ impl Checkpoint {
         if actual != meta.sha256 {
             return Err(CheckpointError::HashMismatch { path: weights_path, expected: meta.sha256.clone(), actual });
         }
-        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(&weights_path, format!("not a safetensors file: {e}")))?;
+        let tensors = tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
         let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
         let mut params = ParamSet::from_pairs(Vec::new());
         let mut alphas = (None, None);
-        for (name, view) in tensors.tensors() {
-            let tensor = tensor_from_view(&view, device).map_err(|m| invalid(&weights_path, format!("{name}: {m}")))?;
+        for (name, tensor) in tensors {
             match name.as_str() {
                 ALPHAS_NORMAL => alphas.0 = Some(tensor),
                 ALPHAS_REDUCE => alphas.1 = Some(tensor),
@@ -164,6 +157,23 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
+}
+
+/// `named` tensors as the bytes of a float32 safetensors file.
+pub fn safetensors_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>, String> {
+    let floats: Vec<(&str, FloatBytes)> = named.iter().map(|(n, t)| (n.as_str(), float_bytes(t))).collect();
+    let views = floats
+        .iter()
+        .map(|(n, (shape, data))| TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (*n, v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    safetensors::serialize(views, &None).map_err(|e| e.to_string())
+}
+
+/// The tensors of a float32 safetensors file's `bytes`, by name, on `device`.
+pub fn tensors_of_safetensors(bytes: &[u8], device: Device) -> Result<Vec<(String, Tensor)>, String> {
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    tensors.tensors().into_iter().map(|(name, view)| tensor_from_view(&view, device).map(|t| (name.clone(), t)).map_err(|m| format!("{name}: {m}"))).collect()
 }
 
 /// Shape and little-endian float32 bytes of a tensor.

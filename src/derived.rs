@@ -9,7 +9,6 @@ use crate::genotype::{Edge, Genotype, EDGES_PER_NODE};
 use crate::ops::BnStats;
 use crate::params::{ParamSet, ParamSpec};
 use crate::search_space::{Primitive, SearchSpace};
-use crate::head::classify;
 use crate::supernet::{edge_op, edge_stride, global_average_pool, op_prefix, op_specs, Supernet};
 use tch::Tensor;
 
@@ -93,10 +92,5 @@ impl DerivedNetwork {
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)
-    }
-
-    /// Class logits with the classifier held in `params`.
-    pub fn logits(&self, params: &ParamSet, x: &Tensor, stats: BnStats) -> Tensor {
-        classify(params, &self.features(params, x, stats))
     }
 }

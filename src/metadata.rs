@@ -116,8 +116,20 @@ pub struct EvalResult {
     pub predict_with: String,
     pub bn: BnMode,
     pub steps: usize,
+    /// Weight-only steps of the derived network before it predicts (0: none).
+    #[serde(default)]
+    pub finetune_steps: usize,
     pub accuracy: f64,
     pub ci95: f64,
+}
+
+impl EvalResult {
+    /// Whether `other` measured the same thing (it may differ in tasks and outcome), so a new
+    /// evaluation replaces it rather than standing beside it.
+    pub fn same_setting(&self, other: &EvalResult) -> bool {
+        let setting = |r: &EvalResult| (r.split.clone(), r.way, r.shot, r.predict_with.clone(), r.bn, r.steps, r.finetune_steps);
+        setting(self) == setting(other)
+    }
 }
 
 /// The whole `model.json`.
@@ -156,7 +168,10 @@ impl ModelMeta {
         match (self.kind, &self.search_space, &self.genotype) {
             (ModelKind::Conv4, _, _) => {}
             (_, None, _) => return Err("search_space is required for supernet and genotype models".into()),
-            (ModelKind::Genotype, Some(space), Some(g)) => g.validate(space).map_err(|e| format!("genotype: {e}"))?,
+            (ModelKind::Genotype, Some(space), Some(g)) => {
+                space.validate().map_err(|e| format!("search_space: {e}"))?;
+                g.validate(space).map_err(|e| format!("genotype: {e}"))?
+            }
             (ModelKind::Genotype, _, None) => return Err("a genotype model needs its genotype".into()),
             (ModelKind::Supernet, Some(space), _) => space.validate().map_err(|e| format!("search_space: {e}"))?,
         }

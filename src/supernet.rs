@@ -7,7 +7,6 @@
 use crate::ops::{self, BnStats};
 use crate::params::{matrix_rows, Init, ParamSet, ParamSpec};
 use crate::fused_edges::{self, EdgeGroup};
-use crate::head::classify;
 use crate::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
 
@@ -291,11 +290,6 @@ impl Supernet {
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)
-    }
-
-    /// Class logits with the classifier held in `params`. `alphas` are raw logits θ.
-    pub fn logits(&self, params: &ParamSet, alphas: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
-        classify(params, &self.features(params, &alphas.softmaxed(), x, stats))
     }
 }
 

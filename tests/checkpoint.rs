@@ -83,7 +83,7 @@ fn edited_metadata_is_refused_with_the_field() {
 }
 
 fn result(way: usize, accuracy: f64) -> EvalResult {
-    EvalResult { split: "test".into(), way, shot: 1, tasks: 600, predict_with: "supernet".into(), bn: BnMode::Support, steps: 10, accuracy, ci95: 0.01 }
+    EvalResult { split: "test".into(), way, shot: 1, tasks: 600, predict_with: "supernet".into(), bn: BnMode::Support, steps: 10, finetune_steps: 0, accuracy, ci95: 0.01 }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `tnas-train` end to end on the real Omniglot zips: every algorithm writes a loadable checkpoint,
-//! a short run learns, resume continues the same run exactly, and `eval` reports an interval.
+//! a short run learns, resume continues the same run exactly (and only the same run, from a whole
+//! state), and `eval` reports an interval on classes the model never trained on.
 
 mod common;
 
@@ -64,13 +65,31 @@ fn resume_continues_the_same_run() {
     meta_train(&train_args(straight.path(), &["--iterations", "4", "--validate-every", "100", "--save-every", "2"]), "t".into(), &AtomicBool::new(false)).unwrap();
     let resumed = tempfile::tempdir().unwrap();
     meta_train(&train_args(resumed.path(), &["--iterations", "2", "--validate-every", "100", "--save-every", "2"]), "t".into(), &AtomicBool::new(false)).unwrap();
-    meta_train(&train_args(resumed.path(), &["--iterations", "4", "--validate-every", "100", "--save-every", "2", "--resume"]), "t".into(), &AtomicBool::new(false)).unwrap();
+    // As if the run had gone on past its last save before it was killed: that line goes.
+    let log = resumed.path().join("metrics.jsonl");
+    std::fs::write(&log, std::fs::read_to_string(&log).unwrap() + "{\"iteration\": 3, \"query_loss\": 0.0}\n").unwrap();
+    let resume = |extra: &[&str]| meta_train(&train_args(resumed.path(), &[&["--iterations", "4", "--validate-every", "100", "--save-every", "2", "--resume"], extra].concat()), "t".into(), &AtomicBool::new(false));
+    let refused = resume(&["--lr-w", "0.2"]).unwrap_err();
+    assert!(refused.contains("lr_w: 0.2 (saved: 0.1)"), "{refused}");
+    resume(&[]).unwrap();
     let (a, b) = (metrics(straight.path()), metrics(resumed.path()));
-    assert_eq!(b.len(), 4);
+    assert_eq!(b.iter().map(|l| l["iteration"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x["iteration"], y["iteration"]);
         assert_eq!(x["query_loss"], y["query_loss"], "resumed run diverged at iteration {}", x["iteration"]);
     }
+    // One tensors file, the one state.json names; a damaged one is refused, not half-loaded.
+    let resume_dir = resumed.path().join("resume");
+    let files: Vec<String> = std::fs::read_dir(&resume_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".safetensors")).collect();
+    assert_eq!(files, ["state-4.safetensors"]);
+    let tensors = resume_dir.join(&files[0]);
+    let mut bytes = std::fs::read(&tensors).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&tensors, bytes).unwrap();
+    let refused = meta_train(&train_args(resumed.path(), &["--iterations", "6", "--resume"]), "t".into(), &AtomicBool::new(false)).unwrap_err();
+    assert!(refused.contains("sha256"), "{refused}");
+    // A new run (no --resume) into the same folder starts a new metrics log.
+    meta_train(&train_args(straight.path(), &["--iterations", "1", "--validate-every", "100"]), "t".into(), &AtomicBool::new(false)).unwrap();
+    assert_eq!(metrics(straight.path()).len(), 1);
 }
 
 #[test]
@@ -89,7 +108,7 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
     for a in ["--model", dir.path().to_str().unwrap(), "--way", "3", "--shot", "1", "--query", "3", "--tasks", "20", "--threads", "1", "--device", "cpu", "--write"] {
         argv.push(a.into());
     }
-    let results = eval(&Eval::parse_from(argv).args).unwrap();
+    let results = eval(&Eval::parse_from(argv.clone()).args).unwrap();
     assert_eq!(results.len(), 2, "conv4 has supernet predictions in two BN modes");
     for r in &results {
         assert!(r.accuracy > 0.4 && r.ci95 > 0.0 && r.ci95 < 0.3, "{r:?}");
@@ -97,4 +116,8 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
     }
     let written = Checkpoint::load(dir.path(), Device::Cpu).unwrap();
     assert!(written.meta.evaluation.iter().any(|r| r.split == "test" && r.way == 3));
+    // Held-out groups that include an alphabet the model trained on are refused.
+    argv.extend(["--test-groups".to_string(), "Latin,Greek".to_string()]);
+    let refused = eval(&Eval::parse_from(argv).args).unwrap_err();
+    assert!(refused.contains("Greek") && refused.contains("--test-groups Latin,Tagalog"), "{refused}");
 }

@@ -86,14 +86,6 @@ impl<'a> EpisodeSampler<'a> {
         self.way
     }
 
-    pub fn shot(&self) -> usize {
-        self.shot
-    }
-
-    pub fn query(&self) -> usize {
-        self.query
-    }
-
     pub fn state(&self) -> SamplerState {
         SamplerState { seed: self.seed, episodes: self.episodes }
     }

@@ -16,8 +16,9 @@ pub struct SplitSpec {
     pub test: Vec<String>,
 }
 
-/// The split of the bundled Omniglot subset (8 alphabets): two alphabets for testing, one for
-/// validation, five for training.
+/// The split of the bundled Omniglot subset (8 alphabets) that `tnas-train`'s defaults make: two
+/// alphabets for testing, one for validation, five for training.
+#[cfg(test)]
 pub fn default_omniglot_split() -> SplitSpec {
     let names = |groups: &[&str]| groups.iter().map(|g| g.to_string()).collect();
     SplitSpec {

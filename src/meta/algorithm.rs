@@ -66,7 +66,7 @@ impl Algorithm {
 }
 
 /// One episode on the compute device.
-pub struct TaskBatch<'a> {
+pub struct MetaTask<'a> {
     pub support: SupportSet<'a>,
     pub query: &'a Tensor,
     pub query_labels: &'a Tensor,
@@ -103,7 +103,7 @@ pub struct TaskContext<'a> {
 
 impl TaskContext<'_> {
     /// Adapts to one task from (w̃, θ̃) and returns its meta-gradient (T-NAS Algorithm 1, lines 4–8).
-    pub fn task_gradient(&self, meta: &ParamSet, meta_alphas: Option<&Alphas>, task: &TaskBatch) -> TaskGradient {
+    pub fn task_gradient(&self, meta: &ParamSet, meta_alphas: Option<&Alphas>, task: &MetaTask) -> TaskGradient {
         let second_order = self.rule == GradientRule::SecondOrder;
         let inner = InnerLoop { second_order, ..self.inner };
         let mut state = if second_order {

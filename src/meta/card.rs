@@ -15,7 +15,19 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
             let _ = writeln!(
                 out,
                 "| {} | {} | {}-way {}-shot | {} | {:?} | {} | {} | {:.2}% ± {:.2}% |",
-                meta.name, r.split, r.way, r.shot, r.predict_with, r.bn, r.steps, r.tasks, r.accuracy * 100.0, r.ci95 * 100.0
+                meta.name,
+                r.split,
+                r.way,
+                r.shot,
+                r.predict_with,
+                r.bn,
+                match r.finetune_steps {
+                    0 => r.steps.to_string(),
+                    finetune => format!("{} + {finetune} fine-tuning", r.steps),
+                },
+                r.tasks,
+                r.accuracy * 100.0,
+                r.ci95 * 100.0
             );
         }
     }
@@ -35,7 +47,7 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
         let _ = writeln!(out, "## Training\n");
         let _ = writeln!(out, "- algorithm: `{}`; episodes {}-way {}-shot, {} queries per class", t.algorithm, t.way, t.shot, t.query);
         let _ = writeln!(out, "- data: {}", t.data);
-        let _ = writeln!(out, "- split by alphabet — train: {}; validation: {}; test: {}", t.split.train.join(", "), t.split.validation.join(", "), t.split.test.join(", "));
+        let _ = writeln!(out, "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}", t.split.train.join(", "), t.split.validation.join(", "), t.split.test.join(", "));
         let _ = writeln!(out, "- iterations at this checkpoint (best validation): {}; wall time {:.1} h; seed {}", t.iterations, t.wall_time_s / 3600.0, t.seed);
         let _ = writeln!(out, "\nCommand:\n\n```sh\n{}\n```\n", t.command);
     }

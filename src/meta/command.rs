@@ -313,6 +313,9 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     let checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
     let loaded = args.data.load(&checkpoint.meta.input)?;
     let classes = if args.split == "test" { &loaded.test } else { &loaded.validation };
+    if let Some(training) = &checkpoint.meta.training {
+        never_trained_on(classes, &training.split)?;
+    }
     checkpoint.meta.head.accepts(args.episode.way)?;
     let network = checkpoint.network();
     let defaults = checkpoint.meta.adaptation;
@@ -328,13 +331,28 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
             let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
             let name = prediction_label(&network, predict_with);
             eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
-            results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, accuracy, ci95 });
+            results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, finetune_steps: args.finetune_steps, accuracy, ci95 });
         }
     }
     if args.write {
         record_results(&args.model, &checkpoint.meta.sha256, &results)?;
     }
     Ok(results)
+}
+
+/// Refuses to evaluate on `classes` of any group the model was trained on (as its `model.json`
+/// records the split): held-out accuracy must come from classes never seen in training, whatever
+/// `--validation-groups`/`--test-groups` say.
+fn never_trained_on(classes: &[ClassImages], split: &Split) -> Result<(), String> {
+    let seen: Vec<String> = group_names(classes).into_iter().filter(|g| split.train.contains(g)).collect();
+    if seen.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the evaluated groups include {seen:?}, which this model was trained on; pass the held-out groups its model.json records: --validation-groups {} --test-groups {}",
+        split.validation.join(","),
+        split.test.join(",")
+    ))
 }
 
 /// Merges `results` into the model's `model.json` as it is on disk now, so evaluations that ran
@@ -344,7 +362,7 @@ pub fn record_results(model: &Path, evaluated_sha256: &str, results: &[EvalResul
     if checkpoint.meta.sha256 != evaluated_sha256 {
         return Err(format!("{} changed while it was being evaluated (a training run saved a new best?); results not written, evaluate again", model.display()));
     }
-    checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.split == r.split && n.way == r.way && n.shot == r.shot && n.predict_with == r.predict_with && n.bn == r.bn));
+    checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.same_setting(r)));
     checkpoint.meta.evaluation.extend(results.iter().cloned());
     checkpoint.save(model).map_err(|e| e.to_string())
 }

@@ -3,14 +3,15 @@
 //! accuracy, and a resumable state saved on interval and on request (Ctrl-C, SIGTERM).
 
 use super::adam::Adam;
-use super::algorithm::{Algorithm, TaskBatch, TaskContext};
+use super::algorithm::{Algorithm, MetaTask, TaskContext};
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
-use crate::checkpoint::{param_specs, write_atomically, Checkpoint, CheckpointError};
+use crate::checkpoint::{param_specs, safetensors_bytes, sha256_hex, tensors_of_safetensors, write_atomically, Checkpoint, CheckpointError};
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
-use crate::metadata::{EvalResult, ModelMeta};
+use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta};
+use crate::search_space::SearchSpace;
 use crate::network::Network;
 use crate::params::ParamSet;
 use crate::supernet::Alphas;
@@ -44,15 +45,72 @@ pub struct TrainConfig {
     pub meta: ModelMeta,
 }
 
-/// The resumable part of a run, beside the tensors in `resume/state.safetensors`.
+/// What a run is: every setting a resumed run must share with the saved one to continue it (the
+/// iteration count, validation and save cadence, threads and device may change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RunSettings {
+    algorithm: Algorithm,
+    way: usize,
+    shot: usize,
+    query: usize,
+    meta_batch: usize,
+    seed: u64,
+    inner_steps: usize,
+    lr_w: f64,
+    lr_theta: f64,
+    meta_lr_w: f64,
+    meta_lr_theta: f64,
+    theta_weight_decay: f64,
+    bn: BnMode,
+    search_space: Option<SearchSpace>,
+    head: HeadSpec,
+    input: InputSpec,
+}
+
+impl RunSettings {
+    fn of(config: &TrainConfig) -> RunSettings {
+        RunSettings {
+            algorithm: config.algorithm,
+            way: config.way,
+            shot: config.shot,
+            query: config.query,
+            meta_batch: config.meta_batch,
+            seed: config.seed,
+            inner_steps: config.inner.steps,
+            lr_w: config.inner.lr_w,
+            lr_theta: config.inner.lr_theta,
+            meta_lr_w: config.outer.meta_lr_w,
+            meta_lr_theta: config.outer.meta_lr_theta,
+            theta_weight_decay: config.outer.theta_weight_decay,
+            bn: config.bn,
+            search_space: config.meta.search_space,
+            head: config.meta.head,
+            input: config.meta.input.clone(),
+        }
+    }
+
+    /// The settings in which `self` and `other` differ, as `name: ours (saved: theirs)`.
+    fn differences(&self, saved: &RunSettings) -> Vec<String> {
+        let (ours, theirs) = (serde_json::to_value(self).expect("settings serialise"), serde_json::to_value(saved).expect("settings serialise"));
+        let (ours, theirs) = (ours.as_object().expect("a struct"), theirs.as_object().expect("a struct"));
+        ours.iter().filter(|(name, value)| theirs.get(*name) != Some(value)).map(|(name, value)| format!("{name}: {value} (saved: {})", theirs.get(name).unwrap_or(&serde_json::Value::Null))).collect()
+    }
+}
+
+/// The resumable part of a run, in `resume/state.json`; its tensors (w̃, θ̃, the optimisers'
+/// moments) are in the file it names, checked against the hash it records. The file is new for
+/// every save and `state.json` is written last, so a save cut short leaves the previous pair whole.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct ResumeState {
+    run: RunSettings,
     iteration: usize,
     sampler: SamplerState,
     best_validation: Option<f64>,
     wall_time_s: f64,
     adam_w_steps: i64,
     adam_theta_steps: Option<i64>,
+    tensors: String,
+    tensors_sha256: String,
 }
 
 /// One line of `metrics.jsonl`.
@@ -94,8 +152,23 @@ impl<'a> Trainer<'a> {
             _ => unreachable!("only supernets have alphas"),
         });
         let learner = MetaLearner::new(params, alphas, config.outer);
-        let sampler = EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed).map_err(|e| e.to_string())?;
-        let state = ResumeState { iteration: 0, sampler: sampler.state(), best_validation: None, wall_time_s: 0.0, adam_w_steps: 0, adam_theta_steps: None };
+        let sampler = EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed).map_err(|e| format!("training split: {e}"))?;
+        // Checked now, not at the first validation after hours of training.
+        EpisodeSampler::new(validation, config.way, config.shot, config.query, 1).map_err(|e| format!("validation split: {e}"))?;
+        if config.validation_tasks == 0 {
+            return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
+        }
+        let state = ResumeState {
+            run: RunSettings::of(&config),
+            iteration: 0,
+            sampler: sampler.state(),
+            best_validation: None,
+            wall_time_s: 0.0,
+            adam_w_steps: 0,
+            adam_theta_steps: None,
+            tensors: String::new(),
+            tensors_sha256: String::new(),
+        };
         let mut trainer = Trainer { config, network, learner, train, validation, sampler, state };
         if resume && resume_dir(&trainer.config.out).join("state.json").exists() {
             trainer.load_resume_state()?;
@@ -114,6 +187,7 @@ impl<'a> Trainer<'a> {
         progress.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  eta {eta}  {msg}").expect("valid template"),
         );
+        self.start_metrics()?;
         let started = Instant::now();
         let base_time = self.state.wall_time_s;
         while self.state.iteration < self.config.iterations && !stop.load(Ordering::SeqCst) {
@@ -149,7 +223,7 @@ impl<'a> Trainer<'a> {
             .map(|index| {
                 let e = self.sampler.sample();
                 let (support, labels, query, query_labels) = (e.support.to_device(self.config.device), e.support_labels.to_device(self.config.device), e.query.to_device(self.config.device), e.query_labels.to_device(self.config.device));
-                let task = TaskBatch { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels, seed: seeds[index] };
+                let task = MetaTask { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels, seed: seeds[index] };
                 context.task_gradient(&self.learner.params, self.learner.alphas.as_ref(), &task)
             })
             .collect();
@@ -206,10 +280,26 @@ impl<'a> Trainer<'a> {
             predict_with: prediction_label(&self.network, PredictWith::Supernet).into(),
             bn: self.config.bn,
             steps: self.config.inner.steps,
+            finetune_steps: 0,
             accuracy: validation,
             ci95,
         }];
         Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone() }.save(&self.config.out)
+    }
+
+    /// Makes `metrics.jsonl` this run's record up to its current iteration: empty for a new run;
+    /// for a resumed one, without the lines of iterations after its saved state (a run stopped
+    /// between saves logged them, and repeats them now).
+    fn start_metrics(&self) -> Result<(), String> {
+        let path = self.config.out.join("metrics.jsonl");
+        let kept = match std::fs::read_to_string(&path) {
+            Ok(text) if self.state.iteration > 0 => {
+                let up_to_now = |line: &&str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["iteration"].as_u64()).is_some_and(|i| i as usize <= self.state.iteration);
+                text.lines().filter(up_to_now).map(|line| format!("{line}\n")).collect()
+            }
+            _ => String::new(),
+        };
+        write_atomically(&path, kept.as_bytes()).map_err(|e| e.to_string())
     }
 
     fn append_metrics(&self, line: &MetricsLine) -> Result<(), String> {
@@ -242,38 +332,59 @@ impl<'a> Trainer<'a> {
         self.state.sampler = self.sampler.state();
         self.state.adam_w_steps = self.learner.adam_w.steps;
         self.state.adam_theta_steps = self.learner.adam_theta.as_ref().map(|a| a.steps);
-        let tmp = dir.join("state.safetensors.tmp");
-        Tensor::write_safetensors(&self.resume_tensors(), &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, dir.join("state.safetensors")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bytes = safetensors_bytes(&self.resume_tensors())?;
+        let previous = std::mem::replace(&mut self.state.tensors, format!("state-{}.safetensors", self.state.iteration));
+        self.state.tensors_sha256 = sha256_hex(&bytes);
+        write_atomically(&dir.join(&self.state.tensors), &bytes).map_err(|e| e.to_string())?;
         let json = serde_json::to_vec_pretty(&self.state).expect("state serialises");
-        write_atomically(&dir.join("state.json"), &json).map_err(|e| e.to_string())
+        write_atomically(&dir.join("state.json"), &json).map_err(|e| e.to_string())?;
+        if !previous.is_empty() && previous != self.state.tensors {
+            // Unreferenced only now; a leftover is harmless, so a failure to remove it is too.
+            let _ = std::fs::remove_file(dir.join(previous));
+        }
+        Ok(())
     }
 
+    /// Restores the saved run after checking that it is this run (the same settings), that its
+    /// tensors are the file `state.json` describes (the hash), and that each has the shape this run's
+    /// own tensor has.
     fn load_resume_state(&mut self) -> Result<(), String> {
         let dir = resume_dir(&self.config.out);
         let json_path = dir.join("state.json");
         let bytes = std::fs::read(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
-        self.state = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", json_path.display()))?;
-        let path = dir.join("state.safetensors");
-        let tensors = Tensor::read_safetensors(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let named: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-        let take = |name: &str| named.get(name).map(|t| t.to_device(self.config.device)).ok_or_else(|| format!("{}: lacks {name}", path.display()));
-        let params = ParamSet::from_pairs(self.learner.params.names().iter().map(|n| Ok((n.clone(), take(&format!("w/{n}"))?))).collect::<Result<Vec<_>, String>>()?);
-        self.learner.params = params;
+        let saved: ResumeState = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", json_path.display()))?;
+        let differences = self.state.run.differences(&saved.run);
+        if !differences.is_empty() {
+            return Err(format!("{}: --resume continues a run with other settings ({}); use that run's settings, or a new --out", json_path.display(), differences.join("; ")));
+        }
+        let path = dir.join(&saved.tensors);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if sha256_hex(&bytes) != saved.tensors_sha256 {
+            return Err(format!("{}: not the file {} describes (its sha256 differs): the resume state is damaged; start a new run", path.display(), json_path.display()));
+        }
+        let named: std::collections::HashMap<String, Tensor> = tensors_of_safetensors(&bytes, self.config.device).map_err(|m| format!("{}: {m}", path.display()))?.into_iter().collect();
+        let take = |name: &str, like: &Tensor| match named.get(name) {
+            Some(t) if t.size() == like.size() => Ok(t.shallow_clone()),
+            Some(t) => Err(format!("{}: {name} has shape {:?}, this run's {:?}", path.display(), t.size(), like.size())),
+            None => Err(format!("{}: lacks {name}", path.display())),
+        };
+        let learner = &mut self.learner;
+        learner.params = ParamSet::from_pairs(learner.params.iter().map(|(n, t)| Ok((n.clone(), take(&format!("w/{n}"), t)?))).collect::<Result<Vec<_>, String>>()?);
         let restore = |adam: &mut Adam, prefix: &str, steps: i64| -> Result<(), String> {
             for i in 0..adam.m.len() {
-                adam.m[i] = take(&format!("{prefix}/m/{i}"))?;
-                adam.v[i] = take(&format!("{prefix}/v/{i}"))?;
+                adam.m[i] = take(&format!("{prefix}/m/{i}"), &adam.m[i])?;
+                adam.v[i] = take(&format!("{prefix}/v/{i}"), &adam.v[i])?;
             }
             adam.steps = steps;
             Ok(())
         };
-        restore(&mut self.learner.adam_w, "adam_w", self.state.adam_w_steps)?;
-        if let Some(adam) = self.learner.adam_theta.as_mut() {
-            restore(adam, "adam_theta", self.state.adam_theta_steps.unwrap_or(0))?;
-            self.learner.alphas = Some(Alphas { normal: take("theta/normal")?, reduce: take("theta/reduce")? });
+        restore(&mut learner.adam_w, "adam_w", saved.adam_w_steps)?;
+        if let (Some(adam), Some(alphas)) = (learner.adam_theta.as_mut(), learner.alphas.as_ref()) {
+            restore(adam, "adam_theta", saved.adam_theta_steps.unwrap_or(0))?;
+            learner.alphas = Some(Alphas { normal: take("theta/normal", &alphas.normal)?, reduce: take("theta/reduce", &alphas.reduce)? });
         }
-        self.sampler = EpisodeSampler::restore(self.train, self.config.way, self.config.shot, self.config.query, &self.state.sampler).map_err(|e| e.to_string())?;
+        self.sampler = EpisodeSampler::restore(self.train, self.config.way, self.config.shot, self.config.query, &saved.sampler).map_err(|e| e.to_string())?;
+        self.state = saved;
         Ok(())
     }
 }
