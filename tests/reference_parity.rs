@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
+use tnas::meta::algorithm::{GradientRule, MetaTask, TaskContext};
 use tnas::derived::DerivedNetwork;
 use tnas::genotype::Genotype;
 use tnas::metadata::HeadSpec;
@@ -34,13 +35,15 @@ struct Case {
     alpha_scale: f64,
 }
 
-/// Runs the reference on a saved checkpoint and inputs; returns its tensors and JSON report.
-fn run_reference(dir: &std::path::Path, inputs: &std::path::Path, steps: usize, lr_w: f64, lr_theta: f64) -> (Vec<(String, Tensor)>, Value) {
+/// Runs the reference on a saved checkpoint and inputs, with any `extra` arguments; returns its
+/// tensors and JSON report.
+fn run_reference(dir: &std::path::Path, inputs: &std::path::Path, steps: usize, lr_w: f64, lr_theta: f64, extra: &[&str]) -> (Vec<(String, Tensor)>, Value) {
     let out = dir.join("reference.safetensors");
     let status = Command::new(python())
         .arg(repo_path("tests/reference/tnas_reference.py"))
         .args(["--checkpoint", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
         .args(["--steps", &steps.to_string(), "--lr-w", &lr_w.to_string(), "--lr-theta", &lr_theta.to_string()])
+        .args(extra)
         .status()
         .expect("python runs");
     assert!(status.success(), "reference failed");
@@ -73,7 +76,7 @@ fn check_case(case: &Case, seed: i64) {
     let inputs = dir.path().join("inputs.safetensors");
     Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
     let (lr_w, lr_theta) = (0.01, 30.0);
-    let (reference, report) = run_reference(dir.path(), &inputs, steps, lr_w, lr_theta);
+    let (reference, report) = run_reference(dir.path(), &inputs, steps, lr_w, lr_theta, &[]);
 
     let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
     let network = loaded.network();
@@ -131,6 +134,46 @@ fn rgb_20_no_stem_pool_matches_reference() {
 #[test]
 fn deeper_network_matches_reference() {
     check_case(&Case { space: SearchSpace { layers: 4, ..space(1, 28, 8, 1) }, shot: 1, steps: 1, alpha_scale: 1.0 }, 15);
+}
+
+/// One task's meta-gradient, first order (Eq. 7: the query loss's gradient at the adapted point)
+/// and second order (through the inner steps), against the reference's autograd of the same
+/// functional adaptation, query BN statistics from the support rows as meta-training uses them.
+#[test]
+fn meta_gradients_match_reference_first_and_second_order() {
+    let space = space(1, 28, 4, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut checkpoint, support, query) = seeded(31, || {
+        let checkpoint = random_supernet(space, HeadSpec::Fixed { n_way: N_WAY }, 31, 1.0);
+        let image = |n: i64| Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu));
+        (checkpoint, image(N_WAY as i64), image(2 * N_WAY as i64))
+    });
+    checkpoint.save(dir.path()).unwrap();
+    let labels = Tensor::arange(N_WAY as i64, (Kind::Int64, Device::Cpu));
+    let query_labels = labels.repeat([2]);
+    let inputs = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query), ("query_labels", &query_labels)], &inputs).unwrap();
+    let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
+    let network = loaded.network();
+    let inner = InnerLoop { steps: 2, lr_w: 0.01, lr_theta: 30.0, second_order: false };
+    let task = MetaTask { support: SupportSet { images: &support, labels: &labels, n_way: N_WAY }, query: &query, query_labels: &query_labels, seed: 0 };
+    let mut theta_gradients = Vec::new();
+    for (order, rule) in [("first", GradientRule::FirstOrder), ("second", GradientRule::SecondOrder)] {
+        let (reference, report) = run_reference(dir.path(), &inputs, inner.steps, inner.lr_w, inner.lr_theta, &["--meta-gradient", order]);
+        let context = TaskContext { network: &network, head: loaded.meta.head, inner, bn: BnMode::Support, rule, sample_architecture: false, device: Device::Cpu };
+        let ours = context.task_gradient(&loaded.params, loaded.alphas.as_ref(), &task);
+        let loss = report["query_loss"].as_f64().unwrap();
+        assert!((ours.query_loss - loss).abs() <= TOLERANCE * loss, "{order} order: query loss {} vs {loss}", ours.query_loss);
+        for (name, gradient) in loaded.params.names().iter().zip(&ours.w) {
+            assert_close(gradient, get(&reference, &format!("grad/{name}")), &format!("{order}-order gradient of {name}"));
+        }
+        let (normal, reduce) = ours.theta.expect("a supernet's θ has gradients");
+        assert_close(&normal, get(&reference, "grad/alphas_normal"), &format!("{order}-order gradient of θ normal"));
+        assert_close(&reduce, get(&reference, "grad/alphas_reduce"), &format!("{order}-order gradient of θ reduce"));
+        theta_gradients.push(normal);
+    }
+    // The two orders are different quantities here, so the check above tells them apart.
+    assert!(relative_error(&theta_gradients[0], &theta_gradients[1]) > 1e-2, "second-order θ gradient equals first-order");
 }
 
 /// Random alphas on a coarse grid (many exact ties after softmax) plus tiny perturbations

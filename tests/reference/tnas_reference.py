@@ -9,7 +9,8 @@ code with the Rust implementation it checks. The Rust tests call it as:
 It loads DIR/model.json + DIR/model.safetensors (our checkpoint format), reads `support`,
 `support_labels`, `query` from IN, and writes logits before and after M SGD steps on [w; θ], in
 both BN modes, for the supernet and for the derived network, plus OUT.json with the decoded
-genotypes and the parameter count.
+genotypes and the parameter count. With `--meta-gradient first|second` (IN also holding
+`query_labels`) it writes instead the task's meta-gradient for every weight and θ.
 """
 import argparse
 import json
@@ -46,9 +47,12 @@ class StatsBN(nn.Module):
         if n is None or n >= x.shape[0]:
             return F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
         head = x[:n]
-        mean = head.mean(dim=(0, 2, 3))
-        var = head.var(dim=(0, 2, 3), unbiased=False)
-        return F.batch_norm(x, mean, var, w, b, training=False, eps=1e-5)
+        mean = head.mean(dim=(0, 2, 3), keepdim=True)
+        var = head.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        # Written out (not F.batch_norm with given statistics) so gradients flow through the
+        # statistics too, as meta-training's query loss needs.
+        y = (x - mean) / torch.sqrt(var + 1e-5)
+        return y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1) if self.affine else y
 
 
 class ReLUConvBN(nn.Module):
@@ -261,6 +265,33 @@ def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
     return losses
 
 
+def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr_w, lr_theta, second_order):
+    """One task's meta-gradient (T-NAS Algorithm 1, lines 4-8), written functionally: M SGD steps
+    on (w, θ) from the meta-weights, the query loss with BN statistics from the support rows, and
+    its gradient with respect to the meta-weights through the steps (second order) or with respect
+    to the adapted weights (first order, Eq. 7). Returns the gradients by name and the loss."""
+    names = [n for n, _ in net.named_parameters()] + ["alphas_normal", "alphas_reduce"]
+    meta = [p for _, p in net.named_parameters()] + [a_n, a_r]
+    rates = [lr_w] * (len(meta) - 2) + [lr_theta, lr_theta]
+
+    def logits(point, x):
+        return torch.func.functional_call(net, dict(zip(names[:-2], point[:-2])), (x, point[-2], point[-1]))
+
+    point = meta
+    for _ in range(steps):
+        loss = F.cross_entropy(logits(point, support), labels)
+        grads = torch.autograd.grad(loss, point, create_graph=second_order)
+        point = [p - r * g for p, r, g in zip(point, rates, grads)]
+        if not second_order:
+            point = [p.detach().requires_grad_(True) for p in point]
+    StatsBN.stat_rows = support.shape[0]
+    query_logits = logits(point, torch.cat([support, query]))[support.shape[0]:]
+    StatsBN.stat_rows = None
+    loss = F.cross_entropy(query_logits, query_labels)
+    grads = torch.autograd.grad(loss, meta if second_order else point)
+    return dict(zip(names, grads)), loss.item()
+
+
 def logits_both_modes(net, a_n, a_r, support, query):
     with torch.no_grad():
         StatsBN.stat_rows = None
@@ -279,6 +310,8 @@ def main():
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--lr-w", type=float, default=0.01)
     ap.add_argument("--lr-theta", type=float, default=30.0)
+    ap.add_argument("--meta-gradient", choices=["first", "second"],
+                    help="write the task's meta-gradient (inputs also hold query_labels) instead")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -293,6 +326,12 @@ def main():
     a_r = weights.pop("alphas_reduce").clone().requires_grad_(True)
     net.load_state_dict(weights, strict=True)
     out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
+    if args.meta_gradient:
+        grads, info["query_loss"] = meta_gradient(net, a_n, a_r, support, labels, query, inputs["query_labels"],
+                                                  args.steps, args.lr_w, args.lr_theta, args.meta_gradient == "second")
+        save_file({f"grad/{k}": v.contiguous() for k, v in grads.items()}, args.out)
+        json.dump(info, open(args.out + ".json", "w"))
+        return
 
     def record(tag):
         g = genotype_of(a_n.detach(), a_r.detach(), space)
