@@ -92,6 +92,21 @@ fn resume_continues_the_same_run() {
     assert_eq!(metrics(straight.path()).len(), 1);
 }
 
+/// The default algorithm learns too: T-NAS's first-order updates of w̃ and θ̃ lower the query loss
+/// of a small supernet within a few dozen meta-iterations (here about 3.2 → 1.2, accuracy 0.53 →
+/// 0.70; the run is seeded and single-threaded, so it repeats).
+#[test]
+fn a_short_tnas_run_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = train_args(dir.path(), &["--algo", "tnas", "--iterations", "30", "--validate-every", "30", "--inner-steps", "2", "--meta-lr-w", "0.003"]);
+    meta_train(&args, "t".into(), &AtomicBool::new(false)).unwrap();
+    let lines = metrics(dir.path());
+    let mean = |range: std::ops::Range<usize>, key: &str| range.clone().map(|i| lines[i][key].as_f64().unwrap()).sum::<f64>() / range.len() as f64;
+    let (early_loss, late_loss) = (mean(0..10, "query_loss"), mean(20..30, "query_loss"));
+    assert!(late_loss < 0.9 * early_loss, "query loss did not fall: {early_loss:.3} → {late_loss:.3}");
+    assert!(mean(20..30, "query_accuracy") > 0.55, "accuracy not above 3-way chance (0.33) by a margin");
+}
+
 #[test]
 fn a_short_run_learns_and_eval_reports_an_interval() {
     let dir = tempfile::tempdir().unwrap();

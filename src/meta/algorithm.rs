@@ -112,6 +112,8 @@ impl TaskContext<'_> {
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState::new(params, alphas);
             if let HeadSpec::Proto { .. } = self.head {
+                // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
+                // the meta-gradient runs through every inner step, not through the head's start.
                 state.reset_proto_head(self.network, &task.support);
             }
             state
