@@ -56,6 +56,8 @@ fn every_algorithm_writes_a_loadable_checkpoint() {
         assert_eq!(checkpoint.meta.training.as_ref().unwrap().algorithm, algo);
         assert_eq!(checkpoint.alphas.is_some(), algo != "maml", "{algo}");
         assert_eq!(metrics(dir.path()).len(), 2, "{algo}");
+        let card = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
+        assert!(card.contains(&format!("algorithm: `{algo}`")) && card.contains("accuracy (95% CI)"), "{algo}: {card}");
     }
 }
 

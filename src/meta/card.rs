@@ -2,8 +2,10 @@
 //! exactly the recorded ones: data, split, the command that produced it, and results with 95%
 //! intervals, optionally beside a baseline model's.
 
+use crate::checkpoint::{write_atomically, CheckpointError};
 use crate::metadata::{EvalResult, ModelMeta};
 use std::fmt::Write;
+use std::path::Path;
 
 fn results_table(out: &mut String, models: &[&ModelMeta]) {
     let _ = writeln!(out, "| model | split | task | predictions | BN | steps | tasks | accuracy (95% CI) |");
@@ -33,6 +35,25 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
     }
 }
 
+/// The note of the card a training run writes beside each best checkpoint; a card without it was
+/// written with `tnas-train card` (curated notes, baselines) and a run leaves it alone.
+const RUN_CARD_NOTE: &str = "Written by `tnas-train meta-train` with this checkpoint; `tnas-train card --model <dir> --notes <file>` replaces it with a card that has notes and baselines.";
+
+/// Writes `dir/README.md` for a checkpoint a training run just saved, unless the folder holds a
+/// card written with `tnas-train card`.
+pub fn write_run_card(dir: &Path, meta: &ModelMeta) -> Result<(), CheckpointError> {
+    let path = dir.join("README.md");
+    let curated = match std::fs::read_to_string(&path) {
+        Ok(text) => !text.contains(RUN_CARD_NOTE),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(source) => return Err(CheckpointError::Io { path, source }),
+    };
+    if curated {
+        return Ok(());
+    }
+    write_atomically(&path, render(meta, &[], RUN_CARD_NOTE).as_bytes())
+}
+
 /// Renders the card; `notes` is free text appended at the end (hardware, what more training adds).
 pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String {
     let mut out = format!("# {}\n\n", meta.name);
@@ -60,4 +81,25 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
     }
     let _ = writeln!(out, "\nweights: `model.safetensors`, sha256 `{}`", meta.sha256);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_writes_and_rewrites_its_own_card_but_never_a_curated_one() {
+        let shipped = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/omniglot-tnas/model.json")).unwrap();
+        let mut meta: ModelMeta = serde_json::from_slice(&shipped).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let card = || std::fs::read_to_string(dir.path().join("README.md")).unwrap();
+        write_run_card(dir.path(), &meta).unwrap();
+        assert!(card().contains(RUN_CARD_NOTE) && card().contains("iterations at this checkpoint (best validation): 2000"), "{}", card());
+        meta.training.as_mut().unwrap().iterations = 2100;
+        write_run_card(dir.path(), &meta).unwrap();
+        assert!(card().contains("(best validation): 2100"), "a run's own card follows its checkpoint");
+        std::fs::write(dir.path().join("README.md"), "# curated\n").unwrap();
+        write_run_card(dir.path(), &meta).unwrap();
+        assert_eq!(card(), "# curated\n");
+    }
 }

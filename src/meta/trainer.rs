@@ -284,7 +284,9 @@ impl<'a> Trainer<'a> {
             accuracy: validation,
             ci95,
         }];
-        Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone() }.save(&self.config.out)
+        let mut checkpoint = Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone() };
+        checkpoint.save(&self.config.out)?;
+        super::card::write_run_card(&self.config.out, &checkpoint.meta)
     }
 
     /// Makes `metrics.jsonl` this run's record up to its current iteration: empty for a new run;
