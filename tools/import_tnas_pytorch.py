@@ -22,6 +22,8 @@ from safetensors.torch import save
 
 PRIMITIVES = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+# The official mini-ImageNet loader's normalisation, the inputs an official RGB model was trained on.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # BatchNorm bookkeeping the official modules carry; tnas never uses running statistics.
 BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
@@ -57,8 +59,11 @@ def main():
     ap.add_argument("--init-channels", type=int, required=True)
     ap.add_argument("--n-way", type=int, required=True)
     ap.add_argument("--name", help="model name (default: the --out folder's name)")
-    ap.add_argument("--mean", type=float, nargs="+", help="per-channel input mean (default 0)")
-    ap.add_argument("--std", type=float, nargs="+", help="per-channel input std (default 1)")
+    ap.add_argument("--mean", type=float, nargs="+",
+                    help="per-channel input mean (default: ImageNet's for 3 channels, as the official "
+                         "mini-ImageNet loader normalises; 0 for 1 channel)")
+    ap.add_argument("--std", type=float, nargs="+",
+                    help="per-channel input std (default: ImageNet's for 3 channels; 1 for 1 channel)")
     ap.add_argument("--invert", action="store_true", help="invert pixel values (black-on-white data)")
     ap.add_argument("--steps", type=int, default=10, help="adaptation steps (official update_step_test)")
     ap.add_argument("--lr-w", type=float, default=0.01, help="inner lr on w (official update_lr_w)")
@@ -75,8 +80,9 @@ def main():
     weights["alphas_reduce"] = alphas_reduce.detach().to(torch.float32).contiguous().cpu()
 
     channels = args.in_channels
-    mean = args.mean or [0.0] * channels
-    std = args.std or [1.0] * channels
+    rgb = channels == 3
+    mean = args.mean or (IMAGENET_MEAN if rgb else [0.0])
+    std = args.std or (IMAGENET_STD if rgb else [1.0])
     if len(mean) != channels or len(std) != channels:
         raise SystemExit("--mean and --std need one value per input channel")
     payload = save(weights)

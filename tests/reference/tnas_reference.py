@@ -35,7 +35,7 @@ class StatsBN(nn.Module):
 
     def __init__(self, channels, affine):
         super().__init__()
-        self.affine = affine
+        self.channels, self.affine = channels, affine
         if affine:
             self.weight = nn.Parameter(torch.ones(channels))
             self.bias = nn.Parameter(torch.zeros(channels))
