@@ -145,11 +145,6 @@ impl Worker {
         }
     }
 
-    /// Whether a job submitted now would be refused as over the queue depth.
-    pub fn is_full(&self) -> bool {
-        self.queued() >= self.queue_depth
-    }
-
     /// Jobs submitted and not yet started.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)

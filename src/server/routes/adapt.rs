@@ -40,12 +40,10 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     let arrived = Instant::now();
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
     let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
-    // Refusals that need nothing from the body come before reading and decoding it.
+    // A stopped worker refuses every request, before its body is read. A full queue does not:
+    // a malformed request still hears what is wrong with it, not to retry.
     if let Readiness::Failed(why) = state.worker.readiness() {
         return Err(ApiError::NotReady(format!("the compute worker stopped ({why}); check /readyz")));
-    }
-    if state.worker.is_full() {
-        return Err(ApiError::QueueFull(state.worker.queued()));
     }
     let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
     let name = task.options.model.clone().unwrap_or_else(|| state.default_model.clone());
