@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// New weights on their way to [`WEIGHTS_FILE`] while [`Checkpoint::save`] runs.
+const PENDING_WEIGHTS_FILE: &str = "model.safetensors.new";
 pub const META_FILE: &str = "model.json";
 /// Tensor names of θ̃ inside `model.safetensors`.
 pub const ALPHAS_NORMAL: &str = "alphas_normal";
@@ -73,15 +75,21 @@ impl Checkpoint {
         network_of(&self.meta).expect("validated when loaded or built")
     }
 
-    /// Writes both files into `dir` (created if needed), filling in `meta.sha256`.
+    /// Writes both files into `dir` (created if needed), filling in `meta.sha256`, so that a crash
+    /// at any point leaves a checkpoint that loads: the new weights go to a pending file first,
+    /// then `model.json` with their hash, then the weights move into place. Cut short before
+    /// `model.json`, the old checkpoint stands; after it, [`Checkpoint::load`] takes the pending
+    /// weights that `model.json` describes.
     pub fn save(&mut self, dir: &Path) -> Result<(), CheckpointError> {
         std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = self.weights_bytes().map_err(|message| CheckpointError::Invalid { path: weights_path.clone(), message })?;
         self.meta.sha256 = sha256_hex(&bytes);
-        write_atomically(&weights_path, &bytes)?;
+        let pending = dir.join(PENDING_WEIGHTS_FILE);
+        write_atomically(&pending, &bytes)?;
         let json = serde_json::to_vec_pretty(&self.meta).expect("metadata serialises");
-        write_atomically(&dir.join(META_FILE), &json)
+        write_atomically(&dir.join(META_FILE), &json)?;
+        std::fs::rename(&pending, &weights_path).map_err(|source| CheckpointError::Io { path: weights_path, source })
     }
 
     fn weights_bytes(&self) -> Result<Vec<u8>, String> {
@@ -99,12 +107,7 @@ impl Checkpoint {
         let meta: ModelMeta = serde_json::from_slice(&read(&meta_path)?).map_err(|source| CheckpointError::Json { path: meta_path.clone(), source })?;
         let invalid = |path: &Path, message: String| CheckpointError::Invalid { path: path.to_path_buf(), message };
         meta.validate().map_err(|m| invalid(&meta_path, m))?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = read(&weights_path)?;
-        let actual = sha256_hex(&bytes);
-        if actual != meta.sha256 {
-            return Err(CheckpointError::HashMismatch { path: weights_path, expected: meta.sha256.clone(), actual });
-        }
+        let (weights_path, bytes) = described_weights(dir, &meta.sha256)?;
         let tensors = tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
         let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
         let mut params = ParamSet::from_pairs(Vec::new());
@@ -133,6 +136,24 @@ impl Checkpoint {
         }
         Ok(Checkpoint { meta, params, alphas })
     }
+}
+
+/// The weights file whose sha256 is `sha256`, with its bytes: `model.safetensors`, or the pending
+/// file a save cut short after writing `model.json` left ([`Checkpoint::save`]).
+fn described_weights(dir: &Path, sha256: &str) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
+    let path = dir.join(WEIGHTS_FILE);
+    let found = read(&path);
+    if found.as_ref().is_ok_and(|bytes| sha256_hex(bytes) == sha256) {
+        return Ok((path, found?));
+    }
+    let pending = dir.join(PENDING_WEIGHTS_FILE);
+    if let Ok(bytes) = std::fs::read(&pending) {
+        if sha256_hex(&bytes) == sha256 {
+            return Ok((pending, bytes));
+        }
+    }
+    let actual = sha256_hex(&found?);
+    Err(CheckpointError::HashMismatch { path, expected: sha256.to_string(), actual })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CheckpointError> {

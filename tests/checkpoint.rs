@@ -1,5 +1,6 @@
 //! Checkpoints on disk: bit-exact round trips, refusal of truncated, edited or missing files
-//! with an error naming the file, and evaluation results recorded without losing any.
+//! with an error naming the file, saves that a crash cannot leave unloadable, and evaluation
+//! results recorded without losing any.
 
 mod common;
 
@@ -80,6 +81,32 @@ fn edited_metadata_is_refused_with_the_field() {
     std::fs::write(&path, text).unwrap();
     let err = load_error(dir.path());
     assert!(err.contains(WEIGHTS_FILE) && err.contains("shape"), "{err}");
+}
+
+/// A save cut short at either point leaves a checkpoint that loads: before `model.json` is
+/// written, the old one; after it (the new weights still in their pending file), the new one.
+#[test]
+fn a_save_cut_short_leaves_a_checkpoint_that_loads() {
+    let (dir, old) = saved();
+    let mut new = random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Fixed { n_way: 5 }, 4, 1.0);
+    let elsewhere = tempfile::tempdir().unwrap();
+    new.save(elsewhere.path()).unwrap();
+    let first_weight = |c: &Checkpoint| c.params.tensors()[0].shallow_clone();
+    let pending = dir.path().join("model.safetensors.new");
+
+    // Cut before model.json: only the pending file (here, its first half) was written.
+    let new_weights = std::fs::read(elsewhere.path().join(WEIGHTS_FILE)).unwrap();
+    std::fs::write(&pending, &new_weights[..new_weights.len() / 2]).unwrap();
+    assert!(first_weight(&Checkpoint::load(dir.path(), Device::Cpu).unwrap()).equal(&first_weight(&old)));
+
+    // Cut after model.json, before the weights moved into place.
+    std::fs::write(&pending, &new_weights).unwrap();
+    std::fs::copy(elsewhere.path().join(META_FILE), dir.path().join(META_FILE)).unwrap();
+    assert!(first_weight(&Checkpoint::load(dir.path(), Device::Cpu).unwrap()).equal(&first_weight(&new)));
+
+    // A whole save leaves no pending file.
+    Checkpoint::load(dir.path(), Device::Cpu).unwrap().save(dir.path()).unwrap();
+    assert!(!pending.exists());
 }
 
 fn result(way: usize, accuracy: f64) -> EvalResult {
