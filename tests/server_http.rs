@@ -243,6 +243,23 @@ fn a_burst_gets_only_200_or_429() {
 }
 
 #[test]
+fn past_its_limit_of_requests_in_flight_the_server_refuses_before_reading() {
+    let one_at_a_time = start(&["--max-in-flight", "1", "--max-steps", "1000"]);
+    let adapt = format!("{}/adapt", one_at_a_time.url);
+    std::thread::scope(|s| {
+        // 1000 steps take well over the client's 3 s; when it gives up, the request leaves.
+        let long = s.spawn(|| Client::builder().timeout(std::time::Duration::from_secs(3)).build().unwrap().post(&adapt).json(&task_json(1000)).send());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let refused = Client::new().post(&adapt).json(&task_json(1)).send().unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(refused.headers()["retry-after"], "1");
+        assert_eq!(refused.json::<Value>().unwrap()["error"]["code"], "overloaded");
+        assert!(long.join().unwrap().unwrap_err().is_timeout());
+    });
+    assert_eq!(Client::new().post(&adapt).json(&task_json(1)).send().unwrap().status(), 200, "served again once the request left");
+}
+
+#[test]
 fn service_endpoints_answer() {
     let url = &server().url;
     let models: Value = Client::new().get(format!("{url}/models")).send().unwrap().json().unwrap();

@@ -29,6 +29,10 @@ pub struct Limits {
     /// Adaptations waiting for the worker before new ones get 429.
     #[arg(long, env = "TNAS_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: usize,
+    /// `/adapt` requests in the server at once (reading, decoding, queued or running) before new
+    /// ones get 429 without being read: with the body limit, this bounds the memory bodies take.
+    #[arg(long, env = "TNAS_MAX_IN_FLIGHT", default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_in_flight: usize,
     /// Most queued tasks of the same shape and settings adapted together as one batch (1: none).
     #[arg(long, env = "TNAS_MAX_BATCH", default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub max_batch: usize,

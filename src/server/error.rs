@@ -22,6 +22,8 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("the adaptation queue is full ({0} tasks waiting); retry after a second")]
     QueueFull(usize),
+    #[error("the server is handling its limit of {0} adaptation requests; retry after a second")]
+    Overloaded(usize),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -50,7 +52,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull(_) | ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -66,6 +68,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::QueueFull(_) => "queue_full",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout(_) => "timeout",
@@ -84,7 +87,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string() } };
         let mut response = (status, axum::Json(body)).into_response();
         match self {
-            ApiError::QueueFull(_) | ApiError::NotReady(_) => {
+            ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::NotReady(_) => {
                 response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized(_) => {

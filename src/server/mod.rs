@@ -107,6 +107,7 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         default_model,
         worker,
         decoding_slots: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
+        in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
         store: GenotypeStore::new(config.limits.genotype_store_size),
         limits: config.limits.clone(),
         metrics: metrics_handle(),

@@ -17,6 +17,8 @@ pub struct AppState {
     pub worker: Worker,
     /// Requests whose images may be decoding at once (one per core); see `routes::adapt::decode`.
     pub decoding_slots: Arc<Semaphore>,
+    /// `/adapt` requests in the server at once, at most `limits.max_in_flight`.
+    pub in_flight: Semaphore,
     pub store: GenotypeStore,
     pub limits: Limits,
     pub metrics: PrometheusHandle,

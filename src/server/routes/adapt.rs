@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
         (status = 413, description = "Body, image or image count over the limit, or the task over the device's free memory", body = ErrorBody),
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
         (status = 422, description = "Semantically invalid task, or an adaptation that diverged", body = ErrorBody),
-        (status = 429, description = "Queue full; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Queue full, or the server at its limit of requests in flight; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     ),
@@ -40,11 +40,13 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     let arrived = Instant::now();
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
     let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
-    // A stopped worker refuses every request, before its body is read. A full queue does not:
-    // a malformed request still hears what is wrong with it, not to retry.
+    // A stopped worker, or as many requests in the server as it takes, refuses a request before
+    // its body is read. A full queue does not: a malformed request still hears what is wrong with
+    // it, not to retry.
     if let Readiness::Failed(why) = state.worker.readiness() {
         return Err(ApiError::NotReady(format!("the compute worker stopped ({why}); check /readyz")));
     }
+    let _in_flight = state.in_flight.try_acquire().map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
     let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
     let name = task.options.model.clone().unwrap_or_else(|| state.default_model.clone());
     let meta = state.models.get(&name).ok_or_else(|| ApiError::NotFound(format!("no model named '{name}'; GET /models lists the loaded ones")))?.clone();
