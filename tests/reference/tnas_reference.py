@@ -9,7 +9,8 @@ code with the Rust implementation it checks. The Rust tests call it as:
 It loads DIR/model.json + DIR/model.safetensors (our checkpoint format), reads `support`,
 `support_labels`, `query` from IN, and writes logits before and after M SGD steps on [w; θ], in
 both BN modes, for the supernet and for the derived network, plus OUT.json with the decoded
-genotypes and the parameter count. With `--meta-gradient first|second` (IN also holding
+genotypes and the parameter count. A proto-head checkpoint gets its head from the support
+prototypes, the supernet's before the steps and the derived network's from its own features. With `--meta-gradient first|second` (IN also holding
 `query_labels`) it writes instead the task's meta-gradient for every weight and θ.
 """
 import argparse
@@ -265,6 +266,16 @@ def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
     return losses
 
 
+def set_proto_head(net, a_n, a_r, support, labels, n_way):
+    """Proto-MAML's head from the support set: W_k = 2 c_k, b_k = -|c_k|^2 for the class means c_k
+    of the support features (batch statistics)."""
+    with torch.no_grad():
+        features = net.features(support, a_n, a_r)
+        prototypes = torch.stack([features[labels == k].mean(0) for k in range(n_way)])
+        net.classifier.weight.copy_(2 * prototypes)
+        net.classifier.bias.copy_(-(prototypes ** 2).sum(1))
+
+
 def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr_w, lr_theta, second_order):
     """One task's meta-gradient (T-NAS Algorithm 1, lines 4-8), written functionally: M SGD steps
     on (w, θ) from the meta-weights, the query loss with BN statistics from the support rows, and
@@ -316,15 +327,19 @@ def main():
 
     torch.set_num_threads(1)
     meta = json.load(open(os.path.join(args.checkpoint, "model.json")))
-    space, n_way = meta["search_space"], meta["head"]["n_way"]
     weights = load_file(os.path.join(args.checkpoint, "model.safetensors"))
     inputs = load_file(args.inputs)
     support, labels, query = inputs["support"], inputs["support_labels"], inputs["query"]
+    space, proto = meta["search_space"], meta["head"]["type"] == "proto"
+    n_way = int(labels.max()) + 1 if proto else meta["head"]["n_way"]
 
     net = Network(space, n_way)
     a_n = weights.pop("alphas_normal").clone().requires_grad_(True)
     a_r = weights.pop("alphas_reduce").clone().requires_grad_(True)
-    net.load_state_dict(weights, strict=True)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    assert not unexpected and sorted(missing) == (["classifier.bias", "classifier.weight"] if proto else []), (missing, unexpected)
+    if proto:
+        set_proto_head(net, a_n, a_r, support, labels, n_way)
     out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
     if args.meta_gradient:
         grads, info["query_loss"] = meta_gradient(net, a_n, a_r, support, labels, query, inputs["query_labels"],
@@ -340,6 +355,8 @@ def main():
         out[f"{tag}_transductive"], out[f"{tag}_support"] = t, s
         derived = Network(space, n_way, genotype=g)
         derived.load_state_dict(net.state_dict(), strict=True)
+        if proto:
+            set_proto_head(derived, a_n, a_r, support, labels, n_way)
         t, s = logits_both_modes(derived, a_n, a_r, support, query)
         out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
 
