@@ -109,7 +109,7 @@ impl TaskState {
     /// classifier, which the next step takes instead of repeating the pass.
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
         let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
-        let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features.detach(), support.labels, support.n_way));
+        let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features, support.labels, support.n_way));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
         // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as

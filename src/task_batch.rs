@@ -62,7 +62,6 @@ impl TaskBatch {
             // The forward pass that gives the prototypes also gives the first step's loss.
             let features = batch.features(net, &support.images, BnStats::Batch);
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
-                let features = features.detach();
                 (0..tasks).map(|t| prototype_classifier(&features.select(1, t), &support.labels.get(t), support.n_way)).unzip()
             });
             batch.state.set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));

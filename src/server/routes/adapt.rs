@@ -55,7 +55,7 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     let ids: Vec<String> = task.query.iter().map(|(id, _)| id.clone()).collect();
     let k_shot = (0..labels.len() as i64).map(|class| support_labels.iter().filter(|&&l| l == class).count()).min().unwrap_or(0);
     let decode_started = Instant::now();
-    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options, deadline)).await.map_err(|_| timed_out())??;
+    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options)).await.map_err(|_| timed_out())??;
     let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
 
     let (reply, response) = tokio::sync::oneshot::channel();
@@ -107,16 +107,16 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
 
 /// Decodes the task's images off the async runtime, at most one request per decoding slot (one
 /// per core) at a time, so that a burst of large pictures queues here instead of taking every
-/// blocking thread and its memory. Decoding stops between images once the deadline passes or the
-/// client has gone (this future dropped).
-async fn decode(state: &SharedState, task: TaskRequest, meta: ModelMeta, options: ResolvedOptions, deadline: Instant) -> Result<TaskInput, ApiError> {
+/// blocking thread and its memory. Decoding stops between images once this future is dropped: the
+/// client has gone, or the deadline the caller holds it to has passed.
+async fn decode(state: &SharedState, task: TaskRequest, meta: ModelMeta, options: ResolvedOptions) -> Result<TaskInput, ApiError> {
     let slot = Arc::clone(&state.decoding_slots).acquire_owned().await.map_err(|e| ApiError::Internal(format!("decoding slots closed: {e}")))?;
     let abandoned = Arc::new(AtomicBool::new(false));
     let _on_drop = AbandonOnDrop(Arc::clone(&abandoned));
     let limits = state.limits.clone();
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        let keep_going = || Instant::now() < deadline && !abandoned.load(Ordering::Relaxed);
+        let keep_going = || !abandoned.load(Ordering::Relaxed);
         task.into_task_input(&meta, &limits, options, &keep_going)
     })
     .await
