@@ -31,7 +31,7 @@ const QUERIES: usize = 75;
 fn miniimagenet_sized(dir: &Path) -> PathBuf {
     let mut checkpoint = common::random_supernet(SearchSpace::tnas_official(3, 84, 16), HeadSpec::Fixed { n_way: WAY }, 0, 1e-3);
     checkpoint.meta.name = "miniimagenet-sized".into();
-    checkpoint.meta.adaptation = AdaptationDefaults { steps: STEPS, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support };
+    checkpoint.meta.adaptation = AdaptationDefaults { steps: STEPS, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support, learned_rates: false };
     let out = dir.join("miniimagenet-sized");
     checkpoint.save(&out).expect("temp dir is writable");
     out
@@ -76,7 +76,7 @@ fn ours_replayed(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, que
     let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
     let inner = inner_loop(checkpoint);
     let inputs = [support.to_device(device), labels.to_device(device).unsqueeze(0), query.to_device(device)];
-    let replay = Replay::record(&inputs, |tensors| adapt_and_predict(&net, checkpoint, tensors, WAY, &inner, BnMode::Support, &|| true).expect("not interrupted"))
+    let replay = Replay::record(&inputs, |tensors| adapt_and_predict(&net, checkpoint, None, tensors, WAY, &inner, BnMode::Support, &|| true).expect("not interrupted"))
         .expect("the adaptation records as a CUDA graph");
     timed(|| {
         let [logits, normal, reduce] = <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays")).expect("three outputs");

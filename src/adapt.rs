@@ -5,37 +5,15 @@
 
 use crate::derived::DerivedNetwork;
 use crate::genotype::Genotype;
-use crate::head::{classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
+use crate::head::{classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
 use crate::supernet::Alphas;
-use serde::{Deserialize, Serialize};
+pub use crate::settings::{BnMode, PredictWith};
+use crate::learned_rates::LearnedRates;
 use tch::{Device, Tensor};
-use utoipa::ToSchema;
-
-/// Where BatchNorm takes its statistics when predicting queries (adaptation always uses the support set).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum BnMode {
-    /// Support-set statistics: a query's prediction does not depend on the other queries.
-    #[default]
-    Support,
-    /// The query batch's own statistics (MAML and the official T-NAS code).
-    Transductive,
-}
-
-/// Which network predicts the queries.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictWith {
-    /// The adapted supernet, mixing every op by softmax(θ).
-    #[default]
-    Supernet,
-    /// The decoded genotype's discrete network on the adapted supernet's weights.
-    Derived,
-}
 
 /// A task's support set on the compute device.
 pub struct SupportSet<'a> {
@@ -62,6 +40,12 @@ pub struct InnerLoop {
 pub struct TaskState {
     pub params: ParamSet,
     pub alphas: Option<Alphas>,
+    /// The temperature θ is read at by the next forward pass ([`crate::relaxation::Relaxation::temperature`]).
+    pub temperature: f64,
+    /// Meta-learned rates that replace the inner loop's `lr_w` and `lr_theta` when set.
+    pub rates: Option<LearnedRates>,
+    /// Steps taken so far: which row of the learned rates the next step reads.
+    pub step: usize,
     /// The support loss of the forward pass that built a proto head, kept for the next step,
     /// which would repeat that pass.
     kept_loss: Option<KeptLoss>,
@@ -72,6 +56,7 @@ pub struct TaskState {
 struct KeptLoss {
     loss: Tensor,
     from: Vec<Tensor>,
+    temperature: f64,
 }
 
 /// How queries are predicted after adaptation.
@@ -91,13 +76,22 @@ pub struct Interrupted {
 
 impl TaskState {
     pub fn new(params: ParamSet, alphas: Option<Alphas>) -> TaskState {
-        TaskState { params, alphas, kept_loss: None }
+        TaskState { params, alphas, temperature: 1.0, rates: None, step: 0, kept_loss: None }
+    }
+
+    /// θ's mixing weights at this state's temperature; `None` for networks without θ.
+    pub fn mixing(&self, network: &Network) -> Option<Alphas> {
+        match (network, &self.alphas) {
+            (Network::Supernet(net), Some(alphas)) => Some(net.mixing(alphas, self.temperature)),
+            _ => None,
+        }
     }
 
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
     /// from the support prototypes under the starting weights.
     pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
         let mut state = TaskState::new(meta.task_copy(&network.weight_runs(), device, 1), meta_alphas.map(|a| a.task_copy(device, 1)));
+        state.temperature = network.relaxation().temperature(0, 1);
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
         }
@@ -108,7 +102,7 @@ impl TaskState {
     /// The forward pass that gives the prototypes also gives the support loss with the new
     /// classifier, which the next step takes instead of repeating the pass.
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
-        let features = network.features(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch);
+        let features = network.features(&self.params, self.mixing(network).as_ref(), support.images, BnStats::Batch);
         let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features, support.labels, support.n_way));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
@@ -120,7 +114,7 @@ impl TaskState {
     }
 
     /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
-    /// the support set.
+    /// the support set (and, not a tensor, the temperature).
     fn point(&self, images: &Tensor, labels: &Tensor) -> Vec<Tensor> {
         let mut from: Vec<Tensor> = self.params.flat_parts().into_iter().map(Tensor::shallow_clone).collect();
         from.extend(self.alphas.iter().flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]));
@@ -131,7 +125,7 @@ impl TaskState {
     /// Keeps `loss`, the loss of the support set (`images`, `labels`) at this point, for the next
     /// step (unless it has no graph to differentiate, as under `no_grad`).
     pub(crate) fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
-        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(images, labels) });
+        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(images, labels), temperature: self.temperature });
     }
 
     /// The kept support loss, if it was computed at this point from this support set: the same
@@ -141,7 +135,7 @@ impl TaskState {
     pub(crate) fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
         let kept = self.kept_loss.take()?;
         let now = self.point(images, labels);
-        let same = kept.from.len() == now.len() && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
+        let same = kept.temperature == self.temperature && kept.from.len() == now.len() && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
         same.then_some(kept.loss)
     }
 
@@ -154,7 +148,7 @@ impl TaskState {
 
     /// Support-set cross-entropy at the current point (support-batch BN).
     pub fn support_loss(&self, network: &Network, support: &SupportSet) -> Tensor {
-        network.logits(&self.params, self.alphas.as_ref(), support.images, BnStats::Batch).cross_entropy_for_logits(support.labels)
+        network.logits(&self.params, self.mixing(network).as_ref(), support.images, BnStats::Batch).cross_entropy_for_logits(support.labels)
     }
 
     /// ∇ `loss` with respect to the weights, laid out flat as [`ParamSet::flattened`] lays them,
@@ -163,15 +157,23 @@ impl TaskState {
     /// is taken with respect to it ([`ParamSet::flat_parts`]): its backward gathers every weight's
     /// gradient in one piece.
     pub fn gradients(&self, loss: &Tensor, keep_graph: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
+        let (weights, theta, _) = self.gradients_with(loss, keep_graph, &[]);
+        (weights, theta)
+    }
+
+    /// [`TaskState::gradients`], and in the same backward pass those of `extra` tensors.
+    pub fn gradients_with(&self, loss: &Tensor, keep_graph: bool, extra: &[&Tensor]) -> (Tensor, Option<(Tensor, Tensor)>, Vec<Tensor>) {
         let mut inputs = self.params.flat_parts();
         let n = inputs.len();
         if let Some(a) = &self.alphas {
             inputs.extend([&a.normal, &a.reduce]);
         }
+        inputs.extend(extra);
         let mut grads = Tensor::run_backward(&[loss], &inputs, keep_graph, keep_graph);
+        let extra = grads.split_off(inputs.len() - extra.len());
         let theta = self.alphas.as_ref().map(|_| (grads.remove(n), grads.remove(n)));
         let weights = ParamSet::join(&grads);
-        (weights, theta)
+        (weights, theta, extra)
     }
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
@@ -182,37 +184,54 @@ impl TaskState {
         loss.detach()
     }
 
-    /// Plain SGD down `loss`: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L. The weights (hundreds of
-    /// tensors) update as one flat tensor whose views are the new weights: a handful of ops instead
-    /// of two per weight tensor, so a GPU step launches hundreds fewer kernels.
+    /// Plain SGD down `loss`: w ← w − lr_w ∇_w L, θ ← θ − lr_θ ∇_θ L, with the learned rates of
+    /// this step when the state has them. The weights (hundreds of tensors) update as one flat
+    /// tensor whose views are the new weights: a handful of ops instead of two per weight tensor,
+    /// so a GPU step launches hundreds fewer kernels.
     pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
         let (grad_w, grad_theta) = self.gradients(loss, inner.second_order);
         let stepped = || {
-            let weights = self.params.flattened() - &grad_w * inner.lr_w;
-            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| Alphas { normal: &a.normal - normal * inner.lr_theta, reduce: &a.reduce - reduce * inner.lr_theta });
+            let weights = match &self.rates {
+                Some(rates) => self.params.flattened() - &grad_w * rates.for_weights(self.step, &self.params),
+                None => self.params.flattened() - &grad_w * inner.lr_w,
+            };
+            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| match &self.rates {
+                Some(rates) => {
+                    let (lr_normal, lr_reduce) = rates.for_theta(self.step);
+                    Alphas { normal: &a.normal - normal * lr_normal, reduce: &a.reduce - reduce * lr_reduce }
+                }
+                None => Alphas { normal: &a.normal - normal * inner.lr_theta, reduce: &a.reduce - reduce * inner.lr_theta },
+            });
             (weights, alphas)
         };
-        // First order: each step's graph starts at fresh leaves, so the update itself is not recorded.
-        let (weights, alphas) = if inner.second_order {
+        // First order: each step's graph starts at fresh leaves, so the update itself is not
+        // recorded; unless rates being learned need it (the gradients themselves stay constants).
+        let (weights, alphas) = if inner.second_order || self.rates.as_ref().is_some_and(LearnedRates::requires_grad) {
             stepped()
         } else {
             let (weights, alphas) = crate::grad::no_grad(stepped);
             (weights.set_requires_grad(true), alphas.map(|a| a.map(|t| t.set_requires_grad(true))))
         };
-        *self = TaskState::new(self.params.views_of(&weights), alphas);
+        let (temperature, rates, step) = (self.temperature, self.rates.take(), self.step + 1);
+        *self = TaskState { temperature, rates, step, ..TaskState::new(self.params.views_of(&weights), alphas) };
     }
 
-    /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early.
-    /// Returns the support loss of every step, read once at the end: on a GPU, reading each step's
-    /// loss would make the host wait for the device every step.
+    /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early,
+    /// each at its temperature on the network's annealing schedule, and leaves the state at the
+    /// schedule's end, where queries are predicted. Returns the support loss of every step, read
+    /// once at the end: on a GPU, reading each step's loss would make the host wait for the device
+    /// every step.
     pub fn adapt(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<Vec<f64>, Interrupted> {
+        let relaxation = network.relaxation();
         let mut losses = Vec::with_capacity(inner.steps);
         for step in 0..inner.steps {
             if !keep_going() {
                 return Err(Interrupted { completed_steps: step });
             }
+            self.temperature = relaxation.temperature(step, inner.steps);
             losses.push(self.sgd_step(network, support, inner));
         }
+        self.temperature = relaxation.temperature(inner.steps, inner.steps);
         Ok(losses.iter().map(|l| l.double_value(&[])).collect())
     }
 
@@ -225,21 +244,23 @@ impl TaskState {
 
     /// Query logits [N_q, n_way] without gradients.
     pub fn predict(&self, network: &Network, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
-        crate::grad::no_grad(|| query_logits(network, &self.params, self.alphas.as_ref(), support, query, bn))
+        crate::grad::no_grad(|| query_logits(network, &self.params, self.mixing(network).as_ref(), support, query, bn))
     }
 
     /// The derived network of `genotype` with this task's weights on its kept edges: a task state
-    /// holding only those weights (and the classifier, rebuilt from prototypes for a proto head).
-    pub fn derive(&self, derived: &DerivedNetwork, head: HeadSpec, support: &SupportSet) -> (Network, TaskState) {
+    /// holding only those weights and the classifier. A proto head's classifier is rebuilt from the
+    /// derived network's prototypes, unless the supernet's annealed end state already is that
+    /// network ([`crate::relaxation::Relaxation::ends_discrete`]), whose adapted head it keeps.
+    pub fn derive(&self, supernet: &Network, derived: &DerivedNetwork, head: HeadSpec, support: &SupportSet) -> (Network, TaskState) {
         let network = Network::Derived(derived.clone());
         let mut names: Vec<String> = derived.body_specs().into_iter().map(|s| s.name).collect();
-        names.extend([CLASSIFIER_WEIGHT.to_string(), CLASSIFIER_BIAS.to_string()]);
+        names.extend([CLASSIFIER_WEIGHT, CLASSIFIER_BIAS, LOGIT_SCALE].into_iter().filter(|n| self.params.contains(n)).map(String::from));
         let params = ParamSet::from_pairs(names.into_iter().map(|n| {
             let t = self.params.get(&n).detach().copy().set_requires_grad(true);
             (n, t)
         }));
         let mut state = TaskState::new(params, None);
-        if let HeadSpec::Proto { .. } = head {
+        if matches!(head, HeadSpec::Proto { .. }) && !supernet.relaxation().ends_discrete() {
             state.reset_proto_head(&network, support);
         }
         (network, state)
@@ -252,7 +273,7 @@ impl TaskState {
         match (options.predict_with, self.genotype(network), network) {
             (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
                 let derived = DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
-                let (derived_net, mut derived_state) = self.derive(&derived, head, support);
+                let (derived_net, mut derived_state) = self.derive(network, &derived, head, support);
                 derived_state.adapt(&derived_net, support, &options.finetune, keep_going)?;
                 Ok(derived_state.predict(&derived_net, support, query, options.bn))
             }
@@ -261,9 +282,9 @@ impl TaskState {
     }
 }
 
-/// Query logits under the chosen BN mode.
-pub fn query_logits(network: &Network, params: &ParamSet, alphas: Option<&Alphas>, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
-    logits_under(bn, support.images, query, |x, stats| network.logits(params, alphas, x, stats))
+/// Query logits under the chosen BN mode; `mixing` as [`Network::features`] takes it.
+pub fn query_logits(network: &Network, params: &ParamSet, mixing: Option<&Alphas>, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
+    logits_under(bn, support.images, query, |x, stats| network.logits(params, mixing, x, stats))
 }
 
 /// The query rows of `logits` (a forward pass, rows first) under the BN mode. In `support` mode the
@@ -298,7 +319,7 @@ mod tests {
         let images = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
         let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
-        let mut state = TaskState::start(&network, &meta, Some(&alphas), HeadSpec::Proto { max_way: 5 }, &support, Device::Cpu);
+        let mut state = TaskState::start(&network, &meta, Some(&alphas), HeadSpec::Proto { max_way: 5, learned_scale: false }, &support, Device::Cpu);
         let kept = state.take_support_loss(&images, &labels).expect("building the head keeps its loss");
         assert!(kept.equal(&state.support_loss(&network, &support)), "the loss a step would compute");
         assert!(state.take_support_loss(&images, &labels).is_none(), "taken once");

@@ -1,4 +1,4 @@
-//! Meta-checkpoints on disk (SPEC §5): `model.safetensors` (w̃ and θ̃, float32) and `model.json`
+//! Meta-checkpoints on disk (docs/MODEL_FORMAT.md): `model.safetensors` (w̃ and θ̃, float32) and `model.json`
 //! (metadata with the weights' sha256).
 //!
 //! Both files are written atomically (temp file, fsync, rename), weights first, so a crash leaves
@@ -7,7 +7,8 @@
 
 use crate::conv4::Conv4;
 use crate::derived::DerivedNetwork;
-use crate::head::classifier_specs;
+use crate::head::{classifier_specs, logit_scale_specs};
+use crate::learned_rates::{LearnedRates, RATES_THETA, RATES_W};
 use crate::metadata::{HeadSpec, ModelKind, ModelMeta};
 use crate::network::Network;
 use crate::params::{ParamSet, ParamSpec};
@@ -49,23 +50,33 @@ pub struct Checkpoint {
     pub params: ParamSet,
     /// θ̃, for supernet checkpoints.
     pub alphas: Option<Alphas>,
+    /// The meta-learned inner rates, for a model with `adaptation.learned_rates`.
+    pub rates: Option<LearnedRates>,
 }
 
 /// The network a `model.json` describes (assumes [`ModelMeta::validate`] passed).
 pub fn network_of(meta: &ModelMeta) -> Result<Network, String> {
     Ok(match (meta.kind, meta.search_space, &meta.genotype) {
-        (ModelKind::Supernet, Some(space), _) => Network::Supernet(Supernet::new(space)),
+        (ModelKind::Supernet, Some(space), _) => Network::Supernet(Supernet::relaxed(space, meta.relaxation)),
         (ModelKind::Genotype, Some(space), Some(g)) => Network::Derived(DerivedNetwork::new(space, g.clone())?),
         (ModelKind::Conv4, _, _) => Network::Conv4(Conv4 { in_channels: meta.input.channels, image_size: meta.input.size }),
         _ => return Err("search_space (and genotype for kind genotype) required".into()),
     })
 }
 
+/// The number of weight tensors a task adapts: the meta-weights, and a proto head's classifier
+/// (weight and bias), which tasks build and the checkpoint does not hold.
+pub fn task_tensors(params: &ParamSet, head: HeadSpec) -> usize {
+    params.len() + if matches!(head, HeadSpec::Proto { .. }) { 2 } else { 0 }
+}
+
 /// Every weight the checkpoint must hold: the body, plus the classifier for a fixed head.
 pub fn param_specs(network: &Network, head: HeadSpec) -> Vec<ParamSpec> {
     let mut specs = network.body_specs();
-    if let HeadSpec::Fixed { n_way } = head {
-        specs.extend(classifier_specs(network.feature_dim(), n_way));
+    match head {
+        HeadSpec::Fixed { n_way } => specs.extend(classifier_specs(network.feature_dim(), n_way)),
+        HeadSpec::Proto { learned_scale: true, .. } => specs.extend(logit_scale_specs()),
+        HeadSpec::Proto { learned_scale: false, .. } => {}
     }
     specs
 }
@@ -98,6 +109,10 @@ impl Checkpoint {
             named.push((ALPHAS_NORMAL.into(), a.normal.shallow_clone()));
             named.push((ALPHAS_REDUCE.into(), a.reduce.shallow_clone()));
         }
+        if let Some(r) = &self.rates {
+            named.push((RATES_W.into(), r.w.shallow_clone()));
+            named.push((RATES_THETA.into(), r.theta.shallow_clone()));
+        }
         safetensors_bytes(&named)
     }
 
@@ -111,11 +126,13 @@ impl Checkpoint {
         let tensors = tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
         let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
         let mut params = ParamSet::from_pairs(Vec::new());
-        let mut alphas = (None, None);
+        let (mut alphas, mut rates) = ((None, None), (None, None));
         for (name, tensor) in tensors {
             match name.as_str() {
                 ALPHAS_NORMAL => alphas.0 = Some(tensor),
                 ALPHAS_REDUCE => alphas.1 = Some(tensor),
+                RATES_W => rates.0 = Some(tensor),
+                RATES_THETA => rates.1 = Some(tensor),
                 _ => params.insert(name, tensor),
             }
         }
@@ -134,7 +151,17 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { meta, params, alphas })
+        let rates = match (meta.adaptation.learned_rates, rates) {
+            (false, (None, None)) => None,
+            (true, (Some(w), Some(theta))) => {
+                let rates = LearnedRates { w, theta };
+                rates.check(task_tensors(&params, meta.head)).map_err(|m| invalid(&weights_path, m))?;
+                Some(rates)
+            }
+            (true, _) => return Err(invalid(&weights_path, format!("adaptation.learned_rates needs {RATES_W} and {RATES_THETA}"))),
+            (false, _) => return Err(invalid(&weights_path, format!("{RATES_W}/{RATES_THETA} present but model.json's adaptation.learned_rates is not set"))),
+        };
+        Ok(Checkpoint { meta, params, alphas, rates })
     }
 }
 

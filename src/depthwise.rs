@@ -11,7 +11,7 @@
 //! matrices would outgrow the convolution, keep `conv2d`.
 
 use crate::index_cache::IndexCache;
-use crate::ops::conv;
+use crate::conv::conv;
 use crate::search_space::Primitive;
 use tch::{Device, Kind, Tensor};
 

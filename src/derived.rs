@@ -9,7 +9,8 @@ use crate::genotype::{Edge, Genotype, EDGES_PER_NODE};
 use crate::ops::BnStats;
 use crate::params::{ParamSet, ParamSpec};
 use crate::search_space::{Primitive, SearchSpace};
-use crate::supernet::{edge_op, edge_stride, global_average_pool, op_prefix, op_specs, Supernet};
+use crate::mixed_op::{edge_op, edge_stride, op_prefix, op_specs};
+use crate::supernet::{global_average_pool, Supernet};
 use tch::Tensor;
 
 /// A derived network: a search space plus a validated genotype.

@@ -1,6 +1,7 @@
-//! Where a task's weights lie in the one flat tensor they are views of ([`ParamSet::flattened`]).
+//! Where a task's weights lie in the one flat tensor they are views of
+//! ([`crate::params::ParamSet::flattened`]).
 
-use crate::params::ParamSet;
+use tch::Tensor;
 
 /// Where a set's tensors lie in its flat tensor: in blocks, each either one tensor or a run of
 /// tensors that the forward pass reads concatenated along dim 0 (one candidate's weights on every
@@ -16,21 +17,22 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout of `set` with each of `runs` (names in the set, each run's tensors of equal shape
-    /// but for dim 0) as a block and every other tensor alone.
-    pub fn new(set: &ParamSet, runs: &[Vec<String>]) -> Layout {
-        let position = |name: &String| set.position(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"));
-        let runs: Vec<Vec<usize>> = runs.iter().map(|run| run.iter().map(position).collect()).collect();
-        let mut run_of = vec![None; set.len()];
+    /// The layout of a set of `tensors` (`position` finds a name's index among them) with each of
+    /// `runs` (names in the set, each run's tensors of equal shape but for dim 0) as a block and
+    /// every other tensor alone.
+    pub fn new(tensors: &[Tensor], position: impl Fn(&str) -> Option<usize>, runs: &[Vec<String>]) -> Layout {
+        let index = |name: &String| position(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"));
+        let runs: Vec<Vec<usize>> = runs.iter().map(|run| run.iter().map(index).collect()).collect();
+        let mut run_of = vec![None; tensors.len()];
         for (r, run) in runs.iter().enumerate() {
-            let trailing = &set.tensors()[run[0]].size()[1..];
+            let trailing = &tensors[run[0]].size()[1..];
             for &i in run {
-                assert!(run_of[i].is_none(), "'{}' is in two runs", set.names()[i]);
-                assert_eq!(&set.tensors()[i].size()[1..], trailing, "'{}' does not stack with its run", set.names()[i]);
+                assert!(run_of[i].is_none(), "tensor {i} is in two runs");
+                assert_eq!(&tensors[i].size()[1..], trailing, "tensor {i} does not stack with its run");
                 run_of[i] = Some(r);
             }
         }
-        let (mut blocks, mut run_starting_at) = (Vec::new(), vec![None; set.len()]);
+        let (mut blocks, mut run_starting_at) = (Vec::new(), vec![None; tensors.len()]);
         for (i, run) in run_of.iter().enumerate() {
             match run {
                 None => blocks.push(vec![i]),

@@ -14,7 +14,7 @@ use crate::depthwise::{depthwise_blocks, depthwise_fanout, Kernel};
 use crate::ops::{self, conv, BnStats};
 use crate::params::ParamSet;
 use crate::search_space::Primitive;
-use crate::supernet::op_prefix;
+use crate::mixed_op::op_prefix;
 use crate::index_cache::IndexCache;
 use tch::{Device, Kind, Tensor};
 

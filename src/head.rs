@@ -17,9 +17,24 @@ pub fn classifier_specs(feature_dim: usize, n_way: usize) -> Vec<ParamSpec> {
     ]
 }
 
-/// The linear head: features [N, F] → logits [N, n_way].
+/// The meta-learned log of a proto head's logit scale (a learned-scale head only).
+pub const LOGIT_SCALE: &str = "classifier.log_scale";
+
+/// The learned logit scale, starting at 1 (log 0) so that a model trained without it starts
+/// from its own predictions.
+pub fn logit_scale_specs() -> Vec<ParamSpec> {
+    vec![ParamSpec::new(LOGIT_SCALE, &[1], Init::Zeros)]
+}
+
+/// The linear head: features [N, F] → logits [N, n_way], scaled by exp(log scale) when `params`
+/// holds one.
 pub fn classify(params: &ParamSet, features: &Tensor) -> Tensor {
-    features.linear(params.get(CLASSIFIER_WEIGHT), Some(params.get(CLASSIFIER_BIAS)))
+    let logits = features.linear(params.get(CLASSIFIER_WEIGHT), Some(params.get(CLASSIFIER_BIAS)));
+    if params.contains(LOGIT_SCALE) {
+        logits * params.get(LOGIT_SCALE).exp()
+    } else {
+        logits
+    }
 }
 
 /// Proto-MAML head: with prototypes c_k (class means of the support features), a linear layer with

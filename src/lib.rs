@@ -8,10 +8,13 @@
 //!
 //! Search space and networks (pure functions of explicit weights, so tasks adapt private copies):
 //! - [`search_space`]: the primitive table and the supernet's shape (`SearchSpace`).
+//! - [`conv`]: convolution grouped by shape (tasks side by side convolve their own channels).
 //! - [`ops`]: DARTS operations (sep/dil conv, pools, FactorizedReduce, BatchNorm modes).
 //! - [`depthwise`]: depthwise convolutions on small maps as batched matrix products.
 //! - [`params`]: `ParamSet`, named weights: initialised, copied per task, checked on load.
+//! - [`mixed_op`]: DARTS's `MixedOp`: an edge's candidate ops, their parameters, their weighted sum.
 //! - [`supernet`]: the T-NAS learner's forward pass and `Alphas` (θ).
+//! - [`relaxation`]: θ → mixing weights: DARTS's softmax, or annealed soft pruning (MetaNAS).
 //! - [`fused_edges`]: a cell's mixed ops computed together, per input state.
 //! - [`genotype`]: the DARTS decoding rule and the `Genotype` JSON/Python forms.
 //! - [`genotype_svg`]: a genotype drawn the way DARTS draws cells.
@@ -22,8 +25,10 @@
 //!
 //! Adaptation and models:
 //! - [`adapt`]: T-NAS Algorithm 2 on a task's copies, and query prediction.
+//! - [`learned_rates`]: meta-learned per-step, per-tensor inner learning rates (MAML++'s LSLR).
 //! - [`task_batch`]: several same-shaped tasks adapted as one pass (cross-task batching).
 //! - [`cuda_graph`]: GPU work recorded once as a CUDA graph and replayed with one launch.
+//! - [`settings`]: the adaptation settings (BN mode, prediction network) models and requests share.
 //! - [`metadata`]: what `model.json` records.
 //! - [`checkpoint`]: loading, verifying and atomically saving `models/<name>/`.
 //! - [`imaging`]: image bytes → network input, shared by training and serving.
@@ -39,6 +44,7 @@
 
 pub mod adapt;
 pub mod checkpoint;
+pub mod conv;
 pub mod conv4;
 pub mod cuda_graph;
 pub mod data;
@@ -53,13 +59,17 @@ pub mod genotype_svg;
 pub mod head;
 pub mod imaging;
 pub mod index_cache;
+pub mod learned_rates;
 pub mod meta;
 pub mod metadata;
+pub mod mixed_op;
 pub mod network;
 pub mod ops;
 pub mod panics;
 pub mod params;
+pub mod relaxation;
 pub mod search_space;
 pub mod server;
+pub mod settings;
 pub mod supernet;
 pub mod task_batch;

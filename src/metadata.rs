@@ -1,11 +1,12 @@
-//! `model.json`: everything about a checkpoint except its tensors (SPEC §5).
+//! `model.json`: everything about a checkpoint except its tensors (docs/MODEL_FORMAT.md).
 //!
 //! A user reads it to know what a model expects (input, head, adaptation defaults) and how it was
 //! made (training and evaluation); the loader reads it to rebuild the network and to check the
 //! weights' sha256.
 
-use crate::adapt::BnMode;
+use crate::settings::BnMode;
 use crate::genotype::Genotype;
+use crate::relaxation::Relaxation;
 use crate::search_space::{SearchSpace, PRIMITIVES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -46,8 +47,14 @@ pub enum HeadSpec {
     /// A trained linear layer for exactly `n_way` classes.
     Fixed { n_way: usize },
     /// Proto-MAML: per task the linear layer starts from the support set's class-mean embeddings,
-    /// so any 2..=max_way classes are served.
-    Proto { max_way: usize },
+    /// so any 2..=max_way classes are served. With `learned_scale`, its logits are multiplied by a
+    /// meta-learned exp(`classifier.log_scale`): prototypes built from one shot classify their own
+    /// images with a loss near zero, and the scale gives the inner steps a loss to learn from.
+    Proto {
+        max_way: usize,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        learned_scale: bool,
+    },
 }
 
 impl HeadSpec {
@@ -57,7 +64,7 @@ impl HeadSpec {
             HeadSpec::Fixed { n_way: n } if n_way != n => {
                 Err(format!("this model has a fixed {n}-way head; send exactly {n} distinct labels (got {n_way})"))
             }
-            HeadSpec::Proto { max_way } if !(2..=max_way).contains(&n_way) => {
+            HeadSpec::Proto { max_way, .. } if !(2..=max_way).contains(&n_way) => {
                 Err(format!("this model serves 2 to {max_way} classes; got {n_way} distinct labels"))
             }
             _ => Ok(()),
@@ -73,6 +80,10 @@ pub struct AdaptationDefaults {
     pub lr_w: f64,
     pub lr_theta: f64,
     pub bn: BnMode,
+    /// The steps use the checkpoint's meta-learned rates (`inner.lr_w`, `inner.lr_theta`) instead
+    /// of `lr_w` and `lr_theta`, unless a request sets either.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learned_rates: bool,
 }
 
 /// How the checkpoint was produced.
@@ -119,6 +130,10 @@ pub struct EvalResult {
     /// Weight-only steps of the derived network before it predicts (0: none).
     #[serde(default)]
     pub finetune_steps: usize,
+    /// The groups (alphabets) whose tasks each drew all their classes from one group; empty when
+    /// tasks drew their classes across the split's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub within_groups: Vec<String>,
     pub accuracy: f64,
     pub ci95: f64,
 }
@@ -127,7 +142,7 @@ impl EvalResult {
     /// Whether `other` measured the same thing (it may differ in tasks and outcome), so a new
     /// evaluation replaces it rather than standing beside it.
     pub fn same_setting(&self, other: &EvalResult) -> bool {
-        let setting = |r: &EvalResult| (r.split.clone(), r.way, r.shot, r.predict_with.clone(), r.bn, r.steps, r.finetune_steps);
+        let setting = |r: &EvalResult| (r.split.clone(), r.way, r.shot, r.predict_with.clone(), r.bn, r.steps, r.finetune_steps, r.within_groups.clone());
         setting(self) == setting(other)
     }
 }
@@ -148,6 +163,9 @@ pub struct ModelMeta {
     pub input: InputSpec,
     pub head: HeadSpec,
     pub adaptation: AdaptationDefaults,
+    /// How a supernet's θ becomes mixing weights; absent (older and imported models): softmax.
+    #[serde(default)]
+    pub relaxation: Relaxation,
     #[serde(default)]
     pub training: Option<TrainingInfo>,
     #[serde(default)]
@@ -175,6 +193,7 @@ impl ModelMeta {
             (ModelKind::Genotype, _, None) => return Err("a genotype model needs its genotype".into()),
             (ModelKind::Supernet, Some(space), _) => space.validate().map_err(|e| format!("search_space: {e}"))?,
         }
+        self.relaxation.validate()?;
         if self.input.mean.len() != self.input.channels || self.input.std.len() != self.input.channels {
             return Err("input.mean and input.std need one value per input channel".into());
         }

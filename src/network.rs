@@ -4,6 +4,7 @@
 use crate::conv4::Conv4;
 use crate::derived::DerivedNetwork;
 use crate::ops::BnStats;
+use crate::relaxation::Relaxation;
 use crate::params::{ParamSet, ParamSpec};
 use crate::head::classify;
 use crate::supernet::{Alphas, Supernet};
@@ -50,20 +51,26 @@ impl Network {
         }
     }
 
-    /// Pooled features [N, F]. `alphas` (raw θ) is required for the supernet and ignored otherwise.
-    pub fn features(&self, params: &ParamSet, alphas: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+    /// How θ is relaxed into mixing weights; the softmax for networks without θ.
+    pub fn relaxation(&self) -> Relaxation {
         match self {
-            Network::Supernet(n) => {
-                let alphas = alphas.expect("a supernet forward needs alphas");
-                n.features(params, &alphas.softmaxed(), x, stats)
-            }
+            Network::Supernet(n) => n.relaxation,
+            Network::Derived(_) | Network::Conv4(_) => Relaxation::Softmax,
+        }
+    }
+
+    /// Pooled features [N, F]. `mixing` (θ's mixing weights, [`Supernet::mixing`]) is required
+    /// for the supernet and ignored otherwise.
+    pub fn features(&self, params: &ParamSet, mixing: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+        match self {
+            Network::Supernet(n) => n.features(params, mixing.expect("a supernet forward needs mixing weights"), x, stats),
             Network::Derived(n) => n.features(params, x, stats),
             Network::Conv4(n) => n.features(params, x, stats),
         }
     }
 
     /// Logits [N, n_way] with the classifier held in `params`.
-    pub fn logits(&self, params: &ParamSet, alphas: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
-        classify(params, &self.features(params, alphas, x, stats))
+    pub fn logits(&self, params: &ParamSet, mixing: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+        classify(params, &self.features(params, mixing, x, stats))
     }
 }

@@ -177,7 +177,7 @@ impl ParamSet {
     }
 
     /// Every tensor's index in set order, in flat order.
-    fn flat_order(&self) -> Vec<usize> {
+    pub(crate) fn flat_order(&self) -> Vec<usize> {
         self.blocks().concat()
     }
 
@@ -268,7 +268,7 @@ impl ParamSet {
     /// task). One concatenation and, for a batch, one gather, whatever the number of tensors
     /// (copying them one by one takes two kernels each: 724 launches on a GPU for the shipped model).
     pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
-        let laid_out = ParamSet { layout: Some(Arc::new(Layout::new(self, runs))), flat: None, ..self.clone() };
+        let laid_out = ParamSet { layout: Some(Arc::new(Layout::new(self.tensors(), |name| self.position(name), runs))), flat: None, ..self.clone() };
         let flat = crate::grad::no_grad(|| {
             // Always a concatenation (never `join`'s lone-tensor view): the copy must not alias `self`.
             let flat = Tensor::cat(&laid_out.flat_parts().iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0).to_device(device);

@@ -4,8 +4,10 @@
 //! `cells.1._ops.3._ops.4.op.1.weight`, ...), so official checkpoints import by renaming nothing but
 //! the classifier, and the derived network finds an edge's weights by the same name.
 
+use crate::mixed_op::{edge_stride, mixed_op, op_prefix, op_specs};
 use crate::ops::{self, BnStats};
 use crate::params::{matrix_rows, Init, ParamSet, ParamSpec};
+use crate::relaxation::Relaxation;
 use crate::fused_edges::{self, EdgeGroup};
 use crate::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
@@ -86,72 +88,28 @@ struct GroupPlan {
     stride: i64,
 }
 
-/// The supernet of one [`SearchSpace`]; holds no weights.
+/// The supernet of one [`SearchSpace`] and the relaxation its θ is read through; holds no weights.
 #[derive(Clone, Copy, Debug)]
 pub struct Supernet {
     pub space: SearchSpace,
-}
-
-/// Prefix of the parameters of op `primitive` on edge `edge` of cell `cell`.
-pub fn op_prefix(cell: usize, edge: usize, primitive: Primitive) -> String {
-    format!("cells.{cell}._ops.{edge}._ops.{}", primitive.index())
-}
-
-/// Parameters of one candidate op with `c` channels at `stride` (DARTS `OPS`, non-affine BN).
-pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<ParamSpec> {
-    let depthwise = |k: i64| [c, 1, k, k];
-    let pointwise = [c, c, 1, 1];
-    match primitive {
-        Primitive::SkipConnect if stride == 2 => vec![
-            ParamSpec::new(format!("{prefix}.conv_1.weight"), &[c / 2, c, 1, 1], Init::FanIn),
-            ParamSpec::new(format!("{prefix}.conv_2.weight"), &[c / 2, c, 1, 1], Init::FanIn),
-        ],
-        Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
-            let k = primitive.conv_kernel().expect("a sep conv");
-            vec![
-                ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
-                ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
-                ParamSpec::new(format!("{prefix}.op.5.weight"), &depthwise(k), Init::FanIn),
-                ParamSpec::new(format!("{prefix}.op.6.weight"), &pointwise, Init::FanIn),
-            ]
-        }
-        Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
-            let k = primitive.conv_kernel().expect("a dil conv");
-            vec![
-                ParamSpec::new(format!("{prefix}.op.1.weight"), &depthwise(k), Init::FanIn),
-                ParamSpec::new(format!("{prefix}.op.2.weight"), &pointwise, Init::FanIn),
-            ]
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// Applies one candidate op of an edge, reading its weights from `params` under `prefix`.
-pub fn edge_op(primitive: Primitive, x: &Tensor, params: &ParamSet, prefix: &str, stride: i64, stats: BnStats) -> Tensor {
-    let w = |suffix: &str| params.get(&format!("{prefix}.{suffix}"));
-    match primitive {
-        Primitive::None => ops::zero(x, stride),
-        Primitive::MaxPool3x3 => ops::pool_bn(x, true, stride, stats),
-        Primitive::AvgPool3x3 => ops::pool_bn(x, false, stride, stats),
-        Primitive::SkipConnect if stride == 2 => ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats),
-        Primitive::SkipConnect => x.shallow_clone(),
-        Primitive::SepConv3x3 | Primitive::SepConv5x5 => ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], stride, stats),
-        Primitive::DilConv3x3 | Primitive::DilConv5x5 => ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], stride, stats),
-    }
-}
-
-/// Stride of the edge from input `input` in a cell: 2 from the cell inputs of a reduction cell.
-pub fn edge_stride(reduction: bool, input: usize) -> i64 {
-    if reduction && input < 2 {
-        2
-    } else {
-        1
-    }
+    pub relaxation: Relaxation,
 }
 
 impl Supernet {
+    /// The DARTS supernet: θ relaxed by a plain softmax.
     pub fn new(space: SearchSpace) -> Self {
-        Supernet { space }
+        Supernet { space, relaxation: Relaxation::Softmax }
+    }
+
+    /// The supernet with θ read through `relaxation`.
+    pub fn relaxed(space: SearchSpace, relaxation: Relaxation) -> Self {
+        Supernet { space, relaxation }
+    }
+
+    /// The mixing weights of θ (`tasks` tasks stacked) at `temperature` ([`Relaxation::mixing`]).
+    pub fn mixing(&self, alphas: &Alphas, temperature: f64) -> Alphas {
+        let tasks = alphas.normal.size()[0] / self.space.num_edges() as i64;
+        alphas.map(|theta| self.relaxation.mixing(&self.space, theta, temperature, tasks))
     }
 
     /// Every parameter of the body (stem and cells), in the learner's registration order.
@@ -274,7 +232,7 @@ impl Supernet {
     }
 
     /// Pooled features before the head. `x`: [N, in_ch, S, S] → [N, feature_dim].
-    /// `mixing` is softmax(θ) (see [`Alphas::softmaxed`]).
+    /// `mixing` is θ's mixing weights (see [`Supernet::mixing`]).
     pub fn features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
         self.task_features(params, mixing, x, stats, 1)
     }
@@ -283,17 +241,77 @@ impl Supernet {
     /// stacked task by task along dim 0, `x` [N, T·in_ch, S, S] (image i of every task in row i)
     /// → [N, T·feature_dim]. See [`crate::task_batch`].
     pub fn task_features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats, tasks: i64) -> Tensor {
+        let pass = Pass { params, stats, tasks };
+        self.body(params, x, stats, |i, spec, s0, s1| self.cell(pass, i, spec, s0, s1, mixing.for_cell(spec.reduction)))
+    }
+
+    /// Features through the plain cell ([`Supernet::plain_cell`]), one task: the reference the
+    /// fused [`Supernet::features`] is tested against.
+    pub fn plain_features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
+        self.body(params, x, stats, |i, spec, s0, s1| self.plain_cell(params, i, spec, s0, s1, mixing.for_cell(spec.reduction), stats))
+    }
+
+    /// Stem, then every cell (`cell(i, spec, s_{k-2}, s_{k-1})`), then the global average pool.
+    fn body(&self, params: &ParamSet, x: &Tensor, stats: BnStats, cell: impl Fn(usize, &CellSpec, &Tensor, &Tensor) -> Tensor) -> Tensor {
         let stem = self.stem(params, x, stats);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for (i, spec) in self.space.cells().iter().enumerate() {
-            let out = self.cell(Pass { params, stats, tasks }, i, spec, &s0, &s1, mixing.for_cell(spec.reduction));
+            let out = cell(i, spec, &s0, &s1);
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)
+    }
+
+    /// One search cell as DARTS writes it: node i = Σ_j mixed_op(state_j), the output the concat
+    /// of the last `multiplier` nodes. `mixing`: the cell type's [E, 8] mixing weights.
+    fn plain_cell(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, mixing: &Tensor, stats: BnStats) -> Tensor {
+        let (p0, p1) = self.preprocess(params, i, spec, s0, s1, stats);
+        let mut states = vec![p0, p1];
+        for node in 0..self.space.steps {
+            let first = self.space.first_edge_of_node(node);
+            let inputs = (0..node + 2).map(|j| {
+                let edge = first + j;
+                mixed_op(&states[j], &mixing.get(edge as i64), params, i, edge, edge_stride(spec.reduction, j), stats)
+            });
+            let node_state = inputs.reduce(|sum, input| sum + input).expect("every node has inputs");
+            states.push(node_state);
+        }
+        ops::cat_channels(&states[states.len() - self.space.multiplier..], 1)
     }
 }
 
 /// Global average pool: [N, C, H, W] → [N, C].
 pub fn global_average_pool(x: &Tensor) -> Tensor {
     x.mean_dim(&[2i64, 3][..], false, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// The fused cell computes DARTS's plain cell: the same features and the same gradients of
+    /// every weight and θ, for a normal and a reduction cell with stride-2 edges.
+    #[test]
+    fn the_fused_cell_equals_the_plain_cell_in_values_and_gradients() {
+        let space = SearchSpace { in_channels: 1, image_size: 12, init_channels: 4, layers: 3, steps: 3, multiplier: 3, stem_multiplier: 2, stem_pools: 1 };
+        let net = Supernet::new(space);
+        tch::manual_seed(5);
+        let params = ParamSet::initialise(&net.body_specs(), Device::Cpu).map(|_, t| t.detach().set_requires_grad(true));
+        let alphas = Alphas::initialise(&space, Device::Cpu).map(|t| (t * 1000.0).set_requires_grad(true));
+        let x = Tensor::randn([6, 1, 12, 12], (Kind::Float, Device::Cpu));
+        let upstream = Tensor::randn([6, space.feature_dim() as i64], (Kind::Float, Device::Cpu));
+        let mut inputs: Vec<&Tensor> = params.tensors().iter().collect();
+        inputs.extend([&alphas.normal, &alphas.reduce]);
+        let run = |features: Tensor| (Tensor::run_backward(&[(&features * &upstream).sum(Kind::Float)], &inputs, false, false), features);
+        let (fused_grads, fused) = run(net.features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
+        let (plain_grads, plain) = run(net.plain_features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
+        assert!(fused.allclose(&plain, 1e-5, 1e-5, false), "features differ by {}", (&fused - &plain).abs().max());
+        for (i, (f, p)) in fused_grads.iter().zip(&plain_grads).enumerate() {
+            let scale = p.abs().max().double_value(&[]).max(1e-6);
+            let error = (f - p).abs().max().double_value(&[]) / scale;
+            let name = params.names().get(i).map_or("θ", String::as_str);
+            assert!(error < 1e-4, "gradient of {name} differs (relative {error})");
+        }
+    }
 }

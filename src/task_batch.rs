@@ -12,8 +12,9 @@
 
 use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, TaskState};
 use crate::checkpoint::Checkpoint;
+use crate::learned_rates::LearnedRates;
 use crate::genotype::Genotype;
-use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT};
+use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
 use crate::metadata::HeadSpec;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
@@ -56,7 +57,8 @@ impl TaskBatch {
     /// support prototypes.
     pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
         let (tasks, device) = (support.tasks(), support.images.device());
-        let state = TaskState::new(meta.task_copy(&net.weight_runs(), device, tasks), Some(meta_alphas.task_copy(device, tasks)));
+        let mut state = TaskState::new(meta.task_copy(&net.weight_runs(), device, tasks), Some(meta_alphas.task_copy(device, tasks)));
+        state.temperature = net.relaxation.temperature(0, 1);
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             // The forward pass that gives the prototypes also gives the first step's loss.
@@ -74,7 +76,7 @@ impl TaskBatch {
     /// [N, T·C, H, W] → features [N, T, F].
     fn features(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
         let alphas = self.state.alphas.as_ref().expect("a task batch holds θ");
-        let features = net.task_features(&self.state.params, &alphas.softmaxed(), x, stats, self.tasks);
+        let features = net.task_features(&self.state.params, &net.mixing(alphas, self.state.temperature), x, stats, self.tasks);
         features.view([features.size()[0], self.tasks, -1])
     }
 
@@ -83,12 +85,17 @@ impl TaskBatch {
         self.classify(&self.features(net, x, stats))
     }
 
-    /// Features [N, T, F] → logits [N, T, n_way], each task's classifier on its own features.
+    /// Features [N, T, F] → logits [N, T, n_way], each task's classifier (and logit scale) on its
+    /// own features.
     fn classify(&self, features: &Tensor) -> Tensor {
         let weight = self.state.params.get(CLASSIFIER_WEIGHT);
         let weight = weight.view([self.tasks, -1, weight.size()[1]]);
         let bias = self.state.params.get(CLASSIFIER_BIAS).view([self.tasks, 1, -1]);
-        features.transpose(0, 1).matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1)
+        let logits = features.transpose(0, 1).matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1);
+        match self.state.params.contains(LOGIT_SCALE) {
+            true => logits * self.state.params.get(LOGIT_SCALE).exp().view([1, self.tasks, 1]),
+            false => logits,
+        }
     }
 
     /// Σ_t (cross-entropy of task t's support set), so each task's gradient is its own.
@@ -103,15 +110,18 @@ impl TaskBatch {
         logits.reshape([-1, n_way]).cross_entropy_for_logits(&support.labels.reshape([-1])) * self.tasks as f64
     }
 
-    /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each.
+    /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each, on the
+    /// annealing schedule as [`TaskState::adapt`].
     pub fn adapt(&mut self, net: &Supernet, support: &BatchedSupport, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<(), Interrupted> {
         for step in 0..inner.steps {
             if !keep_going() {
                 return Err(Interrupted { completed_steps: step });
             }
+            self.state.temperature = net.relaxation.temperature(step, inner.steps);
             let loss = self.state.take_support_loss(&support.images, &support.labels).unwrap_or_else(|| self.support_loss(net, support));
             self.state.descend(&loss, inner);
         }
+        self.state.temperature = net.relaxation.temperature(inner.steps, inner.steps);
         Ok(())
     }
 
@@ -138,14 +148,16 @@ impl TaskBatch {
 
 /// A batch's whole adaptation in the form a CUDA graph records, tensors in and out: from
 /// [support images [N, T·C, H, W], labels [T, N], query images [N_q, T·C, H, W]], every task adapts
-/// from `checkpoint`'s meta-weights (`inner.steps` steps, asking `keep_going` before each) and
-/// predicts its queries → [query logits [N_q, T, n_way], θ normal, θ reduce] (θ stacked by task).
-/// Reads nothing back to the host.
-pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, tensors: &[Tensor], n_way: usize, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<Vec<Tensor>, Interrupted> {
+/// from `checkpoint`'s meta-weights (`inner.steps` steps, at the learned `rates` if given, asking
+/// `keep_going` before each) and predicts its queries → [query logits [N_q, T, n_way], θ normal,
+/// θ reduce] (θ stacked by task). Reads nothing back to the host.
+#[allow(clippy::too_many_arguments)]
+pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, rates: Option<&LearnedRates>, tensors: &[Tensor], n_way: usize, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<Vec<Tensor>, Interrupted> {
     let [images, labels, query] = tensors else { panic!("three input tensors: support images, labels, query images") };
     let support = BatchedSupport { images: images.shallow_clone(), labels: labels.shallow_clone(), n_way };
     let meta_alphas = checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
     let mut batch = TaskBatch::start(net, &checkpoint.params, meta_alphas, checkpoint.meta.head, &support);
+    batch.state.rates = rates.cloned();
     batch.adapt(net, &support, inner, keep_going)?;
     let alphas = batch.alphas();
     Ok(vec![batch.predict(net, &support, query, bn), alphas.normal.detach(), alphas.reduce.detach()])

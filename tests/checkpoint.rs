@@ -110,7 +110,7 @@ fn a_save_cut_short_leaves_a_checkpoint_that_loads() {
 }
 
 fn result(way: usize, accuracy: f64) -> EvalResult {
-    EvalResult { split: "test".into(), way, shot: 1, tasks: 600, predict_with: "supernet".into(), bn: BnMode::Support, steps: 10, finetune_steps: 0, accuracy, ci95: 0.01 }
+    EvalResult { split: "test".into(), way, shot: 1, tasks: 600, predict_with: "supernet".into(), bn: BnMode::Support, steps: 10, finetune_steps: 0, within_groups: Vec::new(), accuracy, ci95: 0.01 }
 }
 
 #[test]

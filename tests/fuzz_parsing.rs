@@ -53,7 +53,7 @@ proptest! {
         lr_theta in proptest::option::of(any::<f64>()),
     ) {
         let input = InputSpec { channels: 1, size: 28, mean: vec![0.0], std: vec![1.0], invert: true };
-        let meta = common::metadata("fixture", ModelKind::Supernet, None, input, HeadSpec::Proto { max_way: 2 });
+        let meta = common::metadata("fixture", ModelKind::Supernet, None, input, HeadSpec::Proto { max_way: 2, learned_scale: false });
         let limits = ServerConfig::parse_from(["tnas-server"]).limits;
         let support: Vec<(String, Bytes)> = labels.iter().zip(images.iter().cycle()).map(|(l, &k)| (l.to_string(), image_bytes(k))).collect();
         let query: Vec<(String, Bytes)> = queries.iter().map(|(id, k)| (id.to_string(), image_bytes(*k))).collect();

@@ -104,7 +104,7 @@ fn check_case(case: &Case, seed: i64) {
             let ours = state.predict(&network, &support_set, &query, bn);
             assert_close(&ours, get(&reference, &format!("{tag}_{mode}")), &format!("{tag} supernet {mode} ({space:?})"));
             let derived = DerivedNetwork::new(space, genotype.clone()).unwrap();
-            let (derived_net, derived_state) = state.derive(&derived, head, &support_set);
+            let (derived_net, derived_state) = state.derive(&network, &derived, head, &support_set);
             let ours = tch::no_grad(|| query_logits(&derived_net, &derived_state.params, None, &support_set, &query, bn));
             assert_close(&ours, get(&reference, &format!("{tag}_derived_{mode}")), &format!("{tag} derived {mode} ({space:?})"));
         }
@@ -173,7 +173,7 @@ fn meta_gradients_match_reference_first_and_second_order() {
     let mut theta_gradients = Vec::new();
     for (order, rule) in [("first", GradientRule::FirstOrder), ("second", GradientRule::SecondOrder)] {
         let (reference, report) = run_reference(dir.path(), &inputs, inner.steps, inner.lr_w, inner.lr_theta, &["--meta-gradient", order]);
-        let context = TaskContext { network: &network, head: loaded.meta.head, inner, bn: BnMode::Support, rule, sample_architecture: false, device: Device::Cpu };
+        let context = TaskContext { network: &network, head: loaded.meta.head, inner, bn: BnMode::Support, rule, sample_architecture: false, rates: None, device: Device::Cpu };
         let ours = context.task_gradient(&loaded.params, loaded.alphas.as_ref(), &task);
         let loss = report["query_loss"].as_f64().unwrap();
         assert!((ours.query_loss - loss).abs() <= TOLERANCE * loss, "{order} order: query loss {} vs {loss}", ours.query_loss);

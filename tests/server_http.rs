@@ -18,7 +18,7 @@ struct TestServer {
 fn start(extra_args: &[&str]) -> TestServer {
     let models = tempfile::tempdir().unwrap();
     let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 8) };
-    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 7, 1.0);
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20, learned_scale: false }, 7, 1.0);
     checkpoint.meta.name = "fixture".into();
     checkpoint.save(&models.path().join("fixture")).unwrap();
     let url = serve(models.path(), extra_args);

@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     let models = tempfile::tempdir().unwrap();
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
+    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20, learned_scale: false }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
     let mut server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
     let (url, port) = (server.url.clone(), server.port);
 
@@ -46,7 +46,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
 fn a_damaged_model_stops_start_up_with_the_file_named() {
     let models = tempfile::tempdir().unwrap();
     let dir = models.path().join("fixture");
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&dir).unwrap();
+    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20, learned_scale: false }, 9, 1.0).save(&dir).unwrap();
     let weights = dir.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();

@@ -97,7 +97,7 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
         support_labels: (0..5).collect(),
         n_way: 5,
         query: [3, 0, 1].iter().flat_map(|&c| pixels(&pngs[c][1])).collect(),
-        options: ResolvedOptions { steps, lr_w: a.lr_w, lr_theta: a.lr_theta, bn: BnMode::Support, predict_with: PredictWith::Supernet, finetune_steps: 0 },
+        options: ResolvedOptions { steps, lr_w: a.lr_w, lr_theta: a.lr_theta, bn: BnMode::Support, predict_with: PredictWith::Supernet, finetune_steps: 0, learned_rates: false },
     }
 }
 

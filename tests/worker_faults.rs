@@ -22,7 +22,7 @@ fn task(support_labels: Vec<i64>, n_way: usize, support_pixels: usize) -> TaskIn
         support_labels,
         n_way,
         query: vec![0.25; 2 * PIXELS],
-        options: ResolvedOptions { steps: 2, lr_w: 0.1, lr_theta: 1.0, bn: BnMode::Support, predict_with: PredictWith::Supernet, finetune_steps: 0 },
+        options: ResolvedOptions { steps: 2, lr_w: 0.1, lr_theta: 1.0, bn: BnMode::Support, predict_with: PredictWith::Supernet, finetune_steps: 0, learned_rates: false },
     }
 }
 
@@ -32,7 +32,7 @@ fn run(worker: &Worker, input: TaskInput) -> Result<TaskOutput, WorkerError> {
 
 fn fixture_worker(queue_depth: usize, max_batch: usize) -> Worker {
     let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
-    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20, learned_scale: false }, 3, 1.0);
     checkpoint.meta.name = "fixture".into();
     common::ready_worker(checkpoint, queue_depth, max_batch)
 }
@@ -109,7 +109,7 @@ fn an_adaptation_whose_numbers_are_not_finite_is_refused_not_answered_with_nan()
 #[test]
 fn a_worker_that_cannot_warm_up_refuses_its_jobs_and_says_why() {
     let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 4) };
-    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20 }, 3, 1.0);
+    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20, learned_scale: false }, 3, 1.0);
     checkpoint.meta.name = "fixture".into();
     // Without its first weight (the stem's), the warm-up's forward pass cannot run.
     let missing = checkpoint.params.names()[0].clone();

@@ -3,6 +3,7 @@
 use crate::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
 use crate::metadata::HeadSpec;
 use crate::network::Network;
+use crate::learned_rates::LearnedRates;
 use crate::params::ParamSet;
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,11 @@ use tch::{Device, Kind, Tensor};
 pub enum Algorithm {
     /// First-order T-NAS (Eq. 7): the query-loss gradient at the adapted [w; θ].
     Tnas,
+    /// T-NAS on MAML++: first-order T-NAS with meta-learned per-step, per-tensor inner rates, a
+    /// meta-learned logit scale on the proto head and cosine annealing of the outer rates.
+    #[value(name = "tnas++")]
+    #[serde(rename = "tnas++")]
+    TnasPlusPlus,
     /// T-NAS with second-order gradients through the inner steps.
     #[value(name = "tnas-2nd")]
     #[serde(rename = "tnas-2nd")]
@@ -38,7 +44,7 @@ pub enum GradientRule {
 impl Algorithm {
     pub fn rule(self) -> GradientRule {
         match self {
-            Algorithm::Tnas => GradientRule::FirstOrder,
+            Algorithm::Tnas | Algorithm::TnasPlusPlus => GradientRule::FirstOrder,
             Algorithm::Tnas2nd | Algorithm::Maml => GradientRule::SecondOrder,
             Algorithm::Reptile | Algorithm::Base => GradientRule::Reptile,
         }
@@ -49,6 +55,11 @@ impl Algorithm {
         self == Algorithm::Base
     }
 
+    /// Whether the inner loop meta-learns its rates, logit scale and outer schedule (MAML++).
+    pub fn is_maml_plus_plus(self) -> bool {
+        self == Algorithm::TnasPlusPlus
+    }
+
     /// Whether the network is the DARTS supernet (else Conv-4).
     pub fn uses_supernet(self) -> bool {
         self != Algorithm::Maml
@@ -57,6 +68,7 @@ impl Algorithm {
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Tnas => "tnas",
+            Algorithm::TnasPlusPlus => "tnas++",
             Algorithm::Tnas2nd => "tnas-2nd",
             Algorithm::Maml => "maml",
             Algorithm::Reptile => "reptile",
@@ -80,6 +92,8 @@ pub struct TaskGradient {
     pub w: Vec<Tensor>,
     /// Gradients of θ̃ (normal, reduce) for supernet algorithms.
     pub theta: Option<(Tensor, Tensor)>,
+    /// Gradients of the learned rate tables (w, θ), when the inner loop uses them.
+    pub rates: Option<(Tensor, Tensor)>,
     pub query_loss: f64,
     pub query_accuracy: f64,
 }
@@ -98,6 +112,8 @@ pub struct TaskContext<'a> {
     pub rule: GradientRule,
     /// `base`: adapt softmax(θ + g) with Gumbel noise g drawn once per task.
     pub sample_architecture: bool,
+    /// Meta-learned inner rates, used by every task and learned from their query losses.
+    pub rates: Option<LearnedRates>,
     pub device: Device,
 }
 
@@ -111,6 +127,7 @@ impl TaskContext<'_> {
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState::new(params, alphas);
+            state.temperature = self.network.relaxation().temperature(0, 1);
             if let HeadSpec::Proto { .. } = self.head {
                 // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
                 // the meta-gradient runs through every inner step, not through the head's start.
@@ -131,12 +148,16 @@ impl TaskContext<'_> {
                 state.reset_proto_head(self.network, &task.support);
             }
         }
+        // With learned rates (first order too) the steps stay in the graph, their gradients
+        // constants: the meta-gradient of the weights is still the adapted point's, and the
+        // rates get theirs.
+        state.rates = self.rates.clone();
         let origin = TaskState::new(state.params.clone(), state.alphas.clone());
         state.adapt(self.network, &task.support, &inner, &|| true).expect("never interrupted");
-        let logits = query_logits(self.network, &state.params, state.alphas.as_ref(), &task.support, task.query, self.bn);
+        let logits = query_logits(self.network, &state.params, state.mixing(self.network).as_ref(), &task.support, task.query, self.bn);
         let loss = logits.cross_entropy_for_logits(task.query_labels);
         let (query_loss, query_accuracy) = (loss.double_value(&[]), accuracy(&logits, task.query_labels));
-        let (w, theta) = match self.rule {
+        let (w, theta, rates) = match self.rule {
             GradientRule::Reptile => crate::grad::no_grad(|| {
                 let w = meta.names().iter().map(|n| meta.get(n) - state.params.get(n)).collect();
                 let adapted = state.alphas.as_ref().map(|a| match &gumbel {
@@ -144,16 +165,18 @@ impl TaskContext<'_> {
                     None => a.clone(),
                 });
                 let theta = meta_alphas.zip(adapted.as_ref()).map(|(m, a)| (&m.normal - &a.normal, &m.reduce - &a.reduce));
-                (w, theta)
+                (w, theta, None)
             }),
             GradientRule::FirstOrder | GradientRule::SecondOrder => {
-                let at = if second_order { &origin } else { &state };
-                let (w, theta) = at.gradients(&loss, false);
+                let at = if second_order || self.rates.is_some() { &origin } else { &state };
+                let tables: Vec<&Tensor> = self.rates.iter().flat_map(|r| [&r.w, &r.theta]).collect();
+                let (w, theta, mut tables) = at.gradients_with(&loss, false, &tables);
+                let rates = self.rates.as_ref().map(|_| (tables.remove(0), tables.remove(0)));
                 let w = at.params.views_of(&w);
-                (meta.names().iter().map(|n| w.get(n).shallow_clone()).collect(), theta)
+                (meta.names().iter().map(|n| w.get(n).shallow_clone()).collect(), theta, rates)
             }
         };
-        TaskGradient { w, theta, query_loss, query_accuracy }
+        TaskGradient { w, theta, rates, query_loss, query_accuracy }
     }
 }
 

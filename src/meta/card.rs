@@ -12,15 +12,19 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for meta in models {
         let mut rows: Vec<&EvalResult> = meta.evaluation.iter().collect();
-        rows.sort_by_key(|r| (r.split.clone(), r.way, r.shot, r.predict_with.clone(), format!("{:?}", r.bn)));
+        rows.sort_by_key(|r| (r.split.clone(), r.way, r.shot, r.within_groups.clone(), r.predict_with.clone(), format!("{:?}", r.bn), r.steps));
         for r in rows {
             let _ = writeln!(
                 out,
-                "| {} | {} | {}-way {}-shot | {} | {:?} | {} | {} | {:.2}% ± {:.2}% |",
+                "| {} | {} | {}-way {}-shot{} | {} | {:?} | {} | {} | {:.2}% ± {:.2}% |",
                 meta.name,
                 r.split,
                 r.way,
                 r.shot,
+                match r.within_groups.as_slice() {
+                    [] => String::new(),
+                    groups => format!(" within {}", groups.join(" or ")),
+                },
                 r.predict_with,
                 r.bn,
                 match r.finetune_steps {

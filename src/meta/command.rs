@@ -1,16 +1,21 @@
 //! The `tnas-train` subcommands as library functions: arguments in, files and reports out.
 
 use super::algorithm::Algorithm;
-use super::evaluate::{mean_and_ci95, predict_name, prediction_label, Evaluation};
+use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{BnMode, InnerLoop, PredictWith};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{param_specs, Checkpoint};
+use crate::derived::DerivedNetwork;
+use crate::genotype::Genotype;
+use crate::network::Network;
+use crate::params::ParamSet;
 use crate::data::sampler::EpisodeSampler;
 use crate::data::split::SplitSpec;
 use crate::data::{self, ClassImages};
 use crate::device::DeviceChoice;
 use crate::metadata::{AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo, FORMAT_VERSION};
+use crate::relaxation::Relaxation;
 use crate::search_space::{SearchSpace, PRIMITIVES};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -155,7 +160,7 @@ pub struct MetaTrainArgs {
     #[arg(long, default_value_t = 20)]
     pub max_way: usize,
     #[arg(long, value_enum, default_value = "support")]
-    pub bn: BnModeArg,
+    pub bn: BnMode,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 100)]
@@ -171,22 +176,35 @@ pub struct MetaTrainArgs {
     /// Model name in model.json (default: the --out folder's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// How θ becomes mixing weights: `softmax` (DARTS, T-NAS) or `annealed` (soft pruning: the
+    /// adapted supernet ends as its genotype's network).
+    #[arg(long, value_enum, default_value = "softmax")]
+    pub relaxation: RelaxationKind,
+    /// `annealed`: the temperature at the first inner step.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature_start: f64,
+    /// `annealed`: the temperature at the last inner step's end, where queries are predicted.
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature_end: f64,
+    /// `annealed`: weigh each node's inputs by a softmax over input pairs (two inputs at the end).
+    #[arg(long)]
+    pub pairwise_inputs: bool,
+    /// Proto head: meta-learn a scale on its logits (implied by tnas++).
+    #[arg(long)]
+    pub learned_scale: bool,
+    /// Cosine annealing of the outer learning rates over --iterations (implied by tnas++).
+    #[arg(long)]
+    pub cosine: bool,
+    /// Start from this model's meta-weights and θ (a warm start; tensors it lacks start fresh).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
 }
 
-/// `--bn` as a clap value.
+/// `--relaxation`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BnModeArg {
-    Support,
-    Transductive,
-}
-
-impl From<BnModeArg> for BnMode {
-    fn from(b: BnModeArg) -> Self {
-        match b {
-            BnModeArg::Support => BnMode::Support,
-            BnModeArg::Transductive => BnMode::Transductive,
-        }
-    }
+pub enum RelaxationKind {
+    Softmax,
+    Annealed,
 }
 
 impl MetaTrainArgs {
@@ -208,8 +226,15 @@ impl MetaTrainArgs {
             }),
             genotype: None,
             input,
-            head: if self.head == "proto" { HeadSpec::Proto { max_way: self.max_way } } else { HeadSpec::Fixed { n_way: self.episode.way } },
-            adaptation: AdaptationDefaults { steps: self.serve_steps, lr_w: self.lr_w, lr_theta: if supernet { self.lr_theta } else { 0.0 }, bn: self.bn.into() },
+            head: match self.head.as_str() {
+                "proto" => HeadSpec::Proto { max_way: self.max_way, learned_scale: self.learned_scale || self.algo.is_maml_plus_plus() },
+                _ => HeadSpec::Fixed { n_way: self.episode.way },
+            },
+            relaxation: match self.relaxation {
+                RelaxationKind::Softmax => Relaxation::Softmax,
+                RelaxationKind::Annealed => Relaxation::Annealed { start: self.temperature_start, end: self.temperature_end, pairwise_inputs: self.pairwise_inputs },
+            },
+            adaptation: AdaptationDefaults { steps: self.serve_steps, lr_w: self.lr_w, lr_theta: if supernet { self.lr_theta } else { 0.0 }, bn: self.bn, learned_rates: self.algo.is_maml_plus_plus() },
             training: Some(TrainingInfo {
                 algorithm: self.algo.name().into(),
                 data: self.data.data.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
@@ -251,8 +276,8 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         meta_batch: args.meta_batch,
         iterations: args.iterations,
         inner: InnerLoop { steps: args.inner_steps, lr_w: args.lr_w, lr_theta: args.lr_theta, second_order: false },
-        outer: OuterConfig { meta_lr_w: args.meta_lr_w, meta_lr_theta: args.meta_lr_theta, theta_weight_decay: args.theta_weight_decay },
-        bn: args.bn.into(),
+        outer: OuterConfig { meta_lr_w: args.meta_lr_w, meta_lr_theta: args.meta_lr_theta, theta_weight_decay: args.theta_weight_decay, cosine: args.cosine || args.algo.is_maml_plus_plus() },
+        bn: args.bn,
         seed: args.seed,
         validate_every: args.validate_every.max(1),
         validation_tasks: args.validation_tasks,
@@ -262,6 +287,10 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         meta: args.model_meta(input, loaded.split.clone(), command),
     };
     let mut trainer = Trainer::new(config, &loaded.train, &loaded.validation, args.resume)?;
+    if let (Some(dir), 0) = (&args.init_from, trainer.iteration()) {
+        let fresh = trainer.warm_start(&Checkpoint::load(dir, device).map_err(|e| e.to_string())?)?;
+        eprintln!("warm start from {}{}", dir.display(), if fresh.is_empty() { String::new() } else { format!("; starting fresh: {}", fresh.join(", ")) });
+    }
     if trainer.iteration() > 0 {
         eprintln!("resuming at iteration {}", trainer.iteration());
     }
@@ -280,9 +309,9 @@ pub struct EvalArgs {
     pub episode: EpisodeArgs,
     #[arg(long, default_value_t = 600)]
     pub tasks: usize,
-    /// Adaptation steps (default: the model's).
-    #[arg(long)]
-    pub steps: Option<usize>,
+    /// Adaptation steps, comma-separated to evaluate several side by side (default: the model's).
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<usize>,
     /// Fine-tuning steps of derived predictions.
     #[arg(long, default_value_t = 0)]
     pub finetune_steps: usize,
@@ -294,12 +323,18 @@ pub struct EvalArgs {
     /// Record the results in the model's model.json (the card's numbers).
     #[arg(long)]
     pub write: bool,
-    /// Evaluate only these prediction modes (default: every one the model has).
-    #[arg(long, value_delimiter = ',', value_parser = ["supernet", "derived"])]
+    /// Evaluate only these prediction modes (default: `supernet` and `derived`, or the network
+    /// itself). `meta-genotype` is one architecture for every task: the genotype of the
+    /// meta-learned θ̃, unadapted, on the meta-weights, whose weights adapt per task.
+    #[arg(long, value_delimiter = ',', value_parser = ["supernet", "derived", "meta-genotype"])]
     pub predict_with: Vec<String>,
     /// Evaluate only these BN modes (default: both).
     #[arg(long, value_enum, value_delimiter = ',')]
-    pub bn: Vec<BnModeArg>,
+    pub bn: Vec<BnMode>,
+    /// Draw all of a task's classes from one group (alphabet), the hard Omniglot protocol; tasks
+    /// are spread evenly over the groups that have at least --way classes.
+    #[arg(long)]
+    pub within_group: bool,
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
     #[arg(long, default_value = "auto")]
@@ -319,25 +354,81 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     checkpoint.meta.head.accepts(args.episode.way)?;
     let network = checkpoint.network();
     let defaults = checkpoint.meta.adaptation;
-    let inner = InnerLoop { steps: args.steps.unwrap_or(defaults.steps), lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
-    let available: &[PredictWith] = if network.has_alphas() { &[PredictWith::Supernet, PredictWith::Derived] } else { &[PredictWith::Supernet] };
-    let predictors = available.iter().filter(|p| args.predict_with.is_empty() || args.predict_with.iter().any(|n| n.as_str() == predict_name(**p)));
-    let bn_modes: Vec<BnMode> = if args.bn.is_empty() { vec![BnMode::Support, BnMode::Transductive] } else { args.bn.iter().map(|&b| b.into()).collect() };
+    let all_steps = if args.steps.is_empty() { vec![defaults.steps] } else { args.steps.clone() };
+    let mut modes: Vec<&str> = if network.has_alphas() { vec!["supernet", "derived"] } else { vec!["supernet"] };
+    if !args.predict_with.is_empty() {
+        modes = args.predict_with.iter().map(String::as_str).filter(|m| network.has_alphas() || *m == "supernet").collect();
+    }
+    let bn_modes: Vec<BnMode> = if args.bn.is_empty() { vec![BnMode::Support, BnMode::Transductive] } else { args.bn.clone() };
+    let (groups, task_counts) = task_groups(classes, args.episode.way, args.within_group, args.tasks)?;
+    let meta_genotype = modes.contains(&"meta-genotype").then(|| meta_genotype_model(&checkpoint)).transpose()?;
     let mut results = Vec::new();
-    for &predict_with in predictors {
-        for &bn in &bn_modes {
-            let evaluation = Evaluation { network: &network, params: &checkpoint.params, alphas: checkpoint.alphas.as_ref(), head: checkpoint.meta.head, inner, bn, predict_with, finetune_steps: args.finetune_steps, device };
-            let mut sampler = EpisodeSampler::new(classes, args.episode.way, args.episode.shot, args.episode.query, args.seed).map_err(|e| e.to_string())?;
-            let (accuracy, ci95) = mean_and_ci95(&evaluation.accuracies(&mut sampler, args.tasks));
-            let name = prediction_label(&network, predict_with);
-            eprintln!("{}-way {}-shot {name} bn={bn:?}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
-            results.push(EvalResult { split: args.split.clone(), way: args.episode.way, shot: args.episode.shot, tasks: args.tasks, predict_with: name.into(), bn, steps: inner.steps, finetune_steps: args.finetune_steps, accuracy, ci95 });
+    for &steps in &all_steps {
+        let inner = InnerLoop { steps, lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
+        for &mode in &modes {
+            for &bn in &bn_modes {
+                let evaluation = match (mode, &meta_genotype) {
+                    ("meta-genotype", Some((net, params))) => {
+                        let own = evaluation_of(&checkpoint, &network, inner, bn, args, device);
+                        // Its weights adapt alone, at the hand-set rate (the learned ones are the supernet's).
+                        Evaluation { network: net, params, alphas: None, predict_with: PredictWith::Supernet, rates: None, ..own }
+                    }
+                    _ => Evaluation { predict_with: if mode == "derived" { PredictWith::Derived } else { PredictWith::Supernet }, ..evaluation_of(&checkpoint, &network, inner, bn, args, device) },
+                };
+                let mut accuracies = Vec::with_capacity(args.tasks);
+                for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
+                    let seed = args.seed + index as u64;
+                    let mut sampler = EpisodeSampler::new(group, args.episode.way, args.episode.shot, args.episode.query, seed).map_err(|e| e.to_string())?;
+                    accuracies.extend(evaluation.accuracies(&mut sampler, count));
+                }
+                let (accuracy, ci95) = mean_and_ci95(&accuracies);
+                let name = if mode == "meta-genotype" { mode } else { prediction_label(&network, evaluation.predict_with) };
+                let within_groups: Vec<String> = if args.within_group { groups.iter().map(|g| g[0].group.clone()).collect() } else { Vec::new() };
+                let within = if within_groups.is_empty() { String::new() } else { format!(" within {}", within_groups.join(" or ")) };
+                eprintln!("{}-way {}-shot{within} {name} bn={bn:?} steps={steps}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
+                let (split, way, shot, tasks, finetune_steps) = (args.split.clone(), args.episode.way, args.episode.shot, args.tasks, args.finetune_steps);
+                results.push(EvalResult { split, way, shot, tasks, predict_with: name.into(), bn, steps, finetune_steps, within_groups, accuracy, ci95 });
+            }
         }
     }
     if args.write {
         record_results(&args.model, &checkpoint.meta.sha256, &results)?;
     }
     Ok(results)
+}
+
+/// The evaluation of `checkpoint` as the arguments ask (the supernet's own predictions).
+fn evaluation_of<'a>(checkpoint: &'a Checkpoint, network: &'a Network, inner: InnerLoop, bn: BnMode, args: &EvalArgs, device: tch::Device) -> Evaluation<'a> {
+    let predict_with = PredictWith::Supernet;
+    let (params, alphas, head, finetune_steps) = (&checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, args.finetune_steps);
+    let rates = checkpoint.rates.clone();
+    Evaluation { network, params, alphas, head, inner, bn, predict_with, finetune_steps, rates, device }
+}
+
+/// The classes each task draws from and how many tasks each gives: all `classes` for every
+/// task, or (`within_group`) each group with at least `way` classes, the tasks spread evenly.
+fn task_groups(classes: &[ClassImages], way: usize, within_group: bool, tasks: usize) -> Result<(Vec<&[ClassImages]>, Vec<usize>), String> {
+    if !within_group {
+        return Ok((vec![classes], vec![tasks]));
+    }
+    let groups: Vec<&[ClassImages]> = classes.chunk_by(|a, b| a.group == b.group).filter(|g| g.len() >= way).collect();
+    if groups.is_empty() {
+        return Err(format!("--within-group: no group of the split has {way} classes; ask for fewer ways"));
+    }
+    let counts = (0..groups.len()).map(|g| tasks / groups.len() + usize::from(g < tasks % groups.len())).collect();
+    Ok((groups, counts))
+}
+
+/// The meta-genotype's network: the genotype of the unadapted θ̃, on the meta-weights of its kept
+/// edges (and the learned logit scale, if any).
+fn meta_genotype_model(checkpoint: &Checkpoint) -> Result<(Network, ParamSet), String> {
+    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
+        return Err("meta-genotype needs a supernet model".into());
+    };
+    let (normal, reduce) = alphas.mixing_rows();
+    let derived = DerivedNetwork::new(net.space, Genotype::decode(&net.space, &normal, &reduce))?;
+    let params = param_specs(&Network::Derived(derived.clone()), checkpoint.meta.head).into_iter().map(|s| (s.name.clone(), checkpoint.params.get(&s.name).shallow_clone()));
+    Ok((Network::Derived(derived), ParamSet::from_pairs(params)))
 }
 
 /// Refuses to evaluate on `classes` of any group the model was trained on (as its `model.json`

@@ -3,6 +3,7 @@
 use super::algorithm::accuracy;
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::data::sampler::EpisodeSampler;
+use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::params::ParamSet;
@@ -49,6 +50,8 @@ pub struct Evaluation<'a> {
     pub predict_with: PredictWith,
     /// Extra weight-only steps for derived predictions.
     pub finetune_steps: usize,
+    /// Meta-learned inner rates, used instead of the inner loop's when set.
+    pub rates: Option<LearnedRates>,
     pub device: Device,
 }
 
@@ -62,6 +65,7 @@ impl Evaluation<'_> {
         let episode = sampler.sample().to_device(self.device);
         let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
         let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, &support, self.device);
+        state.rates = self.rates.as_ref().map(LearnedRates::detach);
         state.adapt(self.network, &support, &self.inner, &|| true).expect("never interrupted");
         let options = PredictOptions { bn: self.bn, predict_with: self.predict_with, finetune: InnerLoop { steps: self.finetune_steps, ..self.inner } };
         let logits = state.predict_queries(self.network, self.head, &support, &episode.query, &options, &|| true).expect("never interrupted");

@@ -7,13 +7,15 @@ use super::algorithm::{Algorithm, MetaTask, TaskContext};
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
-use crate::checkpoint::{param_specs, safetensors_bytes, sha256_hex, tensors_of_safetensors, write_atomically, Checkpoint, CheckpointError};
+use crate::checkpoint::{param_specs, task_tensors, safetensors_bytes, sha256_hex, tensors_of_safetensors, write_atomically, Checkpoint, CheckpointError};
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
 use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta};
 use crate::search_space::SearchSpace;
 use crate::network::Network;
 use crate::params::ParamSet;
+use crate::learned_rates::LearnedRates;
+use crate::relaxation::Relaxation;
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -61,8 +63,14 @@ struct RunSettings {
     meta_lr_w: f64,
     meta_lr_theta: f64,
     theta_weight_decay: f64,
+    #[serde(default)]
+    cosine: bool,
     bn: BnMode,
     search_space: Option<SearchSpace>,
+    #[serde(default)]
+    relaxation: Relaxation,
+    #[serde(default)]
+    learned_rates: bool,
     head: HeadSpec,
     input: InputSpec,
 }
@@ -82,8 +90,11 @@ impl RunSettings {
             meta_lr_w: config.outer.meta_lr_w,
             meta_lr_theta: config.outer.meta_lr_theta,
             theta_weight_decay: config.outer.theta_weight_decay,
+            cosine: config.outer.cosine,
             bn: config.bn,
             search_space: config.meta.search_space,
+            relaxation: config.meta.relaxation,
+            learned_rates: config.meta.adaptation.learned_rates,
             head: config.meta.head,
             input: config.meta.input.clone(),
         }
@@ -109,6 +120,8 @@ struct ResumeState {
     wall_time_s: f64,
     adam_w_steps: i64,
     adam_theta_steps: Option<i64>,
+    #[serde(default)]
+    adam_rates_steps: Option<i64>,
     tensors: String,
     tensors_sha256: String,
 }
@@ -151,7 +164,11 @@ impl<'a> Trainer<'a> {
             Network::Supernet(n) => Alphas::initialise(&n.space, config.device),
             _ => unreachable!("only supernets have alphas"),
         });
-        let learner = MetaLearner::new(params, alphas, config.outer);
+        let rates = config.meta.adaptation.learned_rates.then(|| {
+            let (inner, tensors) = (config.inner, task_tensors(&params, config.meta.head));
+            LearnedRates::initial(inner.steps, tensors, inner.lr_w, inner.lr_theta, config.device)
+        });
+        let learner = MetaLearner::new(params, alphas, rates, config.outer);
         let sampler = EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed).map_err(|e| format!("training split: {e}"))?;
         // Checked now, not at the first validation after hours of training.
         EpisodeSampler::new(validation, config.way, config.shot, config.query, 1).map_err(|e| format!("validation split: {e}"))?;
@@ -166,6 +183,7 @@ impl<'a> Trainer<'a> {
             wall_time_s: 0.0,
             adam_w_steps: 0,
             adam_theta_steps: None,
+            adam_rates_steps: None,
             tensors: String::new(),
             tensors_sha256: String::new(),
         };
@@ -178,6 +196,34 @@ impl<'a> Trainer<'a> {
 
     pub fn iteration(&self) -> usize {
         self.state.iteration
+    }
+
+    /// Replaces the fresh meta-weights and θ̃ with `from`'s where it has a tensor of the same name
+    /// and shape (a warm start; the optimisers start fresh). Returns the names it lacks, which
+    /// keep their fresh initialisation; a tensor of another shape is refused.
+    pub fn warm_start(&mut self, from: &Checkpoint) -> Result<Vec<String>, String> {
+        let mut fresh = Vec::new();
+        let device = self.config.device;
+        let mut params = Vec::new();
+        for (name, tensor) in self.learner.params.iter() {
+            let tensor = match from.params.contains(name) {
+                true if from.params.get(name).size() == tensor.size() => from.params.get(name).to_device(device).detach().copy(),
+                true => return Err(format!("--init-from: {name} has shape {:?}, this run's {:?}", from.params.get(name).size(), tensor.size())),
+                false => {
+                    fresh.push(name.clone());
+                    tensor.shallow_clone()
+                }
+            };
+            params.push((name.clone(), tensor));
+        }
+        self.learner.params = ParamSet::from_pairs(params);
+        match (&self.learner.alphas, &from.alphas) {
+            (Some(ours), Some(theirs)) if ours.normal.size() == theirs.normal.size() => self.learner.alphas = Some(theirs.map(|t| t.to_device(device).detach().copy())),
+            (Some(_), Some(_)) => return Err("--init-from: θ has another shape".into()),
+            (Some(_), None) => fresh.push("θ".into()),
+            (None, _) => {}
+        }
+        Ok(fresh)
     }
 
     /// Runs until `config.iterations` or until `stop` is raised; saves a resumable state either way.
@@ -217,7 +263,16 @@ impl<'a> Trainer<'a> {
 
     /// One outer iteration over a meta-batch; returns mean query loss and accuracy.
     fn meta_step(&mut self) -> (f64, f64) {
-        let context = TaskContext { network: &self.network, head: self.config.meta.head, inner: self.config.inner, bn: self.config.bn, rule: self.config.algorithm.rule(), sample_architecture: self.config.algorithm.samples_architecture(), device: self.config.device };
+        let context = TaskContext {
+            network: &self.network,
+            head: self.config.meta.head,
+            inner: self.config.inner,
+            bn: self.config.bn,
+            rule: self.config.algorithm.rule(),
+            sample_architecture: self.config.algorithm.samples_architecture(),
+            rates: self.learner.rates.clone(),
+            device: self.config.device,
+        };
         let seeds: Vec<u64> = (0..self.config.meta_batch).map(|index| self.task_seed(index)).collect();
         let grads: Vec<_> = (0..self.config.meta_batch)
             .map(|index| {
@@ -227,7 +282,7 @@ impl<'a> Trainer<'a> {
                 context.task_gradient(&self.learner.params, self.learner.alphas.as_ref(), &task)
             })
             .collect();
-        self.learner.outer_step(&grads);
+        self.learner.outer_step(&grads, self.config.outer.lr_factor(self.state.iteration, self.config.iterations));
         let n = grads.len() as f64;
         (grads.iter().map(|g| g.query_loss).sum::<f64>() / n, grads.iter().map(|g| g.query_accuracy).sum::<f64>() / n)
     }
@@ -261,6 +316,7 @@ impl<'a> Trainer<'a> {
             bn: self.config.bn,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
+            rates: self.learner.rates.clone(),
             device: self.config.device,
         };
         mean_and_ci95(&evaluation.accuracies(&mut sampler, self.config.validation_tasks))
@@ -281,10 +337,12 @@ impl<'a> Trainer<'a> {
             bn: self.config.bn,
             steps: self.config.inner.steps,
             finetune_steps: 0,
+            within_groups: Vec::new(),
             accuracy: validation,
             ci95,
         }];
-        let mut checkpoint = Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone() };
+        let rates = self.learner.rates.as_ref().map(LearnedRates::detach);
+        let mut checkpoint = Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone(), rates };
         checkpoint.save(&self.config.out)?;
         super::card::write_run_card(&self.config.out, &checkpoint.meta)
     }
@@ -310,20 +368,24 @@ impl<'a> Trainer<'a> {
         writeln!(file, "{}", serde_json::to_string(line).expect("metrics serialise")).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// Tensors of the resumable state: w̃, θ̃ and both optimisers' moments, by name.
+    /// Tensors of the resumable state: w̃, θ̃, the learned rates and their optimisers' moments,
+    /// by name.
     fn resume_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut named: Vec<(String, Tensor)> = self.learner.params.iter().map(|(n, t)| (format!("w/{n}"), t.shallow_clone())).collect();
-        let mut push_adam = |prefix: &str, adam: &Adam| {
+        let learner = &self.learner;
+        let mut named: Vec<(String, Tensor)> = learner.params.iter().map(|(n, t)| (format!("w/{n}"), t.shallow_clone())).collect();
+        let mut groups: Vec<(&str, &Adam, Vec<(&str, &Tensor)>)> = vec![("adam_w", &learner.adam_w, Vec::new())];
+        if let (Some(a), Some(adam)) = (&learner.alphas, &learner.adam_theta) {
+            groups.push(("adam_theta", adam, vec![("theta/normal", &a.normal), ("theta/reduce", &a.reduce)]));
+        }
+        if let (Some(r), Some(adam)) = (&learner.rates, &learner.adam_rates) {
+            groups.push(("adam_rates", adam, vec![("rates/w", &r.w), ("rates/theta", &r.theta)]));
+        }
+        for (prefix, adam, tensors) in groups {
             for (i, (m, v)) in adam.m.iter().zip(&adam.v).enumerate() {
                 named.push((format!("{prefix}/m/{i}"), m.shallow_clone()));
                 named.push((format!("{prefix}/v/{i}"), v.shallow_clone()));
             }
-        };
-        push_adam("adam_w", &self.learner.adam_w);
-        if let (Some(a), Some(adam)) = (&self.learner.alphas, &self.learner.adam_theta) {
-            push_adam("adam_theta", adam);
-            named.push(("theta/normal".into(), a.normal.shallow_clone()));
-            named.push(("theta/reduce".into(), a.reduce.shallow_clone()));
+            named.extend(tensors.into_iter().map(|(name, t)| (name.to_string(), t.detach())));
         }
         named
     }
@@ -334,6 +396,7 @@ impl<'a> Trainer<'a> {
         self.state.sampler = self.sampler.state();
         self.state.adam_w_steps = self.learner.adam_w.steps;
         self.state.adam_theta_steps = self.learner.adam_theta.as_ref().map(|a| a.steps);
+        self.state.adam_rates_steps = self.learner.adam_rates.as_ref().map(|a| a.steps);
         let bytes = safetensors_bytes(&self.resume_tensors())?;
         let previous = std::mem::replace(&mut self.state.tensors, format!("state-{}.safetensors", self.state.iteration));
         self.state.tensors_sha256 = sha256_hex(&bytes);
@@ -384,6 +447,11 @@ impl<'a> Trainer<'a> {
         if let (Some(adam), Some(alphas)) = (learner.adam_theta.as_mut(), learner.alphas.as_ref()) {
             restore(adam, "adam_theta", saved.adam_theta_steps.unwrap_or(0))?;
             learner.alphas = Some(Alphas { normal: take("theta/normal", &alphas.normal)?, reduce: take("theta/reduce", &alphas.reduce)? });
+        }
+        if let (Some(adam), Some(rates)) = (learner.adam_rates.as_mut(), learner.rates.as_ref()) {
+            restore(adam, "adam_rates", saved.adam_rates_steps.unwrap_or(0))?;
+            let (w, theta) = (take("rates/w", &rates.w)?, take("rates/theta", &rates.theta)?);
+            learner.rates = Some(LearnedRates { w: w.set_requires_grad(true), theta: theta.set_requires_grad(true) });
         }
         self.sampler = EpisodeSampler::restore(self.train, self.config.way, self.config.shot, self.config.query, &saved.sampler).map_err(|e| e.to_string())?;
         self.state = saved;

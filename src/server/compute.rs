@@ -27,6 +27,8 @@ pub struct ResolvedOptions {
     pub bn: BnMode,
     pub predict_with: PredictWith,
     pub finetune_steps: usize,
+    /// Adapt with the model's meta-learned rates (its default unless a request sets a rate).
+    pub learned_rates: bool,
 }
 
 impl ResolvedOptions {
@@ -82,7 +84,7 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
         support_labels: (0..n_way as i64).collect(),
         n_way,
         query: vec![0.5; pixels],
-        options: ResolvedOptions { steps: 1, lr_w: meta.adaptation.lr_w, lr_theta: meta.adaptation.lr_theta, bn: meta.adaptation.bn, predict_with: PredictWith::Supernet, finetune_steps: 0 },
+        options: ResolvedOptions { steps: 1, lr_w: meta.adaptation.lr_w, lr_theta: meta.adaptation.lr_theta, bn: meta.adaptation.bn, predict_with: PredictWith::Supernet, finetune_steps: 0, learned_rates: meta.adaptation.learned_rates },
     };
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
 }
@@ -115,6 +117,7 @@ pub fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_g
     let started = Instant::now();
     let network = &model.network;
     let mut state = TaskState::start(network, &model.checkpoint.params, model.checkpoint.alphas.as_ref(), meta.head, &support_set, device);
+    state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);
     state.adapt(network, &support_set, &inner, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: i.completed_steps })?;
     let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -151,7 +154,8 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
         n_way,
     );
     let batch_inputs = [support.images, support.labels, side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>())];
-    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| adapt_and_predict(net, &model.checkpoint, tensors, n_way, &o.inner_loop(), o.bn, keep_going);
+    let rates = model.checkpoint.rates.as_ref().filter(|_| o.learned_rates);
+    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| adapt_and_predict(net, &model.checkpoint, rates, tensors, n_way, &o.inner_loop(), o.bn, keep_going);
     let started = Instant::now();
     if !keep_going() {
         return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 })).collect();

@@ -136,6 +136,7 @@ impl TaskRequest {
             bn: o.bn.unwrap_or(d.bn),
             predict_with: o.predict_with.unwrap_or_default(),
             finetune_steps,
+            learned_rates: d.learned_rates && o.lr_w.is_none() && o.lr_theta.is_none(),
         })
     }
 

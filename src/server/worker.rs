@@ -21,6 +21,7 @@ use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, Tas
 use super::recorded::RecordedAdaptations;
 use crate::adapt::{BnMode, PredictWith};
 use crate::checkpoint::Checkpoint;
+use crate::learned_rates::LearnedRates;
 use crate::panics::caught;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -167,6 +168,7 @@ fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<Str
             let checkpoint = Checkpoint {
                 params: c.params.map(|_, t| t.to_device(device)),
                 alphas: c.alphas.map(|a| a.map(|t| t.to_device(device))),
+                rates: c.rates.map(|r| LearnedRates { w: r.w.to_device(device), theta: r.theta.to_device(device) }),
                 meta: c.meta,
             };
             let model = ResidentModel { network: checkpoint.network(), checkpoint };
@@ -292,6 +294,7 @@ struct BatchKey {
     steps: usize,
     lr_w: u64,
     lr_theta: u64,
+    learned_rates: bool,
     bn: BnMode,
 }
 
@@ -314,6 +317,7 @@ fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
         steps: o.steps,
         lr_w: o.lr_w.to_bits(),
         lr_theta: o.lr_theta.to_bits(),
+        learned_rates: o.learned_rates,
         bn: o.bn,
     })
 }

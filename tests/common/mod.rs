@@ -42,7 +42,8 @@ pub fn metadata(name: &str, kind: ModelKind, space: Option<SearchSpace>, input: 
         genotype: None,
         input,
         head,
-        adaptation: AdaptationDefaults { steps: 3, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support },
+        adaptation: AdaptationDefaults { steps: 3, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support, learned_rates: false },
+        relaxation: Default::default(),
         training: None,
         evaluation: Vec::new(),
         sha256: String::new(),
@@ -68,7 +69,7 @@ pub fn random_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scal
         normal: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
         reduce: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
     };
-    Checkpoint { meta, params, alphas: Some(alphas) }
+    Checkpoint { meta, params, alphas: Some(alphas), rates: None }
 }
 
 /// Largest absolute difference relative to the largest reference magnitude.
