@@ -198,6 +198,11 @@ pub struct MetaTrainArgs {
     /// Start from this model's meta-weights and θ (a warm start; tensors it lacks start fresh).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Meta-train this fixed architecture instead of the supernet (a `genotype` model, such as
+    /// Auto-MAML with `--algo maml`): a genotype JSON file, or a supernet model folder whose
+    /// meta-genotype (its θ̃ decoded) to take.
+    #[arg(long)]
+    pub genotype: Option<PathBuf>,
 }
 
 /// `--relaxation`.
@@ -208,15 +213,20 @@ pub enum RelaxationKind {
 }
 
 impl MetaTrainArgs {
-    fn model_meta(&self, input: InputSpec, split: Split, command: String) -> ModelMeta {
-        let supernet = self.algo.uses_supernet();
+    fn model_meta(&self, input: InputSpec, split: Split, command: String, genotype: Option<Genotype>) -> ModelMeta {
+        let supernet = self.algo.uses_supernet() && genotype.is_none();
+        let cells = supernet || genotype.is_some();
         let in_channels = input.channels;
         ModelMeta {
             format_version: FORMAT_VERSION,
             name: self.name.clone().unwrap_or_else(|| self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
-            kind: if supernet { ModelKind::Supernet } else { ModelKind::Conv4 },
+            kind: match (supernet, &genotype) {
+                (true, _) => ModelKind::Supernet,
+                (false, Some(_)) => ModelKind::Genotype,
+                (false, None) => ModelKind::Conv4,
+            },
             primitives: PRIMITIVES.iter().map(|p| p.to_string()).collect(),
-            search_space: supernet.then_some(SearchSpace {
+            search_space: cells.then_some(SearchSpace {
                 in_channels,
                 image_size: self.image_size,
                 init_channels: self.init_channels,
@@ -224,7 +234,7 @@ impl MetaTrainArgs {
                 stem_pools: self.stem_pools,
                 ..SearchSpace::tnas_official(in_channels, self.image_size, self.init_channels)
             }),
-            genotype: None,
+            genotype,
             input,
             head: match self.head.as_str() {
                 "proto" => HeadSpec::Proto { max_way: self.max_way, learned_scale: self.learned_scale || self.algo.is_maml_plus_plus() },
@@ -251,6 +261,21 @@ impl MetaTrainArgs {
             sha256: String::new(),
         }
     }
+}
+
+/// A genotype from a JSON file (DARTS's `Genotype` form, as the server returns it), or a supernet
+/// model folder's meta-genotype: its θ̃ decoded.
+fn read_genotype(path: &Path) -> Result<Genotype, String> {
+    if path.is_dir() {
+        let checkpoint = Checkpoint::load(path, tch::Device::Cpu).map_err(|e| e.to_string())?;
+        let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
+            return Err(format!("--genotype {}: not a supernet model, whose θ̃ could be decoded", path.display()));
+        };
+        let (normal, reduce) = alphas.mixing_rows();
+        return Ok(Genotype::decode(&net.space, &normal, &reduce));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--genotype {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("--genotype {}: not a genotype ({e}); expected DARTS's form, {{\"normal\": [[\"sep_conv_3x3\", 0], ...], \"normal_concat\": [...], ...}}", path.display()))
 }
 
 /// The input convention of each dataset.
@@ -284,7 +309,7 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         save_every: args.save_every.max(1),
         out: args.out.clone(),
         device,
-        meta: args.model_meta(input, loaded.split.clone(), command),
+        meta: args.model_meta(input, loaded.split.clone(), command, args.genotype.as_deref().map(read_genotype).transpose()?),
     };
     let mut trainer = Trainer::new(config, &loaded.train, &loaded.validation, args.resume)?;
     if let (Some(dir), 0) = (&args.init_from, trainer.iteration()) {

@@ -157,6 +157,7 @@ impl<'a> Trainer<'a> {
     /// A new run (fresh weights from `config.seed`), or the saved one when `resume` is set and
     /// `out/resume/` exists.
     pub fn new(config: TrainConfig, train: &'a [ClassImages], validation: &'a [ClassImages], resume: bool) -> Result<Self, String> {
+        config.meta.validate()?;
         let network = crate::checkpoint::network_of(&config.meta)?;
         tch::manual_seed(config.seed as i64);
         let params = ParamSet::initialise(&param_specs(&network, config.meta.head), config.device);
