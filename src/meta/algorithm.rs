@@ -194,6 +194,75 @@ fn gumbel_noise(alphas: &Alphas, seed: u64) -> Alphas {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::task_tensors;
+    use crate::relaxation::Relaxation;
+    use crate::search_space::SearchSpace;
+    use crate::supernet::Supernet;
+
+    /// With learned rates, a task's first-order meta-gradient is, for the weights and θ, the query
+    /// loss's gradient at the adapted point (as without them), and for the rate of tensor i at
+    /// step s, −⟨g_s, ∇L_q⟩ over tensor i's elements (g_s: step s's support gradient), here
+    /// recomputed by adapting by hand.
+    #[test]
+    fn learned_rates_get_their_first_order_gradient() {
+        let space = SearchSpace { in_channels: 1, image_size: 8, init_channels: 4, layers: 2, steps: 2, multiplier: 2, stem_multiplier: 2, stem_pools: 1 };
+        let network = Network::Supernet(Supernet::relaxed(space, Relaxation::Annealed { start: 1.0, end: 0.3, pairwise_inputs: true }));
+        let head = HeadSpec::Proto { max_way: 5, learned_scale: true };
+        tch::manual_seed(2);
+        let meta = ParamSet::initialise(&crate::checkpoint::param_specs(&network, head), Device::Cpu);
+        let alphas = Alphas::initialise(&space, Device::Cpu).map(|t| t * 300.0);
+        let tensors = task_tensors(&meta, head);
+        let rates = LearnedRates { w: Tensor::rand([2, tensors as i64], (Kind::Float, Device::Cpu)) * 0.2, theta: Tensor::from_slice(&[3f32, 5., 2., 4.]).view([2, 2]) };
+        let learning = LearnedRates { w: rates.w.copy().set_requires_grad(true), theta: rates.theta.copy().set_requires_grad(true) };
+        let (images, query) = (Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)), Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu)));
+        let (labels, query_labels) = (Tensor::from_slice(&[0i64, 1, 0, 1]), Tensor::from_slice(&[0i64, 1, 0, 1, 1, 0]));
+        let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
+        let task = MetaTask { support: SupportSet { ..support }, query: &query, query_labels: &query_labels, seed: 0 };
+        let inner = InnerLoop { steps: 2, lr_w: 0.0, lr_theta: 0.0, second_order: false };
+        let context = TaskContext { network: &network, head, inner, bn: BnMode::Support, rule: GradientRule::FirstOrder, sample_architecture: false, rates: Some(learning), device: Device::Cpu };
+        let ours = context.task_gradient(&meta, Some(&alphas), &task);
+
+        // By hand: first-order steps from fresh leaves, each step's support gradients kept.
+        let mut state = TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
+        let mut steps = Vec::new();
+        for step in 0..2 {
+            state.temperature = network.relaxation().temperature(step, 2);
+            let (g_w, g_theta) = state.gradients(&state.support_loss(&network, &support), false);
+            let (g_normal, g_reduce) = g_theta.unwrap();
+            let (lr_normal, lr_reduce) = rates.for_theta(step);
+            let (weights, a) = crate::grad::no_grad(|| {
+                let a = state.alphas.as_ref().unwrap();
+                (state.params.flattened() - &g_w * rates.for_weights(step, &state.params), Alphas { normal: &a.normal - &g_normal * lr_normal, reduce: &a.reduce - &g_reduce * lr_reduce })
+            });
+            let temperature = state.temperature;
+            state = TaskState::new(state.params.views_of(&weights.set_requires_grad(true)), Some(a.map(|t| t.set_requires_grad(true))));
+            state.temperature = temperature;
+            steps.push((g_w, g_normal, g_reduce));
+        }
+        state.temperature = network.relaxation().temperature(2, 2);
+        let loss = query_logits(&network, &state.params, state.mixing(&network).as_ref(), &support, &query, BnMode::Support).cross_entropy_for_logits(&query_labels);
+        let (q_w, q_theta) = state.gradients(&loss, false);
+        let (q_normal, q_reduce) = q_theta.unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let error = (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
+            assert!(error < 1e-4, "{what}: relative error {error}");
+        };
+        let by_name = state.params.views_of(&q_w);
+        for (i, name) in meta.names().iter().enumerate() {
+            close(&ours.w[i], by_name.get(name), name);
+        }
+        let (theta_normal, theta_reduce) = ours.theta.as_ref().unwrap();
+        close(theta_normal, &q_normal, "θ normal");
+        close(theta_reduce, &q_reduce, "θ reduce");
+        let (rates_w, rates_theta) = ours.rates.as_ref().unwrap();
+        for (step, (g_w, g_normal, g_reduce)) in steps.iter().enumerate() {
+            let products = state.params.views_of(&(g_w * &q_w));
+            let expected: Vec<f32> = products.tensors().iter().map(|t| -t.sum(Kind::Float).double_value(&[]) as f32).collect();
+            close(&rates_w.get(step as i64), &Tensor::from_slice(&expected), &format!("rates of step {step}"));
+            let theta = [-(g_normal * &q_normal).sum(Kind::Float).double_value(&[]) as f32, -(g_reduce * &q_reduce).sum(Kind::Float).double_value(&[]) as f32];
+            close(&rates_theta.get(step as i64), &Tensor::from_slice(&theta), &format!("θ rates of step {step}"));
+        }
+    }
 
     #[test]
     fn gumbel_noise_is_standard_gumbel_and_repeats_per_seed() {
