@@ -360,6 +360,10 @@ pub struct EvalArgs {
     /// are spread evenly over the groups that have at least --way classes.
     #[arg(long)]
     pub within_group: bool,
+    /// Also report how much the task-specific genotypes vary: over the evaluated tasks, how many
+    /// are distinct and how many of their edges differ from the meta-genotype's.
+    #[arg(long)]
+    pub genotype_variation: bool,
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
     #[arg(long, default_value = "auto")]
@@ -416,6 +420,16 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
             }
         }
     }
+    if args.genotype_variation && network.has_alphas() {
+        let inner = InnerLoop { steps: all_steps[all_steps.len() - 1], lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
+        let evaluation = evaluation_of(&checkpoint, &network, inner, BnMode::Support, args, device);
+        let mut genotypes = Vec::with_capacity(args.tasks);
+        for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
+            let mut sampler = EpisodeSampler::new(group, args.episode.way, args.episode.shot, args.episode.query, args.seed + index as u64).map_err(|e| e.to_string())?;
+            genotypes.extend(evaluation.genotypes(&mut sampler, count));
+        }
+        println!("{}", genotype_variation(&checkpoint, &genotypes));
+    }
     if args.write {
         record_results(&args.model, &checkpoint.meta.sha256, &results)?;
     }
@@ -442,6 +456,27 @@ fn task_groups(classes: &[ClassImages], way: usize, within_group: bool, tasks: u
     }
     let counts = (0..groups.len()).map(|g| tasks / groups.len() + usize::from(g < tasks % groups.len())).collect();
     Ok((groups, counts))
+}
+
+/// How far task-specific `genotypes` are from each other and from the meta-genotype, in words.
+fn genotype_variation(checkpoint: &Checkpoint, genotypes: &[Genotype]) -> String {
+    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else { return String::new() };
+    let (normal, reduce) = alphas.mixing_rows();
+    let meta = Genotype::decode(&net.space, &normal, &reduce);
+    let edges = |g: &Genotype| g.normal.iter().chain(&g.reduce).cloned().collect::<Vec<_>>();
+    let differing: Vec<usize> = genotypes.iter().map(|g| edges(g).iter().zip(edges(&meta)).filter(|(a, b)| *a != b).count()).collect();
+    let mut distinct: Vec<Vec<crate::genotype::Edge>> = genotypes.iter().map(edges).collect();
+    distinct.sort_by_key(|e| format!("{e:?}"));
+    distinct.dedup();
+    let (min, max) = (differing.iter().min().copied().unwrap_or(0), differing.iter().max().copied().unwrap_or(0));
+    let mean = differing.iter().sum::<usize>() as f64 / differing.len().max(1) as f64;
+    let same = differing.iter().filter(|&&d| d == 0).count();
+    format!(
+        "genotypes of {} tasks: {} distinct; edges differing from the meta-genotype: mean {mean:.2} of {} (min {min}, max {max}); {same} tasks keep the meta-genotype",
+        genotypes.len(),
+        distinct.len(),
+        edges(&meta).len()
+    )
 }
 
 /// The meta-genotype's network: the genotype of the unadapted θ̃, on the meta-weights of its kept

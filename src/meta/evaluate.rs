@@ -3,6 +3,7 @@
 use super::algorithm::accuracy;
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::data::sampler::EpisodeSampler;
+use crate::genotype::Genotype;
 use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::network::Network;
@@ -61,12 +62,27 @@ impl Evaluation<'_> {
         (0..tasks).map(|_| self.task_accuracy(sampler)).collect()
     }
 
+    /// The decoded genotype of each of `tasks` episodes drawn from `sampler`, after adaptation.
+    pub fn genotypes(&self, sampler: &mut EpisodeSampler, tasks: usize) -> Vec<Genotype> {
+        (0..tasks).filter_map(|_| {
+            let episode = sampler.sample().to_device(self.device);
+            let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
+            self.adapted(&support).genotype(self.network)
+        }).collect()
+    }
+
+    /// A task's state after adaptation to `support`.
+    fn adapted(&self, support: &SupportSet) -> TaskState {
+        let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, support, self.device);
+        state.rates = self.rates.as_ref().map(LearnedRates::detach);
+        state.adapt(self.network, support, &self.inner, &|| true).expect("never interrupted");
+        state
+    }
+
     fn task_accuracy(&self, sampler: &mut EpisodeSampler) -> f64 {
         let episode = sampler.sample().to_device(self.device);
         let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
-        let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, &support, self.device);
-        state.rates = self.rates.as_ref().map(LearnedRates::detach);
-        state.adapt(self.network, &support, &self.inner, &|| true).expect("never interrupted");
+        let state = self.adapted(&support);
         let options = PredictOptions { bn: self.bn, predict_with: self.predict_with, finetune: InnerLoop { steps: self.finetune_steps, ..self.inner } };
         let logits = state.predict_queries(self.network, self.head, &support, &episode.query, &options, &|| true).expect("never interrupted");
         accuracy(&logits, &episode.query_labels)
