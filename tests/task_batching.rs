@@ -7,9 +7,11 @@ mod common;
 use tch::{Device, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
 use tnas::checkpoint::Checkpoint;
+use tnas::head::LOGIT_SCALE;
 use tnas::imaging::{decode, to_input, ImageLimits};
 use tnas::metadata::HeadSpec;
 use tnas::network::Network;
+use tnas::relaxation::Relaxation;
 use tnas::search_space::SearchSpace;
 use tnas::server::compute::{ResolvedOptions, TaskInput};
 use tnas::task_batch::{side_by_side, BatchedSupport, TaskBatch};
@@ -83,6 +85,17 @@ fn batched_tasks_with_a_fixed_head_stride_two_stem_and_reduction_inputs_match_al
     // No stem pool: the first cell reads 28×28 maps, reduction cells halve odd and even sizes.
     let checkpoint = common::random_supernet(SearchSpace { stem_pools: 0, ..SearchSpace::tnas_official(1, 28, 4) }, HeadSpec::Fixed { n_way: 5 }, 3, 1.0);
     assert_batch_equals_alone(&checkpoint, &["Latin", "Greek"], BnMode::Transductive);
+}
+
+/// Soft pruning with pairwise inputs and a learned logit scale: the batch anneals every task's θ on
+/// the schedule, with each task's own pair softmax, head and scale, as adapting it alone does.
+#[test]
+fn batched_tasks_with_annealed_pairwise_relaxation_and_learned_scale_match_alone() {
+    tch::set_num_threads(2);
+    let mut checkpoint = common::random_supernet(SearchSpace::tnas_official(1, 28, 4), HeadSpec::Proto { max_way: 20, learned_scale: true }, 5, 1.5);
+    checkpoint.meta.relaxation = Relaxation::Annealed { start: 1.0, end: 0.2, pairwise_inputs: true };
+    checkpoint.params.insert(LOGIT_SCALE.into(), Tensor::from_slice(&[0.3f32.ln()]));
+    assert_batch_equals_alone(&checkpoint, &["Latin", "Greek"], BnMode::Support);
 }
 
 /// Real Omniglot pixels of a 5-way 1-shot task with 3 queries, as the server hands them to the

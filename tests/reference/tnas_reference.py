@@ -12,6 +12,15 @@ both BN modes, for the supernet and for the derived network, plus OUT.json with 
 genotypes and the parameter count. A proto-head checkpoint gets its head from the support
 prototypes, the supernet's before the steps and the derived network's from its own features. With `--meta-gradient first|second` (IN also holding
 `query_labels`) it writes instead the task's meta-gradient for every weight and θ.
+
+model.json's `relaxation` (absent: the DARTS softmax) may be `{"type": "annealed", "start": τ0,
+"end": τ1, "pairwise_inputs": bool}`, soft pruning: an edge mixes the ops other than `none` by
+softmax(θ/τ), and with pairwise inputs each node weighs its input edges by the pair softmax (see
+`Relaxation`). Inner step s of M runs at τ0 + (τ1 − τ0)·s/M, queries are predicted at τ1 after
+the steps (after none too), and a proto head is built at τ0, where the `initial` logits (the state
+before the first step) read θ too. With pairwise inputs the derived network keeps the adapted head instead
+of rebuilding it. A proto head with `learned_scale` multiplies its logits by exp(classifier.log_scale),
+a weight like any other (adapted with lr_w, with a meta-gradient).
 """
 import argparse
 import json
@@ -159,6 +168,60 @@ def reduction_cells(layers):
     return {1} if layers == 2 else {layers // 3, 2 * layers // 3}
 
 
+class Relaxation:
+    """θ → an edge's op mixing weights, written from the description of soft pruning (MetaNAS)."""
+
+    def __init__(self, spec, steps):
+        spec = spec or {"type": "softmax"}
+        self.kind = spec["type"]
+        assert self.kind in ("softmax", "annealed"), spec
+        self.start, self.end = spec.get("start", 1.0), spec.get("end", 1.0)
+        self.pairwise = bool(spec.get("pairwise_inputs", False))
+        self.steps = steps
+
+    def tau(self, step, total):
+        """Temperature of inner step `step` of `total`; step == total is where queries are predicted."""
+        if self.kind == "softmax":
+            return 1.0
+        if total == 0 or step >= total:
+            return self.end
+        return self.start + (self.end - self.start) * step / total
+
+    def weights(self, theta, tau):
+        if self.kind == "softmax":
+            return F.softmax(theta, dim=-1)
+        kept = F.softmax(theta[:, 1:] / tau, dim=-1)
+        ops = torch.cat([torch.zeros_like(theta[:, :1]), kept], dim=1)
+        if not self.pairwise:
+            return ops
+        # An edge's strength: its best non-none log-probability under softmax(θ) (τ = 1).
+        strength = F.log_softmax(theta, dim=-1)[:, 1:].max(dim=1).values
+        scales, first = [], 0
+        for node in range(self.steps):
+            inputs = node + 2
+            pairs = [(i, j) for i in range(inputs) for j in range(i + 1, inputs)]
+            logits = torch.stack([strength[first + i] + strength[first + j] for i, j in pairs]) / tau
+            p = F.softmax(logits, dim=0)
+            for e in range(inputs):
+                scales.append(sum(p[k] for k, pair in enumerate(pairs) if e in pair))
+            first += inputs
+        return ops * torch.stack(scales).unsqueeze(1)
+
+
+class Classifier(nn.Linear):
+    """The linear head; with a learned scale its logits are multiplied by exp(log_scale)."""
+
+    def __init__(self, features, n_way, learned_scale):
+        super().__init__(features, n_way)
+        self.learned_scale = learned_scale
+        if learned_scale:
+            self.log_scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * torch.exp(self.log_scale) if self.learned_scale else y
+
+
 class Cell(nn.Module):
     """A search cell; with `genotype` (list of (op, input) pairs) a derived cell instead."""
 
@@ -191,8 +254,11 @@ class Cell(nn.Module):
 
 
 class Network(nn.Module):
-    def __init__(self, space, n_way, genotype=None):
+    def __init__(self, space, n_way, genotype=None, relaxation=None, learned_scale=False):
         super().__init__()
+        self.relaxation = Relaxation(relaxation, space["steps"])
+        # The temperature the next forward pass reads θ at (set by whoever runs the schedule).
+        self.tau = 1.0
         c = space["init_channels"]
         c_stem = space["stem_multiplier"] * c
         pools = space["stem_pools"]
@@ -216,11 +282,12 @@ class Network(nn.Module):
             self.cells.append(Cell(space["steps"], space["multiplier"], c_pp, c_p, c_cur, reduction, reduction_prev, gene, concat))
             reduction_prev = reduction
             c_pp, c_p = c_p, space["multiplier"] * c_cur
-        self.classifier = nn.Linear(c_p, n_way)
+        self.classifier = Classifier(c_p, n_way, learned_scale)
 
     def features(self, x, alphas_normal, alphas_reduce):
         s0 = s1 = self.stem0(x)
-        wn, wr = F.softmax(alphas_normal, dim=-1), F.softmax(alphas_reduce, dim=-1)
+        wn = self.relaxation.weights(alphas_normal, self.tau)
+        wr = self.relaxation.weights(alphas_reduce, self.tau)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, wr if cell.reduction else wn)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)
@@ -255,7 +322,8 @@ def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
     opt_w = torch.optim.SGD(net.parameters(), lr=lr_w)
     opt_theta = torch.optim.SGD([a_n, a_r], lr=lr_theta)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        net.tau = net.relaxation.tau(step, steps)
         loss = F.cross_entropy(net(support, a_n, a_r), labels)
         opt_w.zero_grad()
         opt_theta.zero_grad()
@@ -263,6 +331,7 @@ def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
         opt_w.step()
         opt_theta.step()
         losses.append(loss.item())
+    net.tau = net.relaxation.tau(steps, steps)
     return losses
 
 
@@ -289,12 +358,14 @@ def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr
         return torch.func.functional_call(net, dict(zip(names[:-2], point[:-2])), (x, point[-2], point[-1]))
 
     point = meta
-    for _ in range(steps):
+    for step in range(steps):
+        net.tau = net.relaxation.tau(step, steps)
         loss = F.cross_entropy(logits(point, support), labels)
         grads = torch.autograd.grad(loss, point, create_graph=second_order)
         point = [p - r * g for p, r, g in zip(point, rates, grads)]
         if not second_order:
             point = [p.detach().requires_grad_(True) for p in point]
+    net.tau = net.relaxation.tau(steps, steps)
     StatsBN.stat_rows = support.shape[0]
     query_logits = logits(point, torch.cat([support, query]))[support.shape[0]:]
     StatsBN.stat_rows = None
@@ -323,28 +394,38 @@ def main():
     ap.add_argument("--lr-theta", type=float, default=30.0)
     ap.add_argument("--meta-gradient", choices=["first", "second"],
                     help="write the task's meta-gradient (inputs also hold query_labels) instead")
+    ap.add_argument("--float64", action="store_true",
+                    help="compute in float64 (a diagnostic: how far float32 rounding alone moves the outputs)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     meta = json.load(open(os.path.join(args.checkpoint, "model.json")))
     weights = load_file(os.path.join(args.checkpoint, "model.safetensors"))
     inputs = load_file(args.inputs)
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
+        weights = {k: v.double() for k, v in weights.items()}
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     support, labels, query = inputs["support"], inputs["support_labels"], inputs["query"]
     space, proto = meta["search_space"], meta["head"]["type"] == "proto"
     n_way = int(labels.max()) + 1 if proto else meta["head"]["n_way"]
+    learned_scale = proto and bool(meta["head"].get("learned_scale", False))
+    relaxation = meta.get("relaxation")
 
-    net = Network(space, n_way)
+    net = Network(space, n_way, relaxation=relaxation, learned_scale=learned_scale)
     a_n = weights.pop("alphas_normal").clone().requires_grad_(True)
     a_r = weights.pop("alphas_reduce").clone().requires_grad_(True)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     assert not unexpected and sorted(missing) == (["classifier.bias", "classifier.weight"] if proto else []), (missing, unexpected)
+    # Before any step θ is read at the first step's temperature; a proto head is built there.
+    net.tau = net.relaxation.tau(0, 1)
     if proto:
         set_proto_head(net, a_n, a_r, support, labels, n_way)
     out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
     if args.meta_gradient:
         grads, info["query_loss"] = meta_gradient(net, a_n, a_r, support, labels, query, inputs["query_labels"],
                                                   args.steps, args.lr_w, args.lr_theta, args.meta_gradient == "second")
-        save_file({f"grad/{k}": v.contiguous() for k, v in grads.items()}, args.out)
+        save_file({f"grad/{k}": v.float().contiguous() for k, v in grads.items()}, args.out)
         json.dump(info, open(args.out + ".json", "w"))
         return
 
@@ -353,9 +434,10 @@ def main():
         info[f"genotype_{tag}"] = g
         t, s = logits_both_modes(net, a_n, a_r, support, query)
         out[f"{tag}_transductive"], out[f"{tag}_support"] = t, s
-        derived = Network(space, n_way, genotype=g)
+        derived = Network(space, n_way, genotype=g, learned_scale=learned_scale)
         derived.load_state_dict(net.state_dict(), strict=True)
-        if proto:
+        # Soft pruning with pairwise inputs ends as the derived network: it keeps the adapted head.
+        if proto and not net.relaxation.pairwise:
             set_proto_head(derived, a_n, a_r, support, labels, n_way)
         t, s = logits_both_modes(derived, a_n, a_r, support, query)
         out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
@@ -363,7 +445,7 @@ def main():
     record("initial")
     info["losses"] = adapt(net, a_n, a_r, support, labels, args.steps, args.lr_w, args.lr_theta)
     record("adapted")
-    save_file({k: v.contiguous() for k, v in out.items()}, args.out)
+    save_file({k: v.float().contiguous() for k, v in out.items()}, args.out)
     json.dump(info, open(args.out + ".json", "w"))
 
 
