@@ -121,6 +121,53 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     assert_eq!(recent.as_array().unwrap().len(), 1);
 }
 
+/// A valid all-black grayscale PNG of `width` × `height` (small: it compresses to almost nothing).
+fn blank_png(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::from(image::GrayImage::new(width, height)).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// The budgets' messages name the flag that raises them.
+#[test]
+fn budget_refusals_name_their_flag() {
+    let large = b64(&blank_png(2048, 2048));
+    let mut task = task_json(1);
+    task["query"] = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    let sent = std::time::Instant::now();
+    let response = post_json(&task);
+    assert!(sent.elapsed().as_millis() < 2000, "refused from the headers, not after decoding: {:?}", sent.elapsed());
+    assert_eq!(response.status(), 413);
+    let message = response.json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("37781811 pixels") && message.contains("--max-request-pixels"), "{message}");
+    let mut task = task_json(1);
+    task["support"][0]["label"] = json!("x".repeat(300));
+    let message = post_json(&task).json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("300 bytes") && message.contains("--max-label-bytes"), "{message}");
+}
+
+/// The genotype store keeps to its byte bound: long labels evict older records.
+#[test]
+fn the_genotype_store_is_bounded_in_bytes() {
+    let small = start(&["--genotype-store-bytes", "3000"]);
+    let mut task = task_json(1);
+    for (i, label) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        task["support"][i]["label"] = json!(format!("{label}-{}", "x".repeat(240)));
+    }
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            let answer: Value = Client::new().post(format!("{}/adapt", small.url)).json(&task).send().unwrap().json().unwrap();
+            answer["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let found = |id: &str| Client::new().get(format!("{}/genotypes/{id}", small.url)).send().unwrap().status() == 200;
+    assert!(!found(&ids[0]), "the oldest record was evicted to keep the store within 3000 bytes");
+    assert!(found(&ids[3]));
+    let listed: Value = Client::new().get(format!("{}/genotypes?limit=1000", small.url)).send().unwrap().json().unwrap();
+    let listed_bytes: usize = listed.as_array().unwrap().iter().map(|r| r.to_string().len()).sum();
+    assert!(listed_bytes <= 3000, "{listed_bytes} bytes listed");
+}
+
 /// A valid 67-byte grayscale PNG whose header declares 100 000 × 100 000 pixels (CRCs correct):
 /// decoding it would need 10 GB.
 const PNG_DECLARING_100K_SQUARE: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
@@ -140,8 +187,15 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     let png = &valid["query"][0]["image"];
     let truncated = b64(&omniglot_pngs("Greek", 1, 1)[0][0][..60]);
     let query_with = |image: &str| with("query", json!([{"id": "q", "image": image}]));
+    let query_with_id = |id: &str| with("query", json!([{"id": id, "image": png}]));
     let too_many: Vec<Value> = (0..600).map(|i| json!({"id": format!("q{i}"), "image": png})).collect();
     let multipart = |body: Vec<u8>| client.post(format!("{url}/adapt")).header("content-type", "multipart/form-data; boundary=XYZ").body(body);
+    // Nine valid 2048 × 2048 pictures of about 5 KB each: 37.7 million pixels with the support set, over the default
+    // per-request budget, which is checked from their headers before any is decoded.
+    let large = b64(&blank_png(2048, 2048));
+    let nine_large: Vec<Value> = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    let long_name = "x".repeat(10_000);
+    let long_label = json!([{"label": long_name, "image": png}, valid["support"][1]]);
     let junk_query_part = [&b"--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"[..], &[b'x'; 3_000_000], b"\r\n--XYZ--\r\n"].concat();
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16, &str)> = vec![
         ("invalid json", client.post(format!("{url}/adapt")).header("content-type", "application/json").body("{not json"), 400, "invalid_json"),
@@ -155,6 +209,10 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("truncated PNG", client.post(format!("{url}/adapt")).json(&query_with(&truncated)), 400, "invalid_image"),
         ("zero-byte image", client.post(format!("{url}/adapt")).json(&query_with("")), 400, "invalid_image"),
         ("decompression bomb", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_100K_SQUARE)), 413, "payload_too_large"),
+        ("request pixels over budget", client.post(format!("{url}/adapt")).json(&with("query", json!(nine_large))), 413, "payload_too_large"),
+        ("label over its limit", client.post(format!("{url}/adapt")).json(&with("support", long_label)), 422, "name_too_long"),
+        ("query id over its limit", client.post(format!("{url}/adapt")).json(&query_with_id(&long_name)), 422, "name_too_long"),
+        ("genotype list limit over the cap", client.get(format!("{url}/genotypes?limit=1000000")), 400, "limit_over_cap"),
         ("too many images", client.post(format!("{url}/adapt")).json(&with("query", json!(too_many))), 413, "payload_too_large"),
         ("empty query", client.post(format!("{url}/adapt")).json(&with("query", json!([]))), 422, "empty_query"),
         ("empty label", client.post(format!("{url}/adapt")).json(&with("support", json!([{"label": " ", "image": png}, valid["support"][1]]))), 422, "invalid_label"),

@@ -20,6 +20,14 @@ pub struct Limits {
     /// Decoding one costs about 25 bytes a pixel, one request per core at a time.
     #[arg(long, env = "TNAS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::DEFAULT.max_pixels)]
     pub max_image_pixels: u64,
+    /// Most pixels the images of one request may declare in total (width × height summed over
+    /// them), checked from their headers before any is decoded: a small body of small files that
+    /// declare large pictures would otherwise hold a decoding slot for as long as it likes.
+    #[arg(long, env = "TNAS_MAX_REQUEST_PIXELS", default_value_t = 32 * 1024 * 1024)]
+    pub max_request_pixels: u64,
+    /// Longest support label or query id, in bytes (labels are kept with stored genotypes).
+    #[arg(long, env = "TNAS_MAX_LABEL_BYTES", default_value_t = 256)]
+    pub max_label_bytes: usize,
     /// Most adaptation steps (and fine-tuning steps) a request may ask for.
     #[arg(long, env = "TNAS_MAX_STEPS", default_value_t = 100)]
     pub max_steps: usize,
@@ -39,6 +47,9 @@ pub struct Limits {
     /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
     pub genotype_store_size: usize,
+    /// Bytes the kept genotypes may take (as JSON, with their labels); the oldest are evicted.
+    #[arg(long, env = "TNAS_GENOTYPE_STORE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub genotype_store_bytes: usize,
 }
 
 #[derive(Clone, Debug, clap::Parser)]

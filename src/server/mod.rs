@@ -108,7 +108,7 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         worker,
         decoding_slots: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
-        store: GenotypeStore::new(config.limits.genotype_store_size),
+        store: GenotypeStore::new(config.limits.genotype_store_size, config.limits.genotype_store_bytes),
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),

@@ -27,6 +27,20 @@ fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
         .map_err(|e| ApiError::bad_request("invalid_base64", format!("{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded")))
 }
 
+fn image_limits(limits: &Limits) -> ImageLimits {
+    ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels }
+}
+
+/// A refused image as the request's error: too large is 413, anything else malformed.
+fn image_error(what: &str, error: imaging::ImageError) -> ApiError {
+    match error {
+        imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => {
+            ApiError::PayloadTooLarge(format!("{what}: {error}"))
+        }
+        _ => ApiError::bad_request("invalid_image", format!("{what}: {error}")),
+    }
+}
+
 impl TaskRequest {
     /// Parses a JSON body (SPEC §6). Unknown fields are refused so typos do not pass silently.
     pub fn from_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
@@ -103,13 +117,57 @@ impl TaskRequest {
         if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
             return Err(invalid("invalid_label", format!("support label '{label}' is empty; give every support image a class label")));
         }
+        self.check_name_lengths(limits)?;
         let (labels, _) = self.classes();
         meta.head.accepts(labels.len()).map_err(|m| invalid("wrong_class_count", m))?;
         let mut ids = std::collections::HashSet::new();
         if let Some((id, _)) = self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
             return Err(invalid("duplicate_query_id", format!("query id '{id}' appears twice; query ids must be unique")));
         }
-        self.resolve_options(meta, limits)
+        let options = self.resolve_options(meta, limits)?;
+        self.check_declared_pixels(limits)?;
+        Ok(options)
+    }
+
+    /// Labels and ids within `--max-label-bytes`: they are echoed back, and labels are kept in the
+    /// genotype store, so their size must not be the client's choice.
+    fn check_name_lengths(&self, limits: &Limits) -> Result<(), ApiError> {
+        let max = limits.max_label_bytes;
+        let labels = self.support.iter().enumerate().map(|(i, (label, _))| (format!("support label {i}"), label));
+        let ids = self.query.iter().enumerate().map(|(i, (id, _))| (format!("query id {i}"), id));
+        let too_long = labels.chain(ids).find(|(_, name)| name.len() > max);
+        match too_long {
+            Some((what, name)) => Err(ApiError::unprocessable(
+                "name_too_long",
+                format!("{what} is {} bytes, over the limit of {max} (--max-label-bytes); use shorter labels and ids", name.len()),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads every image's header (no pixels) and refuses the request when the pixels they declare
+    /// together are over `--max-request-pixels`, before any decoding slot is taken.
+    fn check_declared_pixels(&self, limits: &Limits) -> Result<(), ApiError> {
+        let image_limits = image_limits(limits);
+        let mut total: u64 = 0;
+        for (what, bytes) in self.images() {
+            let (width, height) = imaging::declared_size(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            total += u64::from(width) * u64::from(height);
+        }
+        if total > limits.max_request_pixels {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request's images declare {total} pixels in all, over the per-request decoding budget of {} (--max-request-pixels); \
+                 send fewer or smaller images, or split the request",
+                limits.max_request_pixels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every image with how an error names it, support images first.
+    fn images(&self) -> impl Iterator<Item = (String, &Bytes)> {
+        let support = self.support.iter().enumerate().map(|(i, (label, bytes))| (format!("support image {i} (label '{label}')"), bytes));
+        support.chain(self.query.iter().map(|(id, bytes)| (format!("query '{id}'"), bytes)))
     }
 
     fn resolve_options(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
@@ -142,26 +200,18 @@ impl TaskRequest {
     /// Decodes every image into the model's input (CPU work, run off the async runtime), stopping
     /// between images with a 504 once `keep_going` says the request's time is up or it was abandoned.
     pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions, keep_going: &dyn Fn() -> bool) -> Result<TaskInput, ApiError> {
-        let image_limits = ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels };
-        let decode = |what: String, bytes: &Bytes| -> Result<Vec<f32>, ApiError> {
+        let image_limits = image_limits(limits);
+        let mut values = Vec::new();
+        for (what, bytes) in self.images() {
             if !keep_going() {
                 return Err(ApiError::Timeout(limits.request_timeout_ms));
             }
-            let image = imaging::decode(bytes, &image_limits).map_err(|e| match e {
-                imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
-                _ => ApiError::bad_request("invalid_image", format!("{what}: {e}")),
-            })?;
-            Ok(imaging::to_input(&image, &meta.input))
-        };
+            let image = imaging::decode(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            values.extend(imaging::to_input(&image, &meta.input));
+        }
         let (labels, support_labels) = self.classes();
-        let mut support = Vec::new();
-        for (i, (label, bytes)) in self.support.iter().enumerate() {
-            support.extend(decode(format!("support image {i} (label '{label}')"), bytes)?);
-        }
-        let mut query = Vec::new();
-        for (id, bytes) in &self.query {
-            query.extend(decode(format!("query '{id}'"), bytes)?);
-        }
+        let query = values.split_off(self.support.len() * meta.input.channels * meta.input.size * meta.input.size);
+        let support = values;
         metrics::counter!("tnas_images_decoded_total").increment((self.support.len() + self.query.len()) as u64);
         Ok(TaskInput { model: meta.name.clone(), support, support_labels, n_way: labels.len(), query, options })
     }
