@@ -1,11 +1,14 @@
-//! The real `tnas-server` process: graceful shutdown, and refusal to start on a damaged model.
+//! The real `tnas-server` process: graceful shutdown, what a connection may cost, and refusal to
+//! start on a damaged model.
 
 mod common;
 
 use common::{b64, omniglot_pngs, random_supernet, ServerProcess};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
 
@@ -15,8 +18,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
-    let models = tempfile::tempdir().unwrap();
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
+    let models = fixture_models();
     let mut server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
     let (url, port) = (server.url.clone(), server.port);
 
@@ -42,11 +44,76 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused after shutdown");
 }
 
+fn fixture_models() -> tempfile::TempDir {
+    let models = tempfile::tempdir().unwrap();
+    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
+    models
+}
+
+/// A raw connection that has sent `bytes`.
+fn sent(port: u16, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(bytes).unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes the connection, and how long that took.
+fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    (text, started.elapsed())
+}
+
+#[test]
+fn a_half_open_connection_does_not_keep_the_process_alive_after_sigterm() {
+    let models = fixture_models();
+    let mut server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
+    // Half a request head, and a kept-alive connection that has had its answer and sends nothing.
+    let half_open = sent(server.port, b"POST /adapt HTTP/1.1\r\nHost: x\r\nContent-Le");
+    let mut idle = sent(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert!(Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
+    let exit = server.exit_within(Duration::from_secs(10)).expect("the server exits at once, its half-open and idle connections closed");
+    assert!(exit.success(), "server exited with {exit:?}");
+    drop((half_open, idle));
+}
+
+#[test]
+fn connections_are_bounded_in_number_and_in_time() {
+    let models = fixture_models();
+    let limits = ["--header-read-timeout-ms", "500", "--idle-timeout-ms", "1500", "--max-connections", "3"];
+    let server = ServerProcess::start(models.path(), &[&["--device", "cpu", "--threads", "1"][..], &limits].concat());
+    let port = server.port;
+
+    // Half a request line is closed once the header-read timeout passes, unanswered.
+    let (text, took) = until_closed(&mut sent(port, b"GET /heal"));
+    assert!(text.is_empty() && took >= Duration::from_millis(400) && took < Duration::from_secs(5), "{text:?} after {took:?}");
+    // A kept-alive connection is answered, then closed once idle for the idle timeout.
+    let (text, took) = until_closed(&mut sent(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert!(text.starts_with("HTTP/1.1 200") && took >= Duration::from_millis(1400) && took < Duration::from_secs(6), "{text:?} after {took:?}");
+
+    // Three connections hold every place; a fourth is answered 503 at once and closed.
+    std::thread::sleep(Duration::from_millis(300));
+    let holders: Vec<TcpStream> = (0..3).map(|_| sent(port, b"GET ")).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let (text, took) = until_closed(&mut sent(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+    assert!(text.starts_with("HTTP/1.1 503") && text.contains("too_many_connections") && text.contains("retry-after: 1"), "{text}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // The holders time out like any half-read request, and their places are free again.
+    std::thread::sleep(Duration::from_millis(1000));
+    let healthz = reqwest::blocking::Client::new().get(format!("{}/healthz", server.url)).send().unwrap();
+    assert_eq!(healthz.status(), 200);
+    drop(holders);
+}
+
 #[test]
 fn a_damaged_model_stops_start_up_with_the_file_named() {
-    let models = tempfile::tempdir().unwrap();
+    let models = fixture_models();
     let dir = models.path().join("fixture");
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&dir).unwrap();
     let weights = dir.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();

@@ -6,11 +6,13 @@
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
 //!   what it computes for a task or a batch.
 //! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
+//! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
 
 pub mod api;
 pub mod compute;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod middleware;
@@ -116,7 +118,9 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
     }))
 }
 
-/// Serves until `shutdown` resolves, then finishes the requests in flight.
+/// Serves until `shutdown` resolves, then closes idle and half-read connections at once and
+/// finishes the requests in flight, each by its deadline.
 pub async fn run(state: SharedState, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let limits = state.limits.connections();
+    connections::serve(listener, router(state), limits, shutdown).await
 }
