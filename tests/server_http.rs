@@ -300,6 +300,41 @@ fn a_burst_gets_only_200_or_429() {
     }
 }
 
+/// A burst that the worker cannot finish within the request timeout: the tasks that would miss
+/// their deadline behind the work queued are refused at once with a 429 and a `Retry-After`,
+/// rather than queued to time out (504) after spending the worker's time.
+#[test]
+fn tasks_that_would_miss_their_deadline_get_a_fast_429_not_a_504() {
+    let tight = start(&["--request-timeout-ms", "4000", "--max-batch", "1", "--max-steps", "1000"]);
+    let adapt = format!("{}/adapt", tight.url);
+    let post = |steps: usize| Client::new().post(&adapt).json(&task_json(steps)).send().unwrap();
+    // Steps for a task of about half a second here; one task of that shape measures its cost.
+    let probe: Value = post(10).json().unwrap();
+    let steps = ((500.0 / (probe["timing_ms"]["adapt"].as_f64().unwrap() / 10.0)) as usize).clamp(1, 1000);
+    assert_eq!(post(steps).status(), 200);
+    // Twenty-four at once: about 12 s of work, where each may take 4 s.
+    let answers: Vec<(u16, Option<u64>, Value, std::time::Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..24)
+            .map(|_| {
+                s.spawn(|| {
+                    let sent = std::time::Instant::now();
+                    let response = post(steps);
+                    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
+                    (response.status().as_u16(), retry_after, response.json().unwrap(), sent.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let count = |status: u16| answers.iter().filter(|(s, ..)| *s == status).count();
+    assert!(count(504) <= 1 && count(429) >= 6 && count(200) >= 3, "{:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    for (_, retry_after, body, took) in answers.iter().filter(|(s, ..)| *s == 429) {
+        assert_eq!(body["error"]["code"], "would_miss_deadline", "{body}");
+        assert!(retry_after.is_some_and(|seconds| seconds >= 1), "{retry_after:?}");
+        assert!(took.as_millis() < 1500, "refused at once, not after waiting: {took:?}");
+    }
+}
+
 #[test]
 fn past_its_limit_of_requests_in_flight_the_server_refuses_before_reading() {
     let one_at_a_time = start(&["--max-in-flight", "1", "--max-steps", "1000"]);

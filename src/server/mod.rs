@@ -4,11 +4,13 @@
 //!   [`extract`]: query and path extractors that reject with it.
 //! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
-//!   what it computes for a task or a batch.
+//!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
+//!   those that would miss their deadline.
 //! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
 //! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
 
+pub mod admission;
 pub mod api;
 pub mod compute;
 pub mod config;
