@@ -1,5 +1,5 @@
-//! The real `tnas-server` process: graceful shutdown, what a connection may cost, and refusal to
-//! start on a damaged model.
+//! The real `tnas-server` process: graceful shutdown, what a connection may cost, refusal to start
+//! on a damaged or senseless model, and responses that never carry libtorch's text.
 
 mod common;
 
@@ -7,7 +7,7 @@ use common::{b64, omniglot_pngs, random_supernet, ServerProcess};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
@@ -124,4 +124,109 @@ fn a_damaged_model_stops_start_up_with_the_file_named() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("model.safetensors") && stderr.contains("sha256"), "{stderr}");
+}
+
+/// Starts the server on `models` and returns what it wrote to stderr once it exits; fails if it is
+/// still running after a minute (it should have refused to start).
+fn start_up_error(models: &std::path::Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
+        .args(["--models", models.to_str().unwrap(), "--port", &free_port().to_string(), "--device", "cpu"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the server started on a model it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `models/<dir>/model.json` of the fixture model, with `edit` applied to its JSON.
+fn edited_fixture(models: &std::path::Path, dir: &str, edit: impl FnOnce(&mut Value)) {
+    let path = models.join(dir);
+    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0).save(&path).unwrap();
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(path.join("model.json")).unwrap()).unwrap();
+    edit(&mut meta);
+    std::fs::write(path.join("model.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+}
+
+#[test]
+fn a_model_json_without_sense_stops_start_up_naming_the_field() {
+    let cases: [(&str, fn(&mut Value)); 6] = [
+        ("input.size", |m| m["input"]["size"] = json!(0)),
+        ("input.channels", |m| m["input"]["channels"] = json!(0)),
+        ("adaptation.lr_w", |m| m["adaptation"]["lr_w"] = json!(-0.1)),
+        ("adaptation.lr_theta", |m| m["adaptation"]["lr_theta"] = json!(1e300)),
+        ("adaptation.steps", |m| m["adaptation"]["steps"] = json!(0)),
+        ("head.max_way", |m| m["head"]["max_way"] = json!(1)),
+    ];
+    for (field, edit) in cases {
+        let models = tempfile::tempdir().unwrap();
+        edited_fixture(models.path(), "fixture", edit);
+        let stderr = start_up_error(models.path());
+        assert!(stderr.contains(field) && stderr.contains("model.json"), "{field}: {stderr}");
+    }
+}
+
+#[test]
+fn two_models_with_one_name_stop_start_up() {
+    let models = tempfile::tempdir().unwrap();
+    for dir in ["first", "second"] {
+        edited_fixture(models.path(), dir, |m| m["name"] = json!("same"));
+    }
+    let stderr = start_up_error(models.path());
+    assert!(stderr.contains("first/model.json") && stderr.contains("second/model.json") && stderr.contains("'same'"), "{stderr}");
+}
+
+#[test]
+fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
+    let models = tempfile::tempdir().unwrap();
+    let mut checkpoint = random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20 }, 9, 1.0);
+    // Weights that load (their hash is right) but make every adaptation's numbers NaN.
+    tch::no_grad(|| {
+        let _ = checkpoint.params.tensors()[0].shallow_clone().fill_(f64::NAN);
+    });
+    checkpoint.save(&models.path().join("fixture")).unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
+        .args(["--models", models.path().to_str().unwrap(), "--port", &port.to_string(), "--device", "cpu"])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    let readyz = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "the warm-up never failed");
+        if let Ok(response) = client.get(format!("{url}/readyz")).send() {
+            let body = response.text().unwrap();
+            if body.contains("stopped") {
+                break body;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let pngs = omniglot_pngs("Greek", 2, 2);
+    let task = json!({"support": [{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}], "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
+    let adapt = client.post(format!("{url}/adapt")).json(&task).send().unwrap();
+    assert_eq!(adapt.status(), 503);
+    let adapt = adapt.text().unwrap();
+    let _ = child.kill();
+    let log = String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned();
+    for body in [&readyz, &adapt] {
+        assert!(body.contains("warm-up adaptation"), "{body}");
+        for internal in ["succeeds", "Diverged", "panicked", "frame #", ".rs:"] {
+            assert!(!body.contains(internal), "a response carries '{internal}': {body}");
+        }
+    }
+    assert!(log.contains("Diverged") || log.contains("not finite"), "the log has the error: {log}");
 }

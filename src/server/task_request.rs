@@ -6,7 +6,7 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::compute::{ResolvedOptions, TaskInput};
 use crate::imaging::{self, ImageLimits};
-use crate::metadata::ModelMeta;
+use crate::metadata::{ModelMeta, MAX_LEARNING_RATE};
 use axum::body::Bytes;
 use axum::extract::Multipart;
 use base64::Engine;
@@ -182,7 +182,9 @@ impl TaskRequest {
         }
         let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64, ApiError> {
             match value {
-                Some(v) if !v.is_finite() || !(0.0..=1e4).contains(&v) => Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, 10000]"))),
+                Some(v) if !v.is_finite() || !(0.0..=MAX_LEARNING_RATE).contains(&v) => {
+                    Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, {MAX_LEARNING_RATE}]")))
+                }
                 Some(v) => Ok(v),
                 None => Ok(default),
             }

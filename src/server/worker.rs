@@ -76,7 +76,27 @@ pub struct Job {
 pub enum Readiness {
     Loading,
     Ready,
-    Failed(String),
+    Failed(WorkerFault),
+}
+
+/// Why the worker stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerFault {
+    /// What happened, in words a client can act on: what responses say.
+    pub summary: &'static str,
+    /// The error as raised, often libtorch's text with C++ stack frames: for the log and the
+    /// operator, never for a response.
+    pub detail: String,
+}
+
+impl WorkerFault {
+    fn warm_up(detail: String) -> WorkerFault {
+        WorkerFault { summary: "a model failed its warm-up adaptation on the device, so none is served", detail }
+    }
+
+    fn device(detail: String) -> WorkerFault {
+        WorkerFault { summary: "the device stopped working after an adaptation failed on it", detail }
+    }
 }
 
 /// Handle to the worker thread; dropping it closes the queue and joins the thread.
@@ -115,12 +135,12 @@ impl Worker {
                 let queue = Queue { waiting: &worker_waiting, admission: &worker_admission };
                 let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
-                    Err(message) => return stop_serving(&ready_tx, message, &mut receiver, VecDeque::new(), &queue),
+                    Err(message) => return stop_serving(&ready_tx, WorkerFault::warm_up(message), &mut receiver, VecDeque::new(), &queue),
                 };
                 let _ = ready_tx.send(Readiness::Ready);
                 let recorded = RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
                 if let Err((fault, held)) = serve(models, &mut receiver, &queue, device, max_batch.max(1), recorded) {
-                    stop_serving(&ready_tx, fault, &mut receiver, held, &queue);
+                    stop_serving(&ready_tx, WorkerFault::device(fault), &mut receiver, held, &queue);
                 }
             })
             .expect("the OS can start a thread");
@@ -284,11 +304,11 @@ fn device_works(device: Device) -> bool {
     caught(|| (Tensor::ones([1], (Kind::Float, device)) + 1.0).double_value(&[]) == 2.0).unwrap_or(false)
 }
 
-/// Publishes why the worker stopped (`/readyz` answers 503 with it) and refuses every job still
+/// Logs why the worker stopped and publishes it (`/readyz` answers 503 with its summary) and refuses every job still
 /// waiting, held back or queued, so each request hears at once that there is no worker.
-fn stop_serving(ready: &watch::Sender<Readiness>, why: String, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, queue: &Queue) {
-    tracing::error!(%why, "the compute worker stopped; /readyz reports it");
-    let _ = ready.send(Readiness::Failed(why));
+fn stop_serving(ready: &watch::Sender<Readiness>, fault: WorkerFault, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, queue: &Queue) {
+    tracing::error!(summary = fault.summary, detail = %fault.detail, "the compute worker stopped; /readyz reports it");
+    let _ = ready.send(Readiness::Failed(fault));
     receiver.close();
     let queued = std::iter::from_fn(|| receiver.blocking_recv());
     for job in held.into_iter().chain(queued) {

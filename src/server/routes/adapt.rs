@@ -44,8 +44,8 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     // A stopped worker, or as many requests in the server as it takes, refuses a request before
     // its body is read. A full queue does not: a malformed request still hears what is wrong with
     // it, not to retry.
-    if let Readiness::Failed(why) = state.worker.readiness() {
-        return Err(ApiError::NotReady(format!("the compute worker stopped ({why}); check /readyz")));
+    if let Readiness::Failed(fault) = state.worker.readiness() {
+        return Err(ApiError::NotReady(format!("the compute worker stopped ({}); check /readyz", fault.summary)));
     }
     let _in_flight = state.in_flight.try_acquire().map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
     let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
