@@ -90,7 +90,11 @@ fn header(bytes: &[u8], limits: &ImageLimits) -> Result<(ImageFormat, u32, u32),
     }
     let format = served_format(bytes)?;
     let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name(format), reason: e.to_string() };
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    // Reading a header allocates nothing, but the decoders refuse one whose picture would pass
+    // their own memory limit before telling its size; the pixel limit below is the one that counts.
+    reader.no_limits();
+    let (width, height) = reader.into_dimensions().map_err(corrupt)?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(ImageError::ZeroSize { width, height });
@@ -313,6 +317,12 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(500));
         assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, max_pixels: 2048 * 2048 });
         assert!(err.to_string().contains("downscale"));
+    }
+
+    #[test]
+    fn a_header_over_the_decoders_own_memory_limit_is_too_many_pixels_not_corrupt() {
+        let err = decode(&png_declaring(1 << 31, 1), &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::TooManyPixels { width: 2_147_483_648, height: 1, .. }), "{err}");
     }
 
     #[test]

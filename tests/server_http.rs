@@ -86,6 +86,20 @@ fn multipart_adaptation_matches_json() {
 }
 
 #[test]
+fn base64_wrapped_at_76_columns_as_mime_writes_it_is_accepted() {
+    let mut task = task_json(1);
+    for part in ["support", "query"] {
+        for image in task[part].as_array_mut().unwrap() {
+            let text = image["image"].as_str().unwrap().to_string();
+            let lines: Vec<&str> = text.as_bytes().chunks(76).map(|line| std::str::from_utf8(line).unwrap()).collect();
+            image["image"] = json!(lines.join("\r\n"));
+        }
+    }
+    let response = post_json(&task);
+    assert_eq!(response.status(), 200, "{:?}", response.text());
+}
+
+#[test]
 fn support_bn_makes_a_query_independent_of_the_others() {
     let mut full = task_json(1);
     let first_query = full["query"][0].clone();
@@ -172,6 +186,10 @@ fn the_genotype_store_is_bounded_in_bytes() {
 /// decoding it would need 10 GB.
 const PNG_DECLARING_100K_SQUARE: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 
+/// A valid grayscale PNG whose header declares 2³¹ × 1 pixels: over the pixel limit (413), though
+/// the PNG decoder's own memory limit would call it something else.
+const PNG_DECLARING_2_31_BY_1: &str = "iVBORw0KGgoAAAANSUhEUoAAAAAAAAABCAAAAAB11tV8AAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+
 /// Every error path of SPEC §6: status, code, and the server still serves.
 #[test]
 fn errors_are_specific_and_the_server_keeps_serving() {
@@ -194,6 +212,7 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     // per-request budget, which is checked from their headers before any is decoded.
     let large = b64(&blank_png(2048, 2048));
     let nine_large: Vec<Value> = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    let two_options = "--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{\"steps\": 1}\r\n--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{\"steps\": 2}\r\n--XYZ--\r\n";
     let long_name = "x".repeat(10_000);
     let long_label = json!([{"label": long_name, "image": png}, valid["support"][1]]);
     let junk_query_part = [&b"--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"[..], &[b'x'; 3_000_000], b"\r\n--XYZ--\r\n"].concat();
@@ -209,6 +228,9 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("truncated PNG", client.post(format!("{url}/adapt")).json(&query_with(&truncated)), 400, "invalid_image"),
         ("zero-byte image", client.post(format!("{url}/adapt")).json(&query_with("")), 400, "invalid_image"),
         ("decompression bomb", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_100K_SQUARE)), 413, "payload_too_large"),
+        ("2^31 x 1 PNG", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_2_31_BY_1)), 413, "payload_too_large"),
+        ("a media type that starts like JSON", client.post(format!("{url}/adapt")).header("content-type", "application/jsonfoo").body(valid.to_string()), 415, "unsupported_media_type"),
+        ("two options parts", multipart(two_options.into()), 400, "duplicate_part"),
         ("request pixels over budget", client.post(format!("{url}/adapt")).json(&with("query", json!(nine_large))), 413, "payload_too_large"),
         ("label over its limit", client.post(format!("{url}/adapt")).json(&with("support", long_label)), 422, "name_too_long"),
         ("query id over its limit", client.post(format!("{url}/adapt")).json(&query_with_id(&long_name)), 422, "name_too_long"),
@@ -382,6 +404,10 @@ fn api_key_protects_everything_but_health() {
     assert_eq!(denied.status(), 401);
     assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("wrong").send().unwrap().status(), 401);
     assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("s3cret").send().unwrap().status(), 200);
+    for scheme in ["bearer", "BEARER"] {
+        let response = client.get(format!("{}/models", secured.url)).header("authorization", format!("{scheme} s3cret")).send().unwrap();
+        assert_eq!(response.status(), 200, "the scheme is case-insensitive (RFC 7235): {scheme}");
+    }
     assert_eq!(client.get(format!("{}/healthz", secured.url)).send().unwrap().status(), 200);
     assert_eq!(client.get(format!("{}/metrics", secured.url)).send().unwrap().status(), 200);
 }

@@ -19,10 +19,19 @@ pub struct TaskRequest {
     pub options: AdaptOptions,
 }
 
+/// Decodes a base64 image, alone or as a `data:` URL; line breaks and spaces inside it (MIME
+/// encoders wrap at 76 columns) are skipped.
 fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
     let payload = text.split_once("base64,").map_or(text, |(_, data)| data);
+    let unwrapped: String;
+    let payload = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        unwrapped = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        unwrapped.as_str()
+    } else {
+        payload
+    };
     base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
+        .decode(payload)
         .map(Bytes::from)
         .map_err(|e| ApiError::bad_request("invalid_base64", format!("{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded")))
 }
@@ -64,6 +73,7 @@ impl TaskRequest {
             }
         };
         let mut request = TaskRequest { support: Vec::new(), query: Vec::new(), options: AdaptOptions::default() };
+        let mut options_seen = false;
         while let Some(field) = multipart.next_field().await.map_err(broken)? {
             let Some(name) = field.name().map(str::to_string) else {
                 return Err(ApiError::bad_request("invalid_multipart", "a multipart part has no name; name every part support[<label>], query or options"));
@@ -76,6 +86,10 @@ impl TaskRequest {
                 let id = file_name.unwrap_or_else(|| format!("q{}", request.query.len()));
                 request.query.push((id, data));
             } else if name == "options" {
+                if options_seen {
+                    return Err(ApiError::bad_request("duplicate_part", "the options part appears twice; send one options part holding every option"));
+                }
+                options_seen = true;
                 request.options = serde_json::from_slice(&data).map_err(|e| ApiError::bad_request("invalid_options", format!("the options part is not valid JSON options: {e}")))?;
             } else {
                 return Err(ApiError::bad_request("unknown_part", format!("unknown multipart part '{name}'; use support[<label>], query and options")));

@@ -147,7 +147,9 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
         return Err(too_large());
     }
     let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
-    if content_type.starts_with("application/json") {
+    // The media type without its parameters (`; charset=utf-8`, `; boundary=…`).
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
         let body = axum::body::to_bytes(request.into_body(), max).await.map_err(|e| {
             let over_limit = std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
             if over_limit {
@@ -157,7 +159,7 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
             }
         })?;
         TaskRequest::from_json(&body)
-    } else if content_type.starts_with("multipart/form-data") {
+    } else if essence == "multipart/form-data" {
         let multipart = axum::extract::Multipart::from_request(request, &())
             .await
             .map_err(|e| ApiError::bad_request("invalid_multipart", format!("multipart body is malformed: {}", e.body_text())))?;
