@@ -43,8 +43,10 @@ test: setup
 bench: setup
 	cargo bench --bench adapt
 
-# 60 s of 16 concurrent clients (valid and invalid requests) against the release server; prints
-# throughput, latency, status counts and memory, and fails on any 5xx, memory growth or lost readiness.
+# One client alone, then 60 s of 32 clients of 20-way tasks beside hostile clients (invalid requests,
+# requests over the budgets, half-open connections) against the release server; prints goodput,
+# latency, status counts and memory, and fails on a 5xx other than 504, goodput under 80% of one
+# client's throughput, a hostile request without its own 4xx, memory not returned, or lost readiness.
 load: setup
 	cargo bench --bench load
 

@@ -1,173 +1,258 @@
-//! `make load`: 60 s of 16 concurrent clients against the release server on loopback, with the
-//! shipped model and real Omniglot PNGs from a test alphabet, mixing valid tasks (5-way and
-//! 20-way, JSON and multipart) with invalid requests. Prints requests served, latency, status
-//! counts and memory; exits non-zero on any 5xx, an invalid request that got anything but its
-//! specific 4xx, memory growth after warm-up, or a server that is not ready at the end.
+//! `make load`: the release server on loopback with the shipped model and real Omniglot PNGs from a
+//! test alphabet. First one client alone measures the server's throughput on 20-way 1-shot tasks;
+//! then, for 60 s, 32 clients send such tasks (JSON and multipart) beside hostile clients: invalid
+//! requests of every kind, requests over the per-request budgets (pixels, label length, listing
+//! size), and raw connections that send half a request head and hold it. Prints goodput (answers
+//! within the deadline) beside the single-client throughput, latency, status counts and memory;
+//! exits non-zero on a 5xx other than 504, fewer than 90% of the valid requests not refused with
+//! 429 answered 200, goodput under 80% of the single client's throughput, a hostile request that
+//! got anything but its own 4xx, a half-open connection held past the header-read timeout, memory
+//! not back within 10% of its start after the run, or a server that is not ready at the end.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;
 
+use common::{b64, ServerProcess};
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use common::{b64, ServerProcess};
-use support::{closed_loop, percentile};
+use support::{closed_loop, percentile, Answer};
 
 /// A valid 67-byte PNG whose header declares 100 000 × 100 000 pixels.
 const PNG_BOMB: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
-/// Memory may not grow by more than this fraction from the warm-up (the first third of the run,
-/// in which every request kind has been served) to the last third.
-const MAX_RSS_GROWTH: f64 = 0.2;
+/// The server's header-read timeout in this run; half-open connections must be closed by then.
+const HEADER_READ_TIMEOUT_S: f64 = 10.0;
 
-/// The request kinds, in the proportions the clients cycle through, with the statuses each may get.
+/// What the hostile HTTP clients cycle through, each with the one status it must get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    FiveWay,
-    TwentyWay,
-    Multipart,
+enum Hostile {
     BadJson,
     NotAnImage,
     Bomb,
+    /// Many small files declaring 2048 × 2048 each: over the per-request pixel budget.
+    DeclaredPixels,
+    LongLabel,
     UnknownModel,
     TooManySteps,
     WrongMediaType,
+    ListingOverCap,
 }
 
-const CYCLE: [Kind; 12] = [
-    Kind::FiveWay, Kind::BadJson, Kind::FiveWay, Kind::Multipart, Kind::NotAnImage, Kind::FiveWay,
-    Kind::Bomb, Kind::TwentyWay, Kind::UnknownModel, Kind::FiveWay, Kind::TooManySteps, Kind::WrongMediaType,
+const HOSTILE_CYCLE: [Hostile; 9] = [
+    Hostile::BadJson, Hostile::DeclaredPixels, Hostile::NotAnImage, Hostile::LongLabel, Hostile::Bomb,
+    Hostile::UnknownModel, Hostile::ListingOverCap, Hostile::TooManySteps, Hostile::WrongMediaType,
 ];
 
-impl Kind {
-    /// What client `index` sends as its request number `n` (clients start at different places).
-    fn of(index: usize, n: usize) -> Kind {
-        CYCLE[(index * 5 + n) % CYCLE.len()]
+impl Hostile {
+    fn of(index: usize, n: usize) -> Hostile {
+        HOSTILE_CYCLE[(index * 2 + n) % HOSTILE_CYCLE.len()]
     }
 
-    fn expected(self) -> &'static [u16] {
+    fn expected(self) -> u16 {
         match self {
-            Kind::FiveWay | Kind::TwentyWay | Kind::Multipart => &[200, 429],
-            Kind::BadJson | Kind::NotAnImage => &[400],
-            Kind::Bomb => &[413],
-            Kind::UnknownModel => &[404],
-            Kind::TooManySteps => &[422],
-            Kind::WrongMediaType => &[415],
+            Hostile::BadJson | Hostile::NotAnImage | Hostile::ListingOverCap => 400,
+            Hostile::Bomb | Hostile::DeclaredPixels => 413,
+            Hostile::UnknownModel => 404,
+            Hostile::LongLabel | Hostile::TooManySteps => 422,
+            Hostile::WrongMediaType => 415,
         }
     }
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A valid all-black PNG of 2048 × 2048 (about 5 KB).
+fn blank_2048_png() -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::from(image::GrayImage::new(2048, 2048)).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// Clients that each open a connection, send half a request head and hold it until the server
+/// closes it, over and over until `stop`; returns how long each connection was held.
+fn half_open_clients(port: u16, clients: usize, stop: &AtomicBool) -> Vec<f64> {
+    std::thread::scope(|scope| {
+        let holders: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut held = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+                        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                        let opened = Instant::now();
+                        if stream.write_all(b"POST /adapt HTTP/1.1\r\nHost: tnas\r\nContent-Le").is_ok() {
+                            let _ = stream.read_to_end(&mut Vec::new());
+                            held.push(opened.elapsed().as_secs_f64());
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        holders.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn main() {
-    let seconds: u64 = std::env::var("TNAS_LOAD_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
-    let clients: usize = std::env::var("TNAS_LOAD_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let seconds: u64 = env_or("TNAS_LOAD_SECONDS", 60);
+    let clients: usize = env_or("TNAS_LOAD_CLIENTS", 32);
+    let hostile_clients: usize = env_or("TNAS_LOAD_HOSTILE_CLIENTS", 4);
+    let half_open: usize = env_or("TNAS_LOAD_HALF_OPEN", 64);
+    let baseline_seconds: u64 = env_or("TNAS_LOAD_BASELINE_SECONDS", 20);
     let models = common::repo_path("models");
-    let server = ServerProcess::start(&models, &["--default-model", "omniglot-tnas", "--device", "cpu", "--threads", "2", "--queue-depth", "4"]);
+    let server = ServerProcess::start(&models, &["--default-model", "omniglot-tnas", "--device", "cpu", "--threads", "2"]);
     let pngs = common::omniglot_pngs("Latin", 20, 4);
-    // 5-way and 20-way 1-shot Latin tasks: drawer 0 as support, drawers 1..=3 as queries.
-    let (five, twenty) = (common::task_json(&pngs[..5]), common::task_json(&pngs));
+    // A 20-way 1-shot Latin task: drawer 0 as support, drawers 1..=3 as queries.
+    let twenty = common::task_json(&pngs);
     let with = |key: &str, value: Value| {
-        let mut v = five.clone();
+        let mut v = common::task_json(&pngs[..5]);
         v[key] = value;
         v
     };
-    let (not_image, bomb, unknown, too_many) = (
-        with("query", json!([{"id": "q", "image": b64(b"plain text")}])),
-        with("query", json!([{"id": "q", "image": PNG_BOMB}])),
-        with("model", json!("no-such-model")),
-        with("steps", json!(1_000_000)),
-    );
-    let url = format!("{}/adapt", server.url);
-    let send = |client: &Client, index: usize, n: usize| {
-        let post = client.post(&url);
-        match Kind::of(index, n) {
-            Kind::FiveWay => post.json(&five),
-            Kind::TwentyWay => post.json(&twenty),
-            Kind::Multipart => {
-                let mut form = multipart::Form::new();
-                for (c, d) in pngs.iter().take(5).enumerate() {
-                    form = form.part(format!("support[latin{c}]"), multipart::Part::bytes(d[0].clone()).file_name("s.png"));
-                    form = form.part("query", multipart::Part::bytes(d[1].clone()).file_name(format!("q{c}.png")));
+    let large = b64(&blank_2048_png());
+    let hostile_bodies: BTreeMap<Hostile, Value> = BTreeMap::from([
+        (Hostile::NotAnImage, with("query", json!([{"id": "q", "image": b64(b"plain text")}]))),
+        (Hostile::Bomb, with("query", json!([{"id": "q", "image": PNG_BOMB}]))),
+        (Hostile::DeclaredPixels, with("query", (0..505).map(|i| json!({"id": format!("q{i}"), "image": large})).collect())),
+        (Hostile::LongLabel, with("support", json!([{"label": "x".repeat(1 << 20), "image": twenty["support"][0]["image"]}]))),
+        (Hostile::UnknownModel, with("model", json!("no-such-model"))),
+        (Hostile::TooManySteps, with("steps", json!(1_000_000))),
+    ]);
+    let adapt = format!("{}/adapt", server.url);
+    let valid = |client: &Client, _: usize, n: usize| {
+        if n % 4 == 3 {
+            let mut form = multipart::Form::new();
+            for (c, d) in pngs.iter().enumerate() {
+                form = form.part(format!("support[latin{c}]"), multipart::Part::bytes(d[0].clone()).file_name("s.png"));
+                for (q, png) in d[1..].iter().enumerate() {
+                    form = form.part("query", multipart::Part::bytes(png.clone()).file_name(format!("q{c}-{q}.png")));
                 }
-                post.multipart(form)
             }
-            Kind::BadJson => post.header("content-type", "application/json").body("{\"support\": ["),
-            Kind::NotAnImage => post.json(&not_image),
-            Kind::Bomb => post.json(&bomb),
-            Kind::UnknownModel => post.json(&unknown),
-            Kind::TooManySteps => post.json(&too_many),
-            Kind::WrongMediaType => post.header("content-type", "text/csv").body("a,b"),
+            client.post(&adapt).multipart(form).send()
+        } else {
+            client.post(&adapt).json(&twenty).send()
+        }
+    };
+    let hostile = |client: &Client, index: usize, n: usize| {
+        let post = client.post(&adapt);
+        match Hostile::of(index, n) {
+            Hostile::BadJson => post.header("content-type", "application/json").body("{\"support\": ["),
+            Hostile::WrongMediaType => post.header("content-type", "text/csv").body("a,b"),
+            Hostile::ListingOverCap => client.get(format!("{}/genotypes?limit=1000000", server.url)),
+            kind => post.json(&hostile_bodies[&kind]),
         }
         .send()
     };
 
-    let sampling = std::sync::atomic::AtomicBool::new(true);
-    let (memory, answers) = std::thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let started = Instant::now();
-            let mut samples = Vec::new();
-            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                samples.push((started.elapsed().as_secs_f64(), server.memory_mib().0));
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            samples
-        });
-        let answers = closed_loop(clients, Duration::from_secs(seconds), &send);
-        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
-        (sampler.join().unwrap(), answers)
-    });
+    // One client alone: the throughput the server can give 20-way tasks.
+    let alone = closed_loop(1, Duration::from_secs(baseline_seconds), &valid);
+    let single_client = alone.iter().filter(|a| a.status == 200 && a.in_time(Duration::from_secs(baseline_seconds))).count() as f64 / baseline_seconds as f64;
+    let (rss_start, _) = server.memory_mib();
 
+    let stop_half_open = AtomicBool::new(false);
+    let (answers, hostile_answers, held) = std::thread::scope(|scope| {
+        let holders = scope.spawn(|| half_open_clients(server.port, half_open, &stop_half_open));
+        let hostile_run = scope.spawn(|| closed_loop(hostile_clients, Duration::from_secs(seconds), &hostile));
+        let answers = closed_loop(clients, Duration::from_secs(seconds), &valid);
+        let hostile_answers = hostile_run.join().unwrap();
+        stop_half_open.store(true, Ordering::Relaxed);
+        (answers, hostile_answers, holders.join().unwrap())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss_end, peak) = server.memory_mib();
+    let ready = server.ready();
+    let passed = report(Run { seconds, clients, hostile_clients, half_open, single_client, answers, hostile_answers, held, rss_start, rss_end, peak, ready });
+    drop(server);
+    if !passed {
+        std::process::exit(1);
+    }
+}
+
+/// What a run measured.
+struct Run {
+    seconds: u64,
+    clients: usize,
+    hostile_clients: usize,
+    half_open: usize,
+    /// 200s a second with one client alone.
+    single_client: f64,
+    answers: Vec<Answer>,
+    hostile_answers: Vec<Answer>,
+    /// Seconds each half-open connection was held before the server closed it.
+    held: Vec<f64>,
+    rss_start: f64,
+    rss_end: f64,
+    peak: f64,
+    ready: bool,
+}
+
+/// Prints the figures and the checks that failed; whether all passed.
+fn report(run: Run) -> bool {
+    let duration = Duration::from_secs(run.seconds);
+    let count = |answers: &[Answer], status: u16| answers.iter().filter(|a| a.status == status).count();
+    let goodput = run.answers.iter().filter(|a| a.status == 200 && a.in_time(duration)).count() as f64 / run.seconds as f64;
+    let not_refused = run.answers.iter().filter(|a| a.status != 429).count();
+    let served_share = count(&run.answers, 200) as f64 / not_refused.max(1) as f64;
+    let latencies = |status: u16| run.answers.iter().filter(|a| a.status == status).map(|a| a.ms).collect::<Vec<f64>>();
+    let (served, refused) = (latencies(200), latencies(429));
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
-    let mut by_kind: BTreeMap<(String, u16), usize> = BTreeMap::new();
-    let mut failures = Vec::new();
-    for answer in &answers {
-        let kind = Kind::of(answer.client, answer.n);
+    for answer in &run.answers {
         *by_status.entry(answer.status).or_default() += 1;
-        *by_kind.entry((format!("{kind:?}"), answer.status)).or_default() += 1;
-        if !kind.expected().contains(&answer.status) {
-            failures.push(format!("{kind:?} got {}", answer.status));
+    }
+    let mut hostile: BTreeMap<(Hostile, u16), usize> = BTreeMap::new();
+    for answer in &run.hostile_answers {
+        *hostile.entry((Hostile::of(answer.client, answer.n), answer.status)).or_default() += 1;
+    }
+
+    println!("load: release tnas-server (CPU, 2 threads), model omniglot-tnas, Latin PNGs, 20-way 1-shot tasks with 60 queries");
+    println!("one client alone: {:.2} tasks/s", run.single_client);
+    println!("{} s of {} clients of 20-way tasks, {} hostile clients, {} half-open connections held:", run.seconds, run.clients, run.hostile_clients, run.half_open);
+    println!("  goodput (200 within the run): {goodput:.2} tasks/s, {:.0}% of one client's throughput", 100.0 * goodput / run.single_client);
+    println!("  valid requests: {}", by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", "));
+    println!("  of those not refused with 429, {:.1}% were 200", 100.0 * served_share);
+    println!("  latency: 200 p50 {:.0} ms, p99 {:.0} ms; 429 p50 {:.1} ms, p99 {:.1} ms", percentile(&served, 0.5), percentile(&served, 0.99), percentile(&refused, 0.5), percentile(&refused, 0.99));
+    for ((kind, status), n) in &hostile {
+        println!("  hostile {:<15} {status}: {n}", format!("{kind:?}"));
+    }
+    let longest_held = run.held.iter().copied().fold(0.0, f64::max);
+    println!("  half-open connections closed by the server: {}, held p50 {:.1} s, at most {longest_held:.1} s", run.held.len(), percentile(&run.held, 0.5));
+    println!("memory: RSS {:.0} MiB before the run, {:.0} MiB 5 s after it, peak {:.0} MiB", run.rss_start, run.rss_end, run.peak);
+    println!("/readyz at the end: {}", if run.ready { "200" } else { "not ready" });
+
+    let mut failures = Vec::new();
+    if run.answers.iter().chain(&run.hostile_answers).any(|a| a.status >= 500 && a.status != 504) {
+        failures.push("a 5xx other than 504".to_string());
+    }
+    if served_share < 0.9 {
+        failures.push(format!("only {:.1}% of the valid requests not refused with 429 were 200", 100.0 * served_share));
+    }
+    if goodput < 0.8 * run.single_client {
+        failures.push(format!("goodput {goodput:.2}/s is under 80% of one client's {:.2}/s", run.single_client));
+    }
+    for ((kind, status), n) in &hostile {
+        if *status != kind.expected() {
+            failures.push(format!("{n} {kind:?} got {status}"));
         }
     }
-    let served: Vec<f64> = answers.iter().filter(|a| a.status == 200).map(|a| a.ms).collect();
-    let refused: Vec<f64> = answers.iter().filter(|a| a.status != 200 && a.status != 429).map(|a| a.ms).collect();
-    let window_peak = |from: f64, to: f64| memory.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, m)| *m).fold(0.0, f64::max);
-    let third = memory.last().map_or(0.0, |(t, _)| *t) / 3.0;
-    let (warm, last) = (window_peak(0.0, third), window_peak(2.0 * third, f64::INFINITY));
-    let (_, peak) = server.memory_mib();
-    let ready = server.ready();
-
-    println!("load: {clients} clients, {seconds} s, release tnas-server (CPU, 2 threads, queue depth 4), model omniglot-tnas, Latin PNGs");
-    let duration = Duration::from_secs(seconds);
-    let rate = |count: usize| count as f64 / seconds as f64;
-    let in_time = answers.iter().filter(|a| a.in_time(duration));
-    let (answered_in_time, served_in_time) = (in_time.clone().count(), in_time.filter(|a| a.status == 200).count());
-    println!("requests answered: {} ({:.1}/s within the run); adaptations served: {} ({:.2}/s)", answers.len(), rate(answered_in_time), served.len(), rate(served_in_time));
-    println!("latency of served adaptations: p50 {:.0} ms, p99 {:.0} ms", percentile(&served, 0.5), percentile(&served, 0.99));
-    println!("latency of refused requests (4xx other than 429): p50 {:.1} ms, p99 {:.1} ms", percentile(&refused, 0.5), percentile(&refused, 0.99));
-    println!("status counts: {}", by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", "));
-    for ((kind, status), n) in &by_kind {
-        println!("  {kind:<15} {status}: {n}");
+    if longest_held > HEADER_READ_TIMEOUT_S + 2.0 {
+        failures.push(format!("a half-open connection was held {longest_held:.1} s"));
     }
-    println!("memory: peak RSS {peak:.0} MiB; peak in the first third {warm:.0} MiB, in the last third {last:.0} MiB");
-    println!("/readyz at the end: {}", if ready { "200" } else { "not ready" });
-
-    if answers.iter().any(|a| a.status >= 500) {
-        failures.push("a 5xx was returned".into());
+    if run.rss_end > 1.1 * run.rss_start {
+        failures.push(format!("memory did not come back: {:.0} MiB after against {:.0} MiB before", run.rss_end, run.rss_start));
     }
-    if last > warm * (1.0 + MAX_RSS_GROWTH) {
-        failures.push(format!("memory grew from {warm:.0} MiB to {last:.0} MiB after warm-up"));
-    }
-    if !ready {
+    if !run.ready {
         failures.push("/readyz is not 200 at the end".into());
-    }
-    if served.is_empty() {
-        failures.push("no adaptation was served".into());
     }
     if failures.is_empty() {
         println!("PASS");
     } else {
-        failures.dedup();
         println!("FAIL: {}", failures.join("; "));
-        std::process::exit(1);
     }
+    failures.is_empty()
 }

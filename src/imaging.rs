@@ -58,9 +58,30 @@ const LUMA_WEIGHTS: [f32; 3] = [0.2126, 0.7152, 0.0722];
 /// headroom for the decoders' scratch buffers; bounds `image`'s allocation limit.
 const ALLOC_BYTES_PER_PIXEL: u64 = 16;
 
-/// Decodes untrusted PNG or JPEG bytes, checking `limits` in order of cost: byte count, format
-/// signature, then the header's declared dimensions, and only then the pixels.
+/// The width and height an image's header declares, checking `limits` in order of cost: byte
+/// count, format signature, then the declared dimensions; no pixel is decoded. Lets a caller
+/// budget a whole request's decoding before decoding any of it.
+pub fn declared_size(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32), ImageError> {
+    header(bytes, limits).map(|(_, width, height)| (width, height))
+}
+
+/// Decodes untrusted PNG or JPEG bytes once their header has passed [`declared_size`]'s checks,
+/// so only pictures within `limits` are ever allocated.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, ImageError> {
+    let (format, width, height) = header(bytes, limits)?;
+    let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name(format), reason: e.to_string() };
+    let pixels = u64::from(width) * u64::from(height);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decode_limits = image::Limits::default();
+    decode_limits.max_image_width = Some(width);
+    decode_limits.max_image_height = Some(height);
+    decode_limits.max_alloc = Some(pixels * ALLOC_BYTES_PER_PIXEL + (1 << 20));
+    reader.limits(decode_limits);
+    reader.decode().map_err(corrupt)
+}
+
+/// The format and declared dimensions of `bytes`, within `limits`.
+fn header(bytes: &[u8], limits: &ImageLimits) -> Result<(ImageFormat, u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -69,7 +90,11 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, ImageE
     }
     let format = served_format(bytes)?;
     let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name(format), reason: e.to_string() };
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(corrupt)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    // Reading a header allocates nothing, but the decoders refuse one whose picture would pass
+    // their own memory limit before telling its size; the pixel limit below is the one that counts.
+    reader.no_limits();
+    let (width, height) = reader.into_dimensions().map_err(corrupt)?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
         return Err(ImageError::ZeroSize { width, height });
@@ -77,13 +102,7 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, ImageE
     if pixels > limits.max_pixels {
         return Err(ImageError::TooManyPixels { width, height, pixels, max_pixels: limits.max_pixels });
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decode_limits = image::Limits::default();
-    decode_limits.max_image_width = Some(width);
-    decode_limits.max_image_height = Some(height);
-    decode_limits.max_alloc = Some(pixels * ALLOC_BYTES_PER_PIXEL + (1 << 20));
-    reader.limits(decode_limits);
-    reader.decode().map_err(corrupt)
+    Ok((format, width, height))
 }
 
 /// The format of `bytes` from its signature, if it is one we serve (only PNG and JPEG codecs are
@@ -298,6 +317,12 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(500));
         assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, max_pixels: 2048 * 2048 });
         assert!(err.to_string().contains("downscale"));
+    }
+
+    #[test]
+    fn a_header_over_the_decoders_own_memory_limit_is_too_many_pixels_not_corrupt() {
+        let err = decode(&png_declaring(1 << 31, 1), &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::TooManyPixels { width: 2_147_483_648, height: 1, .. }), "{err}");
     }
 
     #[test]

@@ -175,10 +175,14 @@ pub struct ModelMeta {
 }
 
 impl ModelMeta {
-    /// Checks the fields that the loader relies on; the message names the field.
+    /// Checks the fields that the loader and the server rely on, for form and for sense (a model
+    /// that passes is one the worker can warm up and serve); the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
             return Err(format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", self.format_version));
+        }
+        if self.name.trim().is_empty() {
+            return Err("name is empty; give the model the name requests will use".into());
         }
         if self.primitives != PRIMITIVES {
             return Err(format!("primitives must be {PRIMITIVES:?} in that order"));
@@ -194,12 +198,55 @@ impl ModelMeta {
             (ModelKind::Supernet, Some(space), _) => space.validate().map_err(|e| format!("search_space: {e}"))?,
         }
         self.relaxation.validate()?;
-        if self.input.mean.len() != self.input.channels || self.input.std.len() != self.input.channels {
+        self.validate_input()?;
+        self.validate_head_and_adaptation()
+    }
+
+    fn validate_input(&self) -> Result<(), String> {
+        let input = &self.input;
+        if ![1, 3].contains(&input.channels) {
+            return Err(format!("input.channels must be 1 (grayscale) or 3 (RGB), got {}", input.channels));
+        }
+        if input.mean.len() != input.channels || input.std.len() != input.channels {
             return Err("input.mean and input.std need one value per input channel".into());
         }
-        if self.input.std.iter().any(|s| *s <= 0.0) {
-            return Err("input.std values must be positive".into());
+        if input.mean.iter().any(|m| !m.is_finite()) {
+            return Err("input.mean values must be finite numbers".into());
+        }
+        if input.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return Err("input.std values must be positive finite numbers".into());
+        }
+        match (self.kind, &self.search_space) {
+            (ModelKind::Conv4, _) if input.size < 16 => {
+                Err(format!("input.size must be at least 16 for conv4 (its four max-pools halve it four times), got {}", input.size))
+            }
+            (ModelKind::Supernet | ModelKind::Genotype, Some(space)) if (input.size, input.channels) != (space.image_size, space.in_channels) => Err(format!(
+                "input.size {} and input.channels {} must equal search_space.image_size {} and search_space.in_channels {}: the network is built for those",
+                input.size, input.channels, space.image_size, space.in_channels
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_head_and_adaptation(&self) -> Result<(), String> {
+        match self.head {
+            HeadSpec::Fixed { n_way } if n_way < 2 => return Err(format!("head.n_way must be at least 2, got {n_way}")),
+            HeadSpec::Proto { max_way, .. } if max_way < 2 => return Err(format!("head.max_way must be at least 2, got {max_way}")),
+            _ => {}
+        }
+        let a = &self.adaptation;
+        if a.steps == 0 {
+            return Err("adaptation.steps must be at least 1".into());
+        }
+        if !a.lr_w.is_finite() || a.lr_w <= 0.0 || a.lr_w > MAX_LEARNING_RATE {
+            return Err(format!("adaptation.lr_w must be positive and at most {MAX_LEARNING_RATE}, got {}", a.lr_w));
+        }
+        if !a.lr_theta.is_finite() || a.lr_theta < 0.0 || a.lr_theta > MAX_LEARNING_RATE {
+            return Err(format!("adaptation.lr_theta must be in [0, {MAX_LEARNING_RATE}] (0: the architecture does not adapt), got {}", a.lr_theta));
         }
         Ok(())
     }
 }
+
+/// The largest learning rate a model may default to, and a request may ask for.
+pub const MAX_LEARNING_RATE: f64 = 1e4;

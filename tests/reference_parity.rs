@@ -12,7 +12,9 @@ use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::meta::algorithm::{GradientRule, MetaTask, TaskContext};
 use tnas::derived::DerivedNetwork;
 use tnas::genotype::Genotype;
+use tnas::checkpoint::task_tensors;
 use tnas::head::LOGIT_SCALE;
+use tnas::learned_rates::LearnedRates;
 use tnas::metadata::HeadSpec;
 use tnas::relaxation::Relaxation;
 use tnas::search_space::SearchSpace;
@@ -90,16 +92,37 @@ fn variant_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scale: 
     checkpoint
 }
 
+/// Gives `checkpoint` meta-learned inner rates (`adaptation.learned_rates`): a row per entry of
+/// `theta` (its θ rates, normal and reduce), each with a random rate in [0.02, 0.3] for every
+/// weight tensor of a task, so that a tensor read in the wrong column or row, or at the scalar
+/// `lr_w`, moves differently.
+fn with_learned_rates(checkpoint: &mut tnas::checkpoint::Checkpoint, theta: &[[f32; 2]]) {
+    let (rows, tensors) = (theta.len() as i64, task_tensors(&checkpoint.params, checkpoint.meta.head) as i64);
+    let w = Tensor::rand([rows, tensors], (Kind::Float, Device::Cpu)) * 0.28 + 0.02;
+    let theta = Tensor::from_slice(&theta.concat()).view([rows, 2]);
+    checkpoint.meta.adaptation.learned_rates = true;
+    checkpoint.rates = Some(LearnedRates { w, theta });
+}
+
 fn check_case(case: &Case, seed: i64) {
     check_variant(case, PLAIN, seed);
 }
 
 fn check_variant(case: &Case, variant: Variant, seed: i64) {
+    check_variant_with_rates(case, variant, None, seed);
+}
+
+/// [`check_variant`], with the checkpoint's learned inner rates ([`with_learned_rates`]) when
+/// `theta_rates` is given: then both sides adapt with the tables, not `lr_w` and `lr_theta`.
+fn check_variant_with_rates(case: &Case, variant: Variant, theta_rates: Option<&[[f32; 2]]>, seed: i64) {
     let Case { space, head, shot, steps, alpha_scale } = *case;
     let dir = tempfile::tempdir().unwrap();
     let s = space.image_size as i64;
     let (mut checkpoint, support, query) = seeded(seed, || {
-        let checkpoint = variant_supernet(space, head, seed, alpha_scale, variant);
+        let mut checkpoint = variant_supernet(space, head, seed, alpha_scale, variant);
+        if let Some(theta) = theta_rates {
+            with_learned_rates(&mut checkpoint, theta);
+        }
         let support = Tensor::randn([(N_WAY * shot) as i64, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu));
         (checkpoint, support, Tensor::randn([7, space.in_channels as i64, s, s], (Kind::Float, Device::Cpu)))
     });
@@ -117,6 +140,8 @@ fn check_variant(case: &Case, variant: Variant, seed: i64) {
     assert_eq!(loaded.params.numel() + built_head, report["param_count"].as_i64().unwrap(), "parameter counts differ");
     let support_set = SupportSet { images: &support, labels: &labels, n_way: N_WAY };
     let mut state = TaskState::start(&network, &loaded.params, loaded.alphas.as_ref(), head, &support_set, Device::Cpu);
+    assert_eq!(loaded.rates.is_some(), theta_rates.is_some(), "the checkpoint's rates load");
+    state.rates = loaded.rates.clone();
     for tag in ["initial", "adapted"] {
         if tag == "adapted" {
             let inner = InnerLoop { steps, lr_w, lr_theta, second_order: false };
@@ -189,10 +214,20 @@ fn meta_gradients_match_reference_first_and_second_order() {
 }
 
 fn check_meta_gradients(head: HeadSpec, alpha_scale: f64, variant: Variant, seed: i64) {
+    check_meta_gradients_with_rates(head, alpha_scale, variant, None, 2, seed);
+}
+
+/// [`check_meta_gradients`] over `steps` inner steps, with learned inner rates when `theta_rates`
+/// is given ([`with_learned_rates`]): then the rate tables' gradients are checked too, and told
+/// apart between the orders.
+fn check_meta_gradients_with_rates(head: HeadSpec, alpha_scale: f64, variant: Variant, theta_rates: Option<&[[f32; 2]]>, steps: usize, seed: i64) {
     let space = space(1, 28, 4, 2);
     let dir = tempfile::tempdir().unwrap();
     let (mut checkpoint, support, query) = seeded(seed, || {
-        let checkpoint = variant_supernet(space, head, seed, alpha_scale, variant);
+        let mut checkpoint = variant_supernet(space, head, seed, alpha_scale, variant);
+        if let Some(theta) = theta_rates {
+            with_learned_rates(&mut checkpoint, theta);
+        }
         let image = |n: i64| Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu));
         (checkpoint, image(N_WAY as i64), image(2 * N_WAY as i64))
     });
@@ -203,12 +238,16 @@ fn check_meta_gradients(head: HeadSpec, alpha_scale: f64, variant: Variant, seed
     Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query), ("query_labels", &query_labels)], &inputs).unwrap();
     let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
     let network = loaded.network();
-    let inner = InnerLoop { steps: 2, lr_w: 0.01, lr_theta: 30.0, second_order: false };
+    let inner = InnerLoop { steps, lr_w: 0.01, lr_theta: 30.0, second_order: false };
+    assert_eq!(loaded.rates.is_some(), theta_rates.is_some(), "the checkpoint's rates load");
+    // The tables as meta-training learns them: leaves of the graph.
+    let learning = || loaded.rates.as_ref().map(|r| LearnedRates { w: r.w.copy().set_requires_grad(true), theta: r.theta.copy().set_requires_grad(true) });
+    let mut rate_gradients = Vec::new();
     let task = MetaTask { support: SupportSet { images: &support, labels: &labels, n_way: N_WAY }, query: &query, query_labels: &query_labels, seed: 0 };
     let mut theta_gradients = Vec::new();
     for (order, rule) in [("first", GradientRule::FirstOrder), ("second", GradientRule::SecondOrder)] {
         let (reference, report) = run_reference(dir.path(), &inputs, inner.steps, inner.lr_w, inner.lr_theta, &["--meta-gradient", order]);
-        let context = TaskContext { network: &network, head: loaded.meta.head, inner, bn: BnMode::Support, rule, sample_architecture: false, rates: None, device: Device::Cpu };
+        let context = TaskContext { network: &network, head: loaded.meta.head, inner, bn: BnMode::Support, rule, sample_architecture: false, rates: learning(), device: Device::Cpu };
         let ours = context.task_gradient(&loaded.params, loaded.alphas.as_ref(), &task);
         let loss = report["query_loss"].as_f64().unwrap();
         let relaxation = variant.relaxation;
@@ -227,6 +266,16 @@ fn check_meta_gradients(head: HeadSpec, alpha_scale: f64, variant: Variant, seed
         let err = err.max(assert_close(&reduce, get(&reference, "grad/alphas_reduce"), &format!("{order}-order gradient of θ reduce ({relaxation:?})")));
         eprintln!("{order}-order gradients of θ: largest relative error {err:.2e}");
         theta_gradients.push(normal);
+        assert_eq!(ours.rates.is_some(), theta_rates.is_some(), "{order} order: the rates have gradients exactly when learned");
+        if let Some((w, theta)) = ours.rates {
+            let err = assert_close(&w, get(&reference, "grad/inner.lr_w"), &format!("{order}-order gradient of inner.lr_w ({relaxation:?})"));
+            let err = err.max(assert_close(&theta, get(&reference, "grad/inner.lr_theta"), &format!("{order}-order gradient of inner.lr_theta ({relaxation:?})")));
+            eprintln!("{order}-order gradients of the rate tables: largest relative error {err:.2e}");
+            rate_gradients.push((w, theta));
+        }
+    }
+    if let [(first_w, first_theta), (second_w, second_theta)] = &rate_gradients[..] {
+        assert!(relative_error(first_w, second_w) > 1e-2 && relative_error(first_theta, second_theta) > 1e-2, "second-order rate gradients equal first-order");
     }
     // The two orders are different quantities here, so the check above tells them apart.
     assert!(relative_error(&theta_gradients[0], &theta_gradients[1]) > 1e-2, "second-order θ gradient equals first-order");
@@ -276,6 +325,35 @@ fn annealed_pairwise_learned_scale_meta_gradients_match_reference() {
 #[test]
 fn annealed_ops_only_learned_scale_meta_gradients_match_reference() {
     check_meta_gradients(SCALED_PROTO, 1.5, OPS_ONLY, 46);
+}
+
+/// Meta-learned inner rates (T-NAS++): distinct θ rates per row and cell type, random per-tensor
+/// weight rates; three steps on two learned rows, so the third reuses the last. Supernet and
+/// derived network, both BN modes, support losses and genotypes after the steps.
+#[test]
+fn learned_rates_match_reference_past_the_learned_steps() {
+    check_variant_with_rates(&Case { space: space(1, 28, 4, 2), head: FIXED, shot: 1, steps: 3, alpha_scale: 1.0 }, PLAIN, Some(&[[25.0, 40.0], [12.0, 33.0]]), 51);
+}
+
+/// Learned rates with soft pruning (pairwise inputs), a learned logit scale and a proto head,
+/// whose built weight and bias are the tables' last two columns; two steps on three rows.
+#[test]
+fn learned_rates_annealed_pairwise_learned_scale_match_reference() {
+    check_variant_with_rates(&Case { space: space(1, 28, 4, 2), head: SCALED_PROTO, shot: 2, steps: 2, alpha_scale: 1.5 }, PAIRWISE, Some(&[[20.0, 35.0], [8.0, 28.0], [50.0, 1.0]]), 52);
+}
+
+/// First- and second-order meta-gradients of every weight, θ and both rate tables, three steps on
+/// two learned rows (the last row's gradient gathers two steps).
+#[test]
+fn learned_rates_meta_gradients_match_reference() {
+    check_meta_gradients_with_rates(FIXED, 1.0, PLAIN, Some(&[[25.0, 40.0], [12.0, 33.0]]), 3, 53);
+}
+
+/// The same through the annealing schedule with pairwise inputs, a learned logit scale and a proto
+/// head (its built classifier's rates included).
+#[test]
+fn learned_rates_annealed_pairwise_learned_scale_meta_gradients_match_reference() {
+    check_meta_gradients_with_rates(SCALED_PROTO, 1.5, PAIRWISE, Some(&[[20.0, 35.0], [8.0, 28.0]]), 2, 54);
 }
 
 /// Random alphas on a coarse grid (many exact ties after softmax) plus tiny perturbations

@@ -86,6 +86,20 @@ fn multipart_adaptation_matches_json() {
 }
 
 #[test]
+fn base64_wrapped_at_76_columns_as_mime_writes_it_is_accepted() {
+    let mut task = task_json(1);
+    for part in ["support", "query"] {
+        for image in task[part].as_array_mut().unwrap() {
+            let text = image["image"].as_str().unwrap().to_string();
+            let lines: Vec<&str> = text.as_bytes().chunks(76).map(|line| std::str::from_utf8(line).unwrap()).collect();
+            image["image"] = json!(lines.join("\r\n"));
+        }
+    }
+    let response = post_json(&task);
+    assert_eq!(response.status(), 200, "{:?}", response.text());
+}
+
+#[test]
 fn support_bn_makes_a_query_independent_of_the_others() {
     let mut full = task_json(1);
     let first_query = full["query"][0].clone();
@@ -121,11 +135,62 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     assert_eq!(recent.as_array().unwrap().len(), 1);
 }
 
+/// A valid all-black grayscale PNG of `width` × `height` (small: it compresses to almost nothing).
+fn blank_png(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::from(image::GrayImage::new(width, height)).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// The budgets' messages name the flag that raises them.
+#[test]
+fn budget_refusals_name_their_flag() {
+    let large = b64(&blank_png(2048, 2048));
+    let mut task = task_json(1);
+    task["query"] = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    let sent = std::time::Instant::now();
+    let response = post_json(&task);
+    assert!(sent.elapsed().as_millis() < 2000, "refused from the headers, not after decoding: {:?}", sent.elapsed());
+    assert_eq!(response.status(), 413);
+    let message = response.json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("37781811 pixels") && message.contains("--max-request-pixels"), "{message}");
+    let mut task = task_json(1);
+    task["support"][0]["label"] = json!("x".repeat(300));
+    let message = post_json(&task).json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("300 bytes") && message.contains("--max-label-bytes"), "{message}");
+}
+
+/// The genotype store keeps to its byte bound: long labels evict older records.
+#[test]
+fn the_genotype_store_is_bounded_in_bytes() {
+    let small = start(&["--genotype-store-bytes", "3000"]);
+    let mut task = task_json(1);
+    for (i, label) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        task["support"][i]["label"] = json!(format!("{label}-{}", "x".repeat(240)));
+    }
+    let ids: Vec<String> = (0..4)
+        .map(|_| {
+            let answer: Value = Client::new().post(format!("{}/adapt", small.url)).json(&task).send().unwrap().json().unwrap();
+            answer["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let found = |id: &str| Client::new().get(format!("{}/genotypes/{id}", small.url)).send().unwrap().status() == 200;
+    assert!(!found(&ids[0]), "the oldest record was evicted to keep the store within 3000 bytes");
+    assert!(found(&ids[3]));
+    let listed: Value = Client::new().get(format!("{}/genotypes?limit=1000", small.url)).send().unwrap().json().unwrap();
+    let listed_bytes: usize = listed.as_array().unwrap().iter().map(|r| r.to_string().len()).sum();
+    assert!(listed_bytes <= 3000, "{listed_bytes} bytes listed");
+}
+
 /// A valid 67-byte grayscale PNG whose header declares 100 000 × 100 000 pixels (CRCs correct):
 /// decoding it would need 10 GB.
 const PNG_DECLARING_100K_SQUARE: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 
-/// Every error path of SPEC §6: status, code, and the server still serves.
+/// A valid grayscale PNG whose header declares 2³¹ × 1 pixels: over the pixel limit (413), though
+/// the PNG decoder's own memory limit would call it something else.
+const PNG_DECLARING_2_31_BY_1: &str = "iVBORw0KGgoAAAANSUhEUoAAAAAAAAABCAAAAAB11tV8AAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+
+/// Every error path of the HTTP contract (docs/HTTP_API.md): status, code, and the server still serves.
 #[test]
 fn errors_are_specific_and_the_server_keeps_serving() {
     let url = &server().url;
@@ -140,8 +205,16 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     let png = &valid["query"][0]["image"];
     let truncated = b64(&omniglot_pngs("Greek", 1, 1)[0][0][..60]);
     let query_with = |image: &str| with("query", json!([{"id": "q", "image": image}]));
+    let query_with_id = |id: &str| with("query", json!([{"id": id, "image": png}]));
     let too_many: Vec<Value> = (0..600).map(|i| json!({"id": format!("q{i}"), "image": png})).collect();
     let multipart = |body: Vec<u8>| client.post(format!("{url}/adapt")).header("content-type", "multipart/form-data; boundary=XYZ").body(body);
+    // Nine valid 2048 × 2048 pictures of about 5 KB each: 37.7 million pixels with the support set, over the default
+    // per-request budget, which is checked from their headers before any is decoded.
+    let large = b64(&blank_png(2048, 2048));
+    let nine_large: Vec<Value> = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    let two_options = "--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{\"steps\": 1}\r\n--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{\"steps\": 2}\r\n--XYZ--\r\n";
+    let long_name = "x".repeat(10_000);
+    let long_label = json!([{"label": long_name, "image": png}, valid["support"][1]]);
     let junk_query_part = [&b"--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"[..], &[b'x'; 3_000_000], b"\r\n--XYZ--\r\n"].concat();
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16, &str)> = vec![
         ("invalid json", client.post(format!("{url}/adapt")).header("content-type", "application/json").body("{not json"), 400, "invalid_json"),
@@ -155,6 +228,13 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("truncated PNG", client.post(format!("{url}/adapt")).json(&query_with(&truncated)), 400, "invalid_image"),
         ("zero-byte image", client.post(format!("{url}/adapt")).json(&query_with("")), 400, "invalid_image"),
         ("decompression bomb", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_100K_SQUARE)), 413, "payload_too_large"),
+        ("2^31 x 1 PNG", client.post(format!("{url}/adapt")).json(&query_with(PNG_DECLARING_2_31_BY_1)), 413, "payload_too_large"),
+        ("a media type that starts like JSON", client.post(format!("{url}/adapt")).header("content-type", "application/jsonfoo").body(valid.to_string()), 415, "unsupported_media_type"),
+        ("two options parts", multipart(two_options.into()), 400, "duplicate_part"),
+        ("request pixels over budget", client.post(format!("{url}/adapt")).json(&with("query", json!(nine_large))), 413, "payload_too_large"),
+        ("label over its limit", client.post(format!("{url}/adapt")).json(&with("support", long_label)), 422, "name_too_long"),
+        ("query id over its limit", client.post(format!("{url}/adapt")).json(&query_with_id(&long_name)), 422, "name_too_long"),
+        ("genotype list limit over the cap", client.get(format!("{url}/genotypes?limit=1000000")), 400, "limit_over_cap"),
         ("too many images", client.post(format!("{url}/adapt")).json(&with("query", json!(too_many))), 413, "payload_too_large"),
         ("empty query", client.post(format!("{url}/adapt")).json(&with("query", json!([]))), 422, "empty_query"),
         ("empty label", client.post(format!("{url}/adapt")).json(&with("support", json!([{"label": " ", "image": png}, valid["support"][1]]))), 422, "invalid_label"),
@@ -242,6 +322,41 @@ fn a_burst_gets_only_200_or_429() {
     }
 }
 
+/// A burst that the worker cannot finish within the request timeout: the tasks that would miss
+/// their deadline behind the work queued are refused at once with a 429 and a `Retry-After`,
+/// rather than queued to time out (504) after spending the worker's time.
+#[test]
+fn tasks_that_would_miss_their_deadline_get_a_fast_429_not_a_504() {
+    let tight = start(&["--request-timeout-ms", "4000", "--max-batch", "1", "--max-steps", "1000"]);
+    let adapt = format!("{}/adapt", tight.url);
+    let post = |steps: usize| Client::new().post(&adapt).json(&task_json(steps)).send().unwrap();
+    // Steps for a task of about half a second here; one task of that shape measures its cost.
+    let probe: Value = post(10).json().unwrap();
+    let steps = ((500.0 / (probe["timing_ms"]["adapt"].as_f64().unwrap() / 10.0)) as usize).clamp(1, 1000);
+    assert_eq!(post(steps).status(), 200);
+    // Twenty-four at once: about 12 s of work, where each may take 4 s.
+    let answers: Vec<(u16, Option<u64>, Value, std::time::Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..24)
+            .map(|_| {
+                s.spawn(|| {
+                    let sent = std::time::Instant::now();
+                    let response = post(steps);
+                    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
+                    (response.status().as_u16(), retry_after, response.json().unwrap(), sent.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let count = |status: u16| answers.iter().filter(|(s, ..)| *s == status).count();
+    assert!(count(504) <= 1 && count(429) >= 6 && count(200) >= 3, "{:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    for (_, retry_after, body, took) in answers.iter().filter(|(s, ..)| *s == 429) {
+        assert_eq!(body["error"]["code"], "would_miss_deadline", "{body}");
+        assert!(retry_after.is_some_and(|seconds| seconds >= 1), "{retry_after:?}");
+        assert!(took.as_millis() < 1500, "refused at once, not after waiting: {took:?}");
+    }
+}
+
 #[test]
 fn past_its_limit_of_requests_in_flight_the_server_refuses_before_reading() {
     let one_at_a_time = start(&["--max-in-flight", "1", "--max-steps", "1000"]);
@@ -289,6 +404,10 @@ fn api_key_protects_everything_but_health() {
     assert_eq!(denied.status(), 401);
     assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("wrong").send().unwrap().status(), 401);
     assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("s3cret").send().unwrap().status(), 200);
+    for scheme in ["bearer", "BEARER"] {
+        let response = client.get(format!("{}/models", secured.url)).header("authorization", format!("{scheme} s3cret")).send().unwrap();
+        assert_eq!(response.status(), 200, "the scheme is case-insensitive (RFC 7235): {scheme}");
+    }
     assert_eq!(client.get(format!("{}/healthz", secured.url)).send().unwrap().status(), 200);
     assert_eq!(client.get(format!("{}/metrics", secured.url)).send().unwrap().status(), 200);
 }

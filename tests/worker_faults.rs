@@ -124,7 +124,7 @@ fn a_worker_that_cannot_warm_up_refuses_its_jobs_and_says_why() {
         }
     }
     match worker.readiness() {
-        Readiness::Failed(why) => assert!(why.contains(&missing), "{why}"),
+        Readiness::Failed(fault) => assert!(fault.detail.contains(&missing) && !fault.summary.contains(&missing), "{fault:?}"),
         other => panic!("readiness {other:?}"),
     }
     assert_eq!(worker.queued(), 0);

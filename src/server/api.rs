@@ -1,4 +1,4 @@
-//! Request and response bodies of the HTTP API (SPEC §6), as plain serde types with OpenAPI schemas.
+//! Request and response bodies of the HTTP API (docs/HTTP_API.md), as plain serde types with OpenAPI schemas.
 
 use crate::adapt::{BnMode, PredictWith};
 use crate::genotype::Genotype;

@@ -1,8 +1,10 @@
 //! `tnas-server` configuration: every flag also reads an environment variable (`TNAS_*`).
 
+use super::connections::ConnectionLimits;
 use crate::device::DeviceChoice;
 use crate::imaging::ImageLimits;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Limits that protect the server from oversized or abusive requests.
 #[derive(Clone, Debug, clap::Args)]
@@ -20,6 +22,14 @@ pub struct Limits {
     /// Decoding one costs about 25 bytes a pixel, one request per core at a time.
     #[arg(long, env = "TNAS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::DEFAULT.max_pixels)]
     pub max_image_pixels: u64,
+    /// Most pixels the images of one request may declare in total (width × height summed over
+    /// them), checked from their headers before any is decoded: a small body of small files that
+    /// declare large pictures would otherwise hold a decoding slot for as long as it likes.
+    #[arg(long, env = "TNAS_MAX_REQUEST_PIXELS", default_value_t = 32 * 1024 * 1024)]
+    pub max_request_pixels: u64,
+    /// Longest support label or query id, in bytes (labels are kept with stored genotypes).
+    #[arg(long, env = "TNAS_MAX_LABEL_BYTES", default_value_t = 256)]
+    pub max_label_bytes: usize,
     /// Most adaptation steps (and fine-tuning steps) a request may ask for.
     #[arg(long, env = "TNAS_MAX_STEPS", default_value_t = 100)]
     pub max_steps: usize,
@@ -33,12 +43,38 @@ pub struct Limits {
     /// ones get 429 without being read: with the body limit, this bounds the memory bodies take.
     #[arg(long, env = "TNAS_MAX_IN_FLIGHT", default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_in_flight: usize,
+    /// Time a client has to send a whole request head, from its first byte; then the connection is
+    /// closed, so a client that sends half a request line cannot hold a connection.
+    #[arg(long, env = "TNAS_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Time a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "TNAS_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+    /// TCP connections open at once; past it, a new connection gets 503 and is closed at once.
+    #[arg(long, env = "TNAS_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
     /// Most queued tasks of the same shape and settings adapted together as one batch (1: none).
     #[arg(long, env = "TNAS_MAX_BATCH", default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub max_batch: usize,
     /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
     pub genotype_store_size: usize,
+    /// Bytes the kept genotypes may take (as JSON, with their labels); the oldest are evicted.
+    #[arg(long, env = "TNAS_GENOTYPE_STORE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub genotype_store_bytes: usize,
+}
+
+impl Limits {
+    /// What one TCP connection may cost (see [`super::connections`]).
+    pub fn connections(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            // A request's own deadline, and a second to send its answer.
+            drain_timeout: Duration::from_millis(self.request_timeout_ms) + Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, clap::Parser)]

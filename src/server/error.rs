@@ -1,5 +1,6 @@
 //! `ApiError`: every failure a request can meet, mapped to status and JSON body in one place.
 
+use super::admission::Refusal;
 use super::api::{ErrorBody, ErrorDetail};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,13 @@ pub enum ApiError {
     QueueFull(usize),
     #[error("the server is handling its limit of {0} adaptation requests; retry after a second")]
     Overloaded(usize),
+    /// Admitting the task would have it miss its deadline (see [`super::admission`]).
+    #[error(
+        "the worker has about {:.1} s of work ahead of this task, which takes about {:.1} s itself: it would miss its {timeout_ms} ms deadline; \
+         retry after {} s (Retry-After), or send fewer images or steps",
+        refusal.wait.as_secs_f64(), refusal.cost.as_secs_f64(), refusal.retry_after_s
+    )]
+    WouldMissDeadline { refusal: Refusal, timeout_ms: u64 },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -52,7 +60,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QueueFull(_) | ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::WouldMissDeadline { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -69,6 +77,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::QueueFull(_) => "queue_full",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::WouldMissDeadline { .. } => "would_miss_deadline",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Timeout(_) => "timeout",
@@ -89,6 +98,9 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::NotReady(_) => {
                 response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            ApiError::WouldMissDeadline { refusal, .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(refusal.retry_after_s));
             }
             ApiError::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

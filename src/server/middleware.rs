@@ -15,9 +15,11 @@ use tower_http::trace::TraceLayer;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Requires `Authorization: Bearer <key>` when an API key is configured (constant-time compare).
+/// The scheme is matched in any case, as RFC 7235 has it.
 pub async fn require_api_key(State(state): State<SharedState>, request: Request, next: Next) -> Result<Response, ApiError> {
     if let Some(expected) = &state.api_key {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        let credentials = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.split_once(' '));
+        let given = credentials.filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, token)| token.trim_start());
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             return Err(ApiError::Unauthorized("missing or wrong API key; send Authorization: Bearer <key>".into()));
         }

@@ -1,16 +1,20 @@
-//! The HTTP adaptation server (SPEC §6).
+//! The HTTP adaptation server (docs/HTTP_API.md).
 //!
 //! - [`config`]: flags and limits. [`api`]: request/response bodies. [`error`]: `ApiError` → status + JSON;
 //!   [`extract`]: query and path extractors that reject with it.
 //! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
-//!   what it computes for a task or a batch.
+//!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
+//!   those that would miss their deadline.
 //! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
+//! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
 
+pub mod admission;
 pub mod api;
 pub mod compute;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod middleware;
@@ -60,8 +64,9 @@ pub fn router(state: SharedState) -> Router {
     middleware::with_cors(middleware::with_request_ids(app), &state.cors_origins)
 }
 
-/// Loads every `models/<name>/model.json` (sorted by name); any unreadable model stops start-up
-/// with an error naming the file, since serving a partial model set would surprise clients.
+/// Loads every `models/<name>/model.json` (sorted by name); any unreadable model, or two with one
+/// name, stops start-up with an error naming the files, since serving a partial model set, or the
+/// wrong one of two under a name, would surprise clients.
 pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut dirs: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join(META_FILE).exists()).collect();
@@ -69,7 +74,18 @@ pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
     if dirs.is_empty() {
         return Err(format!("{}: no model directories (subfolders with {META_FILE})", dir.display()));
     }
-    dirs.iter().map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string())).collect()
+    let checkpoints: Vec<Checkpoint> = dirs.iter().map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    for (i, checkpoint) in checkpoints.iter().enumerate() {
+        if let Some(j) = checkpoints[..i].iter().position(|other| other.meta.name == checkpoint.meta.name) {
+            return Err(format!(
+                "{} and {} are both named '{}' in their {META_FILE}; give each model its own name",
+                dirs[j].join(META_FILE).display(),
+                dirs[i].join(META_FILE).display(),
+                checkpoint.meta.name
+            ));
+        }
+    }
+    Ok(checkpoints)
 }
 
 /// The process-wide Prometheus recorder (installed once; tests start several servers).
@@ -90,6 +106,12 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 
 /// Builds the state: loads models on the CPU (verifying them), starts the worker on `device`.
 pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: Device) -> Result<SharedState, String> {
+    if let Some(meta) = checkpoints.iter().map(|c| &c.meta).find(|meta| meta.adaptation.steps > config.limits.max_steps) {
+        return Err(format!(
+            "model '{}' adapts with adaptation.steps = {} by default, over --max-steps {}: every request that keeps the default would be refused; raise --max-steps",
+            meta.name, meta.adaptation.steps, config.limits.max_steps
+        ));
+    }
     let models: std::collections::BTreeMap<_, _> = checkpoints.iter().map(|c| (c.meta.name.clone(), c.meta.clone())).collect();
     let default_model = match &config.default_model {
         Some(name) if models.contains_key(name) => name.clone(),
@@ -108,7 +130,7 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         worker,
         decoding_slots: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
-        store: GenotypeStore::new(config.limits.genotype_store_size),
+        store: GenotypeStore::new(config.limits.genotype_store_size, config.limits.genotype_store_bytes),
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),
@@ -116,7 +138,9 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
     }))
 }
 
-/// Serves until `shutdown` resolves, then finishes the requests in flight.
+/// Serves until `shutdown` resolves, then closes idle and half-read connections at once and
+/// finishes the requests in flight, each by its deadline.
 pub async fn run(state: SharedState, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let limits = state.limits.connections();
+    connections::serve(listener, router(state), limits, shutdown).await
 }

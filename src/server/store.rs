@@ -1,7 +1,8 @@
-//! `GenotypeStore`: the genotypes of recent tasks, bounded, oldest evicted first.
+//! `GenotypeStore`: the genotypes of recent tasks, bounded in count and in bytes, oldest evicted
+//! first.
 //!
-//! A dashmap serves concurrent reads without a global lock; insertion order is kept in a small
-//! mutex-guarded queue, taken only on insert, to know what to evict.
+//! A dashmap serves concurrent reads without a global lock; insertion order (with each record's
+//! size) is kept in a small mutex-guarded queue, taken only on insert, to know what to evict.
 
 use super::api::GenotypeRecord;
 use dashmap::DashMap;
@@ -10,23 +11,35 @@ use std::sync::Mutex;
 
 pub struct GenotypeStore {
     records: DashMap<String, GenotypeRecord>,
-    order: Mutex<VecDeque<String>>,
+    /// Task ids oldest first, each with its record's size, and the sum of those sizes.
+    order: Mutex<(VecDeque<(String, usize)>, usize)>,
     capacity: usize,
+    max_bytes: usize,
 }
 
 impl GenotypeStore {
-    pub fn new(capacity: usize) -> Self {
-        GenotypeStore { records: DashMap::new(), order: Mutex::new(VecDeque::new()), capacity: capacity.max(1) }
+    /// Keeps at most `capacity` records and `max_bytes` of them (each counted as its JSON).
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+        GenotypeStore { records: DashMap::new(), order: Mutex::new((VecDeque::new(), 0)), capacity: capacity.max(1), max_bytes }
     }
 
+    /// Stores `record`, evicting the oldest until both bounds hold. A record larger than the byte
+    /// bound on its own is not kept, rather than emptying the store for it.
     pub fn insert(&self, record: GenotypeRecord) {
-        let mut order = self.order.lock().expect("store lock is never poisoned");
-        order.push_back(record.task_id.clone());
+        let size = serde_json::to_vec(&record).map_or(0, |json| json.len());
+        if size > self.max_bytes {
+            tracing::warn!(task_id = %record.task_id, size, max_bytes = self.max_bytes, "genotype record over --genotype-store-bytes; not kept");
+            return;
+        }
+        let mut guard = self.order.lock().expect("store lock is never poisoned");
+        let (order, bytes) = &mut *guard;
+        order.push_back((record.task_id.clone(), size));
+        *bytes += size;
         self.records.insert(record.task_id.clone(), record);
-        while order.len() > self.capacity {
-            if let Some(oldest) = order.pop_front() {
-                self.records.remove(&oldest);
-            }
+        while order.len() > self.capacity || *bytes > self.max_bytes {
+            let Some((oldest, size)) = order.pop_front() else { break };
+            self.records.remove(&oldest);
+            *bytes -= size;
         }
     }
 
@@ -36,8 +49,8 @@ impl GenotypeStore {
 
     /// Up to `limit` records, newest first.
     pub fn recent(&self, limit: usize) -> Vec<GenotypeRecord> {
-        let order = self.order.lock().expect("store lock is never poisoned");
-        order.iter().rev().filter_map(|id| self.get(id)).take(limit).collect()
+        let guard = self.order.lock().expect("store lock is never poisoned");
+        guard.0.iter().rev().filter_map(|(id, _)| self.get(id)).take(limit).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -54,21 +67,34 @@ mod tests {
     use super::*;
     use crate::genotype::Genotype;
 
-    fn record(id: &str) -> GenotypeRecord {
+    fn record(id: &str, label_bytes: usize) -> GenotypeRecord {
         let genotype = Genotype { normal: vec![], normal_concat: vec![2, 3, 4, 5], reduce: vec![], reduce_concat: vec![2, 3, 4, 5] };
-        GenotypeRecord { task_id: id.into(), model: "m".into(), labels: vec![], n_way: 2, k_shot: 1, created_at: String::new(), genotype }
+        let labels = vec!["x".repeat(label_bytes)];
+        GenotypeRecord { task_id: id.into(), model: "m".into(), labels, n_way: 2, k_shot: 1, created_at: String::new(), genotype }
     }
 
     #[test]
     fn evicts_the_oldest_beyond_capacity() {
-        let store = GenotypeStore::new(2);
+        let store = GenotypeStore::new(2, usize::MAX);
         for id in ["a", "b", "c"] {
-            store.insert(record(id));
+            store.insert(record(id, 1));
         }
         assert!(store.get("a").is_none());
         assert_eq!(store.len(), 2);
         let recent: Vec<String> = store.recent(10).into_iter().map(|r| r.task_id).collect();
         assert_eq!(recent, vec!["c", "b"]);
         assert_eq!(store.recent(1).len(), 1);
+    }
+
+    #[test]
+    fn evicts_the_oldest_beyond_its_bytes() {
+        let store = GenotypeStore::new(100, 3000);
+        for id in ["a", "b", "c"] {
+            store.insert(record(id, 1000));
+        }
+        assert!(store.get("a").is_none(), "three records of over 1000 bytes do not fit in 3000");
+        assert_eq!(store.len(), 2);
+        store.insert(record("huge", 5000));
+        assert!(store.get("huge").is_none() && store.len() == 2, "a record over the bound on its own is not kept, and evicts nothing");
     }
 }

@@ -6,7 +6,7 @@ use super::config::Limits;
 use super::error::ApiError;
 use super::compute::{ResolvedOptions, TaskInput};
 use crate::imaging::{self, ImageLimits};
-use crate::metadata::ModelMeta;
+use crate::metadata::{ModelMeta, MAX_LEARNING_RATE};
 use axum::body::Bytes;
 use axum::extract::Multipart;
 use base64::Engine;
@@ -19,16 +19,39 @@ pub struct TaskRequest {
     pub options: AdaptOptions,
 }
 
+/// Decodes a base64 image, alone or as a `data:` URL; line breaks and spaces inside it (MIME
+/// encoders wrap at 76 columns) are skipped.
 fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
     let payload = text.split_once("base64,").map_or(text, |(_, data)| data);
+    let unwrapped: String;
+    let payload = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        unwrapped = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        unwrapped.as_str()
+    } else {
+        payload
+    };
     base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
+        .decode(payload)
         .map(Bytes::from)
         .map_err(|e| ApiError::bad_request("invalid_base64", format!("{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded")))
 }
 
+fn image_limits(limits: &Limits) -> ImageLimits {
+    ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels }
+}
+
+/// A refused image as the request's error: too large is 413, anything else malformed.
+fn image_error(what: &str, error: imaging::ImageError) -> ApiError {
+    match error {
+        imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => {
+            ApiError::PayloadTooLarge(format!("{what}: {error}"))
+        }
+        _ => ApiError::bad_request("invalid_image", format!("{what}: {error}")),
+    }
+}
+
 impl TaskRequest {
-    /// Parses a JSON body (SPEC §6). Unknown fields are refused so typos do not pass silently.
+    /// Parses a JSON body (docs/HTTP_API.md). Unknown fields are refused so typos do not pass silently.
     pub fn from_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
         let request: AdaptRequest = serde_json::from_slice(body).map_err(|e| {
             let code = if e.is_data() { "invalid_field" } else { "invalid_json" };
@@ -50,6 +73,7 @@ impl TaskRequest {
             }
         };
         let mut request = TaskRequest { support: Vec::new(), query: Vec::new(), options: AdaptOptions::default() };
+        let mut options_seen = false;
         while let Some(field) = multipart.next_field().await.map_err(broken)? {
             let Some(name) = field.name().map(str::to_string) else {
                 return Err(ApiError::bad_request("invalid_multipart", "a multipart part has no name; name every part support[<label>], query or options"));
@@ -62,6 +86,10 @@ impl TaskRequest {
                 let id = file_name.unwrap_or_else(|| format!("q{}", request.query.len()));
                 request.query.push((id, data));
             } else if name == "options" {
+                if options_seen {
+                    return Err(ApiError::bad_request("duplicate_part", "the options part appears twice; send one options part holding every option"));
+                }
+                options_seen = true;
                 request.options = serde_json::from_slice(&data).map_err(|e| ApiError::bad_request("invalid_options", format!("the options part is not valid JSON options: {e}")))?;
             } else {
                 return Err(ApiError::bad_request("unknown_part", format!("unknown multipart part '{name}'; use support[<label>], query and options")));
@@ -103,13 +131,57 @@ impl TaskRequest {
         if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
             return Err(invalid("invalid_label", format!("support label '{label}' is empty; give every support image a class label")));
         }
+        self.check_name_lengths(limits)?;
         let (labels, _) = self.classes();
         meta.head.accepts(labels.len()).map_err(|m| invalid("wrong_class_count", m))?;
         let mut ids = std::collections::HashSet::new();
         if let Some((id, _)) = self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
             return Err(invalid("duplicate_query_id", format!("query id '{id}' appears twice; query ids must be unique")));
         }
-        self.resolve_options(meta, limits)
+        let options = self.resolve_options(meta, limits)?;
+        self.check_declared_pixels(limits)?;
+        Ok(options)
+    }
+
+    /// Labels and ids within `--max-label-bytes`: they are echoed back, and labels are kept in the
+    /// genotype store, so their size must not be the client's choice.
+    fn check_name_lengths(&self, limits: &Limits) -> Result<(), ApiError> {
+        let max = limits.max_label_bytes;
+        let labels = self.support.iter().enumerate().map(|(i, (label, _))| (format!("support label {i}"), label));
+        let ids = self.query.iter().enumerate().map(|(i, (id, _))| (format!("query id {i}"), id));
+        let too_long = labels.chain(ids).find(|(_, name)| name.len() > max);
+        match too_long {
+            Some((what, name)) => Err(ApiError::unprocessable(
+                "name_too_long",
+                format!("{what} is {} bytes, over the limit of {max} (--max-label-bytes); use shorter labels and ids", name.len()),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads every image's header (no pixels) and refuses the request when the pixels they declare
+    /// together are over `--max-request-pixels`, before any decoding slot is taken.
+    fn check_declared_pixels(&self, limits: &Limits) -> Result<(), ApiError> {
+        let image_limits = image_limits(limits);
+        let mut total: u64 = 0;
+        for (what, bytes) in self.images() {
+            let (width, height) = imaging::declared_size(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            total += u64::from(width) * u64::from(height);
+        }
+        if total > limits.max_request_pixels {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request's images declare {total} pixels in all, over the per-request decoding budget of {} (--max-request-pixels); \
+                 send fewer or smaller images, or split the request",
+                limits.max_request_pixels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every image with how an error names it, support images first.
+    fn images(&self) -> impl Iterator<Item = (String, &Bytes)> {
+        let support = self.support.iter().enumerate().map(|(i, (label, bytes))| (format!("support image {i} (label '{label}')"), bytes));
+        support.chain(self.query.iter().map(|(id, bytes)| (format!("query '{id}'"), bytes)))
     }
 
     fn resolve_options(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
@@ -124,7 +196,9 @@ impl TaskRequest {
         }
         let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64, ApiError> {
             match value {
-                Some(v) if !v.is_finite() || !(0.0..=1e4).contains(&v) => Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, 10000]"))),
+                Some(v) if !v.is_finite() || !(0.0..=MAX_LEARNING_RATE).contains(&v) => {
+                    Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, {MAX_LEARNING_RATE}]")))
+                }
                 Some(v) => Ok(v),
                 None => Ok(default),
             }
@@ -143,26 +217,18 @@ impl TaskRequest {
     /// Decodes every image into the model's input (CPU work, run off the async runtime), stopping
     /// between images with a 504 once `keep_going` says the request's time is up or it was abandoned.
     pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions, keep_going: &dyn Fn() -> bool) -> Result<TaskInput, ApiError> {
-        let image_limits = ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels };
-        let decode = |what: String, bytes: &Bytes| -> Result<Vec<f32>, ApiError> {
+        let image_limits = image_limits(limits);
+        let mut values = Vec::new();
+        for (what, bytes) in self.images() {
             if !keep_going() {
                 return Err(ApiError::Timeout(limits.request_timeout_ms));
             }
-            let image = imaging::decode(bytes, &image_limits).map_err(|e| match e {
-                imaging::ImageError::TooManyBytes { .. } | imaging::ImageError::TooManyPixels { .. } => ApiError::PayloadTooLarge(format!("{what}: {e}")),
-                _ => ApiError::bad_request("invalid_image", format!("{what}: {e}")),
-            })?;
-            Ok(imaging::to_input(&image, &meta.input))
-        };
+            let image = imaging::decode(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            values.extend(imaging::to_input(&image, &meta.input));
+        }
         let (labels, support_labels) = self.classes();
-        let mut support = Vec::new();
-        for (i, (label, bytes)) in self.support.iter().enumerate() {
-            support.extend(decode(format!("support image {i} (label '{label}')"), bytes)?);
-        }
-        let mut query = Vec::new();
-        for (id, bytes) in &self.query {
-            query.extend(decode(format!("query '{id}'"), bytes)?);
-        }
+        let query = values.split_off(self.support.len() * meta.input.channels * meta.input.size * meta.input.size);
+        let support = values;
         metrics::counter!("tnas_images_decoded_total").increment((self.support.len() + self.query.len()) as u64);
         Ok(TaskInput { model: meta.name.clone(), support, support_labels, n_way: labels.len(), query, options })
     }

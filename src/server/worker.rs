@@ -13,10 +13,13 @@
 //!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
-//! request stops burning compute. A panic inside a job (a libtorch error, out of memory) fails that
-//! job only and the thread keeps serving, unless the device itself no longer works: then the
-//! worker stops, `/readyz` says why, and every waiting job is refused.
+//! request stops burning compute; a job whose deadline has passed, or would pass before it could
+//! finish at what its shape measured ([`super::admission`]), is dropped unstarted. A panic inside
+//! a job (a libtorch error, out of memory) fails that job only and the thread keeps serving,
+//! unless the device itself no longer works: then the worker stops, `/readyz` says why, and every
+//! waiting job is refused.
 
+use super::admission::{Admission, CostKey};
 use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
 use super::recorded::RecordedAdaptations;
 use crate::adapt::{BnMode, PredictWith};
@@ -74,7 +77,27 @@ pub struct Job {
 pub enum Readiness {
     Loading,
     Ready,
-    Failed(String),
+    Failed(WorkerFault),
+}
+
+/// Why the worker stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerFault {
+    /// What happened, in words a client can act on: what responses say.
+    pub summary: &'static str,
+    /// The error as raised, often libtorch's text with C++ stack frames: for the log and the
+    /// operator, never for a response.
+    pub detail: String,
+}
+
+impl WorkerFault {
+    fn warm_up(detail: String) -> WorkerFault {
+        WorkerFault { summary: "a model failed its warm-up adaptation on the device, so none is served", detail }
+    }
+
+    fn device(detail: String) -> WorkerFault {
+        WorkerFault { summary: "the device stopped working after an adaptation failed on it", detail }
+    }
 }
 
 /// Handle to the worker thread; dropping it closes the queue and joins the thread.
@@ -84,6 +107,8 @@ pub struct Worker {
     /// batch. `queue_depth` bounds this count, so holding jobs back to batch them admits no more.
     waiting: Arc<AtomicUsize>,
     queue_depth: usize,
+    /// What the jobs waiting and running will cost, from what recent ones did.
+    admission: Arc<Admission>,
     readiness: watch::Receiver<Readiness>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub device: Device,
@@ -99,6 +124,8 @@ impl Worker {
         let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, readiness) = watch::channel(Readiness::Loading);
         let worker_waiting = Arc::clone(&waiting);
+        let admission = Arc::new(Admission::default());
+        let worker_admission = Arc::clone(&admission);
         let thread = std::thread::Builder::new()
             .name(format!("tnas-worker-{}", crate::device::device_name(device)))
             .spawn(move || {
@@ -106,18 +133,19 @@ impl Worker {
                     tch::set_num_threads(threads);
                 }
                 let mut receiver = receiver;
+                let queue = Queue { waiting: &worker_waiting, admission: &worker_admission };
                 let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
-                    Err(message) => return stop_serving(&ready_tx, message, &mut receiver, VecDeque::new(), &worker_waiting),
+                    Err(message) => return stop_serving(&ready_tx, WorkerFault::warm_up(message), &mut receiver, VecDeque::new(), &queue),
                 };
                 let _ = ready_tx.send(Readiness::Ready);
                 let recorded = RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
-                if let Err((fault, held)) = serve(models, &mut receiver, &worker_waiting, device, max_batch.max(1), recorded) {
-                    stop_serving(&ready_tx, fault, &mut receiver, held, &worker_waiting);
+                if let Err((fault, held)) = serve(models, &mut receiver, &queue, device, max_batch.max(1), recorded) {
+                    stop_serving(&ready_tx, WorkerFault::device(fault), &mut receiver, held, &queue);
                 }
             })
             .expect("the OS can start a thread");
-        Worker { sender: Some(sender), waiting, queue_depth, readiness, thread: Some(thread), device }
+        Worker { sender: Some(sender), waiting, queue_depth, admission, readiness, thread: Some(thread), device }
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -149,6 +177,11 @@ impl Worker {
     /// Jobs submitted and not yet started.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Measured costs and the work ahead of a new job, to refuse jobs that would miss their deadline.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 }
 
@@ -184,7 +217,7 @@ fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<Str
 fn serve(
     models: HashMap<String, ResidentModel>,
     receiver: &mut mpsc::Receiver<Job>,
-    waiting: &AtomicUsize,
+    queue: &Queue,
     device: Device,
     max_batch: usize,
     mut recorded: RecordedAdaptations<TaskShape>,
@@ -204,28 +237,20 @@ fn serve(
                 Err(_) => break,
             }
         }
-        let first = leave_queue(held.pop_front().expect("a job is held"), waiting);
-        if first.reply.is_closed() {
-            count_job("cancelled");
+        let first = queue.leave(held.pop_front().expect("a job is held"));
+        if let Some(outcome) = queue.unstartable(&first) {
+            count_job(outcome);
+            let _ = first.reply.send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
             continue;
         }
         let Some(model) = models.get(&first.input.model) else {
             let _ = first.reply.send(Err(WorkerError::Failed(format!("model {} is not resident", first.input.model))));
             continue;
         };
-        let key = batch_key(model, &first.input);
-        let mut batch = vec![first];
-        if let Some(key) = &key {
-            let mut index = 0;
-            while batch.len() < max_batch && index < held.len() {
-                if !held[index].reply.is_closed() && batch_key(model, &held[index].input).as_ref() == Some(key) {
-                    batch.push(leave_queue(held.remove(index).expect("index is in range"), waiting));
-                } else {
-                    index += 1;
-                }
-            }
-        }
+        let (key, batch) = take_batch(first, &mut held, model, max_batch, queue);
         metrics::histogram!("tnas_batch_size").record(batch.len() as f64);
+        let costs: Vec<CostKey> = batch.iter().map(|job| CostKey::of(&job.input)).collect();
+        queue.admission.started(&costs);
         let started = Instant::now();
         let alone = |job: &Job| {
             let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
@@ -242,6 +267,7 @@ fn serve(
             }
             _ => batch.iter().map(alone).collect(),
         };
+        queue.admission.finished(&costs, results.iter().all(Result::is_ok).then(|| started.elapsed()));
         let fault = results.iter().find_map(|r| match r {
             Err(WorkerError::Failed(message)) => Some(message.clone()),
             _ => None,
@@ -255,6 +281,24 @@ fn serve(
     }
 }
 
+/// `first` and the held jobs that can run with it as one batch (up to `max_batch`), with the key
+/// they share; `None` when `first` runs alone.
+fn take_batch(first: Job, held: &mut VecDeque<Job>, model: &ResidentModel, max_batch: usize, queue: &Queue) -> (Option<BatchKey>, Vec<Job>) {
+    let key = batch_key(model, &first.input);
+    let mut batch = vec![first];
+    if let Some(key) = &key {
+        let mut index = 0;
+        while batch.len() < max_batch && index < held.len() {
+            if queue.unstartable(&held[index]).is_none() && batch_key(model, &held[index].input).as_ref() == Some(key) {
+                batch.push(queue.leave(held.remove(index).expect("index is in range")));
+            } else {
+                index += 1;
+            }
+        }
+    }
+    (key, batch)
+}
+
 /// Whether `device` still runs work after a job failed on it. Most faults are the job's own, but
 /// some (an illegal memory access on a GPU) poison the device's context for good, and then no
 /// later job can succeed: the worker must say so on `/readyz` instead of failing every request.
@@ -262,26 +306,47 @@ fn device_works(device: Device) -> bool {
     caught(|| (Tensor::ones([1], (Kind::Float, device)) + 1.0).double_value(&[]) == 2.0).unwrap_or(false)
 }
 
-/// Publishes why the worker stopped (`/readyz` answers 503 with it) and refuses every job still
+/// Logs why the worker stopped and publishes it (`/readyz` answers 503 with its summary) and refuses every job still
 /// waiting, held back or queued, so each request hears at once that there is no worker.
-fn stop_serving(ready: &watch::Sender<Readiness>, why: String, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, waiting: &AtomicUsize) {
-    tracing::error!(%why, "the compute worker stopped; /readyz reports it");
-    let _ = ready.send(Readiness::Failed(why));
+fn stop_serving(ready: &watch::Sender<Readiness>, fault: WorkerFault, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, queue: &Queue) {
+    tracing::error!(summary = fault.summary, detail = %fault.detail, "the compute worker stopped; /readyz reports it");
+    let _ = ready.send(Readiness::Failed(fault));
     receiver.close();
     let queued = std::iter::from_fn(|| receiver.blocking_recv());
     for job in held.into_iter().chain(queued) {
-        let job = leave_queue(job, waiting);
+        let job = queue.leave(job);
         count_job("refused");
         let _ = job.reply.send(Err(WorkerError::Stopped));
     }
 }
 
-/// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
-fn leave_queue(job: Job, waiting: &AtomicUsize) -> Job {
-    waiting.fetch_sub(1, Ordering::SeqCst);
-    metrics::gauge!("tnas_queue_depth").decrement(1.0);
-    metrics::histogram!("tnas_queue_wait_seconds").record(job.enqueued.elapsed().as_secs_f64());
-    job
+/// The worker's side of the queue's bookkeeping: the count that bounds it, and the ledger of
+/// costs that admission reads.
+struct Queue<'a> {
+    waiting: &'a AtomicUsize,
+    admission: &'a Admission,
+}
+
+impl Queue<'_> {
+    /// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
+    fn leave(&self, job: Job) -> Job {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.admission.dequeued(&CostKey::of(&job.input));
+        metrics::gauge!("tnas_queue_depth").decrement(1.0);
+        metrics::histogram!("tnas_queue_wait_seconds").record(job.enqueued.elapsed().as_secs_f64());
+        job
+    }
+
+    /// Why `job` should not start, if it should not: its client went away, or its deadline has
+    /// passed or will before it could finish (at the measured cost of its shape), so running it
+    /// would spend the worker on an answer nobody receives.
+    fn unstartable(&self, job: &Job) -> Option<&'static str> {
+        if job.reply.is_closed() {
+            return Some("cancelled");
+        }
+        let cost = self.admission.cost(&CostKey::of(&job.input)).unwrap_or_default();
+        (Instant::now() + cost > job.deadline).then_some("expired")
+    }
 }
 
 /// What must match for tasks to run as one batch: their model, shapes and settings.

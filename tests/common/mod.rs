@@ -219,6 +219,18 @@ impl ServerProcess {
         self.child.wait().expect("the server process can be waited for")
     }
 
+    /// The exit status once the process exits, if it does within `limit`.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("the server process can be polled") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn ready(&self) -> bool {
         reqwest::blocking::Client::new().get(format!("{}/readyz", self.url)).send().is_ok_and(|r| r.status() == 200)
     }

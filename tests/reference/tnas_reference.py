@@ -1,6 +1,6 @@
 """Independent PyTorch reference of the tnas supernet, derived network and adaptation.
 
-Written from the T-NAS learner's semantics (SPEC §3–4) as ordinary nn.Modules, so it shares no
+Written from the T-NAS learner's semantics (T-NAS and DARTS, docs/MODEL_FORMAT.md) as ordinary nn.Modules, so it shares no
 code with the Rust implementation it checks. The Rust tests call it as:
 
     python tnas_reference.py --checkpoint DIR --inputs IN.safetensors --out OUT.safetensors \
@@ -21,6 +21,18 @@ the steps (after none too), and a proto head is built at τ0, where the `initial
 before the first step) read θ too. With pairwise inputs the derived network keeps the adapted head instead
 of rebuilding it. A proto head with `learned_scale` multiplies its logits by exp(classifier.log_scale),
 a weight like any other (adapted with lr_w, with a meta-gradient).
+
+With `adaptation.learned_rates` (T-NAS++, MAML++'s per-layer per-step rates) model.safetensors
+also holds `inner.lr_w` [M, G] and `inner.lr_theta` [M, 2], which replace --lr-w and --lr-theta:
+inner step s reads row min(s, M-1) (steps past the learned ones reuse the last row); every element
+of weight tensor i moves by that row's rate i, θ normal by column 0 and θ reduce by column 1. The
+G columns are the task's weight tensors in network order: the body's, then the head tensors the
+checkpoint stores (a fixed head's weight and bias, or a proto head's log_scale), then a proto
+head's weight and bias, which each task builds. In --meta-gradient mode the tables get gradients
+too (`grad/inner.lr_w`, `grad/inner.lr_theta`): second order, exactly through the steps; first
+order, with each step's support gradient g_s taken as a constant, so that the weights and θ keep
+the adapted point's query gradient and d L_q / d rate[s, i] = -<g_s, dL_q/dw_i at the adapted
+point> over tensor i's elements, summed over the steps that read row s.
 """
 import argparse
 import json
@@ -317,8 +329,52 @@ def genotype_of(alphas_normal, alphas_reduce, space):
     }
 
 
-def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta):
-    """T-NAS Algorithm 2 with the official optimisers: plain SGD on w and on θ. Returns the losses."""
+class LearnedRates:
+    """The tables `inner.lr_w` [M, G] and `inner.lr_theta` [M, 2] and the column of each weight."""
+
+    def __init__(self, w, theta, columns):
+        assert w.dim() == 2 and theta.dim() == 2 and theta.shape == (w.shape[0], 2) and w.shape[1] == len(columns), \
+            (tuple(w.shape), tuple(theta.shape), len(columns))
+        self.w, self.theta, self.columns = w, theta, {name: i for i, name in enumerate(columns)}
+
+    def row(self, step):
+        return min(step, self.w.shape[0] - 1)
+
+    def for_weight(self, step, name):
+        return self.w[self.row(step), self.columns[name]]
+
+    def for_theta(self, step):
+        return self.theta[self.row(step), 0], self.theta[self.row(step), 1]
+
+
+def rate_columns(net, stored, proto):
+    """The G weight tensors of a task in network order: body, the stored head tensors, then a proto
+    head's built weight and bias."""
+    body = [n for n, _ in net.named_parameters() if not n.startswith("classifier.")]
+    head = [n for n in ["classifier.weight", "classifier.bias", "classifier.log_scale"] if n in stored]
+    built = ["classifier.weight", "classifier.bias"] if proto else []
+    return body + head + built
+
+
+def adapt(net, a_n, a_r, support, labels, steps, lr_w, lr_theta, rates=None):
+    """T-NAS Algorithm 2 with the official optimisers: plain SGD on w and on θ. Returns the losses.
+    With learned `rates`, the same SGD at each step's rate of each tensor (and of each θ)."""
+    if rates is not None:
+        losses = []
+        for step in range(steps):
+            net.tau = net.relaxation.tau(step, steps)
+            loss = F.cross_entropy(net(support, a_n, a_r), labels)
+            params = list(net.named_parameters())
+            grads = torch.autograd.grad(loss, [p for _, p in params] + [a_n, a_r])
+            with torch.no_grad():
+                for (name, p), g in zip(params, grads):
+                    p -= rates.for_weight(step, name) * g
+                lr_n, lr_r = rates.for_theta(step)
+                a_n -= lr_n * grads[-2]
+                a_r -= lr_r * grads[-1]
+            losses.append(loss.item())
+        net.tau = net.relaxation.tau(steps, steps)
+        return losses
     opt_w = torch.optim.SGD(net.parameters(), lr=lr_w)
     opt_theta = torch.optim.SGD([a_n, a_r], lr=lr_theta)
     losses = []
@@ -345,33 +401,63 @@ def set_proto_head(net, a_n, a_r, support, labels, n_way):
         net.classifier.bias.copy_(-(prototypes ** 2).sum(1))
 
 
-def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr_w, lr_theta, second_order):
+def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr_w, lr_theta, second_order, rates=None):
     """One task's meta-gradient (T-NAS Algorithm 1, lines 4-8), written functionally: M SGD steps
     on (w, θ) from the meta-weights, the query loss with BN statistics from the support rows, and
     its gradient with respect to the meta-weights through the steps (second order) or with respect
-    to the adapted weights (first order, Eq. 7). Returns the gradients by name and the loss."""
+    to the adapted weights (first order, Eq. 7). With learned `rates`, the steps use them and the
+    tables get gradients too (see the module's description). Returns the gradients by name and
+    the loss."""
     names = [n for n, _ in net.named_parameters()] + ["alphas_normal", "alphas_reduce"]
     meta = [p for _, p in net.named_parameters()] + [a_n, a_r]
-    rates = [lr_w] * (len(meta) - 2) + [lr_theta, lr_theta]
+    tables = []
+    if rates is not None:
+        rates.w, rates.theta = rates.w.detach().requires_grad_(True), rates.theta.detach().requires_grad_(True)
+        tables = [rates.w, rates.theta]
+
+    def step_rates(step):
+        if rates is None:
+            return [lr_w] * (len(meta) - 2) + [lr_theta, lr_theta]
+        return [rates.for_weight(step, n) for n in names[:-2]] + list(rates.for_theta(step))
 
     def logits(point, x):
         return torch.func.functional_call(net, dict(zip(names[:-2], point[:-2])), (x, point[-2], point[-1]))
 
-    point = meta
+    point, support_grads = meta, []
     for step in range(steps):
         net.tau = net.relaxation.tau(step, steps)
         loss = F.cross_entropy(logits(point, support), labels)
         grads = torch.autograd.grad(loss, point, create_graph=second_order)
-        point = [p - r * g for p, r, g in zip(point, rates, grads)]
-        if not second_order:
+        support_grads.append([g.detach() for g in grads])
+        if second_order:
+            point = [p - r * g for p, r, g in zip(point, step_rates(step), grads)]
+        else:
+            with torch.no_grad():
+                point = [p - r * g for p, r, g in zip(point, step_rates(step), grads)]
             point = [p.detach().requires_grad_(True) for p in point]
     net.tau = net.relaxation.tau(steps, steps)
     StatsBN.stat_rows = support.shape[0]
     query_logits = logits(point, torch.cat([support, query]))[support.shape[0]:]
     StatsBN.stat_rows = None
     loss = F.cross_entropy(query_logits, query_labels)
-    grads = torch.autograd.grad(loss, meta if second_order else point)
-    return dict(zip(names, grads)), loss.item()
+    if second_order:
+        grads = torch.autograd.grad(loss, meta + tables)
+        out = dict(zip(names + ["inner.lr_w", "inner.lr_theta"], grads))
+    else:
+        grads = torch.autograd.grad(loss, point)
+        out = dict(zip(names, grads))
+        if rates is not None:
+            # w_M = w_0 - sum_s rate[row(s), i] * g_s with constant g_s: d L_q / d rate[r, i] is
+            # -sum over the steps s reading row r of <g_s, dL_q/dw_i (w_M)>.
+            d_w, d_theta = torch.zeros_like(rates.w), torch.zeros_like(rates.theta)
+            for step, g in enumerate(support_grads):
+                r = rates.row(step)
+                for name, g_i, q_i in zip(names[:-2], g, grads):
+                    d_w[r, rates.columns[name]] -= (g_i * q_i).sum()
+                d_theta[r, 0] -= (g[-2] * grads[-2]).sum()
+                d_theta[r, 1] += (g[-1] * grads[-1]).sum()
+            out["inner.lr_w"], out["inner.lr_theta"] = d_w, d_theta
+    return out, loss.item()
 
 
 def logits_both_modes(net, a_n, a_r, support, query):
@@ -415,6 +501,10 @@ def main():
     net = Network(space, n_way, relaxation=relaxation, learned_scale=learned_scale)
     a_n = weights.pop("alphas_normal").clone().requires_grad_(True)
     a_r = weights.pop("alphas_reduce").clone().requires_grad_(True)
+    tables = (weights.pop("inner.lr_w", None), weights.pop("inner.lr_theta", None))
+    learned_rates = bool(meta.get("adaptation", {}).get("learned_rates", False))
+    assert learned_rates == (tables[0] is not None) == (tables[1] is not None), "learned_rates and the tables disagree"
+    rates = LearnedRates(*tables, rate_columns(net, weights, proto)) if learned_rates else None
     missing, unexpected = net.load_state_dict(weights, strict=False)
     assert not unexpected and sorted(missing) == (["classifier.bias", "classifier.weight"] if proto else []), (missing, unexpected)
     # Before any step θ is read at the first step's temperature; a proto head is built there.
@@ -424,7 +514,7 @@ def main():
     out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
     if args.meta_gradient:
         grads, info["query_loss"] = meta_gradient(net, a_n, a_r, support, labels, query, inputs["query_labels"],
-                                                  args.steps, args.lr_w, args.lr_theta, args.meta_gradient == "second")
+                                                  args.steps, args.lr_w, args.lr_theta, args.meta_gradient == "second", rates)
         save_file({f"grad/{k}": v.float().contiguous() for k, v in grads.items()}, args.out)
         json.dump(info, open(args.out + ".json", "w"))
         return
@@ -443,7 +533,7 @@ def main():
         out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
 
     record("initial")
-    info["losses"] = adapt(net, a_n, a_r, support, labels, args.steps, args.lr_w, args.lr_theta)
+    info["losses"] = adapt(net, a_n, a_r, support, labels, args.steps, args.lr_w, args.lr_theta, rates)
     record("adapted")
     save_file({k: v.float().contiguous() for k, v in out.items()}, args.out)
     json.dump(info, open(args.out + ".json", "w"))

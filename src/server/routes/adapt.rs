@@ -4,6 +4,7 @@ use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, T
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
 use crate::metadata::ModelMeta;
+use crate::server::admission::CostKey;
 use crate::server::compute::{ResolvedOptions, TaskInput};
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::{Job, Readiness, WorkerError};
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
         (status = 413, description = "Body, image or image count over the limit, or the task over the device's free memory", body = ErrorBody),
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
         (status = 422, description = "Semantically invalid task, or an adaptation that diverged", body = ErrorBody),
-        (status = 429, description = "Queue full, or the server at its limit of requests in flight; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Queue full, the server at its limit of requests in flight, or the task estimated to miss its deadline behind the work queued; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     ),
@@ -43,8 +44,8 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     // A stopped worker, or as many requests in the server as it takes, refuses a request before
     // its body is read. A full queue does not: a malformed request still hears what is wrong with
     // it, not to retry.
-    if let Readiness::Failed(why) = state.worker.readiness() {
-        return Err(ApiError::NotReady(format!("the compute worker stopped ({why}); check /readyz")));
+    if let Readiness::Failed(fault) = state.worker.readiness() {
+        return Err(ApiError::NotReady(format!("the compute worker stopped ({}); check /readyz", fault.summary)));
     }
     let _in_flight = state.in_flight.try_acquire().map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
     let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
@@ -54,6 +55,10 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     let (labels, support_labels) = task.classes();
     let ids: Vec<String> = task.query.iter().map(|(id, _)| id.clone()).collect();
     let k_shot = (0..labels.len() as i64).map(|class| support_labels.iter().filter(|&&l| l == class).count()).min().unwrap_or(0);
+    let cost = CostKey::new(&name, labels.len(), task.support.len(), task.query.len(), &options);
+    let timeout = Duration::from_millis(state.limits.request_timeout_ms);
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let reservation = state.worker.admission().admit(&cost, remaining, timeout).map_err(|refusal| ApiError::WouldMissDeadline { refusal, timeout_ms: state.limits.request_timeout_ms })?;
     let decode_started = Instant::now();
     let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options)).await.map_err(|_| timed_out())??;
     let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
@@ -63,6 +68,7 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
         WorkerError::QueueFull => ApiError::QueueFull(state.worker.queued()),
         other => ApiError::NotReady(format!("the compute worker is unavailable ({other}); check /readyz")),
     })?;
+    reservation.hand_over();
     let output = match tokio::time::timeout_at(deadline.into(), response).await {
         Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => return Err(timed_out()),
         Ok(Err(_) | Ok(Err(WorkerError::Stopped))) => return Err(ApiError::NotReady("the compute worker stopped before this task ran; check /readyz".into())),
@@ -141,7 +147,9 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
         return Err(too_large());
     }
     let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
-    if content_type.starts_with("application/json") {
+    // The media type without its parameters (`; charset=utf-8`, `; boundary=…`).
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
         let body = axum::body::to_bytes(request.into_body(), max).await.map_err(|e| {
             let over_limit = std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
             if over_limit {
@@ -151,7 +159,7 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
             }
         })?;
         TaskRequest::from_json(&body)
-    } else if content_type.starts_with("multipart/form-data") {
+    } else if essence == "multipart/form-data" {
         let multipart = axum::extract::Multipart::from_request(request, &())
             .await
             .map_err(|e| ApiError::bad_request("invalid_multipart", format!("multipart body is malformed: {}", e.body_text())))?;

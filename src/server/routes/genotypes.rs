@@ -21,9 +21,13 @@ pub struct GenotypeQuery {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// How many of the most recent genotypes (default 20, at most 1000).
+    /// How many of the most recent genotypes (default 20, at most 1000; more is refused).
     pub limit: Option<usize>,
 }
+
+/// The most records one listing returns: with labels bounded by `--max-label-bytes`, this bounds
+/// the response's size.
+pub const MAX_LIST_LIMIT: usize = 1000;
 
 fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError> {
     if uuid::Uuid::parse_str(task_id).is_err() {
@@ -53,7 +57,14 @@ pub async fn get_genotype_svg(State(state): State<SharedState>, Path(task_id): P
 }
 
 /// The most recent genotypes, newest first.
-#[utoipa::path(get, path = "/genotypes", params(ListQuery), responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody, description = "Malformed or unknown query parameter")), tag = "genotypes")]
-pub async fn list_genotypes(State(state): State<SharedState>, Query(query): Query<ListQuery>) -> Json<Vec<GenotypeRecord>> {
-    Json(state.store.recent(query.limit.unwrap_or(20).min(1000)))
+#[utoipa::path(get, path = "/genotypes", params(ListQuery),
+    responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody, description = "Malformed or unknown query parameter, or limit over 1000")),
+    tag = "genotypes")]
+pub async fn list_genotypes(State(state): State<SharedState>, Query(query): Query<ListQuery>) -> Result<Json<Vec<GenotypeRecord>>, ApiError> {
+    match query.limit.unwrap_or(20) {
+        limit if limit > MAX_LIST_LIMIT => {
+            Err(ApiError::bad_request("limit_over_cap", format!("limit={limit} is over the cap of {MAX_LIST_LIMIT}; ask for at most {MAX_LIST_LIMIT}")))
+        }
+        limit => Ok(Json(state.store.recent(limit))),
+    }
 }

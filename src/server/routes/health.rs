@@ -21,7 +21,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Json<HealthStatu
     match state.worker.readiness() {
         Readiness::Ready => Ok(Json(HealthStatus { status: "ready".into() })),
         Readiness::Loading => Err(ApiError::NotReady("models are loading and warming up".into())),
-        Readiness::Failed(why) => Err(ApiError::NotReady(format!("the compute worker failed: {why}"))),
+        Readiness::Failed(fault) => Err(ApiError::NotReady(format!("the compute worker stopped: {}; the server log has the error", fault.summary))),
     }
 }
 
