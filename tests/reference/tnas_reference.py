@@ -455,7 +455,7 @@ def meta_gradient(net, a_n, a_r, support, labels, query, query_labels, steps, lr
                 for name, g_i, q_i in zip(names[:-2], g, grads):
                     d_w[r, rates.columns[name]] -= (g_i * q_i).sum()
                 d_theta[r, 0] -= (g[-2] * grads[-2]).sum()
-                d_theta[r, 1] += (g[-1] * grads[-1]).sum()
+                d_theta[r, 1] -= (g[-1] * grads[-1]).sum()
             out["inner.lr_w"], out["inner.lr_theta"] = d_w, d_theta
     return out, loss.item()
 
