@@ -1,9 +1,11 @@
 //! Meta-checkpoints on disk (docs/MODEL_FORMAT.md): `model.safetensors` (w̃ and θ̃, float32) and `model.json`
 //! (metadata with the weights' sha256).
 //!
-//! Both files are written atomically (temp file, fsync, rename), weights first, so a crash leaves
-//! either the old checkpoint or a `model.json` whose hash refuses the half-written pair. Loading
-//! verifies the hash, then every tensor's name and shape against the network's spec.
+//! A save is a short list of [`SaveStep`]s, each atomic (a file written to a temp file, fsynced
+//! and renamed; or a rename), after each of which the directory holds a checkpoint that loads,
+//! however many saves in a row are cut short. Temp files that a crash leaves behind are removed at
+//! the next start ([`remove_interrupted_temp_files`]). Loading verifies the hash, then every
+//! tensor's name and shape against the network's spec.
 
 use crate::conv4::Conv4;
 use crate::derived::DerivedNetwork;
@@ -21,7 +23,10 @@ use tch::{Device, Kind, Tensor};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// New weights on their way to [`WEIGHTS_FILE`] while [`Checkpoint::save`] runs.
-const PENDING_WEIGHTS_FILE: &str = "model.safetensors.new";
+pub const PENDING_WEIGHTS_FILE: &str = "model.safetensors.new";
+/// How the temp files of [`write_atomically`] begin, so that a later start finds those a crash
+/// left behind.
+pub const TEMP_PREFIX: &str = ".tnas-tmp-";
 pub const META_FILE: &str = "model.json";
 /// Tensor names of θ̃ inside `model.safetensors`.
 pub const ALPHAS_NORMAL: &str = "alphas_normal";
@@ -86,21 +91,32 @@ impl Checkpoint {
         network_of(&self.meta).expect("validated when loaded or built")
     }
 
-    /// Writes both files into `dir` (created if needed), filling in `meta.sha256`, so that a crash
-    /// at any point leaves a checkpoint that loads: the new weights go to a pending file first,
+    /// Writes both files into `dir` (created if needed), filling in `meta.sha256`: the steps of
+    /// [`Checkpoint::save_steps`], one after the other.
+    pub fn save(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+        self.save_steps(dir)?.iter().try_for_each(SaveStep::apply)
+    }
+
+    /// What [`Checkpoint::save`] does to `dir`, in order: the new weights go to a pending file,
     /// then `model.json` with their hash, then the weights move into place. Cut short before
     /// `model.json`, the old checkpoint stands; after it, [`Checkpoint::load`] takes the pending
-    /// weights that `model.json` describes.
-    pub fn save(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+    /// weights that `model.json` describes. When an earlier save was cut short there, its pending
+    /// weights move into place first: writing new ones over them would leave `model.json`
+    /// describing no file, should this save be cut short too.
+    pub fn save_steps(&mut self, dir: &Path) -> Result<Vec<SaveStep>, CheckpointError> {
         std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = self.weights_bytes().map_err(|message| CheckpointError::Invalid { path: weights_path.clone(), message })?;
+        let (weights, pending) = (dir.join(WEIGHTS_FILE), dir.join(PENDING_WEIGHTS_FILE));
+        let mut steps = Vec::new();
+        if pending_is_described(dir) {
+            steps.push(SaveStep::Rename { from: pending.clone(), to: weights.clone() });
+        }
+        let bytes = self.weights_bytes().map_err(|message| CheckpointError::Invalid { path: weights.clone(), message })?;
         self.meta.sha256 = sha256_hex(&bytes);
-        let pending = dir.join(PENDING_WEIGHTS_FILE);
-        write_atomically(&pending, &bytes)?;
         let json = serde_json::to_vec_pretty(&self.meta).expect("metadata serialises");
-        write_atomically(&dir.join(META_FILE), &json)?;
-        std::fs::rename(&pending, &weights_path).map_err(|source| CheckpointError::Io { path: weights_path, source })
+        steps.push(SaveStep::Write { path: pending.clone(), bytes });
+        steps.push(SaveStep::Write { path: dir.join(META_FILE), bytes: json });
+        steps.push(SaveStep::Rename { from: pending, to: weights });
+        Ok(steps)
     }
 
     fn weights_bytes(&self) -> Result<Vec<u8>, String> {
@@ -165,6 +181,34 @@ impl Checkpoint {
     }
 }
 
+/// One step of a save, atomic on a POSIX file system.
+#[derive(Debug)]
+pub enum SaveStep {
+    /// `bytes` written to `path` through a temp file ([`write_atomically`]).
+    Write { path: PathBuf, bytes: Vec<u8> },
+    Rename { from: PathBuf, to: PathBuf },
+}
+
+impl SaveStep {
+    pub fn apply(&self) -> Result<(), CheckpointError> {
+        match self {
+            SaveStep::Write { path, bytes } => write_atomically(path, bytes),
+            SaveStep::Rename { from, to } => std::fs::rename(from, to).map_err(|source| CheckpointError::Io { path: to.clone(), source }),
+        }
+    }
+}
+
+/// Whether `dir` holds pending weights that its `model.json` describes: a save was cut short
+/// between writing `model.json` and moving the weights into place.
+fn pending_is_described(dir: &Path) -> bool {
+    let described = std::fs::read(dir.join(META_FILE)).ok().and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
+    let pending = std::fs::read(dir.join(PENDING_WEIGHTS_FILE)).ok();
+    match (described, pending) {
+        (Some(meta), Some(bytes)) => meta["sha256"].as_str() == Some(sha256_hex(&bytes).as_str()),
+        _ => false,
+    }
+}
+
 /// The weights file whose sha256 is `sha256`, with its bytes: `model.safetensors`, or the pending
 /// file a save cut short after writing `model.json` left ([`Checkpoint::save`]).
 fn described_weights(dir: &Path, sha256: &str) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
@@ -194,17 +238,37 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Writes `bytes` to a temp file beside `path`, fsyncs it, and renames it over `path`.
+/// Writes `bytes` to a temp file beside `path`, fsyncs it, and renames it over `path`. The temp
+/// file is locked while it exists, so that [`remove_interrupted_temp_files`] leaves it alone.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut tmp = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir).map_err(io)?;
+    tmp.as_file().lock().map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     // Temp files are created 0600; a model file is meant to be readable like any other.
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
+}
+
+/// Removes the temp files in `dir` that interrupted writes left behind: those whose writer no longer
+/// holds their lock (a process's locks go with it). A writer still at work keeps its own. Returns
+/// how many were removed; a directory that cannot be read or written is left as it is.
+pub fn remove_interrupted_temp_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let abandoned = |path: &Path| std::fs::File::open(path).is_ok_and(|file| file.try_lock().is_ok());
+    let removed = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(TEMP_PREFIX)))
+        .filter(|path| abandoned(path) && std::fs::remove_file(path).is_ok())
+        .count();
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed temp files that interrupted saves left behind");
+    }
+    removed
 }
 
 /// `named` tensors as the bytes of a float32 safetensors file.

@@ -1,12 +1,12 @@
 //! Checkpoints on disk: bit-exact round trips, refusal of truncated, edited or missing files
-//! with an error naming the file, saves that a crash cannot leave unloadable, and evaluation
-//! results recorded without losing any.
+//! with an error naming the file, saves that crashes cannot leave unloadable, however many in a
+//! row, and evaluation results recorded without losing any.
 
 mod common;
 
 use common::random_supernet;
 use tch::Device;
-use tnas::checkpoint::{Checkpoint, META_FILE, WEIGHTS_FILE};
+use tnas::checkpoint::{Checkpoint, SaveStep, META_FILE, TEMP_PREFIX, WEIGHTS_FILE};
 use tnas::adapt::BnMode;
 use tnas::meta::command::record_results;
 use tnas::metadata::{EvalResult, HeadSpec};
@@ -107,6 +107,58 @@ fn a_save_cut_short_leaves_a_checkpoint_that_loads() {
     // A whole save leaves no pending file.
     Checkpoint::load(dir.path(), Device::Cpu).unwrap().save(dir.path()).unwrap();
     assert!(!pending.exists());
+}
+
+/// Applies the first `kept` steps of saving `checkpoint` into `dir`, as a crash after them would
+/// leave it; with `mid_write`, the crash also came halfway through the next step's temp file.
+fn save_cut_short(checkpoint: &mut Checkpoint, dir: &std::path::Path, kept: usize, mid_write: bool) {
+    let steps = checkpoint.save_steps(dir).unwrap();
+    for step in steps.iter().take(kept) {
+        step.apply().unwrap();
+    }
+    if let (true, Some(SaveStep::Write { bytes, .. })) = (mid_write, steps.get(kept)) {
+        let mut temp = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir).unwrap();
+        std::io::Write::write_all(&mut temp, &bytes[..bytes.len() / 2]).unwrap();
+        temp.keep().unwrap();
+    }
+}
+
+fn temp_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(TEMP_PREFIX)).count()
+}
+
+/// Two saves in a row cut short, at every step of each and halfway through every write (a save,
+/// then the next save of the run resumed from what the first left): the directory always loads,
+/// holding the checkpoint it held before the save or the one being saved, and the next start
+/// removes the temp files the crashes left.
+#[test]
+fn a_directory_loads_after_two_saves_in_a_row_cut_short_at_every_step() {
+    let mut fixtures = [3, 4, 5].map(|seed| random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Fixed { n_way: 5 }, seed, 1.0));
+    let first_weight = |c: &Checkpoint| c.params.tensors()[0].shallow_clone();
+    let weights = fixtures.each_ref().map(first_weight);
+    let which = |c: &Checkpoint| weights.iter().position(|w| w.equal(&first_weight(c))).expect("one of the saved checkpoints");
+    for (first_cut, second_cut, mid_write) in (0..=4).flat_map(|a| (0..=4).flat_map(move |b| [(a, b, false), (a, b, true)])) {
+        let case = format!("first save cut after {first_cut} steps, second after {second_cut}, mid-write {mid_write}");
+        let dir = tempfile::tempdir().unwrap();
+        fixtures[0].save(dir.path()).unwrap();
+        save_cut_short(&mut fixtures[1], dir.path(), first_cut, mid_write);
+        let resumed = Checkpoint::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let before = which(&resumed);
+        save_cut_short(&mut fixtures[2], dir.path(), second_cut, mid_write);
+        let loaded = Checkpoint::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert!([before, 2].contains(&which(&loaded)), "{case}: holds checkpoint {} after holding {before}", which(&loaded));
+        tnas::checkpoint::remove_interrupted_temp_files(dir.path());
+        assert_eq!(temp_files(dir.path()), 0, "{case}");
+    }
+}
+
+#[test]
+fn a_temp_file_still_being_written_is_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let writing = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir.path()).unwrap();
+    writing.as_file().lock().unwrap();
+    assert_eq!(tnas::checkpoint::remove_interrupted_temp_files(dir.path()), 0);
+    assert!(writing.path().exists());
 }
 
 fn result(way: usize, accuracy: f64) -> EvalResult {

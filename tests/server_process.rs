@@ -230,3 +230,17 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     }
     assert!(log.contains("Diverged") || log.contains("not finite"), "the log has the error: {log}");
 }
+
+#[test]
+fn start_up_removes_the_temp_files_of_interrupted_saves_only() {
+    let models = fixture_models();
+    let dir = models.path().join("fixture");
+    let temp = |name: &str| dir.join(format!("{}{name}", tnas::checkpoint::TEMP_PREFIX));
+    std::fs::write(temp("left-by-a-crash"), b"half a safetensors file").unwrap();
+    // One still being written by a live writer (a training run saving into the folder): locked.
+    let writing = std::fs::File::create(temp("being-written")).unwrap();
+    writing.lock().unwrap();
+    let _server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
+    assert!(!temp("left-by-a-crash").exists(), "the interrupted save's temp file is removed at start");
+    assert!(temp("being-written").exists(), "a temp file still being written is left alone");
+}

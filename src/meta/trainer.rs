@@ -10,7 +10,7 @@ use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
 use crate::checkpoint::{param_specs, task_tensors, safetensors_bytes, sha256_hex, tensors_of_safetensors, write_atomically, Checkpoint, CheckpointError};
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
-use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta};
+use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
 use crate::search_space::SearchSpace;
 use crate::network::Network;
 use crate::params::ParamSet;
@@ -73,10 +73,20 @@ struct RunSettings {
     learned_rates: bool,
     head: HeadSpec,
     input: InputSpec,
+    /// The data, its split and its augmentation: continued on other classes, a run would record a
+    /// split it did not train on. Absent from states saved before they were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    split: Option<Split>,
+    /// Whether the training classes include their 90° rotations (Omniglot's augmentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotations: Option<bool>,
 }
 
 impl RunSettings {
-    fn of(config: &TrainConfig) -> RunSettings {
+    fn of(config: &TrainConfig, train: &[ClassImages]) -> RunSettings {
+        let training = config.meta.training.as_ref();
         RunSettings {
             algorithm: config.algorithm,
             way: config.way,
@@ -97,14 +107,19 @@ impl RunSettings {
             learned_rates: config.meta.adaptation.learned_rates,
             head: config.meta.head,
             input: config.meta.input.clone(),
+            data: training.map(|t| t.data.clone()),
+            split: training.map(|t| t.split.clone()),
+            rotations: Some(train.iter().any(|class| class.name.ends_with("/rot90"))),
         }
     }
 
-    /// The settings in which `self` and `other` differ, as `name: ours (saved: theirs)`.
+    /// The settings in which `self` and `other` differ, as `name: ours (saved: theirs)`; a setting
+    /// the saved state does not record is not compared.
     fn differences(&self, saved: &RunSettings) -> Vec<String> {
         let (ours, theirs) = (serde_json::to_value(self).expect("settings serialise"), serde_json::to_value(saved).expect("settings serialise"));
         let (ours, theirs) = (ours.as_object().expect("a struct"), theirs.as_object().expect("a struct"));
-        ours.iter().filter(|(name, value)| theirs.get(*name) != Some(value)).map(|(name, value)| format!("{name}: {value} (saved: {})", theirs.get(name).unwrap_or(&serde_json::Value::Null))).collect()
+        let differs = |name: &String, value: &serde_json::Value| theirs.get(name).is_some_and(|saved| saved != value);
+        ours.iter().filter(|(name, value)| differs(name, value)).map(|(name, value)| format!("{name}: {value} (saved: {})", theirs[name])).collect()
     }
 }
 
@@ -177,7 +192,7 @@ impl<'a> Trainer<'a> {
             return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
         }
         let state = ResumeState {
-            run: RunSettings::of(&config),
+            run: RunSettings::of(&config, train),
             iteration: 0,
             sampler: sampler.state(),
             best_validation: None,
@@ -189,6 +204,9 @@ impl<'a> Trainer<'a> {
             tensors_sha256: String::new(),
         };
         let mut trainer = Trainer { config, network, learner, train, validation, sampler, state };
+        for dir in [trainer.config.out.clone(), resume_dir(&trainer.config.out)] {
+            crate::checkpoint::remove_interrupted_temp_files(&dir);
+        }
         if resume && resume_dir(&trainer.config.out).join("state.json").exists() {
             trainer.load_resume_state()?;
         }

@@ -64,15 +64,19 @@ pub fn router(state: SharedState) -> Router {
     middleware::with_cors(middleware::with_request_ids(app), &state.cors_origins)
 }
 
-/// Loads every `models/<name>/model.json` (sorted by name); any unreadable model, or two with one
-/// name, stops start-up with an error naming the files, since serving a partial model set, or the
-/// wrong one of two under a name, would surprise clients.
+/// Loads every `models/<name>/model.json` (sorted by name), first removing the temp files of saves
+/// a crash interrupted there; any unreadable model, or two with one name, stops start-up with an
+/// error naming the files, since serving a partial model set, or the wrong one of two under a
+/// name, would surprise clients.
 pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut dirs: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join(META_FILE).exists()).collect();
     dirs.sort();
     if dirs.is_empty() {
         return Err(format!("{}: no model directories (subfolders with {META_FILE})", dir.display()));
+    }
+    for dir in &dirs {
+        crate::checkpoint::remove_interrupted_temp_files(dir);
     }
     let checkpoints: Vec<Checkpoint> = dirs.iter().map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
     for (i, checkpoint) in checkpoints.iter().enumerate() {
