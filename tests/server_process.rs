@@ -209,7 +209,7 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
         assert!(started.elapsed() < Duration::from_secs(60), "the warm-up never failed");
         if let Ok(response) = client.get(format!("{url}/readyz")).send() {
             let body = response.text().unwrap();
-            if body.contains("stopped") {
+            if !body.contains("loading") {
                 break body;
             }
         }
