@@ -216,7 +216,8 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let pngs = omniglot_pngs("Greek", 2, 2);
-    let task = json!({"support": [{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}], "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
+    let support = json!([{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}]);
+    let task = json!({"support": support, "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
     let adapt = client.post(format!("{url}/adapt")).json(&task).send().unwrap();
     assert_eq!(adapt.status(), 503);
     let adapt = adapt.text().unwrap();
