@@ -220,10 +220,13 @@ impl ModelMeta {
             (ModelKind::Conv4, _) if input.size < 16 => {
                 Err(format!("input.size must be at least 16 for conv4 (its four max-pools halve it four times), got {}", input.size))
             }
-            (ModelKind::Supernet | ModelKind::Genotype, Some(space)) if (input.size, input.channels) != (space.image_size, space.in_channels) => Err(format!(
-                "input.size {} and input.channels {} must equal search_space.image_size {} and search_space.in_channels {}: the network is built for those",
-                input.size, input.channels, space.image_size, space.in_channels
-            )),
+            (ModelKind::Supernet | ModelKind::Genotype, Some(space)) if (input.size, input.channels) != (space.image_size, space.in_channels) => {
+                Err(format!(
+                    "input.size {} and input.channels {} must equal search_space.image_size {} and search_space.in_channels {}: \
+                     the network is built for those",
+                    input.size, input.channels, space.image_size, space.in_channels
+                ))
+            }
             _ => Ok(()),
         }
     }

@@ -209,14 +209,15 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
         assert!(started.elapsed() < Duration::from_secs(60), "the warm-up never failed");
         if let Ok(response) = client.get(format!("{url}/readyz")).send() {
             let body = response.text().unwrap();
-            if body.contains("stopped") {
+            if !body.contains("loading") {
                 break body;
             }
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let pngs = omniglot_pngs("Greek", 2, 2);
-    let task = json!({"support": [{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}], "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
+    let support = json!([{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}]);
+    let task = json!({"support": support, "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
     let adapt = client.post(format!("{url}/adapt")).json(&task).send().unwrap();
     assert_eq!(adapt.status(), 503);
     let adapt = adapt.text().unwrap();

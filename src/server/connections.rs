@@ -77,10 +77,10 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: Conne
 /// connection, and a client might lose the answer to the reset.
 async fn refuse(mut stream: TcpStream, max_connections: usize) {
     metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit").increment(1);
-    let body = format!(
-        r#"{{"error":{{"code":"too_many_connections","message":"the server has its limit of {max_connections} connections open; retry after a second, or reuse a connection"}}}}"#
-    );
-    let response = format!("HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let message = format!("the server has its limit of {max_connections} connections open; retry after a second, or reuse a connection");
+    let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}}).to_string();
+    let head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close";
+    let response = format!("{head}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     let answer_and_drain = async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;

@@ -112,7 +112,8 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: Device) -> Result<SharedState, String> {
     if let Some(meta) = checkpoints.iter().map(|c| &c.meta).find(|meta| meta.adaptation.steps > config.limits.max_steps) {
         return Err(format!(
-            "model '{}' adapts with adaptation.steps = {} by default, over --max-steps {}: every request that keeps the default would be refused; raise --max-steps",
+            "model '{}' adapts with adaptation.steps = {} by default, over --max-steps {}: \
+             every request that keeps the default would be refused; raise --max-steps",
             meta.name, meta.adaptation.steps, config.limits.max_steps
         ));
     }

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
         (status = 413, description = "Body, image or image count over the limit, or the task over the device's free memory", body = ErrorBody),
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
         (status = 422, description = "Semantically invalid task, or an adaptation that diverged", body = ErrorBody),
-        (status = 429, description = "Queue full, the server at its limit of requests in flight, or the task estimated to miss its deadline behind the work queued; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Queue full, the server at its limit of requests in flight, or the task estimated to miss its deadline \
+            behind the work queued; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     ),
@@ -58,7 +59,8 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     let cost = CostKey::new(&name, labels.len(), task.support.len(), task.query.len(), &options);
     let timeout = Duration::from_millis(state.limits.request_timeout_ms);
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let reservation = state.worker.admission().admit(&cost, remaining, timeout).map_err(|refusal| ApiError::WouldMissDeadline { refusal, timeout_ms: state.limits.request_timeout_ms })?;
+    let refused = |refusal| ApiError::WouldMissDeadline { refusal, timeout_ms: state.limits.request_timeout_ms };
+    let reservation = state.worker.admission().admit(&cost, remaining, timeout).map_err(refused)?;
     let decode_started = Instant::now();
     let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options)).await.map_err(|_| timed_out())??;
     let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
