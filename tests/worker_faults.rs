@@ -11,7 +11,8 @@ use tnas::metadata::HeadSpec;
 use tnas::params::ParamSet;
 use tnas::search_space::SearchSpace;
 use tnas::server::compute::{ResolvedOptions, TaskInput, TaskOutput};
-use tnas::server::worker::{Readiness, Worker, WorkerError};
+use tnas::server::worker::{Readiness, Worker};
+use tnas::server::worker_error::WorkerError;
 
 const PIXELS: usize = 28 * 28;
 

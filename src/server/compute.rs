@@ -5,7 +5,7 @@
 
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
-use super::worker::WorkerError;
+use super::worker_error::WorkerError;
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::checkpoint::Checkpoint;
 use crate::genotype::Genotype;

@@ -5,7 +5,7 @@
 //! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
 //!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
-//!   those that would miss their deadline.
+//!   those that would miss their deadline; [`worker_error`]: how a job can fail.
 //! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
 //! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
@@ -25,6 +25,7 @@ pub mod state;
 pub mod store;
 pub mod task_request;
 pub mod worker;
+pub mod worker_error;
 
 use crate::checkpoint::{Checkpoint, META_FILE};
 use axum::extract::DefaultBodyLimit;

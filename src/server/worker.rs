@@ -20,6 +20,7 @@
 //! waiting job is refused.
 
 use super::admission::{Admission, CostKey};
+use super::worker_error::WorkerError;
 use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
 use super::recorded::RecordedAdaptations;
 use crate::adapt::{BnMode, PredictWith};
@@ -32,37 +33,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum WorkerError {
-    #[error("deadline passed after {completed_steps} steps")]
-    DeadlinePassed { completed_steps: usize },
-    #[error("the client went away")]
-    Cancelled,
-    #[error("the queue is full")]
-    QueueFull,
-    #[error("the worker is not running")]
-    Stopped,
-    #[error("the adaptation diverged: its logits or architecture weights are not finite")]
-    Diverged,
-    #[error("the device ran out of memory: {0}")]
-    OutOfMemory(String),
-    #[error("computation failed: {0}")]
-    Failed(String),
-}
-
-impl WorkerError {
-    /// What an error raised by libtorch inside a job means: running out of memory is the task's
-    /// size meeting the device's (the same task may fit later, alone or on a bigger device);
-    /// anything else is a fault.
-    fn raised(message: String) -> WorkerError {
-        if message.contains("out of memory") || message.contains("can't allocate memory") {
-            WorkerError::OutOfMemory(message)
-        } else {
-            WorkerError::Failed(message)
-        }
-    }
-}
 
 /// One queued request.
 pub struct Job {

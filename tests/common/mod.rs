@@ -155,17 +155,17 @@ pub fn ready_worker_on(device: Device, checkpoints: Vec<Checkpoint>, queue_depth
 }
 
 /// The answer to come of a job submitted to a worker.
-pub type Answer = tokio::sync::oneshot::Receiver<Result<tnas::server::compute::TaskOutput, tnas::server::worker::WorkerError>>;
+pub type Answer = tokio::sync::oneshot::Receiver<Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>>;
 
 /// Submits `input` with a two-minute deadline; the queue's refusal is returned as is.
-pub fn submit(worker: &tnas::server::worker::Worker, input: tnas::server::compute::TaskInput) -> Result<Answer, tnas::server::worker::WorkerError> {
+pub fn submit(worker: &tnas::server::worker::Worker, input: tnas::server::compute::TaskInput) -> Result<Answer, tnas::server::worker_error::WorkerError> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     worker.submit(tnas::server::worker::Job { input, deadline: Instant::now() + Duration::from_secs(120), enqueued: Instant::now(), reply })?;
     Ok(answer)
 }
 
 /// Queues every input at once (so queued ones can batch), then waits for every answer.
-pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::compute::TaskInput>) -> Vec<Result<tnas::server::compute::TaskOutput, tnas::server::worker::WorkerError>> {
+pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::compute::TaskInput>) -> Vec<Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>> {
     let receivers: Vec<Answer> = inputs.into_iter().map(|input| submit(worker, input).expect("the queue has room")).collect();
     receivers.into_iter().map(|r| r.blocking_recv().expect("the worker always answers")).collect()
 }
