@@ -91,7 +91,7 @@ impl TaskState {
     /// from the support prototypes under the starting weights.
     pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
         let mut state = TaskState::new(meta.task_copy(&network.weight_runs(), device, 1), meta_alphas.map(|a| a.task_copy(device, 1)));
-        state.temperature = network.relaxation().temperature(0, 1);
+        state.temperature = network.relaxation().start_temperature();
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
         }
@@ -191,16 +191,14 @@ impl TaskState {
     pub fn descend(&mut self, loss: &Tensor, inner: &InnerLoop) {
         let (grad_w, grad_theta) = self.gradients(loss, inner.second_order);
         let stepped = || {
-            let weights = match &self.rates {
-                Some(rates) => self.params.flattened() - &grad_w * rates.for_weights(self.step, &self.params),
-                None => self.params.flattened() - &grad_w * inner.lr_w,
-            };
-            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| match &self.rates {
-                Some(rates) => {
-                    let (lr_normal, lr_reduce) = rates.for_theta(self.step);
-                    Alphas { normal: &a.normal - normal * lr_normal, reduce: &a.reduce - reduce * lr_reduce }
-                }
-                None => Alphas { normal: &a.normal - normal * inner.lr_theta, reduce: &a.reduce - reduce * inner.lr_theta },
+            // The step's learned rate where there is one, else the hand-set one.
+            let scaled = |grad: &Tensor, learned: Option<Tensor>, lr: f64| learned.map_or_else(|| grad * lr, |rate| grad * rate);
+            let rates = self.rates.as_ref();
+            let weights = self.params.flattened() - scaled(&grad_w, rates.map(|r| r.for_weights(self.step, &self.params)), inner.lr_w);
+            let (lr_normal, lr_reduce) = rates.map(|r| r.for_theta(self.step)).unzip();
+            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| Alphas {
+                normal: &a.normal - scaled(normal, lr_normal, inner.lr_theta),
+                reduce: &a.reduce - scaled(reduce, lr_reduce, inner.lr_theta),
             });
             (weights, alphas)
         };

@@ -53,6 +53,11 @@ impl Relaxation {
         matches!(self, Relaxation::Annealed { pairwise_inputs: true, .. })
     }
 
+    /// τ of the first inner step, where a task starts (and a proto head is built).
+    pub fn start_temperature(&self) -> f64 {
+        self.temperature(0, 1)
+    }
+
     /// τ of inner step `step` of `steps`; `step == steps` (and any step of a task adapted for 0
     /// steps) is the end state, where queries are predicted.
     pub fn temperature(&self, step: usize, steps: usize) -> f64 {

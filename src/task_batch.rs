@@ -58,7 +58,7 @@ impl TaskBatch {
     pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
         let (tasks, device) = (support.tasks(), support.images.device());
         let mut state = TaskState::new(meta.task_copy(&net.weight_runs(), device, tasks), Some(meta_alphas.task_copy(device, tasks)));
-        state.temperature = net.relaxation.temperature(0, 1);
+        state.temperature = net.relaxation.start_temperature();
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             // The forward pass that gives the prototypes also gives the first step's loss.

@@ -127,7 +127,7 @@ impl TaskContext<'_> {
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState::new(params, alphas);
-            state.temperature = self.network.relaxation().temperature(0, 1);
+            state.temperature = self.network.relaxation().start_temperature();
             if let HeadSpec::Proto { .. } = self.head {
                 // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
                 // the meta-gradient runs through every inner step, not through the head's start.
