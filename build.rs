@@ -33,7 +33,10 @@ fn main() {
 
 /// Compiles the CUDA graph shim against libtorch's headers (with the C++ ABI torch-sys uses).
 fn build_cuda_graph_shim(lib_dir: &Path, cuda_include: &Path) {
-    let torch_include = lib_dir.parent().expect("libtorch's lib has a parent").join("include");
+    let torch_include = lib_dir
+        .parent()
+        .expect("libtorch's lib has a parent")
+        .join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
@@ -51,25 +54,43 @@ fn build_cuda_graph_shim(lib_dir: &Path, cuda_include: &Path) {
 /// The folder holding `cuda_runtime_api.h`: `CUDA_HOME`, the NVIDIA wheels beside torch, or the
 /// system toolkit.
 fn cuda_include_dir(lib_dir: &Path) -> Option<PathBuf> {
-    let site_packages = lib_dir.parent().and_then(Path::parent).map(Path::to_path_buf);
-    let mut candidates: Vec<PathBuf> = std::env::var_os("CUDA_HOME").map(|home| PathBuf::from(home).join("include")).into_iter().collect();
+    let site_packages = lib_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let mut candidates: Vec<PathBuf> = std::env::var_os("CUDA_HOME")
+        .map(|home| PathBuf::from(home).join("include"))
+        .into_iter()
+        .collect();
     if let Some(site) = site_packages {
-        candidates.extend(["nvidia/cu13/include", "nvidia/cuda_runtime/include"].map(|p| site.join(p)));
+        candidates
+            .extend(["nvidia/cu13/include", "nvidia/cuda_runtime/include"].map(|p| site.join(p)));
     }
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
-    candidates.into_iter().find(|dir| dir.join("cuda_runtime_api.h").exists())
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("cuda_runtime_api.h").exists())
 }
 
 fn torch_lib_dir_from_python() -> PathBuf {
     let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
-        .args(["-c", "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .args([
+            "-c",
+            "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {python} to locate torch: {e}; run `make setup` first"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run {python} to locate torch: {e}; run `make setup` first")
+        });
     assert!(
         output.status.success(),
         "{python} cannot import torch: {}; run `make setup` first",
         String::from_utf8_lossy(&output.stderr)
     );
-    PathBuf::from(String::from_utf8(output.stdout).expect("torch path is UTF-8").trim())
+    PathBuf::from(
+        String::from_utf8(output.stdout)
+            .expect("torch path is UTF-8")
+            .trim(),
+    )
 }

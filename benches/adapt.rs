@@ -6,9 +6,11 @@
 mod common;
 mod support;
 
+use common::ServerProcess;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::{closed_loop, percentile};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::checkpoint::Checkpoint;
@@ -19,8 +21,6 @@ use tnas::network::Network;
 use tnas::params::matrix_rows;
 use tnas::search_space::SearchSpace;
 use tnas::task_batch::{adapt_and_predict, task_mixings};
-use common::ServerProcess;
-use support::{closed_loop, percentile};
 
 const RUNS: usize = 20;
 const STEPS: usize = 10;
@@ -29,9 +29,20 @@ const QUERIES: usize = 75;
 
 /// A mini-ImageNet-sized supernet (3×84×84, C = 16, official stem) with PyTorch-default weights.
 fn miniimagenet_sized(dir: &Path) -> PathBuf {
-    let mut checkpoint = common::random_supernet(SearchSpace::tnas_official(3, 84, 16), HeadSpec::Fixed { n_way: WAY }, 0, 1e-3);
+    let mut checkpoint = common::random_supernet(
+        SearchSpace::tnas_official(3, 84, 16),
+        HeadSpec::Fixed { n_way: WAY },
+        0,
+        1e-3,
+    );
     checkpoint.meta.name = "miniimagenet-sized".into();
-    checkpoint.meta.adaptation = AdaptationDefaults { steps: STEPS, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support, learned_rates: false };
+    checkpoint.meta.adaptation = AdaptationDefaults {
+        steps: STEPS,
+        lr_w: 0.01,
+        lr_theta: 30.0,
+        bn: BnMode::Support,
+        learned_rates: false,
+    };
     let out = dir.join("miniimagenet-sized");
     checkpoint.save(&out).expect("temp dir is writable");
     out
@@ -39,7 +50,12 @@ fn miniimagenet_sized(dir: &Path) -> PathBuf {
 
 fn inner_loop(checkpoint: &Checkpoint) -> InnerLoop {
     let a = checkpoint.meta.adaptation;
-    InnerLoop { steps: STEPS, lr_w: a.lr_w, lr_theta: a.lr_theta, second_order: false }
+    InnerLoop {
+        steps: STEPS,
+        lr_w: a.lr_w,
+        lr_theta: a.lr_theta,
+        second_order: false,
+    }
 }
 
 /// Milliseconds of each of `RUNS` runs after one warm-up, and the last run's logits.
@@ -55,16 +71,41 @@ fn timed(run: impl Fn() -> Tensor) -> (Vec<f64>, Tensor) {
 }
 
 /// Our side: start, 10 steps, decode, predict 75 queries with support BN.
-fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
+fn ours(
+    checkpoint: &Checkpoint,
+    support: &Tensor,
+    labels: &Tensor,
+    query: &Tensor,
+    device: Device,
+) -> (Vec<f64>, Tensor) {
     let network = checkpoint.network();
-    let (support, labels, query) = (&support.to_device(device), &labels.to_device(device), &query.to_device(device));
-    let set = SupportSet { images: support, labels, n_way: WAY };
+    let (support, labels, query) = (
+        &support.to_device(device),
+        &labels.to_device(device),
+        &query.to_device(device),
+    );
+    let set = SupportSet {
+        images: support,
+        labels,
+        n_way: WAY,
+    };
     let inner = inner_loop(checkpoint);
     timed(|| {
-        let mut state = TaskState::start(&network, &checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, &set, device);
-        state.adapt(&network, &set, &inner, &|| true).expect("not interrupted");
+        let mut state = TaskState::start(
+            &network,
+            &checkpoint.params,
+            checkpoint.alphas.as_ref(),
+            checkpoint.meta.head,
+            &set,
+            device,
+        );
+        state
+            .adapt(&network, &set, &inner, &|| true)
+            .expect("not interrupted");
         let _genotype = state.genotype(&network);
-        let logits = state.predict(&network, &set, query, BnMode::Support).to_device(Device::Cpu);
+        let logits = state
+            .predict(&network, &set, query, BnMode::Support)
+            .to_device(Device::Cpu);
         let _rows = matrix_rows(&logits);
         logits
     })
@@ -72,14 +113,40 @@ fn ours(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tens
 
 /// The same work as the server does it on a GPU: recorded once as a CUDA graph (a batch of one
 /// task), then each run copies the inputs in, replays, decodes and reads the logits back.
-fn ours_replayed(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, query: &Tensor, device: Device) -> (Vec<f64>, Tensor) {
-    let Network::Supernet(net) = checkpoint.network() else { panic!("a supernet checkpoint") };
+fn ours_replayed(
+    checkpoint: &Checkpoint,
+    support: &Tensor,
+    labels: &Tensor,
+    query: &Tensor,
+    device: Device,
+) -> (Vec<f64>, Tensor) {
+    let Network::Supernet(net) = checkpoint.network() else {
+        panic!("a supernet checkpoint")
+    };
     let inner = inner_loop(checkpoint);
-    let inputs = [support.to_device(device), labels.to_device(device).unsqueeze(0), query.to_device(device)];
-    let replay = Replay::record(&inputs, |tensors| adapt_and_predict(&net, checkpoint, None, tensors, WAY, &inner, BnMode::Support, &|| true).expect("not interrupted"))
-        .expect("the adaptation records as a CUDA graph");
+    let inputs = [
+        support.to_device(device),
+        labels.to_device(device).unsqueeze(0),
+        query.to_device(device),
+    ];
+    let replay = Replay::record(&inputs, |tensors| {
+        adapt_and_predict(
+            &net,
+            checkpoint,
+            None,
+            tensors,
+            WAY,
+            &inner,
+            BnMode::Support,
+            &|| true,
+        )
+        .expect("not interrupted")
+    })
+    .expect("the adaptation records as a CUDA graph");
     timed(|| {
-        let [logits, normal, reduce] = <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays")).expect("three outputs");
+        let [logits, normal, reduce] =
+            <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays"))
+                .expect("three outputs");
         let _mixings = task_mixings(&tnas::supernet::Alphas { normal, reduce }, 1);
         let logits = logits.select(1, 0).to_device(Device::Cpu);
         let _rows = matrix_rows(&logits);
@@ -87,40 +154,105 @@ fn ours_replayed(checkpoint: &Checkpoint, support: &Tensor, labels: &Tensor, que
     })
 }
 
-fn pytorch(model_dir: &Path, inputs: &Path, out: &Path, threads: i32, device: Device) -> (Vec<f64>, Tensor) {
+fn pytorch(
+    model_dir: &Path,
+    inputs: &Path,
+    out: &Path,
+    threads: i32,
+    device: Device,
+) -> (Vec<f64>, Tensor) {
     let output = Command::new(common::python())
         .arg(common::repo_path("bench/pytorch_eager.py"))
-        .args(["--checkpoint", model_dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .args(["--steps", &STEPS.to_string(), "--runs", &RUNS.to_string(), "--threads", &threads.to_string(), "--device", &device_name(device)])
+        .args([
+            "--checkpoint",
+            model_dir.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--steps",
+            &STEPS.to_string(),
+            "--runs",
+            &RUNS.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--device",
+            &device_name(device),
+        ])
         .output()
         .expect("python runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
-    let times = report["ms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let times = report["ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let logits = Tensor::read_safetensors(out).unwrap().remove(0).1;
     (times, logits)
 }
 
 /// `assert_equal`: fail unless both sides' logits agree (else the difference is only reported).
-fn latency(model_dir: &Path, label: &str, assert_equal: bool, threads: i32, device: Device, scratch: &Path) {
+fn latency(
+    model_dir: &Path,
+    label: &str,
+    assert_equal: bool,
+    threads: i32,
+    device: Device,
+    scratch: &Path,
+) {
     let checkpoint = Checkpoint::load(model_dir, device).expect("benchmark model loads");
     let input = &checkpoint.meta.input;
     let (c, s) = (input.channels as i64, input.size as i64);
     for shot in [1usize, 5] {
         tch::manual_seed(shot as i64);
         let support = Tensor::randn([(WAY * shot) as i64, c, s, s], (Kind::Float, Device::Cpu));
-        let labels = Tensor::arange(WAY as i64, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(shot as i64, None, None);
+        let labels = Tensor::arange(WAY as i64, (Kind::Int64, Device::Cpu))
+            .repeat_interleave_self_int(shot as i64, None, None);
         let query = Tensor::randn([QUERIES as i64, c, s, s], (Kind::Float, Device::Cpu));
         let inputs = scratch.join("inputs.safetensors");
-        Tensor::write_safetensors(&[("support", &support), ("support_labels", &labels), ("query", &query)], &inputs).unwrap();
-        let (theirs, their_logits) = pytorch(model_dir, &inputs, &scratch.join("logits.safetensors"), threads, device);
-        let mut sides = vec![(label.to_string(), ours(&checkpoint, &support, &labels, &query, device), assert_equal)];
+        Tensor::write_safetensors(
+            &[
+                ("support", &support),
+                ("support_labels", &labels),
+                ("query", &query),
+            ],
+            &inputs,
+        )
+        .unwrap();
+        let (theirs, their_logits) = pytorch(
+            model_dir,
+            &inputs,
+            &scratch.join("logits.safetensors"),
+            threads,
+            device,
+        );
+        let mut sides = vec![(
+            label.to_string(),
+            ours(&checkpoint, &support, &labels, &query, device),
+            assert_equal,
+        )];
         if device.is_cuda() {
-            sides.push((format!("{label}, CUDA graph"), ours_replayed(&checkpoint, &support, &labels, &query, device), false));
+            sides.push((
+                format!("{label}, CUDA graph"),
+                ours_replayed(&checkpoint, &support, &labels, &query, device),
+                false,
+            ));
         }
         for (label, (mine, my_logits), assert_equal) in sides {
-            let diff = (&my_logits - &their_logits).abs().max().double_value(&[]) / their_logits.abs().max().double_value(&[]).max(1e-12);
-            assert!(!assert_equal || diff < 1e-3, "{label}: the two sides computed different logits (relative {diff:.1e})");
+            let diff = (&my_logits - &their_logits).abs().max().double_value(&[])
+                / their_logits.abs().max().double_value(&[]).max(1e-12);
+            assert!(
+                !assert_equal || diff < 1e-3,
+                "{label}: the two sides computed different logits (relative {diff:.1e})"
+            );
             let (m50, t50) = (percentile(&mine, 0.5), percentile(&theirs, 0.5));
             println!(
                 "| {label} | 5-way {shot}-shot | {m50:.1} | {:.1} | {t50:.1} | {:.1} | {:.2} | {diff:.1e} |",
@@ -149,15 +281,35 @@ fn throughput(threads: i32, device: Device, seconds: u64) {
     println!("| max batch | `--cuda-graphs` | concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
     println!("|---|---|---|---|---|---|---|");
     for (max_batch, cuda_graphs) in servers {
-        let flags = ["--default-model", "omniglot-tnas", "--device", &device, "--threads", &threads.to_string(), "--queue-depth", "64", "--max-batch", max_batch, "--cuda-graphs", cuda_graphs];
+        let flags = [
+            "--default-model",
+            "omniglot-tnas",
+            "--device",
+            &device,
+            "--threads",
+            &threads.to_string(),
+            "--queue-depth",
+            "64",
+            "--max-batch",
+            max_batch,
+            "--cuda-graphs",
+            cuda_graphs,
+        ];
         let server = ServerProcess::start(&common::repo_path("models"), &flags);
         let url = format!("{}/adapt", server.url);
         let send = |client: &reqwest::blocking::Client, _, _| client.post(&url).json(&task).send();
         closed_loop(16, Duration::from_secs(5), &send);
         for clients in [1, 4, 16] {
             let duration = Duration::from_secs(seconds);
-            let answers: Vec<_> = closed_loop(clients, duration, &send).into_iter().filter(|a| a.in_time(duration)).collect();
-            let served: Vec<f64> = answers.iter().filter(|a| a.status == 200).map(|a| a.ms).collect();
+            let answers: Vec<_> = closed_loop(clients, duration, &send)
+                .into_iter()
+                .filter(|a| a.in_time(duration))
+                .collect();
+            let served: Vec<f64> = answers
+                .iter()
+                .filter(|a| a.status == 200)
+                .map(|a| a.ms)
+                .collect();
             println!(
                 "| {max_batch} | {cuda_graphs} | {clients} | {:.2} | {:.0} | {:.0} | {} |",
                 served.len() as f64 / seconds as f64,
@@ -170,9 +322,16 @@ fn throughput(threads: i32, device: Device, seconds: u64) {
 }
 
 fn main() {
-    let threads: i32 = std::env::var("TNAS_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let threads: i32 = std::env::var("TNAS_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     tch::set_num_threads(threads);
-    let device: Device = std::env::var("TNAS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<DeviceChoice>().and_then(DeviceChoice::resolve).expect("TNAS_BENCH_DEVICE is cpu, cuda or cuda:N");
+    let device: Device = std::env::var("TNAS_BENCH_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse::<DeviceChoice>()
+        .and_then(DeviceChoice::resolve)
+        .expect("TNAS_BENCH_DEVICE is cpu, cuda or cuda:N");
     let scratch = tempfile::tempdir().unwrap();
     println!("adaptation: {STEPS} steps + decode + {QUERIES} query predictions (support BN), {}, {threads} threads, {RUNS} runs", device_name(device));
     println!("| model | task | ours p50 ms | ours p95 ms | PyTorch eager p50 ms | PyTorch p95 ms | ours / PyTorch (p50) | logits rel. diff |");
@@ -184,9 +343,23 @@ fn main() {
     // and reported otherwise.
     let shipped = common::repo_path("models/omniglot-tnas");
     if shipped.join("model.json").exists() {
-        latency(&shipped, "omniglot-tnas (shipped)", !device.is_cuda(), threads, device, scratch.path());
+        latency(
+            &shipped,
+            "omniglot-tnas (shipped)",
+            !device.is_cuda(),
+            threads,
+            device,
+            scratch.path(),
+        );
     }
     let mini = miniimagenet_sized(scratch.path());
-    latency(&mini, "3×84×84, C=16", false, threads, device, scratch.path());
+    latency(
+        &mini,
+        "3×84×84, C=16",
+        false,
+        threads,
+        device,
+        scratch.path(),
+    );
     throughput(threads, device, 20);
 }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use support::{closed_loop, percentile, Answer};
 
 /// A valid 67-byte PNG whose header declares 100 000 × 100 000 pixels.
-const PNG_BOMB: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+const PNG_BOMB: &str =
+    "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 /// The server's header-read timeout in this run; half-open connections must be closed by then.
 const HEADER_READ_TIMEOUT_S: f64 = 10.0;
 
@@ -43,8 +44,15 @@ enum Hostile {
 }
 
 const HOSTILE_CYCLE: [Hostile; 9] = [
-    Hostile::BadJson, Hostile::DeclaredPixels, Hostile::NotAnImage, Hostile::LongLabel, Hostile::Bomb,
-    Hostile::UnknownModel, Hostile::ListingOverCap, Hostile::TooManySteps, Hostile::WrongMediaType,
+    Hostile::BadJson,
+    Hostile::DeclaredPixels,
+    Hostile::NotAnImage,
+    Hostile::LongLabel,
+    Hostile::Bomb,
+    Hostile::UnknownModel,
+    Hostile::ListingOverCap,
+    Hostile::TooManySteps,
+    Hostile::WrongMediaType,
 ];
 
 impl Hostile {
@@ -64,13 +72,18 @@ impl Hostile {
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A valid all-black PNG of 2048 × 2048 (about 5 KB).
 fn blank_2048_png() -> Vec<u8> {
     let mut bytes = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::from(image::GrayImage::new(2048, 2048)).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    image::DynamicImage::from(image::GrayImage::new(2048, 2048))
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .unwrap();
     bytes.into_inner()
 }
 
@@ -83,10 +96,18 @@ fn half_open_clients(port: u16, clients: usize, stop: &AtomicBool) -> Vec<f64> {
                 scope.spawn(move || {
                     let mut held = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
-                        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port))
+                        else {
+                            continue;
+                        };
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(60)))
+                            .unwrap();
                         let opened = Instant::now();
-                        if stream.write_all(b"POST /adapt HTTP/1.1\r\nHost: tnas\r\nContent-Le").is_ok() {
+                        if stream
+                            .write_all(b"POST /adapt HTTP/1.1\r\nHost: tnas\r\nContent-Le")
+                            .is_ok()
+                        {
                             let _ = stream.read_to_end(&mut Vec::new());
                             held.push(opened.elapsed().as_secs_f64());
                         }
@@ -95,7 +116,10 @@ fn half_open_clients(port: u16, clients: usize, stop: &AtomicBool) -> Vec<f64> {
                 })
             })
             .collect();
-        holders.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        holders
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     })
 }
 
@@ -106,7 +130,17 @@ fn main() {
     let half_open: usize = env_or("TNAS_LOAD_HALF_OPEN", 64);
     let baseline_seconds: u64 = env_or("TNAS_LOAD_BASELINE_SECONDS", 20);
     let models = common::repo_path("models");
-    let server = ServerProcess::start(&models, &["--default-model", "omniglot-tnas", "--device", "cpu", "--threads", "2"]);
+    let server = ServerProcess::start(
+        &models,
+        &[
+            "--default-model",
+            "omniglot-tnas",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+        ],
+    );
     let pngs = common::omniglot_pngs("Latin", 20, 4);
     // A 20-way 1-shot Latin task: drawer 0 as support, drawers 1..=3 as queries.
     let twenty = common::task_json(&pngs);
@@ -117,10 +151,30 @@ fn main() {
     };
     let large = b64(&blank_2048_png());
     let hostile_bodies: BTreeMap<Hostile, Value> = BTreeMap::from([
-        (Hostile::NotAnImage, with("query", json!([{"id": "q", "image": b64(b"plain text")}]))),
-        (Hostile::Bomb, with("query", json!([{"id": "q", "image": PNG_BOMB}]))),
-        (Hostile::DeclaredPixels, with("query", (0..505).map(|i| json!({"id": format!("q{i}"), "image": large})).collect())),
-        (Hostile::LongLabel, with("support", json!([{"label": "x".repeat(1 << 20), "image": twenty["support"][0]["image"]}]))),
+        (
+            Hostile::NotAnImage,
+            with("query", json!([{"id": "q", "image": b64(b"plain text")}])),
+        ),
+        (
+            Hostile::Bomb,
+            with("query", json!([{"id": "q", "image": PNG_BOMB}])),
+        ),
+        (
+            Hostile::DeclaredPixels,
+            with(
+                "query",
+                (0..505)
+                    .map(|i| json!({"id": format!("q{i}"), "image": large}))
+                    .collect(),
+            ),
+        ),
+        (
+            Hostile::LongLabel,
+            with(
+                "support",
+                json!([{"label": "x".repeat(1 << 20), "image": twenty["support"][0]["image"]}]),
+            ),
+        ),
         (Hostile::UnknownModel, with("model", json!("no-such-model"))),
         (Hostile::TooManySteps, with("steps", json!(1_000_000))),
     ]);
@@ -129,9 +183,15 @@ fn main() {
         if n % 4 == 3 {
             let mut form = multipart::Form::new();
             for (c, d) in pngs.iter().enumerate() {
-                form = form.part(format!("support[latin{c}]"), multipart::Part::bytes(d[0].clone()).file_name("s.png"));
+                form = form.part(
+                    format!("support[latin{c}]"),
+                    multipart::Part::bytes(d[0].clone()).file_name("s.png"),
+                );
                 for (q, png) in d[1..].iter().enumerate() {
-                    form = form.part("query", multipart::Part::bytes(png.clone()).file_name(format!("q{c}-{q}.png")));
+                    form = form.part(
+                        "query",
+                        multipart::Part::bytes(png.clone()).file_name(format!("q{c}-{q}.png")),
+                    );
                 }
             }
             client.post(&adapt).multipart(form).send()
@@ -142,9 +202,13 @@ fn main() {
     let hostile = |client: &Client, index: usize, n: usize| {
         let post = client.post(&adapt);
         match Hostile::of(index, n) {
-            Hostile::BadJson => post.header("content-type", "application/json").body("{\"support\": ["),
+            Hostile::BadJson => post
+                .header("content-type", "application/json")
+                .body("{\"support\": ["),
             Hostile::WrongMediaType => post.header("content-type", "text/csv").body("a,b"),
-            Hostile::ListingOverCap => client.get(format!("{}/genotypes?limit=1000000", server.url)),
+            Hostile::ListingOverCap => {
+                client.get(format!("{}/genotypes?limit=1000000", server.url))
+            }
             kind => post.json(&hostile_bodies[&kind]),
         }
         .send()
@@ -152,13 +216,18 @@ fn main() {
 
     // One client alone: the throughput the server can give 20-way tasks.
     let alone = closed_loop(1, Duration::from_secs(baseline_seconds), &valid);
-    let single_client = alone.iter().filter(|a| a.status == 200 && a.in_time(Duration::from_secs(baseline_seconds))).count() as f64 / baseline_seconds as f64;
+    let single_client = alone
+        .iter()
+        .filter(|a| a.status == 200 && a.in_time(Duration::from_secs(baseline_seconds)))
+        .count() as f64
+        / baseline_seconds as f64;
     let (rss_start, _) = server.memory_mib();
 
     let stop_half_open = AtomicBool::new(false);
     let (answers, hostile_answers, held) = std::thread::scope(|scope| {
         let holders = scope.spawn(|| half_open_clients(server.port, half_open, &stop_half_open));
-        let hostile_run = scope.spawn(|| closed_loop(hostile_clients, Duration::from_secs(seconds), &hostile));
+        let hostile_run =
+            scope.spawn(|| closed_loop(hostile_clients, Duration::from_secs(seconds), &hostile));
         let answers = closed_loop(clients, Duration::from_secs(seconds), &valid);
         let hostile_answers = hostile_run.join().unwrap();
         stop_half_open.store(true, Ordering::Relaxed);
@@ -167,7 +236,20 @@ fn main() {
     std::thread::sleep(Duration::from_secs(5));
     let (rss_end, peak) = server.memory_mib();
     let ready = server.ready();
-    let passed = report(Run { seconds, clients, hostile_clients, half_open, single_client, answers, hostile_answers, held, rss_start, rss_end, peak, ready });
+    let passed = report(Run {
+        seconds,
+        clients,
+        hostile_clients,
+        half_open,
+        single_client,
+        answers,
+        hostile_answers,
+        held,
+        rss_start,
+        rss_end,
+        peak,
+        ready,
+    });
     drop(server);
     if !passed {
         std::process::exit(1);
@@ -195,11 +277,23 @@ struct Run {
 /// Prints the figures and the checks that failed; whether all passed.
 fn report(run: Run) -> bool {
     let duration = Duration::from_secs(run.seconds);
-    let count = |answers: &[Answer], status: u16| answers.iter().filter(|a| a.status == status).count();
-    let goodput = run.answers.iter().filter(|a| a.status == 200 && a.in_time(duration)).count() as f64 / run.seconds as f64;
+    let count =
+        |answers: &[Answer], status: u16| answers.iter().filter(|a| a.status == status).count();
+    let goodput = run
+        .answers
+        .iter()
+        .filter(|a| a.status == 200 && a.in_time(duration))
+        .count() as f64
+        / run.seconds as f64;
     let not_refused = run.answers.iter().filter(|a| a.status != 429).count();
     let served_share = count(&run.answers, 200) as f64 / not_refused.max(1) as f64;
-    let latencies = |status: u16| run.answers.iter().filter(|a| a.status == status).map(|a| a.ms).collect::<Vec<f64>>();
+    let latencies = |status: u16| {
+        run.answers
+            .iter()
+            .filter(|a| a.status == status)
+            .map(|a| a.ms)
+            .collect::<Vec<f64>>()
+    };
     let (served, refused) = (latencies(200), latencies(429));
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
     for answer in &run.answers {
@@ -207,33 +301,74 @@ fn report(run: Run) -> bool {
     }
     let mut hostile: BTreeMap<(Hostile, u16), usize> = BTreeMap::new();
     for answer in &run.hostile_answers {
-        *hostile.entry((Hostile::of(answer.client, answer.n), answer.status)).or_default() += 1;
+        *hostile
+            .entry((Hostile::of(answer.client, answer.n), answer.status))
+            .or_default() += 1;
     }
 
     println!("load: release tnas-server (CPU, 2 threads), model omniglot-tnas, Latin PNGs, 20-way 1-shot tasks with 60 queries");
     println!("one client alone: {:.2} tasks/s", run.single_client);
-    println!("{} s of {} clients of 20-way tasks, {} hostile clients, {} half-open connections held:", run.seconds, run.clients, run.hostile_clients, run.half_open);
-    println!("  goodput (200 within the run): {goodput:.2} tasks/s, {:.0}% of one client's throughput", 100.0 * goodput / run.single_client);
-    println!("  valid requests: {}", by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", "));
-    println!("  of those not refused with 429, {:.1}% were 200", 100.0 * served_share);
-    println!("  latency: 200 p50 {:.0} ms, p99 {:.0} ms; 429 p50 {:.1} ms, p99 {:.1} ms", percentile(&served, 0.5), percentile(&served, 0.99), percentile(&refused, 0.5), percentile(&refused, 0.99));
+    println!(
+        "{} s of {} clients of 20-way tasks, {} hostile clients, {} half-open connections held:",
+        run.seconds, run.clients, run.hostile_clients, run.half_open
+    );
+    println!(
+        "  goodput (200 within the run): {goodput:.2} tasks/s, {:.0}% of one client's throughput",
+        100.0 * goodput / run.single_client
+    );
+    println!(
+        "  valid requests: {}",
+        by_status
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  of those not refused with 429, {:.1}% were 200",
+        100.0 * served_share
+    );
+    println!(
+        "  latency: 200 p50 {:.0} ms, p99 {:.0} ms; 429 p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&served, 0.5),
+        percentile(&served, 0.99),
+        percentile(&refused, 0.5),
+        percentile(&refused, 0.99)
+    );
     for ((kind, status), n) in &hostile {
         println!("  hostile {:<15} {status}: {n}", format!("{kind:?}"));
     }
     let longest_held = run.held.iter().copied().fold(0.0, f64::max);
     println!("  half-open connections closed by the server: {}, held p50 {:.1} s, at most {longest_held:.1} s", run.held.len(), percentile(&run.held, 0.5));
-    println!("memory: RSS {:.0} MiB before the run, {:.0} MiB 5 s after it, peak {:.0} MiB", run.rss_start, run.rss_end, run.peak);
-    println!("/readyz at the end: {}", if run.ready { "200" } else { "not ready" });
+    println!(
+        "memory: RSS {:.0} MiB before the run, {:.0} MiB 5 s after it, peak {:.0} MiB",
+        run.rss_start, run.rss_end, run.peak
+    );
+    println!(
+        "/readyz at the end: {}",
+        if run.ready { "200" } else { "not ready" }
+    );
 
     let mut failures = Vec::new();
-    if run.answers.iter().chain(&run.hostile_answers).any(|a| a.status >= 500 && a.status != 504) {
+    if run
+        .answers
+        .iter()
+        .chain(&run.hostile_answers)
+        .any(|a| a.status >= 500 && a.status != 504)
+    {
         failures.push("a 5xx other than 504".to_string());
     }
     if served_share < 0.9 {
-        failures.push(format!("only {:.1}% of the valid requests not refused with 429 were 200", 100.0 * served_share));
+        failures.push(format!(
+            "only {:.1}% of the valid requests not refused with 429 were 200",
+            100.0 * served_share
+        ));
     }
     if goodput < 0.8 * run.single_client {
-        failures.push(format!("goodput {goodput:.2}/s is under 80% of one client's {:.2}/s", run.single_client));
+        failures.push(format!(
+            "goodput {goodput:.2}/s is under 80% of one client's {:.2}/s",
+            run.single_client
+        ));
     }
     for ((kind, status), n) in &hostile {
         if *status != kind.expected() {
@@ -241,10 +376,15 @@ fn report(run: Run) -> bool {
         }
     }
     if longest_held > HEADER_READ_TIMEOUT_S + 2.0 {
-        failures.push(format!("a half-open connection was held {longest_held:.1} s"));
+        failures.push(format!(
+            "a half-open connection was held {longest_held:.1} s"
+        ));
     }
     if run.rss_end > 1.1 * run.rss_start {
-        failures.push(format!("memory did not come back: {:.0} MiB after against {:.0} MiB before", run.rss_end, run.rss_start));
+        failures.push(format!(
+            "memory did not come back: {:.0} MiB after against {:.0} MiB before",
+            run.rss_end, run.rss_start
+        ));
     }
     if !run.ready {
         failures.push("/readyz is not 200 at the end".into());

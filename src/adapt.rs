@@ -5,14 +5,16 @@
 
 use crate::derived::DerivedNetwork;
 use crate::genotype::Genotype;
-use crate::head::{classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
+use crate::head::{
+    classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE,
+};
+use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
-use crate::supernet::Alphas;
 pub use crate::settings::{BnMode, PredictWith};
-use crate::learned_rates::LearnedRates;
+use crate::supernet::Alphas;
 use tch::{Device, Tensor};
 
 /// A task's support set on the compute device.
@@ -76,7 +78,14 @@ pub struct Interrupted {
 
 impl TaskState {
     pub fn new(params: ParamSet, alphas: Option<Alphas>) -> TaskState {
-        TaskState { params, alphas, temperature: 1.0, rates: None, step: 0, kept_loss: None }
+        TaskState {
+            params,
+            alphas,
+            temperature: 1.0,
+            rates: None,
+            step: 0,
+            kept_loss: None,
+        }
     }
 
     /// θ's mixing weights at this state's temperature; `None` for networks without θ.
@@ -89,8 +98,18 @@ impl TaskState {
 
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
     /// from the support prototypes under the starting weights.
-    pub fn start(network: &Network, meta: &ParamSet, meta_alphas: Option<&Alphas>, head: HeadSpec, support: &SupportSet, device: Device) -> TaskState {
-        let mut state = TaskState::new(meta.task_copy(&network.weight_runs(), device, 1), meta_alphas.map(|a| a.task_copy(device, 1)));
+    pub fn start(
+        network: &Network,
+        meta: &ParamSet,
+        meta_alphas: Option<&Alphas>,
+        head: HeadSpec,
+        support: &SupportSet,
+        device: Device,
+    ) -> TaskState {
+        let mut state = TaskState::new(
+            meta.task_copy(&network.weight_runs(), device, 1),
+            meta_alphas.map(|a| a.task_copy(device, 1)),
+        );
         state.temperature = network.relaxation().start_temperature();
         if let HeadSpec::Proto { .. } = head {
             state.reset_proto_head(network, support);
@@ -102,22 +121,41 @@ impl TaskState {
     /// The forward pass that gives the prototypes also gives the support loss with the new
     /// classifier, which the next step takes instead of repeating the pass.
     pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
-        let features = network.features(&self.params, self.mixing(network).as_ref(), support.images, BnStats::Batch);
-        let (w, b) = crate::grad::no_grad(|| prototype_classifier(&features, support.labels, support.n_way));
+        let features = network.features(
+            &self.params,
+            self.mixing(network).as_ref(),
+            support.images,
+            BnStats::Batch,
+        );
+        let (w, b) =
+            crate::grad::no_grad(|| prototype_classifier(&features, support.labels, support.n_way));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
         // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as
         // separate views, which the pass above did not read: its loss could not reach them.
         if self.params.is_flat() == was_flat {
-            self.keep_support_loss(classify(&self.params, &features).cross_entropy_for_logits(support.labels), support.images, support.labels);
+            self.keep_support_loss(
+                classify(&self.params, &features).cross_entropy_for_logits(support.labels),
+                support.images,
+                support.labels,
+            );
         }
     }
 
     /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
     /// the support set (and, not a tensor, the temperature).
     fn point(&self, images: &Tensor, labels: &Tensor) -> Vec<Tensor> {
-        let mut from: Vec<Tensor> = self.params.flat_parts().into_iter().map(Tensor::shallow_clone).collect();
-        from.extend(self.alphas.iter().flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]));
+        let mut from: Vec<Tensor> = self
+            .params
+            .flat_parts()
+            .into_iter()
+            .map(Tensor::shallow_clone)
+            .collect();
+        from.extend(
+            self.alphas
+                .iter()
+                .flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]),
+        );
         from.extend([images.shallow_clone(), labels.shallow_clone()]);
         from
     }
@@ -125,7 +163,11 @@ impl TaskState {
     /// Keeps `loss`, the loss of the support set (`images`, `labels`) at this point, for the next
     /// step (unless it has no graph to differentiate, as under `no_grad`).
     pub(crate) fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
-        self.kept_loss = loss.requires_grad().then(|| KeptLoss { loss, from: self.point(images, labels), temperature: self.temperature });
+        self.kept_loss = loss.requires_grad().then(|| KeptLoss {
+            loss,
+            from: self.point(images, labels),
+            temperature: self.temperature,
+        });
     }
 
     /// The kept support loss, if it was computed at this point from this support set: the same
@@ -135,20 +177,31 @@ impl TaskState {
     pub(crate) fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
         let kept = self.kept_loss.take()?;
         let now = self.point(images, labels);
-        let same = kept.temperature == self.temperature && kept.from.len() == now.len() && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
+        let same = kept.temperature == self.temperature
+            && kept.from.len() == now.len()
+            && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
         same.then_some(kept.loss)
     }
 
     /// Sets the classifier (a proto head's, built for the task) as leaves of their own. Added
     /// after the weights' flat tensor, they leave it whole ([`ParamSet::insert`]).
     pub fn set_classifier(&mut self, weight: Tensor, bias: Tensor) {
-        self.params.insert(CLASSIFIER_WEIGHT.into(), weight.set_requires_grad(true));
-        self.params.insert(CLASSIFIER_BIAS.into(), bias.set_requires_grad(true));
+        self.params
+            .insert(CLASSIFIER_WEIGHT.into(), weight.set_requires_grad(true));
+        self.params
+            .insert(CLASSIFIER_BIAS.into(), bias.set_requires_grad(true));
     }
 
     /// Support-set cross-entropy at the current point (support-batch BN).
     pub fn support_loss(&self, network: &Network, support: &SupportSet) -> Tensor {
-        network.logits(&self.params, self.mixing(network).as_ref(), support.images, BnStats::Batch).cross_entropy_for_logits(support.labels)
+        network
+            .logits(
+                &self.params,
+                self.mixing(network).as_ref(),
+                support.images,
+                BnStats::Batch,
+            )
+            .cross_entropy_for_logits(support.labels)
     }
 
     /// ∇ `loss` with respect to the weights, laid out flat as [`ParamSet::flattened`] lays them,
@@ -162,7 +215,12 @@ impl TaskState {
     }
 
     /// [`TaskState::gradients`], and in the same backward pass those of `extra` tensors.
-    pub fn gradients_with(&self, loss: &Tensor, keep_graph: bool, extra: &[&Tensor]) -> (Tensor, Option<(Tensor, Tensor)>, Vec<Tensor>) {
+    pub fn gradients_with(
+        &self,
+        loss: &Tensor,
+        keep_graph: bool,
+        extra: &[&Tensor],
+    ) -> (Tensor, Option<(Tensor, Tensor)>, Vec<Tensor>) {
         let mut inputs = self.params.flat_parts();
         let n = inputs.len();
         if let Some(a) = &self.alphas {
@@ -171,15 +229,25 @@ impl TaskState {
         inputs.extend(extra);
         let mut grads = Tensor::run_backward(&[loss], &inputs, keep_graph, keep_graph);
         let extra = grads.split_off(inputs.len() - extra.len());
-        let theta = self.alphas.as_ref().map(|_| (grads.remove(n), grads.remove(n)));
+        let theta = self
+            .alphas
+            .as_ref()
+            .map(|_| (grads.remove(n), grads.remove(n)));
         let weights = ParamSet::join(&grads);
         (weights, theta, extra)
     }
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
     /// backward pass, then plain SGD. Returns the loss (detached).
-    pub fn sgd_step(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop) -> Tensor {
-        let loss = self.take_support_loss(support.images, support.labels).unwrap_or_else(|| self.support_loss(network, support));
+    pub fn sgd_step(
+        &mut self,
+        network: &Network,
+        support: &SupportSet,
+        inner: &InnerLoop,
+    ) -> Tensor {
+        let loss = self
+            .take_support_loss(support.images, support.labels)
+            .unwrap_or_else(|| self.support_loss(network, support));
         self.descend(&loss, inner);
         loss.detach()
     }
@@ -192,26 +260,46 @@ impl TaskState {
         let (grad_w, grad_theta) = self.gradients(loss, inner.second_order);
         let stepped = || {
             // The step's learned rate where there is one, else the hand-set one.
-            let scaled = |grad: &Tensor, learned: Option<Tensor>, lr: f64| learned.map_or_else(|| grad * lr, |rate| grad * rate);
+            let scaled = |grad: &Tensor, learned: Option<Tensor>, lr: f64| {
+                learned.map_or_else(|| grad * lr, |rate| grad * rate)
+            };
             let rates = self.rates.as_ref();
-            let weights = self.params.flattened() - scaled(&grad_w, rates.map(|r| r.for_weights(self.step, &self.params)), inner.lr_w);
+            let weights = self.params.flattened()
+                - scaled(
+                    &grad_w,
+                    rates.map(|r| r.for_weights(self.step, &self.params)),
+                    inner.lr_w,
+                );
             let (lr_normal, lr_reduce) = rates.map(|r| r.for_theta(self.step)).unzip();
-            let alphas = self.alphas.as_ref().zip(grad_theta.as_ref()).map(|(a, (normal, reduce))| Alphas {
-                normal: &a.normal - scaled(normal, lr_normal, inner.lr_theta),
-                reduce: &a.reduce - scaled(reduce, lr_reduce, inner.lr_theta),
-            });
+            let alphas =
+                self.alphas
+                    .as_ref()
+                    .zip(grad_theta.as_ref())
+                    .map(|(a, (normal, reduce))| Alphas {
+                        normal: &a.normal - scaled(normal, lr_normal, inner.lr_theta),
+                        reduce: &a.reduce - scaled(reduce, lr_reduce, inner.lr_theta),
+                    });
             (weights, alphas)
         };
         // First order: each step's graph starts at fresh leaves, so the update itself is not
         // recorded; unless rates being learned need it (the gradients themselves stay constants).
-        let (weights, alphas) = if inner.second_order || self.rates.as_ref().is_some_and(LearnedRates::requires_grad) {
-            stepped()
-        } else {
-            let (weights, alphas) = crate::grad::no_grad(stepped);
-            (weights.set_requires_grad(true), alphas.map(|a| a.map(|t| t.set_requires_grad(true))))
-        };
+        let (weights, alphas) =
+            if inner.second_order || self.rates.as_ref().is_some_and(LearnedRates::requires_grad) {
+                stepped()
+            } else {
+                let (weights, alphas) = crate::grad::no_grad(stepped);
+                (
+                    weights.set_requires_grad(true),
+                    alphas.map(|a| a.map(|t| t.set_requires_grad(true))),
+                )
+            };
         let (temperature, rates, step) = (self.temperature, self.rates.take(), self.step + 1);
-        *self = TaskState { temperature, rates, step, ..TaskState::new(self.params.views_of(&weights), alphas) };
+        *self = TaskState {
+            temperature,
+            rates,
+            step,
+            ..TaskState::new(self.params.views_of(&weights), alphas)
+        };
     }
 
     /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early,
@@ -219,12 +307,20 @@ impl TaskState {
     /// schedule's end, where queries are predicted. Returns the support loss of every step, read
     /// once at the end: on a GPU, reading each step's loss would make the host wait for the device
     /// every step.
-    pub fn adapt(&mut self, network: &Network, support: &SupportSet, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<Vec<f64>, Interrupted> {
+    pub fn adapt(
+        &mut self,
+        network: &Network,
+        support: &SupportSet,
+        inner: &InnerLoop,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Vec<f64>, Interrupted> {
         let relaxation = network.relaxation();
         let mut losses = Vec::with_capacity(inner.steps);
         for step in 0..inner.steps {
             if !keep_going() {
-                return Err(Interrupted { completed_steps: step });
+                return Err(Interrupted {
+                    completed_steps: step,
+                });
             }
             self.temperature = relaxation.temperature(step, inner.steps);
             losses.push(self.sgd_step(network, support, inner));
@@ -235,24 +331,52 @@ impl TaskState {
 
     /// The decoded genotype of the current θ (DARTS rule); `None` without alphas.
     pub fn genotype(&self, network: &Network) -> Option<Genotype> {
-        let (Network::Supernet(net), Some(alphas)) = (network, &self.alphas) else { return None };
+        let (Network::Supernet(net), Some(alphas)) = (network, &self.alphas) else {
+            return None;
+        };
         let (normal, reduce) = alphas.mixing_rows();
         Some(Genotype::decode(&net.space, &normal, &reduce))
     }
 
     /// Query logits [N_q, n_way] without gradients.
-    pub fn predict(&self, network: &Network, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
-        crate::grad::no_grad(|| query_logits(network, &self.params, self.mixing(network).as_ref(), support, query, bn))
+    pub fn predict(
+        &self,
+        network: &Network,
+        support: &SupportSet,
+        query: &Tensor,
+        bn: BnMode,
+    ) -> Tensor {
+        crate::grad::no_grad(|| {
+            query_logits(
+                network,
+                &self.params,
+                self.mixing(network).as_ref(),
+                support,
+                query,
+                bn,
+            )
+        })
     }
 
     /// The derived network of `genotype` with this task's weights on its kept edges: a task state
     /// holding only those weights and the classifier. A proto head's classifier is rebuilt from the
     /// derived network's prototypes, unless the supernet's annealed end state already is that
     /// network ([`crate::relaxation::Relaxation::ends_discrete`]), whose adapted head it keeps.
-    pub fn derive(&self, supernet: &Network, derived: &DerivedNetwork, head: HeadSpec, support: &SupportSet) -> (Network, TaskState) {
+    pub fn derive(
+        &self,
+        supernet: &Network,
+        derived: &DerivedNetwork,
+        head: HeadSpec,
+        support: &SupportSet,
+    ) -> (Network, TaskState) {
         let network = Network::Derived(derived.clone());
         let mut names: Vec<String> = derived.body_specs().into_iter().map(|s| s.name).collect();
-        names.extend([CLASSIFIER_WEIGHT, CLASSIFIER_BIAS, LOGIT_SCALE].into_iter().filter(|n| self.params.contains(n)).map(String::from));
+        names.extend(
+            [CLASSIFIER_WEIGHT, CLASSIFIER_BIAS, LOGIT_SCALE]
+                .into_iter()
+                .filter(|n| self.params.contains(n))
+                .map(String::from),
+        );
         let params = ParamSet::from_pairs(names.into_iter().map(|n| {
             let t = self.params.get(&n).detach().copy().set_requires_grad(true);
             (n, t)
@@ -267,11 +391,21 @@ impl TaskState {
     /// Query logits after adaptation: from the adapted supernet, or (`Derived`) from the decoded
     /// genotype's network on the adapted weights, fine-tuned for `options.finetune.steps` weight-only
     /// steps. Networks without a genotype always predict with themselves.
-    pub fn predict_queries(&self, network: &Network, head: HeadSpec, support: &SupportSet, query: &Tensor, options: &PredictOptions, keep_going: &dyn Fn() -> bool) -> Result<Tensor, Interrupted> {
+    pub fn predict_queries(
+        &self,
+        network: &Network,
+        head: HeadSpec,
+        support: &SupportSet,
+        query: &Tensor,
+        options: &PredictOptions,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Tensor, Interrupted> {
         match (options.predict_with, self.genotype(network), network) {
             (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
-                let derived = DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
-                let (derived_net, mut derived_state) = self.derive(network, &derived, head, support);
+                let derived =
+                    DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
+                let (derived_net, mut derived_state) =
+                    self.derive(network, &derived, head, support);
                 derived_state.adapt(&derived_net, support, &options.finetune, keep_going)?;
                 Ok(derived_state.predict(&derived_net, support, query, options.bn))
             }
@@ -281,19 +415,37 @@ impl TaskState {
 }
 
 /// Query logits under the chosen BN mode; `mixing` as [`Network::features`] takes it.
-pub fn query_logits(network: &Network, params: &ParamSet, mixing: Option<&Alphas>, support: &SupportSet, query: &Tensor, bn: BnMode) -> Tensor {
-    logits_under(bn, support.images, query, |x, stats| network.logits(params, mixing, x, stats))
+pub fn query_logits(
+    network: &Network,
+    params: &ParamSet,
+    mixing: Option<&Alphas>,
+    support: &SupportSet,
+    query: &Tensor,
+    bn: BnMode,
+) -> Tensor {
+    logits_under(bn, support.images, query, |x, stats| {
+        network.logits(params, mixing, x, stats)
+    })
 }
 
 /// The query rows of `logits` (a forward pass, rows first) under the BN mode. In `support` mode the
 /// support images are forwarded first in the same batch and supply every BN layer's statistics;
 /// their rows are then dropped.
-pub fn logits_under(bn: BnMode, support: &Tensor, query: &Tensor, logits: impl Fn(&Tensor, BnStats) -> Tensor) -> Tensor {
+pub fn logits_under(
+    bn: BnMode,
+    support: &Tensor,
+    query: &Tensor,
+    logits: impl Fn(&Tensor, BnStats) -> Tensor,
+) -> Tensor {
     match bn {
         BnMode::Transductive => logits(query, BnStats::Batch),
         BnMode::Support => {
             let n_support = support.size()[0];
-            logits(&Tensor::cat(&[support, query], 0), BnStats::LeadingRows(n_support)).narrow(0, n_support, query.size()[0])
+            logits(
+                &Tensor::cat(&[support, query], 0),
+                BnStats::LeadingRows(n_support),
+            )
+            .narrow(0, n_support, query.size()[0])
         }
     }
 }
@@ -309,36 +461,91 @@ mod tests {
     /// step takes it only at the point it was computed at: once, with the same images, weights and θ.
     #[test]
     fn the_kept_support_loss_is_the_steps_own_and_only_at_its_point() {
-        let space = SearchSpace { in_channels: 1, image_size: 8, init_channels: 4, layers: 2, steps: 2, multiplier: 2, stem_multiplier: 2, stem_pools: 1 };
+        let space = SearchSpace {
+            in_channels: 1,
+            image_size: 8,
+            init_channels: 4,
+            layers: 2,
+            steps: 2,
+            multiplier: 2,
+            stem_multiplier: 2,
+            stem_pools: 1,
+        };
         let network = Network::Supernet(Supernet::new(space));
         tch::manual_seed(0);
         let meta = ParamSet::initialise(&network.body_specs(), Device::Cpu);
         let alphas = Alphas::initialise(&space, Device::Cpu);
         let images = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
-        let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
-        let mut state = TaskState::start(&network, &meta, Some(&alphas), HeadSpec::Proto { max_way: 5, learned_scale: false }, &support, Device::Cpu);
-        let kept = state.take_support_loss(&images, &labels).expect("building the head keeps its loss");
-        assert!(kept.equal(&state.support_loss(&network, &support)), "the loss a step would compute");
-        assert!(state.take_support_loss(&images, &labels).is_none(), "taken once");
+        let support = SupportSet {
+            images: &images,
+            labels: &labels,
+            n_way: 2,
+        };
+        let mut state = TaskState::start(
+            &network,
+            &meta,
+            Some(&alphas),
+            HeadSpec::Proto {
+                max_way: 5,
+                learned_scale: false,
+            },
+            &support,
+            Device::Cpu,
+        );
+        let kept = state
+            .take_support_loss(&images, &labels)
+            .expect("building the head keeps its loss");
+        assert!(
+            kept.equal(&state.support_loss(&network, &support)),
+            "the loss a step would compute"
+        );
+        assert!(
+            state.take_support_loss(&images, &labels).is_none(),
+            "taken once"
+        );
 
         state.reset_proto_head(&network, &support);
-        assert!(state.take_support_loss(&images.copy(), &labels).is_none(), "other images");
+        assert!(
+            state.take_support_loss(&images.copy(), &labels).is_none(),
+            "other images"
+        );
         state.reset_proto_head(&network, &support);
-        assert!(state.take_support_loss(&images, &labels.flip([0])).is_none(), "other labels");
+        assert!(
+            state
+                .take_support_loss(&images, &labels.flip([0]))
+                .is_none(),
+            "other labels"
+        );
         state.reset_proto_head(&network, &support);
         state.alphas = Some(alphas.task_copy(Device::Cpu, 1));
-        assert!(state.take_support_loss(&images, &labels).is_none(), "another θ");
+        assert!(
+            state.take_support_loss(&images, &labels).is_none(),
+            "another θ"
+        );
         state.reset_proto_head(&network, &support);
-        state.params = state.params.views_of(&state.params.flattened().detach().set_requires_grad(true));
-        assert!(state.take_support_loss(&images, &labels).is_none(), "other weights");
+        state.params = state
+            .params
+            .views_of(&state.params.flattened().detach().set_requires_grad(true));
+        assert!(
+            state.take_support_loss(&images, &labels).is_none(),
+            "other weights"
+        );
 
         // After a step the classifier lies in the flat tensor; replacing it leaves no loss kept
         // (the pass read the flat tensor's blocks, not the separate views left), and a step works.
-        let inner = InnerLoop { steps: 1, lr_w: 0.1, lr_theta: 0.1, second_order: false };
+        let inner = InnerLoop {
+            steps: 1,
+            lr_w: 0.1,
+            lr_theta: 0.1,
+            second_order: false,
+        };
         let _ = state.sgd_step(&network, &support, &inner);
         state.reset_proto_head(&network, &support);
         assert!(state.kept_loss.is_none());
-        assert!(state.sgd_step(&network, &support, &inner).double_value(&[]).is_finite());
+        assert!(state
+            .sgd_step(&network, &support, &inner)
+            .double_value(&[])
+            .is_finite());
     }
 }

@@ -38,11 +38,21 @@ pub enum CheckpointError {
     #[error("{path}: file not found; a model directory needs {META_FILE} and {WEIGHTS_FILE}")]
     Missing { path: PathBuf },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: sha256 is {actual} but model.json records {expected}; the file is truncated, edited or from another model — restore it or re-export the checkpoint")]
-    HashMismatch { path: PathBuf, expected: String, actual: String },
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -62,9 +72,16 @@ pub struct Checkpoint {
 /// The network a `model.json` describes (assumes [`ModelMeta::validate`] passed).
 pub fn network_of(meta: &ModelMeta) -> Result<Network, String> {
     Ok(match (meta.kind, meta.search_space, &meta.genotype) {
-        (ModelKind::Supernet, Some(space), _) => Network::Supernet(Supernet::relaxed(space, meta.relaxation)),
-        (ModelKind::Genotype, Some(space), Some(g)) => Network::Derived(DerivedNetwork::new(space, g.clone())?),
-        (ModelKind::Conv4, _, _) => Network::Conv4(Conv4 { in_channels: meta.input.channels, image_size: meta.input.size }),
+        (ModelKind::Supernet, Some(space), _) => {
+            Network::Supernet(Supernet::relaxed(space, meta.relaxation))
+        }
+        (ModelKind::Genotype, Some(space), Some(g)) => {
+            Network::Derived(DerivedNetwork::new(space, g.clone())?)
+        }
+        (ModelKind::Conv4, _, _) => Network::Conv4(Conv4 {
+            in_channels: meta.input.channels,
+            image_size: meta.input.size,
+        }),
         _ => return Err("search_space (and genotype for kind genotype) required".into()),
     })
 }
@@ -72,7 +89,12 @@ pub fn network_of(meta: &ModelMeta) -> Result<Network, String> {
 /// The number of weight tensors a task adapts: the meta-weights, and a proto head's classifier
 /// (weight and bias), which tasks build and the checkpoint does not hold.
 pub fn task_tensors(params: &ParamSet, head: HeadSpec) -> usize {
-    params.len() + if matches!(head, HeadSpec::Proto { .. }) { 2 } else { 0 }
+    params.len()
+        + if matches!(head, HeadSpec::Proto { .. }) {
+            2
+        } else {
+            0
+        }
 }
 
 /// Every weight the checkpoint must hold: the body, plus the classifier for a fixed head.
@@ -80,8 +102,14 @@ pub fn param_specs(network: &Network, head: HeadSpec) -> Vec<ParamSpec> {
     let mut specs = network.body_specs();
     match head {
         HeadSpec::Fixed { n_way } => specs.extend(classifier_specs(network.feature_dim(), n_way)),
-        HeadSpec::Proto { learned_scale: true, .. } => specs.extend(logit_scale_specs()),
-        HeadSpec::Proto { learned_scale: false, .. } => {}
+        HeadSpec::Proto {
+            learned_scale: true,
+            ..
+        } => specs.extend(logit_scale_specs()),
+        HeadSpec::Proto {
+            learned_scale: false,
+            ..
+        } => {}
     }
     specs
 }
@@ -104,23 +132,47 @@ impl Checkpoint {
     /// weights move into place first: writing new ones over them would leave `model.json`
     /// describing no file, should this save be cut short too.
     pub fn save_steps(&mut self, dir: &Path) -> Result<Vec<SaveStep>, CheckpointError> {
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let (weights, pending) = (dir.join(WEIGHTS_FILE), dir.join(PENDING_WEIGHTS_FILE));
         let mut steps = Vec::new();
         if pending_is_described(dir) {
-            steps.push(SaveStep::Rename { from: pending.clone(), to: weights.clone() });
+            steps.push(SaveStep::Rename {
+                from: pending.clone(),
+                to: weights.clone(),
+            });
         }
-        let bytes = self.weights_bytes().map_err(|message| CheckpointError::Invalid { path: weights.clone(), message })?;
+        let bytes = self
+            .weights_bytes()
+            .map_err(|message| CheckpointError::Invalid {
+                path: weights.clone(),
+                message,
+            })?;
         self.meta.sha256 = sha256_hex(&bytes);
         let json = serde_json::to_vec_pretty(&self.meta).expect("metadata serialises");
-        steps.push(SaveStep::Write { path: pending.clone(), bytes });
-        steps.push(SaveStep::Write { path: dir.join(META_FILE), bytes: json });
-        steps.push(SaveStep::Rename { from: pending, to: weights });
+        steps.push(SaveStep::Write {
+            path: pending.clone(),
+            bytes,
+        });
+        steps.push(SaveStep::Write {
+            path: dir.join(META_FILE),
+            bytes: json,
+        });
+        steps.push(SaveStep::Rename {
+            from: pending,
+            to: weights,
+        });
         Ok(steps)
     }
 
     fn weights_bytes(&self) -> Result<Vec<u8>, String> {
-        let mut named: Vec<(String, Tensor)> = self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let mut named: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
         if let Some(a) = &self.alphas {
             named.push((ALPHAS_NORMAL.into(), a.normal.shallow_clone()));
             named.push((ALPHAS_REDUCE.into(), a.reduce.shallow_clone()));
@@ -135,11 +187,19 @@ impl Checkpoint {
     /// Reads and verifies `dir/model.json` and `dir/model.safetensors`, placing tensors on `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Checkpoint, CheckpointError> {
         let meta_path = dir.join(META_FILE);
-        let meta: ModelMeta = serde_json::from_slice(&read(&meta_path)?).map_err(|source| CheckpointError::Json { path: meta_path.clone(), source })?;
-        let invalid = |path: &Path, message: String| CheckpointError::Invalid { path: path.to_path_buf(), message };
+        let meta: ModelMeta =
+            serde_json::from_slice(&read(&meta_path)?).map_err(|source| CheckpointError::Json {
+                path: meta_path.clone(),
+                source,
+            })?;
+        let invalid = |path: &Path, message: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
         meta.validate().map_err(|m| invalid(&meta_path, m))?;
         let (weights_path, bytes) = described_weights(dir, &meta.sha256)?;
-        let tensors = tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
+        let tensors =
+            tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
         let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
         let mut params = ParamSet::from_pairs(Vec::new());
         let (mut alphas, mut rates) = ((None, None), (None, None));
@@ -153,17 +213,27 @@ impl Checkpoint {
             }
         }
         let specs = param_specs(&network, meta.head);
-        let params = params.ordered_like(&specs).map_err(|m| invalid(&weights_path, m))?;
+        let params = params
+            .ordered_like(&specs)
+            .map_err(|m| invalid(&weights_path, m))?;
         let alphas = match (network.has_alphas(), alphas) {
             (true, (Some(normal), Some(reduce))) => Some(Alphas { normal, reduce }),
-            (true, _) => return Err(invalid(&weights_path, format!("a supernet checkpoint needs {ALPHAS_NORMAL} and {ALPHAS_REDUCE}"))),
+            (true, _) => {
+                return Err(invalid(
+                    &weights_path,
+                    format!("a supernet checkpoint needs {ALPHAS_NORMAL} and {ALPHAS_REDUCE}"),
+                ))
+            }
             (false, _) => None,
         };
         if let (Some(a), Network::Supernet(net)) = (&alphas, &network) {
             let expected = vec![net.space.num_edges() as i64, 8];
             for (name, t) in [(ALPHAS_NORMAL, &a.normal), (ALPHAS_REDUCE, &a.reduce)] {
                 if t.size() != expected {
-                    return Err(invalid(&weights_path, format!("{name} has shape {:?}, expected {expected:?}", t.size())));
+                    return Err(invalid(
+                        &weights_path,
+                        format!("{name} has shape {:?}, expected {expected:?}", t.size()),
+                    ));
                 }
             }
         }
@@ -177,7 +247,12 @@ impl Checkpoint {
             (true, _) => return Err(invalid(&weights_path, format!("adaptation.learned_rates needs {RATES_W} and {RATES_THETA}"))),
             (false, _) => return Err(invalid(&weights_path, format!("{RATES_W}/{RATES_THETA} present but model.json's adaptation.learned_rates is not set"))),
         };
-        Ok(Checkpoint { meta, params, alphas, rates })
+        Ok(Checkpoint {
+            meta,
+            params,
+            alphas,
+            rates,
+        })
     }
 }
 
@@ -185,15 +260,26 @@ impl Checkpoint {
 #[derive(Debug)]
 pub enum SaveStep {
     /// `bytes` written to `path` through a temp file ([`write_atomically`]).
-    Write { path: PathBuf, bytes: Vec<u8> },
-    Rename { from: PathBuf, to: PathBuf },
+    Write {
+        path: PathBuf,
+        bytes: Vec<u8>,
+    },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+    },
 }
 
 impl SaveStep {
     pub fn apply(&self) -> Result<(), CheckpointError> {
         match self {
             SaveStep::Write { path, bytes } => write_atomically(path, bytes),
-            SaveStep::Rename { from, to } => std::fs::rename(from, to).map_err(|source| CheckpointError::Io { path: to.clone(), source }),
+            SaveStep::Rename { from, to } => {
+                std::fs::rename(from, to).map_err(|source| CheckpointError::Io {
+                    path: to.clone(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -201,7 +287,9 @@ impl SaveStep {
 /// Whether `dir` holds pending weights that its `model.json` describes: a save was cut short
 /// between writing `model.json` and moving the weights into place.
 fn pending_is_described(dir: &Path) -> bool {
-    let described = std::fs::read(dir.join(META_FILE)).ok().and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
+    let described = std::fs::read(dir.join(META_FILE))
+        .ok()
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok());
     let pending = std::fs::read(dir.join(PENDING_WEIGHTS_FILE)).ok();
     match (described, pending) {
         (Some(meta), Some(bytes)) => meta["sha256"].as_str() == Some(sha256_hex(&bytes).as_str()),
@@ -214,7 +302,10 @@ fn pending_is_described(dir: &Path) -> bool {
 fn described_weights(dir: &Path, sha256: &str) -> Result<(PathBuf, Vec<u8>), CheckpointError> {
     let path = dir.join(WEIGHTS_FILE);
     let found = read(&path);
-    if found.as_ref().is_ok_and(|bytes| sha256_hex(bytes) == sha256) {
+    if found
+        .as_ref()
+        .is_ok_and(|bytes| sha256_hex(bytes) == sha256)
+    {
         return Ok((path, found?));
     }
     let pending = dir.join(PENDING_WEIGHTS_FILE);
@@ -224,13 +315,22 @@ fn described_weights(dir: &Path, sha256: &str) -> Result<(PathBuf, Vec<u8>), Che
         }
     }
     let actual = sha256_hex(&found?);
-    Err(CheckpointError::HashMismatch { path, expected: sha256.to_string(), actual })
+    Err(CheckpointError::HashMismatch {
+        path,
+        expected: sha256.to_string(),
+        actual,
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CheckpointError> {
     std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => CheckpointError::Missing { path: path.to_path_buf() },
-        _ => CheckpointError::Io { path: path.to_path_buf(), source },
+        std::io::ErrorKind::NotFound => CheckpointError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
@@ -241,13 +341,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes `bytes` to a temp file beside `path`, fsyncs it, and renames it over `path`. The temp
 /// file is locked while it exists, so that [`remove_interrupted_temp_files`] leaves it alone.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir).map_err(io)?;
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)
+        .map_err(io)?;
     tmp.as_file().lock().map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     // Temp files are created 0600; a model file is meant to be readable like any other.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644)).map_err(io)?;
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
@@ -257,12 +370,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
 /// holds their lock (a process's locks go with it). A writer still at work keeps its own. Returns
 /// how many were removed; a directory that cannot be read or written is left as it is.
 pub fn remove_interrupted_temp_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    let abandoned = |path: &Path| std::fs::File::open(path).is_ok_and(|file| file.try_lock().is_ok());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let abandoned =
+        |path: &Path| std::fs::File::open(path).is_ok_and(|file| file.try_lock().is_ok());
     let removed = entries
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(TEMP_PREFIX)))
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with(TEMP_PREFIX))
+        })
         .filter(|path| abandoned(path) && std::fs::remove_file(path).is_ok())
         .count();
     if removed > 0 {
@@ -273,7 +392,10 @@ pub fn remove_interrupted_temp_files(dir: &Path) -> usize {
 
 /// `named` tensors as the bytes of a float32 safetensors file.
 pub fn safetensors_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>, String> {
-    let floats: Vec<(&str, FloatBytes)> = named.iter().map(|(n, t)| (n.as_str(), float_bytes(t))).collect();
+    let floats: Vec<(&str, FloatBytes)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), float_bytes(t)))
+        .collect();
     let views = floats
         .iter()
         .map(|(n, (shape, data))| TensorView::new(Dtype::F32, shape.clone(), data).map(|v| (*n, v)))
@@ -283,16 +405,32 @@ pub fn safetensors_bytes(named: &[(String, Tensor)]) -> Result<Vec<u8>, String> 
 }
 
 /// The tensors of a float32 safetensors file's `bytes`, by name, on `device`.
-pub fn tensors_of_safetensors(bytes: &[u8], device: Device) -> Result<Vec<(String, Tensor)>, String> {
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
-    tensors.tensors().into_iter().map(|(name, view)| tensor_from_view(&view, device).map(|t| (name.clone(), t)).map_err(|m| format!("{name}: {m}"))).collect()
+pub fn tensors_of_safetensors(
+    bytes: &[u8],
+    device: Device,
+) -> Result<Vec<(String, Tensor)>, String> {
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            tensor_from_view(&view, device)
+                .map(|t| (name.clone(), t))
+                .map_err(|m| format!("{name}: {m}"))
+        })
+        .collect()
 }
 
 /// Shape and little-endian float32 bytes of a tensor.
 type FloatBytes = (Vec<usize>, Vec<u8>);
 
 fn float_bytes(t: &Tensor) -> FloatBytes {
-    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
     let shape = t.size().iter().map(|&d| d as usize).collect();
     let values: Vec<f32> = Vec::try_from(t.flatten(0, -1)).expect("float tensor converts");
     (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -302,7 +440,13 @@ fn tensor_from_view(view: &TensorView, device: Device) -> Result<Tensor, String>
     if view.dtype() != Dtype::F32 {
         return Err(format!("dtype {:?}, expected F32", view.dtype()));
     }
-    let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    Ok(Tensor::from_slice(&values).view(shape.as_slice()).to_device(device))
+    Ok(Tensor::from_slice(&values)
+        .view(shape.as_slice())
+        .to_device(device))
 }

@@ -27,10 +27,22 @@ impl Conv4 {
     pub fn body_specs(&self) -> Vec<ParamSpec> {
         (0..BLOCKS)
             .flat_map(|i| {
-                let c_in = if i == 0 { self.in_channels as i64 } else { FILTERS };
+                let c_in = if i == 0 {
+                    self.in_channels as i64
+                } else {
+                    FILTERS
+                };
                 vec![
-                    ParamSpec::new(format!("blocks.{i}.conv.weight"), &[FILTERS, c_in, 3, 3], Init::FanIn),
-                    ParamSpec::new(format!("blocks.{i}.conv.bias"), &[FILTERS], Init::FanInBias(c_in * 9)),
+                    ParamSpec::new(
+                        format!("blocks.{i}.conv.weight"),
+                        &[FILTERS, c_in, 3, 3],
+                        Init::FanIn,
+                    ),
+                    ParamSpec::new(
+                        format!("blocks.{i}.conv.bias"),
+                        &[FILTERS],
+                        Init::FanInBias(c_in * 9),
+                    ),
                     ParamSpec::new(format!("blocks.{i}.bn.weight"), &[FILTERS], Init::Ones),
                     ParamSpec::new(format!("blocks.{i}.bn.bias"), &[FILTERS], Init::Zeros),
                 ]
@@ -43,7 +55,14 @@ impl Conv4 {
         let mut h = x.shallow_clone();
         for i in 0..BLOCKS {
             let p = |n: &str| params.get(&format!("blocks.{i}.{n}"));
-            h = h.conv2d(p("conv.weight"), Some(p("conv.bias")), [1, 1], [1, 1], [1, 1], 1);
+            h = h.conv2d(
+                p("conv.weight"),
+                Some(p("conv.bias")),
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+            );
             h = ops::batch_norm(&h, Some((p("bn.weight"), p("bn.bias"))), stats).relu();
             if h.size()[2] >= 2 {
                 h = ops::max_pool_2x2(&h);

@@ -23,7 +23,10 @@ pub struct Replay {
 impl Replay {
     /// Records `work` on copies of `inputs` (all on one CUDA device). It runs once eagerly first, so
     /// lazy initialisation (library handles, cached index tensors) happens outside the recording.
-    pub fn record(inputs: &[Tensor], work: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Result<Replay, String> {
+    pub fn record(
+        inputs: &[Tensor],
+        work: impl Fn(&[Tensor]) -> Vec<Tensor>,
+    ) -> Result<Replay, String> {
         let Some(Device::Cuda(device)) = inputs.first().map(Tensor::device) else {
             return Err("CUDA graphs record work on a CUDA device".into());
         };
@@ -41,7 +44,11 @@ impl Replay {
         })();
         let left = graph.apply(Step::LeaveStream);
         match (recorded, left) {
-            (Ok(outputs), Ok(())) => Ok(Replay { graph, inputs, outputs }),
+            (Ok(outputs), Ok(())) => Ok(Replay {
+                graph,
+                inputs,
+                outputs,
+            }),
             (Err(error), _) | (Ok(_), Err(error)) => {
                 graph.abandon();
                 Err(error)
@@ -52,7 +59,12 @@ impl Replay {
     /// Copies `inputs` (the recorded shapes) into the recorded inputs, replays the work, and
     /// returns copies of its outputs, which the next run does not overwrite.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
-        if inputs.len() != self.inputs.len() || inputs.iter().zip(&self.inputs).any(|(new, recorded)| new.size() != recorded.size()) {
+        if inputs.len() != self.inputs.len()
+            || inputs
+                .iter()
+                .zip(&self.inputs)
+                .any(|(new, recorded)| new.size() != recorded.size())
+        {
             return Err("the inputs' shapes differ from the recorded ones".into());
         }
         caught(|| {
@@ -112,7 +124,9 @@ mod shim {
             return Ok(());
         }
         // SAFETY: a non-null answer is a NUL-terminated string from the shim, freed once, here.
-        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+        let text = unsafe { CStr::from_ptr(message) }
+            .to_string_lossy()
+            .into_owned();
         unsafe { tnas_graph_free_error(message) };
         Err(text)
     }
@@ -188,7 +202,9 @@ mod tests {
     #[test]
     fn recording_needs_a_cuda_device() {
         let x = Tensor::ones([2], (Kind::Float, Device::Cpu));
-        let error = Replay::record(&[x], |inputs| vec![&inputs[0] * 2.0]).err().expect("no graph on the CPU");
+        let error = Replay::record(&[x], |inputs| vec![&inputs[0] * 2.0])
+            .err()
+            .expect("no graph on the CPU");
         assert!(error.contains("CUDA device"), "{error}");
     }
 
@@ -211,7 +227,12 @@ mod tests {
         }
         let device = Device::Cuda(0);
         let weight = Tensor::randn([8, 8], (Kind::Float, device));
-        let work = |inputs: &[Tensor]| vec![inputs[0].matmul(&weight).relu().sum_dim_intlist(1i64, false, Kind::Float)];
+        let work = |inputs: &[Tensor]| {
+            vec![inputs[0]
+                .matmul(&weight)
+                .relu()
+                .sum_dim_intlist(1i64, false, Kind::Float)]
+        };
         let first = Tensor::randn([4, 8], (Kind::Float, device));
         let replay = Replay::record(&[first.shallow_clone()], work).expect("the work records");
         for _ in 0..3 {
@@ -219,6 +240,11 @@ mod tests {
             let replayed = replay.run(&[x.shallow_clone()]).expect("the graph replays");
             assert!(replayed[0].allclose(&work(&[x])[0], 1e-5, 1e-6, false));
         }
-        assert!(replay.run(&[Tensor::randn([5, 8], (Kind::Float, device))]).is_err(), "other shapes are refused");
+        assert!(
+            replay
+                .run(&[Tensor::randn([5, 8], (Kind::Float, device))])
+                .is_err(),
+            "other shapes are refused"
+        );
     }
 }

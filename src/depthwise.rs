@@ -10,8 +10,8 @@
 //! channel that took a third of an adaptation step (docs/PERFORMANCE.md). Larger maps, where the
 //! matrices would outgrow the convolution, keep `conv2d`.
 
-use crate::index_cache::IndexCache;
 use crate::conv::conv;
+use crate::index_cache::IndexCache;
 use crate::search_space::Primitive;
 use tch::{Device, Kind, Tensor};
 
@@ -29,7 +29,11 @@ pub struct Kernel<'a> {
 impl<'a> Kernel<'a> {
     /// The depthwise kernel of a sep or dil conv `primitive` (dil convs dilate by 2).
     pub fn of(primitive: Primitive, weight: &'a Tensor) -> Kernel<'a> {
-        let dilation = if matches!(primitive, Primitive::DilConv3x3 | Primitive::DilConv5x5) { 2 } else { 1 };
+        let dilation = if matches!(primitive, Primitive::DilConv3x3 | Primitive::DilConv5x5) {
+            2
+        } else {
+            1
+        };
         Kernel { weight, dilation }
     }
 
@@ -42,7 +46,10 @@ impl<'a> Kernel<'a> {
     }
 
     fn output_size(&self, h: i64, w: i64, stride: i64) -> (i64, i64) {
-        (output_side(h, self.size(), self.dilation, stride), output_side(w, self.size(), self.dilation, stride))
+        (
+            output_side(h, self.size(), self.dilation, stride),
+            output_side(w, self.size(), self.dilation, stride),
+        )
     }
 
     fn convolve(&self, x: &Tensor, stride: i64) -> Tensor {
@@ -60,11 +67,19 @@ impl<'a> Kernel<'a> {
 fn matrices(kernels: &[Kernel], states: i64, fanout: i64, h: i64, w: i64, stride: i64) -> Tensor {
     let rows = kernels[0].weight.size()[0];
     let d = rows / (states * fanout);
-    let mut taps: Vec<Tensor> = kernels.iter().map(|k| k.weight.view([states, fanout, d, -1]).transpose(1, 2)).collect();
+    let mut taps: Vec<Tensor> = kernels
+        .iter()
+        .map(|k| k.weight.view([states, fanout, d, -1]).transpose(1, 2))
+        .collect();
     taps.push(cached_zero(kernels[0].weight).expand([states, d, fanout, 1], false));
     let with_zero = Tensor::cat(&taps, 3).reshape([states * d, -1]);
     let shapes: Vec<(i64, i64)> = kernels.iter().map(|k| (k.size(), k.dilation)).collect();
-    with_zero.index_select(1, &tap_index(&shapes, fanout, stride, h, w, kernels[0].weight.device())).view([states * d, h * w, -1])
+    with_zero
+        .index_select(
+            1,
+            &tap_index(&shapes, fanout, stride, h, w, kernels[0].weight.device()),
+        )
+        .view([states * d, h * w, -1])
 }
 
 /// One depthwise convolution: `x` [N, C, H, W] → [N, C, H', W'].
@@ -77,31 +92,72 @@ pub fn depthwise(x: &Tensor, kernel: Kernel, stride: i64) -> Tensor {
 /// weights [S·E·D, 1, k, k] in (state, edge, channel) order. Returns [N, P·S·E·D, H', W'], kernel
 /// p's outputs in block p, in the weights' order within it.
 pub fn depthwise_fanout(x: &Tensor, kernels: &[Kernel], states: i64, stride: i64) -> Tensor {
-    let [n, sd, h, w] = x.size()[..] else { panic!("depthwise input must be [N, C, H, W]") };
+    let [n, sd, h, w] = x.size()[..] else {
+        panic!("depthwise input must be [N, C, H, W]")
+    };
     let (p, d) = (kernels.len() as i64, sd / states);
     let fanout = kernels[0].weight.size()[0] / sd;
     let (ho, wo) = kernels[0].output_size(h, w, stride);
     if !small_enough(h * w, ho * wo) {
-        let per_edge = x.view([n, states, 1, d, h, w]).expand([n, states, fanout, d, h, w], false).reshape([n, -1, h, w]);
-        return join(kernels.iter().map(|k| k.convolve(&per_edge, stride)).collect(), 1);
+        let per_edge = x
+            .view([n, states, 1, d, h, w])
+            .expand([n, states, fanout, d, h, w], false)
+            .reshape([n, -1, h, w]);
+        return join(
+            kernels
+                .iter()
+                .map(|k| k.convolve(&per_edge, stride))
+                .collect(),
+            1,
+        );
     }
     let y = channels_first(x).bmm(&matrices(kernels, states, fanout, h, w, stride));
-    y.view(&[states, d, n, fanout, p, ho, wo][..]).permute([2, 4, 0, 3, 1, 5, 6]).reshape([n, p * sd * fanout, ho, wo])
+    y.view(&[states, d, n, fanout, p, ho, wo][..])
+        .permute([2, 4, 0, 3, 1, 5, 6])
+        .reshape([n, p * sd * fanout, ho, wo])
 }
 
 /// Kernel p applied to channel block p of `x`: [N, P·C, H, W] → [N, P·C, H', W'].
 pub fn depthwise_blocks(x: &Tensor, kernels: &[Kernel], stride: i64) -> Tensor {
-    let [n, pc, h, w] = x.size()[..] else { panic!("depthwise input must be [N, C, H, W]") };
+    let [n, pc, h, w] = x.size()[..] else {
+        panic!("depthwise input must be [N, C, H, W]")
+    };
     let (ho, wo) = kernels[0].output_size(h, w, stride);
     if !small_enough(h * w, ho * wo) {
         let c = pc / kernels.len() as i64;
-        return join(kernels.iter().enumerate().map(|(i, k)| k.convolve(&x.narrow(1, i as i64 * c, c), stride)).collect(), 1);
+        return join(
+            kernels
+                .iter()
+                .enumerate()
+                .map(|(i, k)| k.convolve(&x.narrow(1, i as i64 * c, c), stride))
+                .collect(),
+            1,
+        );
     }
     let block_matrices = match widened_to_one(kernels) {
-        Some(weight) => matrices(&[Kernel { weight: &weight, dilation: kernels[0].dilation }], 1, 1, h, w, stride),
-        None => join(kernels.iter().map(|k| matrices(&[*k], 1, 1, h, w, stride)).collect(), 0),
+        Some(weight) => matrices(
+            &[Kernel {
+                weight: &weight,
+                dilation: kernels[0].dilation,
+            }],
+            1,
+            1,
+            h,
+            w,
+            stride,
+        ),
+        None => join(
+            kernels
+                .iter()
+                .map(|k| matrices(&[*k], 1, 1, h, w, stride))
+                .collect(),
+            0,
+        ),
     };
-    channels_first(x).bmm(&block_matrices).permute([1, 0, 2]).reshape([n, pc, ho, wo])
+    channels_first(x)
+        .bmm(&block_matrices)
+        .permute([1, 0, 2])
+        .reshape([n, pc, ho, wo])
 }
 
 /// Kernels of one dilation (the sep convs' second halves) as one kernel over all their blocks,
@@ -118,7 +174,11 @@ fn widened_to_one(kernels: &[Kernel]) -> Option<Tensor> {
         .iter()
         .map(|k| {
             let border = (size - k.size()) / 2;
-            debug_assert_eq!(size - k.size(), 2 * border, "odd kernel sizes widen by a whole border");
+            debug_assert_eq!(
+                size - k.size(),
+                2 * border,
+                "odd kernel sizes widen by a whole border"
+            );
             if border == 0 {
                 k.weight.shallow_clone()
             } else {
@@ -151,7 +211,9 @@ fn join(mut parts: Vec<Tensor>, dim: i64) -> Tensor {
 /// A zero of `like`'s kind on its device, [1, 1, 1, 1], made once (so a recorded graph only reads it).
 fn cached_zero(like: &Tensor) -> Tensor {
     static CACHE: IndexCache<Kind> = IndexCache::new();
-    CACHE.get_tensor(like.kind(), like.device(), |&kind| Tensor::zeros([1, 1, 1, 1], (kind, Device::Cpu)))
+    CACHE.get_tensor(like.kind(), like.device(), |&kind| {
+        Tensor::zeros([1, 1, 1, 1], (kind, Device::Cpu))
+    })
 }
 
 /// [N, C, H, W] → [C, N, H·W], each channel's images as rows of a matrix.
@@ -164,7 +226,14 @@ fn channels_first(x: &Tensor) -> Tensor {
 /// [H·W·E·P·H'·W'], for each (input pixel, edge, kernel, output pixel) the column of that tap among
 /// all edges' taps laid side by side (each edge's kernels' taps, then a zero), or the first edge's
 /// zero where no tap links the two pixels. Built once per shape and device.
-fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, device: Device) -> Tensor {
+fn tap_index(
+    shapes: &[(i64, i64)],
+    fanout: i64,
+    stride: i64,
+    h: i64,
+    w: i64,
+    device: Device,
+) -> Tensor {
     /// (kernel shapes, fanout, stride, h, w)
     type Key = (Vec<(i64, i64)>, i64, i64, i64, i64);
     static CACHE: IndexCache<Key> = IndexCache::new();
@@ -185,8 +254,17 @@ fn tap_index(shapes: &[(i64, i64)], fanout: i64, stride: i64, h: i64, w: i64, de
             for edge in 0..fanout {
                 let mut first_tap = edge * columns_per_edge;
                 for &shape @ (kernel, dilation) in shapes {
-                    let (ho, wo) = (output_side(h, kernel, dilation, stride), output_side(w, kernel, dilation, stride));
-                    index.extend((0..ho).flat_map(|a| (0..wo).map(move |b| (a, b))).map(|output| tap(shape, input, output).map_or(no_tap, |t| first_tap + t)));
+                    let (ho, wo) = (
+                        output_side(h, kernel, dilation, stride),
+                        output_side(w, kernel, dilation, stride),
+                    );
+                    index.extend(
+                        (0..ho)
+                            .flat_map(|a| (0..wo).map(move |b| (a, b)))
+                            .map(|output| {
+                                tap(shape, input, output).map_or(no_tap, |t| first_tap + t)
+                            }),
+                    );
                     first_tap += kernel * kernel;
                 }
             }
@@ -209,44 +287,119 @@ mod tests {
     fn products_equal_the_convolution_and_its_gradients() {
         tch::manual_seed(0);
         for (side, stride) in [(7, 1), (7, 2), (4, 1), (2, 1), (5, 2), (11, 2)] {
-            let x = Tensor::randn([3, 6, side, side], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-            let weights: Vec<Tensor> = [3, 5, 3, 5].iter().map(|&k| Tensor::randn([6, 1, k, k], (Kind::Float, Device::Cpu)).set_requires_grad(true)).collect();
-            let kernels: Vec<Kernel> = weights.iter().zip([1, 1, 2, 2]).map(|(weight, dilation)| Kernel { weight, dilation }).collect();
-            let reference = Tensor::cat(&kernels.iter().map(|k| k.convolve(&x, stride)).collect::<Vec<_>>(), 1);
+            let x = Tensor::randn([3, 6, side, side], (Kind::Float, Device::Cpu))
+                .set_requires_grad(true);
+            let weights: Vec<Tensor> = [3, 5, 3, 5]
+                .iter()
+                .map(|&k| {
+                    Tensor::randn([6, 1, k, k], (Kind::Float, Device::Cpu)).set_requires_grad(true)
+                })
+                .collect();
+            let kernels: Vec<Kernel> = weights
+                .iter()
+                .zip([1, 1, 2, 2])
+                .map(|(weight, dilation)| Kernel { weight, dilation })
+                .collect();
+            let reference = Tensor::cat(
+                &kernels
+                    .iter()
+                    .map(|k| k.convolve(&x, stride))
+                    .collect::<Vec<_>>(),
+                1,
+            );
             let ours = depthwise_fanout(&x, &kernels, 1, stride);
             assert_eq!(ours.size(), reference.size());
-            assert!(relative_error(&ours, &reference) < 1e-5, "{side}×{side} stride {stride}");
+            assert!(
+                relative_error(&ours, &reference) < 1e-5,
+                "{side}×{side} stride {stride}"
+            );
             let upstream = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
             let mut inputs = vec![&x];
             inputs.extend(&weights);
-            let expected = Tensor::run_backward(&[(&reference * &upstream).sum(Kind::Float)], &inputs, false, false);
-            let got = Tensor::run_backward(&[(&ours * &upstream).sum(Kind::Float)], &inputs, false, false);
+            let expected = Tensor::run_backward(
+                &[(&reference * &upstream).sum(Kind::Float)],
+                &inputs,
+                false,
+                false,
+            );
+            let got = Tensor::run_backward(
+                &[(&ours * &upstream).sum(Kind::Float)],
+                &inputs,
+                false,
+                false,
+            );
             for (g, e) in got.iter().zip(&expected) {
-                assert!(relative_error(g, e) < 1e-5, "{side}×{side} stride {stride} gradient");
+                assert!(
+                    relative_error(g, e) < 1e-5,
+                    "{side}×{side} stride {stride} gradient"
+                );
             }
 
             // Two states of 3 channels, each feeding 2 edges with their own weights.
-            let edge_weights: Vec<Tensor> = [3, 5, 3, 5].iter().map(|&k| Tensor::randn([12, 1, k, k], (Kind::Float, Device::Cpu))).collect();
-            let edge_kernels: Vec<Kernel> = edge_weights.iter().zip([1, 1, 2, 2]).map(|(weight, dilation)| Kernel { weight, dilation }).collect();
-            let per_edge = x.view([3, 2, 1, 3, side, side]).expand([3, 2, 2, 3, side, side], false).reshape([3, 12, side, side]);
-            let expected = Tensor::cat(&edge_kernels.iter().map(|k| k.convolve(&per_edge, stride)).collect::<Vec<_>>(), 1);
-            assert!(relative_error(&depthwise_fanout(&x, &edge_kernels, 2, stride), &expected) < 1e-5, "{side}×{side} stride {stride} fan-out");
+            let edge_weights: Vec<Tensor> = [3, 5, 3, 5]
+                .iter()
+                .map(|&k| Tensor::randn([12, 1, k, k], (Kind::Float, Device::Cpu)))
+                .collect();
+            let edge_kernels: Vec<Kernel> = edge_weights
+                .iter()
+                .zip([1, 1, 2, 2])
+                .map(|(weight, dilation)| Kernel { weight, dilation })
+                .collect();
+            let per_edge = x
+                .view([3, 2, 1, 3, side, side])
+                .expand([3, 2, 2, 3, side, side], false)
+                .reshape([3, 12, side, side]);
+            let expected = Tensor::cat(
+                &edge_kernels
+                    .iter()
+                    .map(|k| k.convolve(&per_edge, stride))
+                    .collect::<Vec<_>>(),
+                1,
+            );
+            assert!(
+                relative_error(&depthwise_fanout(&x, &edge_kernels, 2, stride), &expected) < 1e-5,
+                "{side}×{side} stride {stride} fan-out"
+            );
 
             let blocks = x.repeat([1, 4, 1, 1]);
-            assert!(relative_error(&depthwise_blocks(&blocks, &kernels, stride), &reference) < 1e-5);
+            assert!(
+                relative_error(&depthwise_blocks(&blocks, &kernels, stride), &reference) < 1e-5
+            );
 
             // The sep convs' second halves: a 3×3 and a 5×5 kernel of one dilation, each on its own
             // block, widened to one kernel.
             let seps = &kernels[..2];
-            let expected = Tensor::cat(&seps.iter().map(|k| k.convolve(&x, stride)).collect::<Vec<_>>(), 1);
+            let expected = Tensor::cat(
+                &seps
+                    .iter()
+                    .map(|k| k.convolve(&x, stride))
+                    .collect::<Vec<_>>(),
+                1,
+            );
             let ours = depthwise_blocks(&x.repeat([1, 2, 1, 1]), seps, stride);
-            assert!(relative_error(&ours, &expected) < 1e-5, "{side}×{side} stride {stride} widened");
+            assert!(
+                relative_error(&ours, &expected) < 1e-5,
+                "{side}×{side} stride {stride} widened"
+            );
             let upstream = Tensor::randn(expected.size(), (Kind::Float, Device::Cpu));
             let inputs = [&x, &weights[0], &weights[1]];
-            let want = Tensor::run_backward(&[(&expected * &upstream).sum(Kind::Float)], &inputs, false, false);
-            let got = Tensor::run_backward(&[(&ours * &upstream).sum(Kind::Float)], &inputs, false, false);
+            let want = Tensor::run_backward(
+                &[(&expected * &upstream).sum(Kind::Float)],
+                &inputs,
+                false,
+                false,
+            );
+            let got = Tensor::run_backward(
+                &[(&ours * &upstream).sum(Kind::Float)],
+                &inputs,
+                false,
+                false,
+            );
             for (g, e) in got.iter().zip(&want) {
-                assert!(relative_error(g, e) < 1e-5, "{side}×{side} stride {stride} widened gradient");
+                assert!(
+                    relative_error(g, e) < 1e-5,
+                    "{side}×{side} stride {stride} widened gradient"
+                );
             }
         }
     }

@@ -6,10 +6,10 @@
 //! that is the form its inherited weights were trained in.
 
 use crate::genotype::{Edge, Genotype, EDGES_PER_NODE};
+use crate::mixed_op::{edge_op, edge_stride, op_prefix, op_specs};
 use crate::ops::BnStats;
 use crate::params::{ParamSet, ParamSpec};
 use crate::search_space::{Primitive, SearchSpace};
-use crate::mixed_op::{edge_op, edge_stride, op_prefix, op_specs};
 use crate::supernet::{global_average_pool, Supernet};
 use tch::Tensor;
 
@@ -37,9 +37,19 @@ impl DerivedNetwork {
         let cells = space
             .cells()
             .iter()
-            .map(|c| if c.reduction { parse(&genotype.reduce) } else { parse(&genotype.normal) })
+            .map(|c| {
+                if c.reduction {
+                    parse(&genotype.reduce)
+                } else {
+                    parse(&genotype.normal)
+                }
+            })
             .collect();
-        Ok(DerivedNetwork { supernet: Supernet::new(space), genotype, cells })
+        Ok(DerivedNetwork {
+            supernet: Supernet::new(space),
+            genotype,
+            cells,
+        })
     }
 
     pub fn supernet(&self) -> &Supernet {
@@ -55,12 +65,21 @@ impl DerivedNetwork {
     pub fn body_specs(&self) -> Vec<ParamSpec> {
         let space = &self.supernet.space;
         let all = self.supernet.body_specs();
-        let mut kept: Vec<ParamSpec> = all.iter().filter(|s| !s.name.contains("._ops.")).cloned().collect();
+        let mut kept: Vec<ParamSpec> = all
+            .iter()
+            .filter(|s| !s.name.contains("._ops."))
+            .cloned()
+            .collect();
         for (i, spec) in space.cells().iter().enumerate() {
             for (node, pair) in self.cells[i].iter().enumerate() {
                 for &(op, input) in pair {
                     let edge = space.first_edge_of_node(node) + input;
-                    kept.extend(op_specs(&op_prefix(i, edge, op), op, spec.c as i64, edge_stride(spec.reduction, input)));
+                    kept.extend(op_specs(
+                        &op_prefix(i, edge, op),
+                        op,
+                        spec.c as i64,
+                        edge_stride(spec.reduction, input),
+                    ));
                 }
             }
         }
@@ -82,14 +101,31 @@ impl DerivedNetwork {
                     .iter()
                     .map(|&(op, input)| {
                         let prefix = op_prefix(i, space.first_edge_of_node(node) + input, op);
-                        edge_op(op, &states[input], params, &prefix, edge_stride(spec.reduction, input), stats)
+                        edge_op(
+                            op,
+                            &states[input],
+                            params,
+                            &prefix,
+                            edge_stride(spec.reduction, input),
+                            stats,
+                        )
                     })
                     .reduce(|a, b| a + b)
                     .expect("two edges per node");
                 states.push(sum);
             }
-            let concat = if spec.reduction { &self.genotype.reduce_concat } else { &self.genotype.normal_concat };
-            let out = Tensor::cat(&concat.iter().map(|&k| states[k].shallow_clone()).collect::<Vec<_>>(), 1);
+            let concat = if spec.reduction {
+                &self.genotype.reduce_concat
+            } else {
+                &self.genotype.normal_concat
+            };
+            let out = Tensor::cat(
+                &concat
+                    .iter()
+                    .map(|&k| states[k].shallow_clone())
+                    .collect::<Vec<_>>(),
+                1,
+            );
             (s0, s1) = (s1, out);
         }
         global_average_pool(&s1)

@@ -40,7 +40,9 @@ impl DeviceChoice {
                 if n < count {
                     Ok(Device::Cuda(n))
                 } else {
-                    Err(format!("cuda:{n} requested but {count} CUDA device(s) are visible"))
+                    Err(format!(
+                        "cuda:{n} requested but {count} CUDA device(s) are visible"
+                    ))
                 }
             }
         }
@@ -65,7 +67,10 @@ mod tests {
         assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
         assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
         assert_eq!("cuda:2".parse(), Ok(DeviceChoice::Cuda(2)));
-        assert!("gpu".parse::<DeviceChoice>().unwrap_err().contains("auto, cpu, cuda"));
+        assert!("gpu"
+            .parse::<DeviceChoice>()
+            .unwrap_err()
+            .contains("auto, cpu, cuda"));
         assert_eq!(DeviceChoice::Cpu.resolve(), Ok(Device::Cpu));
     }
 }

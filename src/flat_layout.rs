@@ -20,15 +20,28 @@ impl Layout {
     /// The layout of a set of `tensors` (`position` finds a name's index among them) with each of
     /// `runs` (names in the set, each run's tensors of equal shape but for dim 0) as a block and
     /// every other tensor alone.
-    pub fn new(tensors: &[Tensor], position: impl Fn(&str) -> Option<usize>, runs: &[Vec<String>]) -> Layout {
-        let index = |name: &String| position(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"));
-        let runs: Vec<Vec<usize>> = runs.iter().map(|run| run.iter().map(index).collect()).collect();
+    pub fn new(
+        tensors: &[Tensor],
+        position: impl Fn(&str) -> Option<usize>,
+        runs: &[Vec<String>],
+    ) -> Layout {
+        let index = |name: &String| {
+            position(name).unwrap_or_else(|| panic!("run member '{name}' is not in the set"))
+        };
+        let runs: Vec<Vec<usize>> = runs
+            .iter()
+            .map(|run| run.iter().map(index).collect())
+            .collect();
         let mut run_of = vec![None; tensors.len()];
         for (r, run) in runs.iter().enumerate() {
             let trailing = &tensors[run[0]].size()[1..];
             for &i in run {
                 assert!(run_of[i].is_none(), "tensor {i} is in two runs");
-                assert_eq!(&tensors[i].size()[1..], trailing, "tensor {i} does not stack with its run");
+                assert_eq!(
+                    &tensors[i].size()[1..],
+                    trailing,
+                    "tensor {i} does not stack with its run"
+                );
                 run_of[i] = Some(r);
             }
         }
@@ -43,7 +56,10 @@ impl Layout {
                 Some(_) => {}
             }
         }
-        Layout { blocks, run_starting_at }
+        Layout {
+            blocks,
+            run_starting_at,
+        }
     }
 
     /// Each block's tensors, as indices in set order, in flat order.

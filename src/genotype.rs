@@ -40,7 +40,11 @@ pub fn decode_cell(weights: &[Vec<f32>], steps: usize) -> Vec<Edge> {
         let inputs = node + 2;
         let rows = &weights[start..start + inputs];
         let mut order: Vec<usize> = (0..inputs).collect();
-        order.sort_by(|&a, &b| strongest_op(&rows[b]).1.total_cmp(&strongest_op(&rows[a]).1));
+        order.sort_by(|&a, &b| {
+            strongest_op(&rows[b])
+                .1
+                .total_cmp(&strongest_op(&rows[a]).1)
+        });
         for &j in order.iter().take(EDGES_PER_NODE) {
             gene.push(Edge(PRIMITIVES[strongest_op(&rows[j]).0].to_string(), j));
         }
@@ -75,7 +79,10 @@ impl Genotype {
     /// The repr of DARTS's `Genotype` namedtuple, ready to paste into `genotypes.py`.
     pub fn to_python(&self) -> String {
         let edges = |cell: &[Edge]| {
-            let items: Vec<String> = cell.iter().map(|Edge(op, j)| format!("('{op}', {j})")).collect();
+            let items: Vec<String> = cell
+                .iter()
+                .map(|Edge(op, j)| format!("('{op}', {j})"))
+                .collect();
             format!("[{}]", items.join(", "))
         };
         let concat = |c: &[usize]| format!("{c:?}");
@@ -92,16 +99,24 @@ impl Genotype {
     pub fn validate(&self, space: &SearchSpace) -> Result<(), String> {
         for (name, cell) in [("normal", &self.normal), ("reduce", &self.reduce)] {
             if cell.len() != space.steps * EDGES_PER_NODE {
-                return Err(format!("{name} has {} edges, expected {}", cell.len(), space.steps * EDGES_PER_NODE));
+                return Err(format!(
+                    "{name} has {} edges, expected {}",
+                    cell.len(),
+                    space.steps * EDGES_PER_NODE
+                ));
             }
             for (i, Edge(op, input)) in cell.iter().enumerate() {
                 let node = i / EDGES_PER_NODE;
                 match Primitive::from_name(op) {
-                    Some(Primitive::None) | None => return Err(format!("{name} edge {i}: unusable op '{op}'")),
+                    Some(Primitive::None) | None => {
+                        return Err(format!("{name} edge {i}: unusable op '{op}'"))
+                    }
                     Some(_) => {}
                 }
                 if *input >= node + 2 {
-                    return Err(format!("{name} edge {i}: node {node} cannot read state {input}"));
+                    return Err(format!(
+                        "{name} edge {i}: node {node} cannot read state {input}"
+                    ));
                 }
             }
         }

@@ -16,7 +16,8 @@ mod tests {
 
     #[test]
     fn grad_mode_comes_back_after_a_panic() {
-        let panicked = std::panic::catch_unwind(|| super::no_grad(|| Tensor::from_slice(&[3i64]).one_hot(2)));
+        let panicked =
+            std::panic::catch_unwind(|| super::no_grad(|| Tensor::from_slice(&[3i64]).one_hot(2)));
         assert!(panicked.is_err(), "libtorch refuses class 3 of 2");
         let x = Tensor::ones([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         assert!((&x * 2).requires_grad(), "gradients are recorded again");

@@ -29,7 +29,10 @@ pub fn logit_scale_specs() -> Vec<ParamSpec> {
 /// The linear head: features [N, F] → logits [N, n_way], scaled by exp(log scale) when `params`
 /// holds one.
 pub fn classify(params: &ParamSet, features: &Tensor) -> Tensor {
-    let logits = features.linear(params.get(CLASSIFIER_WEIGHT), Some(params.get(CLASSIFIER_BIAS)));
+    let logits = features.linear(
+        params.get(CLASSIFIER_WEIGHT),
+        Some(params.get(CLASSIFIER_BIAS)),
+    );
     if params.contains(LOGIT_SCALE) {
         logits * params.get(LOGIT_SCALE).exp()
     } else {
@@ -42,9 +45,13 @@ pub fn classify(params: &ParamSet, features: &Tensor) -> Tensor {
 /// −‖f − c_k‖² does. `features`: [N_s, F], `labels`: [N_s] in 0..n_way → (W [n_way, F], b [n_way]).
 pub fn prototype_classifier(features: &Tensor, labels: &Tensor, n_way: usize) -> (Tensor, Tensor) {
     let one_hot = labels.one_hot(n_way as i64).to_kind(Kind::Float);
-    let counts = one_hot.sum_dim_intlist(0i64, false, Kind::Float).clamp_min(1.0);
+    let counts = one_hot
+        .sum_dim_intlist(0i64, false, Kind::Float)
+        .clamp_min(1.0);
     let prototypes = one_hot.transpose(0, 1).matmul(features) / counts.unsqueeze(1);
-    let bias = -prototypes.square().sum_dim_intlist(1i64, false, Kind::Float);
+    let bias = -prototypes
+        .square()
+        .sum_dim_intlist(1i64, false, Kind::Float);
     (prototypes * 2.0, bias)
 }
 
@@ -62,7 +69,9 @@ mod tests {
         let queries = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         let logits = queries.linear(&w, Some(&b));
         let protos = w / 2.0;
-        let distances = (queries.unsqueeze(1) - protos.unsqueeze(0)).square().sum_dim_intlist(2i64, false, Kind::Float);
+        let distances = (queries.unsqueeze(1) - protos.unsqueeze(0))
+            .square()
+            .sum_dim_intlist(2i64, false, Kind::Float);
         let expected = -distances + queries.square().sum_dim_intlist(1i64, true, Kind::Float);
         assert!(logits.allclose(&expected, 1e-5, 1e-5, false));
     }

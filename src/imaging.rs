@@ -23,7 +23,10 @@ pub struct ImageLimits {
 impl ImageLimits {
     /// 4 MiB and 2048 × 2048 pixels: far above few-shot inputs (28 to 84 pixels a side), and at
     /// most about 100 MB to decode and convert one picture ([`to_input`] works in f32 RGBA).
-    pub const DEFAULT: ImageLimits = ImageLimits { max_bytes: 4 * 1024 * 1024, max_pixels: 2048 * 2048 };
+    pub const DEFAULT: ImageLimits = ImageLimits {
+        max_bytes: 4 * 1024 * 1024,
+        max_pixels: 2048 * 2048,
+    };
 }
 
 impl Default for ImageLimits {
@@ -44,11 +47,19 @@ pub enum ImageError {
     #[error(
         "image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}; downscale it before sending"
     )]
-    TooManyPixels { width: u32, height: u32, pixels: u64, max_pixels: u64 },
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        max_pixels: u64,
+    },
     #[error("image is {width}x{height}: it has no pixels; send a picture at least 1x1")]
     ZeroSize { width: u32, height: u32 },
     #[error("{format} data is corrupt or truncated ({reason}); re-export the image and send the whole file")]
-    Corrupt { format: &'static str, reason: String },
+    Corrupt {
+        format: &'static str,
+        reason: String,
+    },
 }
 
 /// Rec. 709 luma weights, the ones the `image` crate itself uses for RGB → grayscale.
@@ -69,7 +80,10 @@ pub fn declared_size(bytes: &[u8], limits: &ImageLimits) -> Result<(u32, u32), I
 /// so only pictures within `limits` are ever allocated.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, ImageError> {
     let (format, width, height) = header(bytes, limits)?;
-    let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name(format), reason: e.to_string() };
+    let corrupt = |e: image::ImageError| ImageError::Corrupt {
+        format: format_name(format),
+        reason: e.to_string(),
+    };
     let pixels = u64::from(width) * u64::from(height);
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decode_limits = image::Limits::default();
@@ -86,10 +100,16 @@ fn header(bytes: &[u8], limits: &ImageLimits) -> Result<(ImageFormat, u32, u32),
         return Err(ImageError::Empty);
     }
     if bytes.len() > limits.max_bytes {
-        return Err(ImageError::TooManyBytes { bytes: bytes.len(), max_bytes: limits.max_bytes });
+        return Err(ImageError::TooManyBytes {
+            bytes: bytes.len(),
+            max_bytes: limits.max_bytes,
+        });
     }
     let format = served_format(bytes)?;
-    let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name(format), reason: e.to_string() };
+    let corrupt = |e: image::ImageError| ImageError::Corrupt {
+        format: format_name(format),
+        reason: e.to_string(),
+    };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     // Reading a header allocates nothing, but the decoders refuse one whose picture would pass
     // their own memory limit before telling its size; the pixel limit below is the one that counts.
@@ -100,7 +120,12 @@ fn header(bytes: &[u8], limits: &ImageLimits) -> Result<(ImageFormat, u32, u32),
         return Err(ImageError::ZeroSize { width, height });
     }
     if pixels > limits.max_pixels {
-        return Err(ImageError::TooManyPixels { width, height, pixels, max_pixels: limits.max_pixels });
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            max_pixels: limits.max_pixels,
+        });
     }
     Ok((format, width, height))
 }
@@ -110,8 +135,12 @@ fn header(bytes: &[u8], limits: &ImageLimits) -> Result<(ImageFormat, u32, u32),
 fn served_format(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
     match image::guess_format(bytes) {
         Ok(format @ (ImageFormat::Png | ImageFormat::Jpeg)) => Ok(format),
-        Ok(other) => Err(ImageError::UnsupportedFormat { found: format!("{other:?}") }),
-        Err(_) => Err(ImageError::UnsupportedFormat { found: "not a recognised image format".into() }),
+        Ok(other) => Err(ImageError::UnsupportedFormat {
+            found: format!("{other:?}"),
+        }),
+        Err(_) => Err(ImageError::UnsupportedFormat {
+            found: "not a recognised image format".into(),
+        }),
     }
 }
 
@@ -137,8 +166,15 @@ type Plane = ImageBuffer<Luma<f32>, Vec<f32>>;
 /// If `spec.channels` is not 1 or 3, or `mean`/`std` have fewer than `channels` entries;
 /// model metadata is validated when it is loaded, so this is a programming error.
 pub fn to_input(img: &DynamicImage, spec: &InputSpec) -> Vec<f32> {
-    assert!(matches!(spec.channels, 1 | 3), "input channels must be 1 or 3, got {}", spec.channels);
-    assert!(spec.mean.len() >= spec.channels && spec.std.len() >= spec.channels, "mean/std need one entry per channel");
+    assert!(
+        matches!(spec.channels, 1 | 3),
+        "input channels must be 1 or 3, got {}",
+        spec.channels
+    );
+    assert!(
+        spec.mean.len() >= spec.channels && spec.std.len() >= spec.channels,
+        "mean/std need one entry per channel"
+    );
     let size = u32::try_from(spec.size).expect("input size fits in u32");
     let mut input = Vec::with_capacity(spec.channels * spec.size * spec.size);
     for (c, plane) in planes_on_white(img, spec.channels).iter().enumerate() {
@@ -163,7 +199,11 @@ fn planes_on_white(img: &DynamicImage, channels: usize) -> Vec<Plane> {
         let [r, g, b, a] = pixel.0;
         let rgb = [r, g, b].map(|v| v * a + (1.0 - a));
         if channels == 1 {
-            let luma = rgb.iter().zip(LUMA_WEIGHTS).map(|(v, w)| v * w).sum::<f32>();
+            let luma = rgb
+                .iter()
+                .zip(LUMA_WEIGHTS)
+                .map(|(v, w)| v * w)
+                .sum::<f32>();
             planes[0].put_pixel(x, y, Luma([luma.clamp(0.0, 1.0)]));
         } else {
             for (plane, v) in planes.iter_mut().zip(rgb) {
@@ -182,11 +222,23 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn gray_spec(size: usize) -> InputSpec {
-        InputSpec { channels: 1, size, mean: vec![0.0], std: vec![1.0], invert: false }
+        InputSpec {
+            channels: 1,
+            size,
+            mean: vec![0.0],
+            std: vec![1.0],
+            invert: false,
+        }
     }
 
     fn rgb_spec(size: usize) -> InputSpec {
-        InputSpec { channels: 3, size, mean: vec![0.0; 3], std: vec![1.0; 3], invert: false }
+        InputSpec {
+            channels: 3,
+            size,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            invert: false,
+        }
     }
 
     /// A 20×20 grayscale picture with smooth and sharp parts, as 8-bit values.
@@ -206,7 +258,8 @@ mod tests {
 
     fn jpeg_bytes(img: &DynamicImage) -> Vec<u8> {
         let mut out = Vec::new();
-        img.write_with_encoder(JpegEncoder::new_with_quality(&mut out, 100)).unwrap();
+        img.write_with_encoder(JpegEncoder::new_with_quality(&mut out, 100))
+            .unwrap();
         out
     }
 
@@ -215,45 +268,94 @@ mod tests {
         let g = |x, y| picture(x, y);
         let w = |x, y| u16::from(picture(x, y)) * 257;
         vec![
-            ("L8", GrayImage::from_fn(20, 20, |x, y| Luma([g(x, y)])).into()),
-            ("La8", GrayAlphaImage::from_fn(20, 20, |x, y| LumaA([g(x, y), 255])).into()),
-            ("Rgb8", RgbImage::from_fn(20, 20, |x, y| Rgb([g(x, y); 3])).into()),
-            ("Rgba8", RgbaImage::from_fn(20, 20, |x, y| Rgba([g(x, y), g(x, y), g(x, y), 255])).into()),
-            ("L16", DynamicImage::ImageLuma16(ImageBuffer::from_fn(20, 20, |x, y| Luma([w(x, y)])))),
-            ("La16", DynamicImage::ImageLumaA16(ImageBuffer::from_fn(20, 20, |x, y| LumaA([w(x, y), 65535])))),
-            ("Rgb16", DynamicImage::ImageRgb16(ImageBuffer::from_fn(20, 20, |x, y| Rgb([w(x, y); 3])))),
-            ("Rgba16", DynamicImage::ImageRgba16(ImageBuffer::from_fn(20, 20, |x, y| Rgba([w(x, y), w(x, y), w(x, y), 65535])))),
+            (
+                "L8",
+                GrayImage::from_fn(20, 20, |x, y| Luma([g(x, y)])).into(),
+            ),
+            (
+                "La8",
+                GrayAlphaImage::from_fn(20, 20, |x, y| LumaA([g(x, y), 255])).into(),
+            ),
+            (
+                "Rgb8",
+                RgbImage::from_fn(20, 20, |x, y| Rgb([g(x, y); 3])).into(),
+            ),
+            (
+                "Rgba8",
+                RgbaImage::from_fn(20, 20, |x, y| Rgba([g(x, y), g(x, y), g(x, y), 255])).into(),
+            ),
+            (
+                "L16",
+                DynamicImage::ImageLuma16(ImageBuffer::from_fn(20, 20, |x, y| Luma([w(x, y)]))),
+            ),
+            (
+                "La16",
+                DynamicImage::ImageLumaA16(ImageBuffer::from_fn(20, 20, |x, y| {
+                    LumaA([w(x, y), 65535])
+                })),
+            ),
+            (
+                "Rgb16",
+                DynamicImage::ImageRgb16(ImageBuffer::from_fn(20, 20, |x, y| Rgb([w(x, y); 3]))),
+            ),
+            (
+                "Rgba16",
+                DynamicImage::ImageRgba16(ImageBuffer::from_fn(20, 20, |x, y| {
+                    Rgba([w(x, y), w(x, y), w(x, y), 65535])
+                })),
+            ),
         ]
     }
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
     fn every_png_pixel_format_gives_the_same_input() {
         for spec in [gray_spec(8), rgb_spec(8)] {
             let formats = every_png_format();
-            let reference = to_input(&decode(&png_bytes(&formats[0].1), &ImageLimits::default()).unwrap(), &spec);
+            let reference = to_input(
+                &decode(&png_bytes(&formats[0].1), &ImageLimits::default()).unwrap(),
+                &spec,
+            );
             assert_eq!(reference.len(), spec.channels * 64);
             for (name, img) in &formats {
                 let decoded = decode(&png_bytes(img), &ImageLimits::default()).unwrap();
                 let diff = max_abs_diff(&to_input(&decoded, &spec), &reference);
-                assert!(diff < 1e-5, "{name} with {} channels differs by {diff}", spec.channels);
+                assert!(
+                    diff < 1e-5,
+                    "{name} with {} channels differs by {diff}",
+                    spec.channels
+                );
             }
         }
     }
 
     #[test]
     fn one_bit_omniglot_png_matches_its_8_bit_copy() {
-        let zip_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/omniglot/images_background_small1.zip");
+        let zip_path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/omniglot/images_background_small1.zip"
+        );
         let mut archive = zip::ZipArchive::new(std::fs::File::open(zip_path).unwrap()).unwrap();
-        let name = archive.file_names().find(|n| n.ends_with(".png")).unwrap().to_owned();
+        let name = archive
+            .file_names()
+            .find(|n| n.ends_with(".png"))
+            .unwrap()
+            .to_owned();
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut archive.by_name(&name).unwrap(), &mut bytes).unwrap();
         let one_bit = decode(&bytes, &ImageLimits::default()).unwrap();
-        let eight_bit = decode(&png_bytes(&one_bit.to_luma8().into()), &ImageLimits::default()).unwrap();
+        let eight_bit = decode(
+            &png_bytes(&one_bit.to_luma8().into()),
+            &ImageLimits::default(),
+        )
+        .unwrap();
         let spec = gray_spec(28);
         assert_eq!(to_input(&one_bit, &spec), to_input(&eight_bit, &spec));
     }
@@ -262,29 +364,57 @@ mod tests {
     fn jpeg_gives_nearly_the_same_input_as_png() {
         let spec = gray_spec(10);
         let smooth = GrayImage::from_fn(40, 40, |x, y| Luma([(x * 3 + y * 2) as u8]));
-        let png = to_input(&decode(&png_bytes(&smooth.clone().into()), &ImageLimits::default()).unwrap(), &spec);
-        for img in [DynamicImage::from(smooth.clone()), DynamicImage::from(DynamicImage::from(smooth).to_rgb8())] {
-            let jpeg = to_input(&decode(&jpeg_bytes(&img), &ImageLimits::default()).unwrap(), &spec);
+        let png = to_input(
+            &decode(&png_bytes(&smooth.clone().into()), &ImageLimits::default()).unwrap(),
+            &spec,
+        );
+        for img in [
+            DynamicImage::from(smooth.clone()),
+            DynamicImage::from(DynamicImage::from(smooth).to_rgb8()),
+        ] {
+            let jpeg = to_input(
+                &decode(&jpeg_bytes(&img), &ImageLimits::default()).unwrap(),
+                &spec,
+            );
             assert!(max_abs_diff(&jpeg, &png) < 0.02);
         }
     }
 
     #[test]
     fn transparent_pixels_read_as_white() {
-        let img: DynamicImage = RgbaImage::from_fn(4, 4, |x, _| Rgba([0, 0, 0, if x < 2 { 0 } else { 255 }])).into();
+        let img: DynamicImage =
+            RgbaImage::from_fn(4, 4, |x, _| Rgba([0, 0, 0, if x < 2 { 0 } else { 255 }])).into();
         let input = to_input(&img, &gray_spec(4));
         assert_eq!(&input[..4], &[1.0, 1.0, 0.0, 0.0]);
     }
 
     #[test]
     fn invert_mean_and_std_apply_per_channel_in_chw_order() {
-        let img: DynamicImage = RgbImage::from_fn(2, 2, |x, _| if x == 0 { Rgb([0, 51, 255]) } else { Rgb([255, 204, 0]) }).into();
-        let spec = InputSpec { channels: 3, size: 2, mean: vec![0.5, 0.1, 0.0], std: vec![0.5, 0.2, 2.0], invert: true };
+        let img: DynamicImage = RgbImage::from_fn(2, 2, |x, _| {
+            if x == 0 {
+                Rgb([0, 51, 255])
+            } else {
+                Rgb([255, 204, 0])
+            }
+        })
+        .into();
+        let spec = InputSpec {
+            channels: 3,
+            size: 2,
+            mean: vec![0.5, 0.1, 0.0],
+            std: vec![0.5, 0.2, 2.0],
+            invert: true,
+        };
         let input = to_input(&img, &spec);
         let expect = |v: f32, c: usize| ((1.0 - v / 255.0) - spec.mean[c]) / spec.std[c];
         let rows = [[0.0, 255.0], [51.0, 204.0], [255.0, 0.0]];
-        let expected: Vec<f32> = (0..3).flat_map(|c| (0..4).map(move |i| expect(rows[c][i % 2], c))).collect();
-        assert!(max_abs_diff(&input, &expected) < 1e-6, "{input:?} vs {expected:?}");
+        let expected: Vec<f32> = (0..3)
+            .flat_map(|c| (0..4).map(move |i| expect(rows[c][i % 2], c)))
+            .collect();
+        assert!(
+            max_abs_diff(&input, &expected) < 1e-6,
+            "{input:?} vs {expected:?}"
+        );
     }
 
     /// CRC-32 (IEEE), as PNG chunks use, so a test can forge a valid header.
@@ -293,7 +423,11 @@ mod tests {
         for &byte in bytes {
             crc ^= u32::from(byte);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -315,53 +449,107 @@ mod tests {
         let start = Instant::now();
         let err = decode(&png_declaring(100_000, 100_000), &ImageLimits::default()).unwrap_err();
         assert!(start.elapsed() < Duration::from_millis(500));
-        assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, max_pixels: 2048 * 2048 });
+        assert_eq!(
+            err,
+            ImageError::TooManyPixels {
+                width: 100_000,
+                height: 100_000,
+                pixels: 10_000_000_000,
+                max_pixels: 2048 * 2048
+            }
+        );
         assert!(err.to_string().contains("downscale"));
     }
 
     #[test]
     fn a_header_over_the_decoders_own_memory_limit_is_too_many_pixels_not_corrupt() {
         let err = decode(&png_declaring(1 << 31, 1), &ImageLimits::default()).unwrap_err();
-        assert!(matches!(err, ImageError::TooManyPixels { width: 2_147_483_648, height: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ImageError::TooManyPixels {
+                    width: 2_147_483_648,
+                    height: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn pixel_limit_is_the_configured_one() {
         let img: DynamicImage = GrayImage::new(20, 20).into();
-        let tight = ImageLimits { max_bytes: 1 << 20, max_pixels: 399 };
-        assert!(matches!(decode(&png_bytes(&img), &tight), Err(ImageError::TooManyPixels { pixels: 400, .. })));
-        let exact = ImageLimits { max_pixels: 400, ..tight };
+        let tight = ImageLimits {
+            max_bytes: 1 << 20,
+            max_pixels: 399,
+        };
+        assert!(matches!(
+            decode(&png_bytes(&img), &tight),
+            Err(ImageError::TooManyPixels { pixels: 400, .. })
+        ));
+        let exact = ImageLimits {
+            max_pixels: 400,
+            ..tight
+        };
         assert_eq!(decode(&png_bytes(&img), &exact).unwrap().width(), 20);
     }
 
     #[test]
     fn zero_size_is_refused() {
         let err = decode(&png_declaring(0, 5), &ImageLimits::default()).unwrap_err();
-        assert!(matches!(err, ImageError::ZeroSize { .. } | ImageError::Corrupt { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ImageError::ZeroSize { .. } | ImageError::Corrupt { .. }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn truncated_png_is_refused() {
-        let noisy: DynamicImage = GrayImage::from_fn(64, 64, |x, y| Luma([(x * 7919 + y * 104_729) as u8])).into();
+        let noisy: DynamicImage =
+            GrayImage::from_fn(64, 64, |x, y| Luma([(x * 7919 + y * 104_729) as u8])).into();
         let bytes = png_bytes(&noisy);
         let err = decode(&bytes[..bytes.len() / 2], &ImageLimits::default()).unwrap_err();
-        assert!(matches!(err, ImageError::Corrupt { format: "PNG", .. }), "{err}");
+        assert!(
+            matches!(err, ImageError::Corrupt { format: "PNG", .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn non_images_empty_and_oversized_inputs_are_refused() {
         let limits = ImageLimits::default();
-        assert!(matches!(decode(b"hello, this is not an image", &limits), Err(ImageError::UnsupportedFormat { .. })));
-        assert!(matches!(decode(b"GIF89a\x01\x00\x01\x00", &limits), Err(ImageError::UnsupportedFormat { found }) if found == "Gif"));
+        assert!(matches!(
+            decode(b"hello, this is not an image", &limits),
+            Err(ImageError::UnsupportedFormat { .. })
+        ));
+        assert!(
+            matches!(decode(b"GIF89a\x01\x00\x01\x00", &limits), Err(ImageError::UnsupportedFormat { found }) if found == "Gif")
+        );
         assert_eq!(decode(&[], &limits), Err(ImageError::Empty));
-        let small = ImageLimits { max_bytes: 10, ..limits };
-        assert_eq!(decode(&[0u8; 11], &small), Err(ImageError::TooManyBytes { bytes: 11, max_bytes: 10 }));
+        let small = ImageLimits {
+            max_bytes: 10,
+            ..limits
+        };
+        assert_eq!(
+            decode(&[0u8; 11], &small),
+            Err(ImageError::TooManyBytes {
+                bytes: 11,
+                max_bytes: 10
+            })
+        );
     }
 
     #[test]
     fn large_image_within_limits_decodes() {
         let img = DynamicImage::ImageRgba16(ImageBuffer::new(1024, 1024));
-        let limits = ImageLimits { max_bytes: 64 << 20, max_pixels: 1024 * 1024 };
+        let limits = ImageLimits {
+            max_bytes: 64 << 20,
+            max_pixels: 1024 * 1024,
+        };
         assert_eq!(decode(&png_bytes(&img), &limits).unwrap().width(), 1024);
     }
 }

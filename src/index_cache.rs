@@ -33,7 +33,11 @@ impl<K: Hash + Eq> IndexCache<K> {
     /// The tensor of `key` on `device`, built on the host from `build(&key)` the first time: a
     /// constant other than an index (a zero to gather from).
     pub fn get_tensor(&self, key: K, device: Device, build: impl FnOnce(&K) -> Tensor) -> Tensor {
-        let mut cache = self.0.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self
+            .0
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let tensor = match cache.entry((key, device)) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {

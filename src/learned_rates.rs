@@ -25,21 +25,38 @@ pub struct LearnedRates {
 impl Clone for LearnedRates {
     /// Shares storage (like `Tensor::shallow_clone`).
     fn clone(&self) -> Self {
-        LearnedRates { w: self.w.shallow_clone(), theta: self.theta.shallow_clone() }
+        LearnedRates {
+            w: self.w.shallow_clone(),
+            theta: self.theta.shallow_clone(),
+        }
     }
 }
 
 impl LearnedRates {
     /// Tables for `steps` steps and `tensors` weight tensors, every rate starting at the
     /// hand-set `lr_w` and `lr_theta`.
-    pub fn initial(steps: usize, tensors: usize, lr_w: f64, lr_theta: f64, device: Device) -> LearnedRates {
-        let filled = |columns: usize, lr: f64| Tensor::full([steps as i64, columns as i64], lr, (Kind::Float, device));
-        LearnedRates { w: filled(tensors, lr_w), theta: filled(2, lr_theta) }
+    pub fn initial(
+        steps: usize,
+        tensors: usize,
+        lr_w: f64,
+        lr_theta: f64,
+        device: Device,
+    ) -> LearnedRates {
+        let filled = |columns: usize, lr: f64| {
+            Tensor::full([steps as i64, columns as i64], lr, (Kind::Float, device))
+        };
+        LearnedRates {
+            w: filled(tensors, lr_w),
+            theta: filled(2, lr_theta),
+        }
     }
 
     /// The same rates, out of any graph (to adapt with them, not learn them).
     pub fn detach(&self) -> LearnedRates {
-        LearnedRates { w: self.w.detach(), theta: self.theta.detach() }
+        LearnedRates {
+            w: self.w.detach(),
+            theta: self.theta.detach(),
+        }
     }
 
     /// Whether the rates are being meta-learned (their updates must stay in the graph).
@@ -59,7 +76,9 @@ impl LearnedRates {
 
     /// Step `step`'s rate for every element of `params.flattened()`, each its tensor's rate.
     pub fn for_weights(&self, step: usize, params: &ParamSet) -> Tensor {
-        self.w.get(self.row(step)).index_select(0, &element_owners(params, self.w.device()))
+        self.w
+            .get(self.row(step))
+            .index_select(0, &element_owners(params, self.w.device()))
     }
 
     /// Step `step`'s rates for θ (normal, reduce), as scalars.
@@ -82,8 +101,17 @@ impl LearnedRates {
 /// For every element of `params.flattened()`, the set index of the tensor it belongs to.
 fn element_owners(params: &ParamSet, device: Device) -> Tensor {
     static CACHE: IndexCache<Vec<(usize, i64)>> = IndexCache::new();
-    let owners: Vec<(usize, i64)> = params.flat_order().into_iter().map(|i| (i, params.tensors()[i].numel() as i64)).collect();
-    CACHE.get(owners, device, |owners| owners.iter().flat_map(|&(i, n)| std::iter::repeat_n(i as i64, n as usize)).collect())
+    let owners: Vec<(usize, i64)> = params
+        .flat_order()
+        .into_iter()
+        .map(|i| (i, params.tensors()[i].numel() as i64))
+        .collect();
+    CACHE.get(owners, device, |owners| {
+        owners
+            .iter()
+            .flat_map(|&(i, n)| std::iter::repeat_n(i as i64, n as usize))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -94,15 +122,33 @@ mod tests {
     /// past the learned ones take the last row.
     #[test]
     fn each_element_gets_its_tensors_rate_of_its_step() {
-        let params = ParamSet::from_pairs([("a".to_string(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu))), ("b".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
+        let params = ParamSet::from_pairs([
+            (
+                "a".to_string(),
+                Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+            ),
+        ]);
         let laid_out = params.task_copy(&[], Device::Cpu, 1);
-        let rates = LearnedRates { w: Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]), theta: Tensor::from_slice(&[5f32, 6., 7., 8.]).view([2, 2]) };
+        let rates = LearnedRates {
+            w: Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]),
+            theta: Tensor::from_slice(&[5f32, 6., 7., 8.]).view([2, 2]),
+        };
         let expected = |a: f32, b: f32| Tensor::from_slice(&[[a; 6].as_slice(), &[b; 4]].concat());
         assert!(rates.for_weights(0, &laid_out).equal(&expected(1., 2.)));
         assert!(rates.for_weights(1, &laid_out).equal(&expected(3., 4.)));
-        assert!(rates.for_weights(7, &laid_out).equal(&expected(3., 4.)), "past the learned steps: the last row");
+        assert!(
+            rates.for_weights(7, &laid_out).equal(&expected(3., 4.)),
+            "past the learned steps: the last row"
+        );
         let (normal, reduce) = rates.for_theta(1);
-        assert_eq!((normal.double_value(&[]), reduce.double_value(&[])), (7.0, 8.0));
+        assert_eq!(
+            (normal.double_value(&[]), reduce.double_value(&[])),
+            (7.0, 8.0)
+        );
         assert!(rates.check(2).is_ok() && rates.check(3).is_err());
     }
 }

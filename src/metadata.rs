@@ -4,10 +4,10 @@
 //! made (training and evaluation); the loader reads it to rebuild the network and to check the
 //! weights' sha256.
 
-use crate::settings::BnMode;
 use crate::genotype::Genotype;
 use crate::relaxation::Relaxation;
 use crate::search_space::{SearchSpace, PRIMITIVES};
+use crate::settings::BnMode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -142,7 +142,18 @@ impl EvalResult {
     /// Whether `other` measured the same thing (it may differ in tasks and outcome), so a new
     /// evaluation replaces it rather than standing beside it.
     pub fn same_setting(&self, other: &EvalResult) -> bool {
-        let setting = |r: &EvalResult| (r.split.clone(), r.way, r.shot, r.predict_with.clone(), r.bn, r.steps, r.finetune_steps, r.within_groups.clone());
+        let setting = |r: &EvalResult| {
+            (
+                r.split.clone(),
+                r.way,
+                r.shot,
+                r.predict_with.clone(),
+                r.bn,
+                r.steps,
+                r.finetune_steps,
+                r.within_groups.clone(),
+            )
+        };
         setting(self) == setting(other)
     }
 }
@@ -179,7 +190,10 @@ impl ModelMeta {
     /// that passes is one the worker can warm up and serve); the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", self.format_version));
+            return Err(format!(
+                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                self.format_version
+            ));
         }
         if self.name.trim().is_empty() {
             return Err("name is empty; give the model the name requests will use".into());
@@ -189,13 +203,19 @@ impl ModelMeta {
         }
         match (self.kind, &self.search_space, &self.genotype) {
             (ModelKind::Conv4, _, _) => {}
-            (_, None, _) => return Err("search_space is required for supernet and genotype models".into()),
+            (_, None, _) => {
+                return Err("search_space is required for supernet and genotype models".into())
+            }
             (ModelKind::Genotype, Some(space), Some(g)) => {
                 space.validate().map_err(|e| format!("search_space: {e}"))?;
                 g.validate(space).map_err(|e| format!("genotype: {e}"))?
             }
-            (ModelKind::Genotype, _, None) => return Err("a genotype model needs its genotype".into()),
-            (ModelKind::Supernet, Some(space), _) => space.validate().map_err(|e| format!("search_space: {e}"))?,
+            (ModelKind::Genotype, _, None) => {
+                return Err("a genotype model needs its genotype".into())
+            }
+            (ModelKind::Supernet, Some(space), _) => {
+                space.validate().map_err(|e| format!("search_space: {e}"))?
+            }
         }
         self.relaxation.validate()?;
         self.validate_input()?;
@@ -205,7 +225,10 @@ impl ModelMeta {
     fn validate_input(&self) -> Result<(), String> {
         let input = &self.input;
         if ![1, 3].contains(&input.channels) {
-            return Err(format!("input.channels must be 1 (grayscale) or 3 (RGB), got {}", input.channels));
+            return Err(format!(
+                "input.channels must be 1 (grayscale) or 3 (RGB), got {}",
+                input.channels
+            ));
         }
         if input.mean.len() != input.channels || input.std.len() != input.channels {
             return Err("input.mean and input.std need one value per input channel".into());
@@ -233,8 +256,12 @@ impl ModelMeta {
 
     fn validate_head_and_adaptation(&self) -> Result<(), String> {
         match self.head {
-            HeadSpec::Fixed { n_way } if n_way < 2 => return Err(format!("head.n_way must be at least 2, got {n_way}")),
-            HeadSpec::Proto { max_way, .. } if max_way < 2 => return Err(format!("head.max_way must be at least 2, got {max_way}")),
+            HeadSpec::Fixed { n_way } if n_way < 2 => {
+                return Err(format!("head.n_way must be at least 2, got {n_way}"))
+            }
+            HeadSpec::Proto { max_way, .. } if max_way < 2 => {
+                return Err(format!("head.max_way must be at least 2, got {max_way}"))
+            }
             _ => {}
         }
         let a = &self.adaptation;
@@ -242,7 +269,10 @@ impl ModelMeta {
             return Err("adaptation.steps must be at least 1".into());
         }
         if !a.lr_w.is_finite() || a.lr_w <= 0.0 || a.lr_w > MAX_LEARNING_RATE {
-            return Err(format!("adaptation.lr_w must be positive and at most {MAX_LEARNING_RATE}, got {}", a.lr_w));
+            return Err(format!(
+                "adaptation.lr_w must be positive and at most {MAX_LEARNING_RATE}, got {}",
+                a.lr_w
+            ));
         }
         if !a.lr_theta.is_finite() || a.lr_theta < 0.0 || a.lr_theta > MAX_LEARNING_RATE {
             return Err(format!("adaptation.lr_theta must be in [0, {MAX_LEARNING_RATE}] (0: the architecture does not adapt), got {}", a.lr_theta));

@@ -18,8 +18,16 @@ pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<
     let pointwise = [c, c, 1, 1];
     match primitive {
         Primitive::SkipConnect if stride == 2 => vec![
-            ParamSpec::new(format!("{prefix}.conv_1.weight"), &[c / 2, c, 1, 1], Init::FanIn),
-            ParamSpec::new(format!("{prefix}.conv_2.weight"), &[c / 2, c, 1, 1], Init::FanIn),
+            ParamSpec::new(
+                format!("{prefix}.conv_1.weight"),
+                &[c / 2, c, 1, 1],
+                Init::FanIn,
+            ),
+            ParamSpec::new(
+                format!("{prefix}.conv_2.weight"),
+                &[c / 2, c, 1, 1],
+                Init::FanIn,
+            ),
         ],
         Primitive::SepConv3x3 | Primitive::SepConv5x5 => {
             let k = primitive.conv_kernel().expect("a sep conv");
@@ -42,16 +50,37 @@ pub fn op_specs(prefix: &str, primitive: Primitive, c: i64, stride: i64) -> Vec<
 }
 
 /// Applies one candidate op of an edge, reading its weights from `params` under `prefix`.
-pub fn edge_op(primitive: Primitive, x: &Tensor, params: &ParamSet, prefix: &str, stride: i64, stats: BnStats) -> Tensor {
+pub fn edge_op(
+    primitive: Primitive,
+    x: &Tensor,
+    params: &ParamSet,
+    prefix: &str,
+    stride: i64,
+    stats: BnStats,
+) -> Tensor {
     let w = |suffix: &str| params.get(&format!("{prefix}.{suffix}"));
     match primitive {
         Primitive::None => ops::zero(x, stride),
         Primitive::MaxPool3x3 => ops::pool_bn(x, true, stride, stats),
         Primitive::AvgPool3x3 => ops::pool_bn(x, false, stride, stats),
-        Primitive::SkipConnect if stride == 2 => ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats),
+        Primitive::SkipConnect if stride == 2 => {
+            ops::factorized_reduce(x, w("conv_1.weight"), w("conv_2.weight"), stats)
+        }
         Primitive::SkipConnect => x.shallow_clone(),
-        Primitive::SepConv3x3 | Primitive::SepConv5x5 => ops::sep_conv(x, [w("op.1.weight"), w("op.2.weight"), w("op.5.weight"), w("op.6.weight")], stride, stats),
-        Primitive::DilConv3x3 | Primitive::DilConv5x5 => ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], stride, stats),
+        Primitive::SepConv3x3 | Primitive::SepConv5x5 => ops::sep_conv(
+            x,
+            [
+                w("op.1.weight"),
+                w("op.2.weight"),
+                w("op.5.weight"),
+                w("op.6.weight"),
+            ],
+            stride,
+            stats,
+        ),
+        Primitive::DilConv3x3 | Primitive::DilConv5x5 => {
+            ops::dil_conv(x, [w("op.1.weight"), w("op.2.weight")], stride, stats)
+        }
     }
 }
 
@@ -66,7 +95,20 @@ pub fn edge_stride(reduction: bool, input: usize) -> i64 {
 
 /// The edge's output as DARTS's `MixedOp` computes it: Σ_k mixing[k] · op_k(x), over every
 /// candidate op of edge `edge` of cell `cell`. `mixing`: [8], the edge's row of mixing weights.
-pub fn mixed_op(x: &Tensor, mixing: &Tensor, params: &ParamSet, cell: usize, edge: usize, stride: i64, stats: BnStats) -> Tensor {
-    let outputs = Primitive::ALL.iter().map(|&p| edge_op(p, x, params, &op_prefix(cell, edge, p), stride, stats) * mixing.get(p.index() as i64));
-    outputs.reduce(|sum, output| sum + output).expect("eight candidate ops")
+pub fn mixed_op(
+    x: &Tensor,
+    mixing: &Tensor,
+    params: &ParamSet,
+    cell: usize,
+    edge: usize,
+    stride: i64,
+    stats: BnStats,
+) -> Tensor {
+    let outputs = Primitive::ALL.iter().map(|&p| {
+        edge_op(p, x, params, &op_prefix(cell, edge, p), stride, stats)
+            * mixing.get(p.index() as i64)
+    });
+    outputs
+        .reduce(|sum, output| sum + output)
+        .expect("eight candidate ops")
 }

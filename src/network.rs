@@ -3,10 +3,10 @@
 
 use crate::conv4::Conv4;
 use crate::derived::DerivedNetwork;
-use crate::ops::BnStats;
-use crate::relaxation::Relaxation;
-use crate::params::{ParamSet, ParamSpec};
 use crate::head::classify;
+use crate::ops::BnStats;
+use crate::params::{ParamSet, ParamSpec};
+use crate::relaxation::Relaxation;
 use crate::supernet::{Alphas, Supernet};
 use tch::Tensor;
 
@@ -61,16 +61,33 @@ impl Network {
 
     /// Pooled features [N, F]. `mixing` (θ's mixing weights, [`Supernet::mixing`]) is required
     /// for the supernet and ignored otherwise.
-    pub fn features(&self, params: &ParamSet, mixing: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+    pub fn features(
+        &self,
+        params: &ParamSet,
+        mixing: Option<&Alphas>,
+        x: &Tensor,
+        stats: BnStats,
+    ) -> Tensor {
         match self {
-            Network::Supernet(n) => n.features(params, mixing.expect("a supernet forward needs mixing weights"), x, stats),
+            Network::Supernet(n) => n.features(
+                params,
+                mixing.expect("a supernet forward needs mixing weights"),
+                x,
+                stats,
+            ),
             Network::Derived(n) => n.features(params, x, stats),
             Network::Conv4(n) => n.features(params, x, stats),
         }
     }
 
     /// Logits [N, n_way] with the classifier held in `params`.
-    pub fn logits(&self, params: &ParamSet, mixing: Option<&Alphas>, x: &Tensor, stats: BnStats) -> Tensor {
+    pub fn logits(
+        &self,
+        params: &ParamSet,
+        mixing: Option<&Alphas>,
+        x: &Tensor,
+        stats: BnStats,
+    ) -> Tensor {
         classify(params, &self.features(params, mixing, x, stats))
     }
 }

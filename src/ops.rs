@@ -26,11 +26,23 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, stats: BnStats
     let (weight, bias) = affine.unzip();
     match stats {
         BnStats::LeadingRows(n) if n < x.size()[0] => {
-            let (var, mean) = x.narrow(0, 0, n).var_mean_correction(&[0i64, 2, 3][..], 0, true);
+            let (var, mean) = x
+                .narrow(0, 0, n)
+                .var_mean_correction(&[0i64, 2, 3][..], 0, true);
             if !x.requires_grad() {
                 // Predictions: the inference kernel applies given statistics in one pass.
                 let flat = |t: Tensor| t.view([-1]);
-                return Tensor::batch_norm(x, weight, bias, Some(&flat(mean)), Some(&flat(var)), false, 0.0, BN_EPS, true);
+                return Tensor::batch_norm(
+                    x,
+                    weight,
+                    bias,
+                    Some(&flat(mean)),
+                    Some(&flat(var)),
+                    false,
+                    0.0,
+                    BN_EPS,
+                    true,
+                );
             }
             // Meta-training differentiates through the statistics, which the kernel would not.
             let normalised = (x - mean) * (var + BN_EPS).rsqrt();
@@ -39,10 +51,19 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, stats: BnStats
                 _ => normalised,
             }
         }
-        _ => Tensor::batch_norm(x, weight, bias, None::<&Tensor>, None::<&Tensor>, true, 0.1, BN_EPS, true),
+        _ => Tensor::batch_norm(
+            x,
+            weight,
+            bias,
+            None::<&Tensor>,
+            None::<&Tensor>,
+            true,
+            0.1,
+            BN_EPS,
+            true,
+        ),
     }
 }
-
 
 /// Concatenates channel blocks task by task: each part is [N, T·C_i, H, W] with T tasks side by
 /// side; the result is [N, T·ΣC_i, H, W], each task's channels together (plain `cat` when T = 1).
@@ -77,7 +98,11 @@ pub fn factorized_reduce(x: &Tensor, w1: &Tensor, w2: &Tensor, stats: BnStats) -
 /// What `FactorizedReduce`'s two convolutions read from ReLU(x): the map (zero-padded on top and
 /// left when its size is odd) and the same map shifted by one pixel.
 pub fn factorized_inputs(relu: &Tensor) -> (Tensor, Tensor) {
-    let x = if relu.size()[2] % 2 != 0 { relu.constant_pad_nd([1, 0, 1, 0]) } else { relu.shallow_clone() };
+    let x = if relu.size()[2] % 2 != 0 {
+        relu.constant_pad_nd([1, 0, 1, 0])
+    } else {
+        relu.shallow_clone()
+    };
     let shifted = x.slice(2, 1, None, 1).slice(3, 1, None, 1);
     (x, shifted)
 }
@@ -85,16 +110,55 @@ pub fn factorized_inputs(relu: &Tensor) -> (Tensor, Tensor) {
 /// `SepConv`: [ReLU, depthwise k×k (stride), 1×1, BN] twice, the second at stride 1.
 /// `w`: [depthwise1 [C,1,k,k], pointwise1 [C,C,1,1], depthwise2, pointwise2].
 pub fn sep_conv(x: &Tensor, w: [&Tensor; 4], stride: i64, stats: BnStats) -> Tensor {
-    let h = conv(&depthwise(&x.relu(), Kernel { weight: w[0], dilation: 1 }, stride), w[1], 1, 0, 1);
+    let h = conv(
+        &depthwise(
+            &x.relu(),
+            Kernel {
+                weight: w[0],
+                dilation: 1,
+            },
+            stride,
+        ),
+        w[1],
+        1,
+        0,
+        1,
+    );
     let h = batch_norm(&h, None, stats).relu();
-    let h = conv(&depthwise(&h, Kernel { weight: w[2], dilation: 1 }, 1), w[3], 1, 0, 1);
+    let h = conv(
+        &depthwise(
+            &h,
+            Kernel {
+                weight: w[2],
+                dilation: 1,
+            },
+            1,
+        ),
+        w[3],
+        1,
+        0,
+        1,
+    );
     batch_norm(&h, None, stats)
 }
 
 /// `DilConv`: ReLU, depthwise k×k with dilation 2 (stride), 1×1, BN.
 /// `w`: [depthwise [C,1,k,k], pointwise [C,C,1,1]].
 pub fn dil_conv(x: &Tensor, w: [&Tensor; 2], stride: i64, stats: BnStats) -> Tensor {
-    let h = conv(&depthwise(&x.relu(), Kernel { weight: w[0], dilation: 2 }, stride), w[1], 1, 0, 1);
+    let h = conv(
+        &depthwise(
+            &x.relu(),
+            Kernel {
+                weight: w[0],
+                dilation: 2,
+            },
+            stride,
+        ),
+        w[1],
+        1,
+        0,
+        1,
+    );
     batch_norm(&h, None, stats)
 }
 
@@ -127,7 +191,9 @@ pub fn zero(x: &Tensor, stride: i64) -> Tensor {
     if stride == 1 {
         x.zeros_like()
     } else {
-        x.slice(2, 0, None, stride).slice(3, 0, None, stride).zeros_like()
+        x.slice(2, 0, None, stride)
+            .slice(3, 0, None, stride)
+            .zeros_like()
     }
 }
 
@@ -142,13 +208,17 @@ mod tests {
     fn max_pool_2x2_equals_the_nchw_pool_with_ties() {
         tch::manual_seed(0);
         for side in [28, 7, 3] {
-            let x = Tensor::randn([4, 5, side, side], (Kind::Float, Device::Cpu)).relu().set_requires_grad(true);
+            let x = Tensor::randn([4, 5, side, side], (Kind::Float, Device::Cpu))
+                .relu()
+                .set_requires_grad(true);
             let nchw = x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
             let ours = max_pool_2x2(&x);
             assert!(ours.equal(&nchw) && ours.is_contiguous(), "{side}×{side}");
             let upstream = Tensor::randn(nchw.size(), (Kind::Float, Device::Cpu));
-            let expected = Tensor::run_backward(&[(&nchw * &upstream).sum(Kind::Float)], &[&x], false, false);
-            let got = Tensor::run_backward(&[(&ours * &upstream).sum(Kind::Float)], &[&x], false, false);
+            let expected =
+                Tensor::run_backward(&[(&nchw * &upstream).sum(Kind::Float)], &[&x], false, false);
+            let got =
+                Tensor::run_backward(&[(&ours * &upstream).sum(Kind::Float)], &[&x], false, false);
             assert!(got[0].equal(&expected[0]), "{side}×{side} gradient");
         }
     }

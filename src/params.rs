@@ -32,7 +32,11 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub fn new(name: impl Into<String>, shape: &[i64], init: Init) -> Self {
-        ParamSpec { name: name.into(), shape: shape.to_vec(), init }
+        ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+        }
     }
 
     fn initial_value(&self, device: Device) -> Tensor {
@@ -81,7 +85,13 @@ struct FlatViews {
 impl ParamSet {
     /// Builds a set from (name, tensor) pairs; later duplicates replace earlier ones.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        let mut set = ParamSet { names: Vec::new(), tensors: Vec::new(), index: HashMap::new(), layout: None, flat: None };
+        let mut set = ParamSet {
+            names: Vec::new(),
+            tensors: Vec::new(),
+            index: HashMap::new(),
+            layout: None,
+            flat: None,
+        };
         for (name, tensor) in pairs {
             set.insert(name, tensor);
         }
@@ -90,7 +100,13 @@ impl ParamSet {
 
     /// Fresh parameters with PyTorch's default initialisation (seed with `tch::manual_seed`).
     pub fn initialise(specs: &[ParamSpec], device: Device) -> Self {
-        crate::grad::no_grad(|| ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), s.initial_value(device)))))
+        crate::grad::no_grad(|| {
+            ParamSet::from_pairs(
+                specs
+                    .iter()
+                    .map(|s| (s.name.clone(), s.initial_value(device))),
+            )
+        })
     }
 
     /// Adds or replaces a tensor. A new one comes last, also in the layout, after the flat tensor
@@ -192,8 +208,14 @@ impl ParamSet {
     /// tensor's in one piece; [`ParamSet::join`] lays them (or their gradients) out flat.
     pub fn flat_parts(&self) -> Vec<&Tensor> {
         match &self.flat {
-            Some(f) => std::iter::once(&f.flat).chain(&self.tensors[f.covers..]).collect(),
-            None => self.flat_order().into_iter().map(|i| &self.tensors[i]).collect(),
+            Some(f) => std::iter::once(&f.flat)
+                .chain(&self.tensors[f.covers..])
+                .collect(),
+            None => self
+                .flat_order()
+                .into_iter()
+                .map(|i| &self.tensors[i])
+                .collect(),
         }
     }
 
@@ -202,7 +224,13 @@ impl ParamSet {
     pub fn join(parts: &[impl std::borrow::Borrow<Tensor>]) -> Tensor {
         match parts {
             [only] => only.borrow().reshape([-1]),
-            parts => Tensor::cat(&parts.iter().map(|t| t.borrow().reshape([-1])).collect::<Vec<_>>(), 0),
+            parts => Tensor::cat(
+                &parts
+                    .iter()
+                    .map(|t| t.borrow().reshape([-1]))
+                    .collect::<Vec<_>>(),
+                0,
+            ),
         }
     }
 
@@ -221,7 +249,15 @@ impl ParamSet {
 
     fn views_shaped(&self, flat: &Tensor, shapes: &[Vec<i64>]) -> ParamSet {
         let blocks = self.blocks();
-        let sizes: Vec<i64> = blocks.iter().map(|block| block.iter().map(|&i| shapes[i].iter().product::<i64>()).sum()).collect();
+        let sizes: Vec<i64> = blocks
+            .iter()
+            .map(|block| {
+                block
+                    .iter()
+                    .map(|&i| shapes[i].iter().product::<i64>())
+                    .sum()
+            })
+            .collect();
         let mut tensors: Vec<Option<Tensor>> = (0..self.len()).map(|_| None).collect();
         let mut block_views = Vec::with_capacity(blocks.len());
         for (part, block) in flat.split_with_sizes(&sizes, 0).iter().zip(&blocks) {
@@ -242,10 +278,17 @@ impl ParamSet {
         }
         ParamSet {
             names: self.names.clone(),
-            tensors: tensors.into_iter().map(|t| t.expect("every tensor is in a block")).collect(),
+            tensors: tensors
+                .into_iter()
+                .map(|t| t.expect("every tensor is in a block"))
+                .collect(),
             index: self.index.clone(),
             layout: self.layout.clone(),
-            flat: Some(FlatViews { flat: flat.shallow_clone(), blocks: block_views, covers: self.len() }),
+            flat: Some(FlatViews {
+                flat: flat.shallow_clone(),
+                blocks: block_views,
+                covers: self.len(),
+            }),
         }
     }
 
@@ -259,7 +302,13 @@ impl ParamSet {
                 _ => debug_assert!(false, "{names:?} is not a run of the layout: the forward pass and Network::weight_runs disagree"),
             }
         }
-        Tensor::cat(&positions.iter().map(|&i| &self.tensors[i]).collect::<Vec<_>>(), 0)
+        Tensor::cat(
+            &positions
+                .iter()
+                .map(|&i| &self.tensors[i])
+                .collect::<Vec<_>>(),
+            0,
+        )
     }
 
     /// A task's starting point: an independent copy whose tensors are views of one new leaf of
@@ -268,27 +317,56 @@ impl ParamSet {
     /// task). One concatenation and, for a batch, one gather, whatever the number of tensors
     /// (copying them one by one takes two kernels each: 724 launches on a GPU for the shipped model).
     pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
-        let laid_out = ParamSet { layout: Some(Arc::new(Layout::new(self.tensors(), |name| self.position(name), runs))), flat: None, ..self.clone() };
+        let laid_out = ParamSet {
+            layout: Some(Arc::new(Layout::new(
+                self.tensors(),
+                |name| self.position(name),
+                runs,
+            ))),
+            flat: None,
+            ..self.clone()
+        };
         let flat = crate::grad::no_grad(|| {
             // Always a concatenation (never `join`'s lone-tensor view): the copy must not alias `self`.
-            let flat = Tensor::cat(&laid_out.flat_parts().iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0).to_device(device);
+            let flat = Tensor::cat(
+                &laid_out
+                    .flat_parts()
+                    .iter()
+                    .map(|t| t.reshape([-1]))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .to_device(device);
             if tasks == 1 {
                 flat
             } else {
                 flat.index_select(0, &laid_out.repeat_index(tasks, device))
             }
         });
-        let shapes: Vec<Vec<i64>> = self.tensors.iter().map(|t| [&[t.size()[0] * tasks], &t.size()[1..]].concat()).collect();
+        let shapes: Vec<Vec<i64>> = self
+            .tensors
+            .iter()
+            .map(|t| [&[t.size()[0] * tasks], &t.size()[1..]].concat())
+            .collect();
         laid_out.views_shaped(&flat.set_requires_grad(true), &shapes)
     }
 
     /// For each tensor in flat order, its positions in the flat tensor `tasks` times over.
     fn repeat_index(&self, tasks: i64, device: Device) -> Tensor {
         static CACHE: IndexCache<(Vec<i64>, i64)> = IndexCache::new();
-        let sizes: Vec<i64> = self.flat_order().into_iter().map(|i| self.tensors[i].numel() as i64).collect();
+        let sizes: Vec<i64> = self
+            .flat_order()
+            .into_iter()
+            .map(|i| self.tensors[i].numel() as i64)
+            .collect();
         CACHE.get((sizes, tasks), device, |(sizes, tasks)| {
-            let starts = sizes.iter().scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
-            starts.zip(sizes).flat_map(|(start, &n)| (0..*tasks).flat_map(move |_| start..start + n)).collect()
+            let starts = sizes
+                .iter()
+                .scan(0, |start, n| Some(std::mem::replace(start, *start + n)));
+            starts
+                .zip(sizes)
+                .flat_map(|(start, &n)| (0..*tasks).flat_map(move |_| start..start + n))
+                .collect()
         })
     }
 
@@ -307,11 +385,20 @@ impl ParamSet {
                 Some(_) => {}
             }
         }
-        let known: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        problems.extend(self.names.iter().filter(|n| !known.contains(n.as_str())).map(|n| format!("unexpected '{n}'")));
+        let known: std::collections::HashSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
+        problems.extend(
+            self.names
+                .iter()
+                .filter(|n| !known.contains(n.as_str()))
+                .map(|n| format!("unexpected '{n}'")),
+        );
         match problems.len() {
             0 => Ok(()),
-            n => Err(format!("{n} parameter problem(s): {}", problems.into_iter().take(8).collect::<Vec<_>>().join("; "))),
+            n => Err(format!(
+                "{n} parameter problem(s): {}",
+                problems.into_iter().take(8).collect::<Vec<_>>().join("; ")
+            )),
         }
     }
 }
@@ -320,21 +407,34 @@ impl ParamSet {
     /// The same tensors in `specs` order, after [`ParamSet::check_against`].
     pub fn ordered_like(&self, specs: &[ParamSpec]) -> Result<ParamSet, String> {
         self.check_against(specs)?;
-        Ok(ParamSet::from_pairs(specs.iter().map(|s| (s.name.clone(), self.get(&s.name).shallow_clone()))))
+        Ok(ParamSet::from_pairs(specs.iter().map(|s| {
+            (s.name.clone(), self.get(&s.name).shallow_clone())
+        })))
     }
 }
 
 impl Clone for ParamSet {
     /// Shares storage (like `Tensor::shallow_clone`); use [`ParamSet::task_copy`] for a copy.
     fn clone(&self) -> Self {
-        let flat = self.flat.as_ref().map(|f| FlatViews { flat: f.flat.shallow_clone(), blocks: f.blocks.iter().map(Tensor::shallow_clone).collect(), covers: f.covers });
-        ParamSet { flat, ..self.map(|_, t| t.shallow_clone()) }
+        let flat = self.flat.as_ref().map(|f| FlatViews {
+            flat: f.flat.shallow_clone(),
+            blocks: f.blocks.iter().map(Tensor::shallow_clone).collect(),
+            covers: f.covers,
+        });
+        ParamSet {
+            flat,
+            ..self.map(|_, t| t.shallow_clone())
+        }
     }
 }
 
 /// A 2-D tensor as rows of plain floats (for decoding and JSON), from any device.
 pub fn matrix_rows(t: &Tensor) -> Vec<Vec<f32>> {
-    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let t = t
+        .detach()
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous();
     let cols = t.size()[1] as usize;
     let flat: Vec<f32> = Vec::try_from(t.view([-1])).expect("float tensor converts to Vec<f32>");
     flat.chunks(cols).map(<[f32]>::to_vec).collect()
@@ -357,63 +457,140 @@ mod tests {
         let w = set.get("conv.weight");
         assert!(w.abs().max().double_value(&[]) <= bound);
         assert!(w.std(true).double_value(&[]) > bound / 3.0);
-        assert_eq!(set.get("bn.weight").sum(Kind::Float).double_value(&[]), 16.0);
+        assert_eq!(
+            set.get("bn.weight").sum(Kind::Float).double_value(&[]),
+            16.0
+        );
         assert_eq!(set.numel(), 16 * 36 + 32);
         assert!(set.check_against(&specs).is_ok());
     }
 
     #[test]
     fn mismatches_are_listed() {
-        let specs = vec![ParamSpec::new("a", &[2], Init::Zeros), ParamSpec::new("b", &[3], Init::Zeros)];
-        let set = ParamSet::from_pairs([("a".to_string(), Tensor::zeros([5], (Kind::Float, Device::Cpu))), ("c".to_string(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))]);
+        let specs = vec![
+            ParamSpec::new("a", &[2], Init::Zeros),
+            ParamSpec::new("b", &[3], Init::Zeros),
+        ];
+        let set = ParamSet::from_pairs([
+            (
+                "a".to_string(),
+                Tensor::zeros([5], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "c".to_string(),
+                Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+            ),
+        ]);
         let err = set.check_against(&specs).unwrap_err();
-        assert!(err.contains("'a' has shape [5]") && err.contains("missing 'b'") && err.contains("unexpected 'c'"), "{err}");
+        assert!(
+            err.contains("'a' has shape [5]")
+                && err.contains("missing 'b'")
+                && err.contains("unexpected 'c'"),
+            "{err}"
+        );
     }
 
     #[test]
     fn views_of_the_flat_layout_have_each_tensor_back_and_carry_gradients() {
         let set = ParamSet::from_pairs([
-            ("w".to_string(), Tensor::randn([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1)),
-            ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
+            (
+                "w".to_string(),
+                Tensor::randn([2, 3], (Kind::Float, Device::Cpu)).transpose(0, 1),
+            ),
+            (
+                "b".to_string(),
+                Tensor::randn([4], (Kind::Float, Device::Cpu)),
+            ),
         ]);
         let flat = set.flattened().set_requires_grad(true);
         assert_eq!(flat.size(), [10]);
         let views = set.views_of(&flat);
         assert_eq!(views.names(), set.names());
         for (view, original) in views.tensors().iter().zip(set.tensors()) {
-            assert!(view.equal(original), "same shape and values, a non-contiguous original included");
+            assert!(
+                view.equal(original),
+                "same shape and values, a non-contiguous original included"
+            );
         }
-        let loss = (views.get("w").sum(Kind::Float) * 2.0) + views.get("b").square().sum(Kind::Float);
-        let grads = Tensor::run_backward(&[loss], &views.tensors().iter().collect::<Vec<_>>(), false, false);
+        let loss =
+            (views.get("w").sum(Kind::Float) * 2.0) + views.get("b").square().sum(Kind::Float);
+        let grads = Tensor::run_backward(
+            &[loss],
+            &views.tensors().iter().collect::<Vec<_>>(),
+            false,
+            false,
+        );
         assert!(grads[0].equal(&Tensor::full([3, 2], 2.0, (Kind::Float, Device::Cpu))));
         assert!(grads[1].allclose(&(set.get("b") * 2.0), 1e-6, 1e-6, false));
     }
 
     #[test]
     fn views_flatten_to_their_own_flat_tensor_until_one_is_replaced() {
-        let set = ParamSet::from_pairs([("w".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu))), ("b".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))]);
+        let set = ParamSet::from_pairs([
+            (
+                "w".to_string(),
+                Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+            ),
+        ]);
         let flat = set.flattened();
         let mut views = set.views_of(&flat);
-        assert_eq!(views.flattened().data_ptr(), flat.data_ptr(), "no concatenation");
+        assert_eq!(
+            views.flattened().data_ptr(),
+            flat.data_ptr(),
+            "no concatenation"
+        );
         assert_eq!(views.clone().flattened().data_ptr(), flat.data_ptr());
-        views.insert("b".into(), Tensor::full([4], 7.0, (Kind::Float, Device::Cpu)));
-        assert_eq!(views.flattened().sum(Kind::Float).double_value(&[]), 6.0 + 28.0, "the replaced tensor's values");
+        views.insert(
+            "b".into(),
+            Tensor::full([4], 7.0, (Kind::Float, Device::Cpu)),
+        );
+        assert_eq!(
+            views.flattened().sum(Kind::Float).double_value(&[]),
+            6.0 + 28.0,
+            "the replaced tensor's values"
+        );
     }
 
     #[test]
     fn task_copies_do_not_alias_the_original_and_start_a_new_graph() {
         let original = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let set = ParamSet::from_pairs([("w".to_string(), original.shallow_clone()), ("b".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))]);
+        let set = ParamSet::from_pairs([
+            ("w".to_string(), original.shallow_clone()),
+            (
+                "b".to_string(),
+                Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+            ),
+        ]);
         let copy = set.task_copy(&[], Device::Cpu, 1);
         crate::grad::no_grad(|| {
             let _ = original.shallow_clone().fill_(5.0);
         });
         assert_eq!(copy.get("w").sum(Kind::Float).double_value(&[]), 3.0);
         assert_eq!(copy.get("b").size(), [2]);
-        let grads = Tensor::run_backward(&[copy.get("w").sum(Kind::Float)], &[copy.get("w")], false, false);
-        assert!(grads[0].equal(&Tensor::ones([3], (Kind::Float, Device::Cpu))), "the copy is differentiable");
-        let to_original = Tensor::run_backward(&[copy.get("w").sum(Kind::Float)], &[&original], false, false);
-        assert!(!to_original[0].defined(), "and not connected to the original");
+        let grads = Tensor::run_backward(
+            &[copy.get("w").sum(Kind::Float)],
+            &[copy.get("w")],
+            false,
+            false,
+        );
+        assert!(
+            grads[0].equal(&Tensor::ones([3], (Kind::Float, Device::Cpu))),
+            "the copy is differentiable"
+        );
+        let to_original = Tensor::run_backward(
+            &[copy.get("w").sum(Kind::Float)],
+            &[&original],
+            false,
+            false,
+        );
+        assert!(
+            !to_original[0].defined(),
+            "and not connected to the original"
+        );
     }
 
     /// Whether `t` lies inside `flat`'s storage.
@@ -426,44 +603,99 @@ mod tests {
     fn runs_of_the_layout_are_views_and_the_flat_gradient_holds_every_tensors() {
         tch::manual_seed(5);
         let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
-        let set = ParamSet::from_pairs([("a".to_string(), randn(&[2, 3])), ("b".to_string(), randn(&[4])), ("c".to_string(), randn(&[1, 3])), ("d".to_string(), randn(&[3, 3]))]);
+        let set = ParamSet::from_pairs([
+            ("a".to_string(), randn(&[2, 3])),
+            ("b".to_string(), randn(&[4])),
+            ("c".to_string(), randn(&[1, 3])),
+            ("d".to_string(), randn(&[3, 3])),
+        ]);
         let run: Vec<String> = ["d", "a"].map(String::from).to_vec();
         for tasks in [1, 3] {
             let copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, tasks);
-            let [flat] = copy.flat_parts()[..] else { panic!("a task copy lies in one flat tensor") };
+            let [flat] = copy.flat_parts()[..] else {
+                panic!("a task copy lies in one flat tensor")
+            };
             let stacked = copy.stacked(&run);
-            assert!(lies_in(&stacked, flat) && stacked.equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)), "{tasks} tasks");
+            assert!(
+                lies_in(&stacked, flat)
+                    && stacked.equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)),
+                "{tasks} tasks"
+            );
             for (name, original) in set.iter() {
-                assert!(copy.get(name).equal(&original.repeat([&[tasks], &vec![1; original.dim() - 1][..]].concat())), "{name}, {tasks} tasks");
+                assert!(
+                    copy.get(name).equal(
+                        &original.repeat([&[tasks], &vec![1; original.dim() - 1][..]].concat())
+                    ),
+                    "{name}, {tasks} tasks"
+                );
             }
-            let loss = stacked.square().sum(Kind::Float) + copy.get("b").sum(Kind::Float) * 3.0 + copy.get("c").sum(Kind::Float);
+            let loss = stacked.square().sum(Kind::Float)
+                + copy.get("b").sum(Kind::Float) * 3.0
+                + copy.get("c").sum(Kind::Float);
             let grad = copy.views_of(&Tensor::run_backward(&[loss], &[flat], false, false)[0]);
-            assert!(grad.get("a").allclose(&(copy.get("a") * 2.0), 1e-6, 1e-6, false) && grad.get("d").allclose(&(copy.get("d") * 2.0), 1e-6, 1e-6, false));
-            assert!(grad.get("b").equal(&Tensor::full([4 * tasks], 3.0, (Kind::Float, Device::Cpu))) && grad.get("c").equal(&copy.get("c").ones_like()));
+            assert!(
+                grad.get("a")
+                    .allclose(&(copy.get("a") * 2.0), 1e-6, 1e-6, false)
+                    && grad
+                        .get("d")
+                        .allclose(&(copy.get("d") * 2.0), 1e-6, 1e-6, false)
+            );
+            assert!(
+                grad.get("b")
+                    .equal(&Tensor::full([4 * tasks], 3.0, (Kind::Float, Device::Cpu)))
+                    && grad.get("c").equal(&copy.get("c").ones_like())
+            );
         }
 
         // A tensor inserted later lies after the flat tensor, which stays whole.
         let mut copy = set.task_copy(std::slice::from_ref(&run), Device::Cpu, 1);
         copy.insert("e".into(), randn(&[2]).set_requires_grad(true));
         let parts = copy.flat_parts();
-        assert!(parts.len() == 2 && lies_in(&copy.stacked(&run), parts[0]), "the runs are still views");
+        assert!(
+            parts.len() == 2 && lies_in(&copy.stacked(&run), parts[0]),
+            "the runs are still views"
+        );
         // Blocks in the set order of their first tensors: b, c, then the run [d, a] (d first).
-        let expected = Tensor::cat(&[copy.get("b").shallow_clone(), copy.get("c").reshape([-1]), copy.get("d").reshape([-1]), copy.get("a").reshape([-1]), copy.get("e").shallow_clone()], 0);
-        assert!(copy.flattened().equal(&expected), "laid out in flat order, the new tensor last");
+        let expected = Tensor::cat(
+            &[
+                copy.get("b").shallow_clone(),
+                copy.get("c").reshape([-1]),
+                copy.get("d").reshape([-1]),
+                copy.get("a").reshape([-1]),
+                copy.get("e").shallow_clone(),
+            ],
+            0,
+        );
+        assert!(
+            copy.flattened().equal(&expected),
+            "laid out in flat order, the new tensor last"
+        );
         let loss = copy.get("a").sum(Kind::Float) + copy.get("e").sum(Kind::Float) * 2.0;
         let grad = ParamSet::join(&Tensor::run_backward(&[loss], &parts, false, false));
         assert_eq!(grad.sum(Kind::Float).double_value(&[]), 6.0 + 4.0);
         copy.insert("a".into(), randn(&[2, 3]));
-        assert_eq!(copy.flat_parts().len(), 5, "replacing a tensor of the flat tensor leaves the set not flat");
-        assert!(copy.stacked(&run).equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)));
+        assert_eq!(
+            copy.flat_parts().len(),
+            5,
+            "replacing a tensor of the flat tensor leaves the set not flat"
+        );
+        assert!(copy
+            .stacked(&run)
+            .equal(&Tensor::cat(&[copy.get("d"), copy.get("a")], 0)));
     }
 
     #[test]
     fn a_batch_copy_stacks_every_tensor_once_per_task() {
         tch::manual_seed(3);
         let set = ParamSet::from_pairs([
-            ("w".to_string(), Tensor::randn([2, 3, 1, 1], (Kind::Float, Device::Cpu))),
-            ("b".to_string(), Tensor::randn([4], (Kind::Float, Device::Cpu))),
+            (
+                "w".to_string(),
+                Tensor::randn([2, 3, 1, 1], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "b".to_string(),
+                Tensor::randn([4], (Kind::Float, Device::Cpu)),
+            ),
         ]);
         let batch = set.task_copy(&[], Device::Cpu, 3);
         for (name, original) in set.iter() {

@@ -33,7 +33,11 @@ pub enum Relaxation {
     /// Soft pruning: softmax(θ/τ) over the ops other than `none`, τ annealed linearly from `start`
     /// (first inner step) to `end` (predictions), each node's inputs weighed by a softmax over
     /// input pairs when `pairwise_inputs` is set.
-    Annealed { start: f64, end: f64, pairwise_inputs: bool },
+    Annealed {
+        start: f64,
+        end: f64,
+        pairwise_inputs: bool,
+    },
 }
 
 impl Relaxation {
@@ -50,7 +54,13 @@ impl Relaxation {
     /// Whether the end state is a discrete network, the decoded genotype's (one op per edge, two
     /// inputs per node), up to the end temperature.
     pub fn ends_discrete(&self) -> bool {
-        matches!(self, Relaxation::Annealed { pairwise_inputs: true, .. })
+        matches!(
+            self,
+            Relaxation::Annealed {
+                pairwise_inputs: true,
+                ..
+            }
+        )
     }
 
     /// τ of the first inner step, where a task starts (and a proto head is built).
@@ -64,16 +74,26 @@ impl Relaxation {
         match *self {
             Relaxation::Softmax => 1.0,
             Relaxation::Annealed { end, .. } if step >= steps => end,
-            Relaxation::Annealed { start, end, .. } => start + (end - start) * step as f64 / steps as f64,
+            Relaxation::Annealed { start, end, .. } => {
+                start + (end - start) * step as f64 / steps as f64
+            }
         }
     }
 
     /// The mixing weights of one cell type's θ ([T·E, 8], `tasks` tasks stacked task by task) at
     /// temperature `temperature`.
-    pub fn mixing(&self, space: &SearchSpace, theta: &Tensor, temperature: f64, tasks: i64) -> Tensor {
+    pub fn mixing(
+        &self,
+        space: &SearchSpace,
+        theta: &Tensor,
+        temperature: f64,
+        tasks: i64,
+    ) -> Tensor {
         match *self {
             Relaxation::Softmax => theta.softmax(-1, Kind::Float),
-            Relaxation::Annealed { pairwise_inputs, .. } => {
+            Relaxation::Annealed {
+                pairwise_inputs, ..
+            } => {
                 let ops = annealed_op_weights(theta, temperature);
                 if pairwise_inputs {
                     ops * input_weights(space, theta, temperature, tasks).reshape([-1, 1])
@@ -97,14 +117,20 @@ fn annealed_op_weights(theta: &Tensor, temperature: f64) -> Tensor {
 /// weights sum to 2.
 fn input_weights(space: &SearchSpace, theta: &Tensor, temperature: f64, tasks: i64) -> Tensor {
     let ops = theta.size()[1];
-    let strength = theta.log_softmax(-1, Kind::Float).narrow(1, 1, ops - 1).amax(&[1i64][..], false).reshape([tasks, -1]);
+    let strength = theta
+        .log_softmax(-1, Kind::Float)
+        .narrow(1, 1, ops - 1)
+        .amax(&[1i64][..], false)
+        .reshape([tasks, -1]);
     let membership = pair_membership(space, theta.device());
     let pair_logits = strength.matmul(&membership) / temperature;
     let mut offset = 0;
     let per_node: Vec<Tensor> = (0..space.steps)
         .map(|node| {
             let pairs = ((node + 2) * (node + 1) / 2) as i64;
-            let p = pair_logits.narrow(1, offset, pairs).softmax(-1, Kind::Float);
+            let p = pair_logits
+                .narrow(1, offset, pairs)
+                .softmax(-1, Kind::Float);
             offset += pairs;
             p
         })
@@ -130,7 +156,10 @@ fn pair_membership(space: &SearchSpace, device: tch::Device) -> Tensor {
             first += node + 2;
         }
         let pairs = columns.len() as i64;
-        Tensor::from_slice(&columns.concat()).view([pairs, edges as i64]).transpose(0, 1).contiguous()
+        Tensor::from_slice(&columns.concat())
+            .view([pairs, edges as i64])
+            .transpose(0, 1)
+            .contiguous()
     })
 }
 
@@ -143,7 +172,16 @@ mod tests {
     use tch::Device;
 
     fn space() -> SearchSpace {
-        SearchSpace { in_channels: 1, image_size: 8, init_channels: 4, layers: 2, steps: 4, multiplier: 4, stem_multiplier: 2, stem_pools: 1 }
+        SearchSpace {
+            in_channels: 1,
+            image_size: 8,
+            init_channels: 4,
+            layers: 2,
+            steps: 4,
+            multiplier: 4,
+            stem_multiplier: 2,
+            stem_pools: 1,
+        }
     }
 
     /// The softmax is DARTS's, bit for bit: imported and older checkpoints keep their behaviour.
@@ -151,19 +189,31 @@ mod tests {
     fn the_softmax_relaxation_is_the_plain_softmax() {
         tch::manual_seed(3);
         let theta = Tensor::randn([14, 8], (Kind::Float, Device::Cpu));
-        assert!(Relaxation::Softmax.mixing(&space(), &theta, 0.05, 1).equal(&theta.softmax(-1, Kind::Float)));
+        assert!(Relaxation::Softmax
+            .mixing(&space(), &theta, 0.05, 1)
+            .equal(&theta.softmax(-1, Kind::Float)));
         assert_eq!(Relaxation::Softmax.temperature(0, 10), 1.0);
     }
 
     #[test]
     fn the_temperature_falls_linearly_and_predictions_are_at_the_end() {
-        let annealed = Relaxation::Annealed { start: 1.0, end: 0.1, pairwise_inputs: true };
+        let annealed = Relaxation::Annealed {
+            start: 1.0,
+            end: 0.1,
+            pairwise_inputs: true,
+        };
         let taus: Vec<f64> = (0..=3).map(|s| annealed.temperature(s, 3)).collect();
         for (got, want) in taus.iter().zip([1.0, 0.7, 0.4, 0.1]) {
             assert!((got - want).abs() < 1e-12, "{taus:?}");
         }
         assert_eq!(annealed.temperature(0, 0), 0.1, "no steps: the end state");
-        assert!(Relaxation::Annealed { start: 1.0, end: 0.0, pairwise_inputs: true }.validate().is_err());
+        assert!(Relaxation::Annealed {
+            start: 1.0,
+            end: 0.0,
+            pairwise_inputs: true
+        }
+        .validate()
+        .is_err());
     }
 
     /// Each node's input weights sum to 2, and as τ falls (θ of a few logits' spread, as adapted
@@ -173,23 +223,44 @@ mod tests {
     #[test]
     fn the_annealed_end_state_is_the_decoded_genotype() {
         let space = space();
-        let relaxation = Relaxation::Annealed { start: 1.0, end: 1e-5, pairwise_inputs: true };
+        let relaxation = Relaxation::Annealed {
+            start: 1.0,
+            end: 1e-5,
+            pairwise_inputs: true,
+        };
         tch::manual_seed(4);
         let tasks = 3;
-        let theta = || (Tensor::randn([14, 8], (Kind::Float, Device::Cpu)).repeat([tasks, 1]) + Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu))) * 2.0;
+        let theta = || {
+            (Tensor::randn([14, 8], (Kind::Float, Device::Cpu)).repeat([tasks, 1])
+                + Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu)))
+                * 2.0
+        };
         let (normal, reduce) = (theta(), theta());
         let soft = relaxation.mixing(&space, &normal, 1.0, tasks);
-        let per_node = soft.sum_dim_intlist(1i64, false, Kind::Float).reshape([tasks, -1]);
+        let per_node = soft
+            .sum_dim_intlist(1i64, false, Kind::Float)
+            .reshape([tasks, -1]);
         for node in 0..space.steps {
-            let sums = per_node.narrow(1, space.first_edge_of_node(node) as i64, node as i64 + 2).sum_dim_intlist(1i64, false, Kind::Float);
-            assert!(sums.allclose(&Tensor::from_slice(&[2f32; 3]), 1e-5, 1e-5, false), "node {node}: {sums}");
+            let sums = per_node
+                .narrow(1, space.first_edge_of_node(node) as i64, node as i64 + 2)
+                .sum_dim_intlist(1i64, false, Kind::Float);
+            assert!(
+                sums.allclose(&Tensor::from_slice(&[2f32; 3]), 1e-5, 1e-5, false),
+                "node {node}: {sums}"
+            );
         }
-        let end = |theta: &Tensor| relaxation.mixing(&space, theta, relaxation.temperature(5, 5), tasks);
+        let end =
+            |theta: &Tensor| relaxation.mixing(&space, theta, relaxation.temperature(5, 5), tasks);
         let (end_normal, end_reduce) = (end(&normal), end(&reduce));
-        let rows = |theta: &Tensor, t: i64| matrix_rows(&theta.narrow(0, t * 14, 14).softmax(-1, Kind::Float));
+        let rows = |theta: &Tensor, t: i64| {
+            matrix_rows(&theta.narrow(0, t * 14, 14).softmax(-1, Kind::Float))
+        };
         for t in 0..tasks {
             let genotype = Genotype::decode(&space, &rows(&normal, t), &rows(&reduce, t));
-            for (cell, mixing) in [(&genotype.normal, &end_normal), (&genotype.reduce, &end_reduce)] {
+            for (cell, mixing) in [
+                (&genotype.normal, &end_normal),
+                (&genotype.reduce, &end_reduce),
+            ] {
                 let mut expected = vec![vec![0f32; 8]; 14];
                 for (node, pair) in cell.chunks(2).enumerate() {
                     for Edge(op, input) in pair {
@@ -199,7 +270,10 @@ mod tests {
                 }
                 let expected = Tensor::from_slice(&expected.concat()).view([14, 8]);
                 let got = mixing.narrow(0, t * 14, 14);
-                assert!(got.allclose(&expected, 1e-4, 1e-4, false), "task {t}: {got} vs {expected}");
+                assert!(
+                    got.allclose(&expected, 1e-4, 1e-4, false),
+                    "task {t}: {got} vs {expected}"
+                );
             }
         }
     }

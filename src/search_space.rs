@@ -48,7 +48,10 @@ impl Primitive {
     ];
 
     pub fn index(self) -> usize {
-        Primitive::ALL.iter().position(|p| *p == self).expect("every primitive is in ALL")
+        Primitive::ALL
+            .iter()
+            .position(|p| *p == self)
+            .expect("every primitive is in ALL")
     }
 
     pub fn name(self) -> &'static str {
@@ -65,7 +68,10 @@ impl Primitive {
     }
 
     pub fn from_name(name: &str) -> Option<Primitive> {
-        PRIMITIVES.iter().position(|p| *p == name).map(|i| Primitive::ALL[i])
+        PRIMITIVES
+            .iter()
+            .position(|p| *p == name)
+            .map(|i| Primitive::ALL[i])
     }
 }
 
@@ -141,7 +147,11 @@ impl SearchSpace {
 
     /// The cells in order, with the channel bookkeeping of DARTS's `Network.__init__`.
     pub fn cells(&self) -> Vec<CellSpec> {
-        let (mut c_prev_prev, mut c_prev, mut c) = (self.stem_channels(), self.stem_channels(), self.init_channels);
+        let (mut c_prev_prev, mut c_prev, mut c) = (
+            self.stem_channels(),
+            self.stem_channels(),
+            self.init_channels,
+        );
         let mut reduction_prev = false;
         (0..self.layers)
             .map(|i| {
@@ -149,7 +159,13 @@ impl SearchSpace {
                 if reduction {
                     c *= 2;
                 }
-                let spec = CellSpec { reduction, reduction_prev, c_prev_prev, c_prev, c };
+                let spec = CellSpec {
+                    reduction,
+                    reduction_prev,
+                    c_prev_prev,
+                    c_prev,
+                    c,
+                };
                 reduction_prev = reduction;
                 c_prev_prev = c_prev;
                 c_prev = self.multiplier * c;
@@ -167,22 +183,37 @@ impl SearchSpace {
     /// Checks the constraints the network code relies on; the message says what to change.
     pub fn validate(&self) -> Result<(), String> {
         if ![1, 3].contains(&self.in_channels) {
-            return Err(format!("in_channels must be 1 or 3, got {}", self.in_channels));
+            return Err(format!(
+                "in_channels must be 1 or 3, got {}",
+                self.in_channels
+            ));
         }
         if self.image_size == 0 || !self.image_size.is_multiple_of(4) {
-            return Err(format!("image_size must be a positive multiple of 4, got {}", self.image_size));
+            return Err(format!(
+                "image_size must be a positive multiple of 4, got {}",
+                self.image_size
+            ));
         }
         if self.init_channels == 0 || !self.init_channels.is_multiple_of(2) {
-            return Err(format!("init_channels must be even and positive, got {}", self.init_channels));
+            return Err(format!(
+                "init_channels must be even and positive, got {}",
+                self.init_channels
+            ));
         }
         if self.layers < 2 {
             return Err(format!("layers must be at least 2, got {}", self.layers));
         }
         if self.steps == 0 || self.multiplier == 0 || self.multiplier > self.steps {
-            return Err(format!("need 1 <= multiplier <= steps, got steps {} multiplier {}", self.steps, self.multiplier));
+            return Err(format!(
+                "need 1 <= multiplier <= steps, got steps {} multiplier {}",
+                self.steps, self.multiplier
+            ));
         }
         if self.stem_pools > 2 {
-            return Err(format!("stem_pools must be 0, 1 or 2, got {}", self.stem_pools));
+            return Err(format!(
+                "stem_pools must be 0, 1 or 2, got {}",
+                self.stem_pools
+            ));
         }
         if !self.stem_channels().is_multiple_of(2) {
             return Err("stem_multiplier * init_channels must be even".into());
@@ -200,14 +231,35 @@ mod tests {
         let s = SearchSpace::tnas_official(3, 84, 16);
         assert_eq!(s.num_edges(), 14);
         let cells = s.cells();
-        assert_eq!(cells[0], CellSpec { reduction: false, reduction_prev: false, c_prev_prev: 48, c_prev: 48, c: 16 });
-        assert_eq!(cells[1], CellSpec { reduction: true, reduction_prev: false, c_prev_prev: 48, c_prev: 64, c: 32 });
+        assert_eq!(
+            cells[0],
+            CellSpec {
+                reduction: false,
+                reduction_prev: false,
+                c_prev_prev: 48,
+                c_prev: 48,
+                c: 16
+            }
+        );
+        assert_eq!(
+            cells[1],
+            CellSpec {
+                reduction: true,
+                reduction_prev: false,
+                c_prev_prev: 48,
+                c_prev: 64,
+                c: 32
+            }
+        );
         assert_eq!(s.feature_dim(), 128);
     }
 
     #[test]
     fn deeper_networks_reduce_at_thirds() {
-        let s = SearchSpace { layers: 5, ..SearchSpace::tnas_official(1, 28, 8) };
+        let s = SearchSpace {
+            layers: 5,
+            ..SearchSpace::tnas_official(1, 28, 8)
+        };
         let reductions: Vec<bool> = s.cells().iter().map(|c| c.reduction).collect();
         assert_eq!(reductions, vec![false, true, false, true, false]);
         assert!(s.cells()[2].reduction_prev);
@@ -224,7 +276,10 @@ mod tests {
 
     #[test]
     fn invalid_spaces_are_explained() {
-        let bad = SearchSpace { image_size: 30, ..SearchSpace::tnas_official(1, 28, 8) };
+        let bad = SearchSpace {
+            image_size: 30,
+            ..SearchSpace::tnas_official(1, 28, 8)
+        };
         assert!(bad.validate().unwrap_err().contains("multiple of 4"));
     }
 }

@@ -4,7 +4,19 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Where BatchNorm takes its statistics when predicting queries (adaptation always uses the support set).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum BnMode {
     /// Support-set statistics: a query's prediction does not depend on the other queries.

@@ -4,11 +4,11 @@
 //! `cells.1._ops.3._ops.4.op.1.weight`, ...), so official checkpoints import by renaming nothing but
 //! the classifier, and the derived network finds an edge's weights by the same name.
 
+use crate::fused_edges::{self, EdgeGroup};
 use crate::mixed_op::{edge_stride, mixed_op, op_prefix, op_specs};
 use crate::ops::{self, BnStats};
 use crate::params::{matrix_rows, Init, ParamSet, ParamSpec};
 use crate::relaxation::Relaxation;
-use crate::fused_edges::{self, EdgeGroup};
 use crate::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
 
@@ -34,7 +34,10 @@ impl Alphas {
 
     /// The mixing weights softmax(θ) over ops, per edge.
     pub fn softmaxed(&self) -> Alphas {
-        Alphas { normal: self.normal.softmax(-1, Kind::Float), reduce: self.reduce.softmax(-1, Kind::Float) }
+        Alphas {
+            normal: self.normal.softmax(-1, Kind::Float),
+            reduce: self.reduce.softmax(-1, Kind::Float),
+        }
     }
 
     /// softmax(θ) on the host, a row of 8 op weights per edge: what genotypes decode from and
@@ -54,13 +57,21 @@ impl Alphas {
 
     /// A new pair with `f` applied to both matrices.
     pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Alphas {
-        Alphas { normal: f(&self.normal), reduce: f(&self.reduce) }
+        Alphas {
+            normal: f(&self.normal),
+            reduce: f(&self.reduce),
+        }
     }
 
     /// Independent leaf copies for a task's adaptation, `tasks` copies stacked along dim 0 for a
     /// task batch ([`crate::task_batch`]; 1 for a single task), like [`ParamSet::task_copy`].
     pub fn task_copy(&self, device: tch::Device, tasks: i64) -> Alphas {
-        self.map(|t| t.detach().to_device(device).repeat([tasks, 1]).set_requires_grad(true))
+        self.map(|t| {
+            t.detach()
+                .to_device(device)
+                .repeat([tasks, 1])
+                .set_requires_grad(true)
+        })
     }
 }
 
@@ -98,7 +109,10 @@ pub struct Supernet {
 impl Supernet {
     /// The DARTS supernet: θ relaxed by a plain softmax.
     pub fn new(space: SearchSpace) -> Self {
-        Supernet { space, relaxation: Relaxation::Softmax }
+        Supernet {
+            space,
+            relaxation: Relaxation::Softmax,
+        }
     }
 
     /// The supernet with θ read through `relaxation`.
@@ -109,7 +123,10 @@ impl Supernet {
     /// The mixing weights of θ (`tasks` tasks stacked) at `temperature` ([`Relaxation::mixing`]).
     pub fn mixing(&self, alphas: &Alphas, temperature: f64) -> Alphas {
         let tasks = alphas.normal.size()[0] / self.space.num_edges() as i64;
-        alphas.map(|theta| self.relaxation.mixing(&self.space, theta, temperature, tasks))
+        alphas.map(|theta| {
+            self.relaxation
+                .mixing(&self.space, theta, temperature, tasks)
+        })
     }
 
     /// Every parameter of the body (stem and cells), in the learner's registration order.
@@ -117,7 +134,11 @@ impl Supernet {
         let s = &self.space;
         let (c_half, c_stem) = ((s.stem_channels() / 2) as i64, s.stem_channels() as i64);
         let mut specs = vec![
-            ParamSpec::new("stem0.0.weight", &[c_half, s.in_channels as i64, 3, 3], Init::FanIn),
+            ParamSpec::new(
+                "stem0.0.weight",
+                &[c_half, s.in_channels as i64, 3, 3],
+                Init::FanIn,
+            ),
             ParamSpec::new("stem0.1.weight", &[c_half], Init::Ones),
             ParamSpec::new("stem0.1.bias", &[c_half], Init::Zeros),
             ParamSpec::new("stem0.4.weight", &[c_stem, c_half, 3, 3], Init::FanIn),
@@ -128,17 +149,34 @@ impl Supernet {
             let c = cell.c as i64;
             if cell.reduction_prev {
                 for conv in ["conv_1", "conv_2"] {
-                    specs.push(ParamSpec::new(format!("cells.{i}.preprocess0.{conv}.weight"), &[c / 2, cell.c_prev_prev as i64, 1, 1], Init::FanIn));
+                    specs.push(ParamSpec::new(
+                        format!("cells.{i}.preprocess0.{conv}.weight"),
+                        &[c / 2, cell.c_prev_prev as i64, 1, 1],
+                        Init::FanIn,
+                    ));
                 }
             } else {
-                specs.push(ParamSpec::new(format!("cells.{i}.preprocess0.op.1.weight"), &[c, cell.c_prev_prev as i64, 1, 1], Init::FanIn));
+                specs.push(ParamSpec::new(
+                    format!("cells.{i}.preprocess0.op.1.weight"),
+                    &[c, cell.c_prev_prev as i64, 1, 1],
+                    Init::FanIn,
+                ));
             }
-            specs.push(ParamSpec::new(format!("cells.{i}.preprocess1.op.1.weight"), &[c, cell.c_prev as i64, 1, 1], Init::FanIn));
+            specs.push(ParamSpec::new(
+                format!("cells.{i}.preprocess1.op.1.weight"),
+                &[c, cell.c_prev as i64, 1, 1],
+                Init::FanIn,
+            ));
             for node in 0..s.steps {
                 for input in 0..node + 2 {
                     let edge = s.first_edge_of_node(node) + input;
                     for p in Primitive::ALL {
-                        specs.extend(op_specs(&op_prefix(i, edge, p), p, c, edge_stride(cell.reduction, input)));
+                        specs.extend(op_specs(
+                            &op_prefix(i, edge, p),
+                            p,
+                            c,
+                            edge_stride(cell.reduction, input),
+                        ));
                     }
                 }
             }
@@ -151,7 +189,10 @@ impl Supernet {
     pub fn stem(&self, params: &ParamSet, x: &Tensor, stats: BnStats) -> Tensor {
         let conv = |x: &Tensor, w: &str| ops::conv(x, params.get(w), 1, 1, 1);
         let bn = |x: &Tensor, prefix: &str| {
-            let (w, b) = (params.get(&format!("{prefix}.weight")), params.get(&format!("{prefix}.bias")));
+            let (w, b) = (
+                params.get(&format!("{prefix}.weight")),
+                params.get(&format!("{prefix}.bias")),
+            );
             ops::batch_norm(x, Some((w, b)), stats)
         };
         let mut h = bn(&conv(x, "stem0.0.weight"), "stem0.1");
@@ -166,14 +207,30 @@ impl Supernet {
     }
 
     /// A cell's two input states after preprocessing (`preprocess0`, `preprocess1`).
-    pub fn preprocess(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, stats: BnStats) -> (Tensor, Tensor) {
+    pub fn preprocess(
+        &self,
+        params: &ParamSet,
+        i: usize,
+        spec: &CellSpec,
+        s0: &Tensor,
+        s1: &Tensor,
+        stats: BnStats,
+    ) -> (Tensor, Tensor) {
         let p0 = if spec.reduction_prev {
             let w = |c: &str| params.get(&format!("cells.{i}.preprocess0.{c}.weight"));
             ops::factorized_reduce(s0, w("conv_1"), w("conv_2"), stats)
         } else {
-            ops::relu_conv_bn(s0, params.get(&format!("cells.{i}.preprocess0.op.1.weight")), stats)
+            ops::relu_conv_bn(
+                s0,
+                params.get(&format!("cells.{i}.preprocess0.op.1.weight")),
+                stats,
+            )
         };
-        let p1 = ops::relu_conv_bn(s1, params.get(&format!("cells.{i}.preprocess1.op.1.weight")), stats);
+        let p1 = ops::relu_conv_bn(
+            s1,
+            params.get(&format!("cells.{i}.preprocess1.op.1.weight")),
+            stats,
+        );
         (p0, p1)
     }
 
@@ -181,7 +238,15 @@ impl Supernet {
     ///
     /// The edges leaving each state are computed together ([`fused_edges`]) as soon as the state
     /// exists (the two inputs together), and added into the partial sums of the nodes they feed.
-    fn cell(&self, pass: Pass, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, mixing: &Tensor) -> Tensor {
+    fn cell(
+        &self,
+        pass: Pass,
+        i: usize,
+        spec: &CellSpec,
+        s0: &Tensor,
+        s1: &Tensor,
+        mixing: &Tensor,
+    ) -> Tensor {
         let (p0, p1) = self.preprocess(pass.params, i, spec, s0, s1, pass.stats);
         let steps = self.space.steps;
         let mut states = vec![p0, p1];
@@ -193,9 +258,15 @@ impl Supernet {
             if let &[j] = plan.states.as_slice() {
                 states.push(partial[j - 2].take().expect("every node has inputs"));
             }
-            let group = EdgeGroup { cell: i, edges: &plan.edges, stride: plan.stride, tasks: pass.tasks };
+            let group = EdgeGroup {
+                cell: i,
+                edges: &plan.edges,
+                stride: plan.stride,
+                tasks: pass.tasks,
+            };
             let inputs: Vec<&Tensor> = plan.states.iter().map(|&j| &states[j]).collect();
-            let contributions = fused_edges::node_contributions(pass.params, &group, &inputs, weights, pass.stats);
+            let contributions =
+                fused_edges::node_contributions(pass.params, &group, &inputs, weights, pass.stats);
             for (&n, contribution) in plan.targets.iter().zip(contributions.unbind(1)) {
                 partial[n] = Some(match partial[n].take() {
                     Some(sum) => sum + contribution,
@@ -216,9 +287,21 @@ impl Supernet {
             .map(|states| {
                 // State j feeds node n when j <= n + 1 (both inputs feed every node).
                 let targets: Vec<usize> = (states[0].saturating_sub(1)..steps).collect();
-                let edges = states.iter().flat_map(|&j| targets.iter().map(move |&n| self.space.first_edge_of_node(n) + j)).collect();
+                let edges = states
+                    .iter()
+                    .flat_map(|&j| {
+                        targets
+                            .iter()
+                            .map(move |&n| self.space.first_edge_of_node(n) + j)
+                    })
+                    .collect();
                 let stride = edge_stride(reduction, states[0]);
-                GroupPlan { states, targets, edges, stride }
+                GroupPlan {
+                    states,
+                    targets,
+                    edges,
+                    stride,
+                }
             })
             .collect()
     }
@@ -227,32 +310,87 @@ impl Supernet {
     /// ([`EdgeGroup::weight_runs`]).
     pub fn weight_runs(&self) -> Vec<Vec<String>> {
         let cells = self.space.cells();
-        let groups = cells.iter().enumerate().flat_map(|(i, spec)| self.edge_groups(spec.reduction).into_iter().map(move |plan| (i, plan)));
-        groups.flat_map(|(cell, plan)| EdgeGroup { cell, edges: &plan.edges, stride: plan.stride, tasks: 1 }.weight_runs()).collect()
+        let groups = cells.iter().enumerate().flat_map(|(i, spec)| {
+            self.edge_groups(spec.reduction)
+                .into_iter()
+                .map(move |plan| (i, plan))
+        });
+        groups
+            .flat_map(|(cell, plan)| {
+                EdgeGroup {
+                    cell,
+                    edges: &plan.edges,
+                    stride: plan.stride,
+                    tasks: 1,
+                }
+                .weight_runs()
+            })
+            .collect()
     }
 
     /// Pooled features before the head. `x`: [N, in_ch, S, S] → [N, feature_dim].
     /// `mixing` is θ's mixing weights (see [`Supernet::mixing`]).
-    pub fn features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
+    pub fn features(
+        &self,
+        params: &ParamSet,
+        mixing: &Alphas,
+        x: &Tensor,
+        stats: BnStats,
+    ) -> Tensor {
         self.task_features(params, mixing, x, stats, 1)
     }
 
     /// Features of `tasks` tasks at once, each with its own weights and θ: every parameter and θ
     /// stacked task by task along dim 0, `x` [N, T·in_ch, S, S] (image i of every task in row i)
     /// → [N, T·feature_dim]. See [`crate::task_batch`].
-    pub fn task_features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats, tasks: i64) -> Tensor {
-        let pass = Pass { params, stats, tasks };
-        self.body(params, x, stats, |i, spec, s0, s1| self.cell(pass, i, spec, s0, s1, mixing.for_cell(spec.reduction)))
+    pub fn task_features(
+        &self,
+        params: &ParamSet,
+        mixing: &Alphas,
+        x: &Tensor,
+        stats: BnStats,
+        tasks: i64,
+    ) -> Tensor {
+        let pass = Pass {
+            params,
+            stats,
+            tasks,
+        };
+        self.body(params, x, stats, |i, spec, s0, s1| {
+            self.cell(pass, i, spec, s0, s1, mixing.for_cell(spec.reduction))
+        })
     }
 
     /// Features through the plain cell ([`Supernet::plain_cell`]), one task: the reference the
     /// fused [`Supernet::features`] is tested against.
-    pub fn plain_features(&self, params: &ParamSet, mixing: &Alphas, x: &Tensor, stats: BnStats) -> Tensor {
-        self.body(params, x, stats, |i, spec, s0, s1| self.plain_cell(params, i, spec, s0, s1, mixing.for_cell(spec.reduction), stats))
+    pub fn plain_features(
+        &self,
+        params: &ParamSet,
+        mixing: &Alphas,
+        x: &Tensor,
+        stats: BnStats,
+    ) -> Tensor {
+        self.body(params, x, stats, |i, spec, s0, s1| {
+            self.plain_cell(
+                params,
+                i,
+                spec,
+                s0,
+                s1,
+                mixing.for_cell(spec.reduction),
+                stats,
+            )
+        })
     }
 
     /// Stem, then every cell (`cell(i, spec, s_{k-2}, s_{k-1})`), then the global average pool.
-    fn body(&self, params: &ParamSet, x: &Tensor, stats: BnStats, cell: impl Fn(usize, &CellSpec, &Tensor, &Tensor) -> Tensor) -> Tensor {
+    fn body(
+        &self,
+        params: &ParamSet,
+        x: &Tensor,
+        stats: BnStats,
+        cell: impl Fn(usize, &CellSpec, &Tensor, &Tensor) -> Tensor,
+    ) -> Tensor {
         let stem = self.stem(params, x, stats);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for (i, spec) in self.space.cells().iter().enumerate() {
@@ -264,16 +402,35 @@ impl Supernet {
 
     /// One search cell as DARTS writes it: node i = Σ_j mixed_op(state_j), the output the concat
     /// of the last `multiplier` nodes. `mixing`: the cell type's [E, 8] mixing weights.
-    fn plain_cell(&self, params: &ParamSet, i: usize, spec: &CellSpec, s0: &Tensor, s1: &Tensor, mixing: &Tensor, stats: BnStats) -> Tensor {
+    fn plain_cell(
+        &self,
+        params: &ParamSet,
+        i: usize,
+        spec: &CellSpec,
+        s0: &Tensor,
+        s1: &Tensor,
+        mixing: &Tensor,
+        stats: BnStats,
+    ) -> Tensor {
         let (p0, p1) = self.preprocess(params, i, spec, s0, s1, stats);
         let mut states = vec![p0, p1];
         for node in 0..self.space.steps {
             let first = self.space.first_edge_of_node(node);
             let inputs = (0..node + 2).map(|j| {
                 let edge = first + j;
-                mixed_op(&states[j], &mixing.get(edge as i64), params, i, edge, edge_stride(spec.reduction, j), stats)
+                mixed_op(
+                    &states[j],
+                    &mixing.get(edge as i64),
+                    params,
+                    i,
+                    edge,
+                    edge_stride(spec.reduction, j),
+                    stats,
+                )
             });
-            let node_state = inputs.reduce(|sum, input| sum + input).expect("every node has inputs");
+            let node_state = inputs
+                .reduce(|sum, input| sum + input)
+                .expect("every node has inputs");
             states.push(node_state);
         }
         ops::cat_channels(&states[states.len() - self.space.multiplier..], 1)
@@ -294,24 +451,54 @@ mod tests {
     /// every weight and θ, for a normal and a reduction cell with stride-2 edges.
     #[test]
     fn the_fused_cell_equals_the_plain_cell_in_values_and_gradients() {
-        let space = SearchSpace { in_channels: 1, image_size: 12, init_channels: 4, layers: 3, steps: 3, multiplier: 3, stem_multiplier: 2, stem_pools: 1 };
+        let space = SearchSpace {
+            in_channels: 1,
+            image_size: 12,
+            init_channels: 4,
+            layers: 3,
+            steps: 3,
+            multiplier: 3,
+            stem_multiplier: 2,
+            stem_pools: 1,
+        };
         let net = Supernet::new(space);
         tch::manual_seed(5);
-        let params = ParamSet::initialise(&net.body_specs(), Device::Cpu).map(|_, t| t.detach().set_requires_grad(true));
-        let alphas = Alphas::initialise(&space, Device::Cpu).map(|t| (t * 1000.0).set_requires_grad(true));
+        let params = ParamSet::initialise(&net.body_specs(), Device::Cpu)
+            .map(|_, t| t.detach().set_requires_grad(true));
+        let alphas =
+            Alphas::initialise(&space, Device::Cpu).map(|t| (t * 1000.0).set_requires_grad(true));
         let x = Tensor::randn([6, 1, 12, 12], (Kind::Float, Device::Cpu));
         let upstream = Tensor::randn([6, space.feature_dim() as i64], (Kind::Float, Device::Cpu));
         let mut inputs: Vec<&Tensor> = params.tensors().iter().collect();
         inputs.extend([&alphas.normal, &alphas.reduce]);
-        let run = |features: Tensor| (Tensor::run_backward(&[(&features * &upstream).sum(Kind::Float)], &inputs, false, false), features);
-        let (fused_grads, fused) = run(net.features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
-        let (plain_grads, plain) = run(net.plain_features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
-        assert!(fused.allclose(&plain, 1e-5, 1e-5, false), "features differ by {}", (&fused - &plain).abs().max());
+        let run = |features: Tensor| {
+            (
+                Tensor::run_backward(
+                    &[(&features * &upstream).sum(Kind::Float)],
+                    &inputs,
+                    false,
+                    false,
+                ),
+                features,
+            )
+        };
+        let (fused_grads, fused) =
+            run(net.features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
+        let (plain_grads, plain) =
+            run(net.plain_features(&params, &alphas.softmaxed(), &x, BnStats::Batch));
+        assert!(
+            fused.allclose(&plain, 1e-5, 1e-5, false),
+            "features differ by {}",
+            (&fused - &plain).abs().max()
+        );
         for (i, (f, p)) in fused_grads.iter().zip(&plain_grads).enumerate() {
             let scale = p.abs().max().double_value(&[]).max(1e-6);
             let error = (f - p).abs().max().double_value(&[]) / scale;
             let name = params.names().get(i).map_or("θ", String::as_str);
-            assert!(error < 1e-4, "gradient of {name} differs (relative {error})");
+            assert!(
+                error < 1e-4,
+                "gradient of {name} differs (relative {error})"
+            );
         }
     }
 }

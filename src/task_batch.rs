@@ -12,9 +12,9 @@
 
 use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, TaskState};
 use crate::checkpoint::Checkpoint;
-use crate::learned_rates::LearnedRates;
 use crate::genotype::Genotype;
 use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
+use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
@@ -38,7 +38,11 @@ pub struct BatchedSupport {
 impl BatchedSupport {
     /// `images[t]` [N, C, H, W] and `labels[t]` [N] are task t's support set.
     pub fn new(images: &[Tensor], labels: &[Tensor], n_way: usize) -> BatchedSupport {
-        BatchedSupport { images: side_by_side(images), labels: Tensor::stack(labels, 0), n_way }
+        BatchedSupport {
+            images: side_by_side(images),
+            labels: Tensor::stack(labels, 0),
+            n_way,
+        }
     }
 
     pub fn tasks(&self) -> i64 {
@@ -55,20 +59,41 @@ pub struct TaskBatch {
 impl TaskBatch {
     /// Every task starts from the meta-weights; a proto head is built per task from its own
     /// support prototypes.
-    pub fn start(net: &Supernet, meta: &ParamSet, meta_alphas: &Alphas, head: HeadSpec, support: &BatchedSupport) -> TaskBatch {
+    pub fn start(
+        net: &Supernet,
+        meta: &ParamSet,
+        meta_alphas: &Alphas,
+        head: HeadSpec,
+        support: &BatchedSupport,
+    ) -> TaskBatch {
         let (tasks, device) = (support.tasks(), support.images.device());
-        let mut state = TaskState::new(meta.task_copy(&net.weight_runs(), device, tasks), Some(meta_alphas.task_copy(device, tasks)));
+        let mut state = TaskState::new(
+            meta.task_copy(&net.weight_runs(), device, tasks),
+            Some(meta_alphas.task_copy(device, tasks)),
+        );
         state.temperature = net.relaxation.start_temperature();
         let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
             // The forward pass that gives the prototypes also gives the first step's loss.
             let features = batch.features(net, &support.images, BnStats::Batch);
             let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
-                (0..tasks).map(|t| prototype_classifier(&features.select(1, t), &support.labels.get(t), support.n_way)).unzip()
+                (0..tasks)
+                    .map(|t| {
+                        prototype_classifier(
+                            &features.select(1, t),
+                            &support.labels.get(t),
+                            support.n_way,
+                        )
+                    })
+                    .unzip()
             });
-            batch.state.set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
+            batch
+                .state
+                .set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
             let loss = batch.loss_of(&batch.classify(&features), support);
-            batch.state.keep_support_loss(loss, &support.images, &support.labels);
+            batch
+                .state
+                .keep_support_loss(loss, &support.images, &support.labels);
         }
         batch
     }
@@ -76,7 +101,13 @@ impl TaskBatch {
     /// [N, T·C, H, W] → features [N, T, F].
     fn features(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
         let alphas = self.state.alphas.as_ref().expect("a task batch holds θ");
-        let features = net.task_features(&self.state.params, &net.mixing(alphas, self.state.temperature), x, stats, self.tasks);
+        let features = net.task_features(
+            &self.state.params,
+            &net.mixing(alphas, self.state.temperature),
+            x,
+            stats,
+            self.tasks,
+        );
         features.view([features.size()[0], self.tasks, -1])
     }
 
@@ -90,10 +121,26 @@ impl TaskBatch {
     fn classify(&self, features: &Tensor) -> Tensor {
         let weight = self.state.params.get(CLASSIFIER_WEIGHT);
         let weight = weight.view([self.tasks, -1, weight.size()[1]]);
-        let bias = self.state.params.get(CLASSIFIER_BIAS).view([self.tasks, 1, -1]);
-        let logits = features.transpose(0, 1).matmul(&weight.transpose(1, 2)).g_add(&bias).transpose(0, 1);
+        let bias = self
+            .state
+            .params
+            .get(CLASSIFIER_BIAS)
+            .view([self.tasks, 1, -1]);
+        let logits = features
+            .transpose(0, 1)
+            .matmul(&weight.transpose(1, 2))
+            .g_add(&bias)
+            .transpose(0, 1);
         match self.state.params.contains(LOGIT_SCALE) {
-            true => logits * self.state.params.get(LOGIT_SCALE).exp().view([1, self.tasks, 1]),
+            true => {
+                logits
+                    * self
+                        .state
+                        .params
+                        .get(LOGIT_SCALE)
+                        .exp()
+                        .view([1, self.tasks, 1])
+            }
             false => logits,
         }
     }
@@ -107,18 +154,32 @@ impl TaskBatch {
     fn loss_of(&self, logits: &Tensor, support: &BatchedSupport) -> Tensor {
         let logits = logits.transpose(0, 1);
         let n_way = logits.size()[2];
-        logits.reshape([-1, n_way]).cross_entropy_for_logits(&support.labels.reshape([-1])) * self.tasks as f64
+        logits
+            .reshape([-1, n_way])
+            .cross_entropy_for_logits(&support.labels.reshape([-1]))
+            * self.tasks as f64
     }
 
     /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each, on the
     /// annealing schedule as [`TaskState::adapt`].
-    pub fn adapt(&mut self, net: &Supernet, support: &BatchedSupport, inner: &InnerLoop, keep_going: &dyn Fn() -> bool) -> Result<(), Interrupted> {
+    pub fn adapt(
+        &mut self,
+        net: &Supernet,
+        support: &BatchedSupport,
+        inner: &InnerLoop,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<(), Interrupted> {
         for step in 0..inner.steps {
             if !keep_going() {
-                return Err(Interrupted { completed_steps: step });
+                return Err(Interrupted {
+                    completed_steps: step,
+                });
             }
             self.state.temperature = net.relaxation.temperature(step, inner.steps);
-            let loss = self.state.take_support_loss(&support.images, &support.labels).unwrap_or_else(|| self.support_loss(net, support));
+            let loss = self
+                .state
+                .take_support_loss(&support.images, &support.labels)
+                .unwrap_or_else(|| self.support_loss(net, support));
             self.state.descend(&loss, inner);
         }
         self.state.temperature = net.relaxation.temperature(inner.steps, inner.steps);
@@ -137,12 +198,25 @@ impl TaskBatch {
 
     /// Every task's decoded genotype, in task order.
     pub fn genotypes(&self, net: &Supernet) -> Vec<Genotype> {
-        self.mixings().iter().map(|(normal, reduce)| Genotype::decode(&net.space, normal, reduce)).collect()
+        self.mixings()
+            .iter()
+            .map(|(normal, reduce)| Genotype::decode(&net.space, normal, reduce))
+            .collect()
     }
 
     /// Query logits [N_q, T, n_way] without gradients; `query` is [N_q, T·C, H, W].
-    pub fn predict(&self, net: &Supernet, support: &BatchedSupport, query: &Tensor, bn: BnMode) -> Tensor {
-        crate::grad::no_grad(|| logits_under(bn, &support.images, query, |x, stats| self.logits(net, x, stats)))
+    pub fn predict(
+        &self,
+        net: &Supernet,
+        support: &BatchedSupport,
+        query: &Tensor,
+        bn: BnMode,
+    ) -> Tensor {
+        crate::grad::no_grad(|| {
+            logits_under(bn, &support.images, query, |x, stats| {
+                self.logits(net, x, stats)
+            })
+        })
     }
 }
 
@@ -152,15 +226,43 @@ impl TaskBatch {
 /// `keep_going` before each) and predicts its queries → [query logits [N_q, T, n_way], θ normal,
 /// θ reduce] (θ stacked by task). Reads nothing back to the host.
 #[allow(clippy::too_many_arguments)]
-pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, rates: Option<&LearnedRates>, tensors: &[Tensor], n_way: usize, inner: &InnerLoop, bn: BnMode, keep_going: &dyn Fn() -> bool) -> Result<Vec<Tensor>, Interrupted> {
-    let [images, labels, query] = tensors else { panic!("three input tensors: support images, labels, query images") };
-    let support = BatchedSupport { images: images.shallow_clone(), labels: labels.shallow_clone(), n_way };
-    let meta_alphas = checkpoint.alphas.as_ref().expect("a supernet checkpoint holds θ");
-    let mut batch = TaskBatch::start(net, &checkpoint.params, meta_alphas, checkpoint.meta.head, &support);
+pub fn adapt_and_predict(
+    net: &Supernet,
+    checkpoint: &Checkpoint,
+    rates: Option<&LearnedRates>,
+    tensors: &[Tensor],
+    n_way: usize,
+    inner: &InnerLoop,
+    bn: BnMode,
+    keep_going: &dyn Fn() -> bool,
+) -> Result<Vec<Tensor>, Interrupted> {
+    let [images, labels, query] = tensors else {
+        panic!("three input tensors: support images, labels, query images")
+    };
+    let support = BatchedSupport {
+        images: images.shallow_clone(),
+        labels: labels.shallow_clone(),
+        n_way,
+    };
+    let meta_alphas = checkpoint
+        .alphas
+        .as_ref()
+        .expect("a supernet checkpoint holds θ");
+    let mut batch = TaskBatch::start(
+        net,
+        &checkpoint.params,
+        meta_alphas,
+        checkpoint.meta.head,
+        &support,
+    );
     batch.state.rates = rates.cloned();
     batch.adapt(net, &support, inner, keep_going)?;
     let alphas = batch.alphas();
-    Ok(vec![batch.predict(net, &support, query, bn), alphas.normal.detach(), alphas.reduce.detach()])
+    Ok(vec![
+        batch.predict(net, &support, query, bn),
+        alphas.normal.detach(),
+        alphas.reduce.detach(),
+    ])
 }
 
 /// Each task's softmax(θ) rows, in task order, from θ stacked over `tasks` tasks: one softmax and
@@ -168,5 +270,9 @@ pub fn adapt_and_predict(net: &Supernet, checkpoint: &Checkpoint, rates: Option<
 pub fn task_mixings(alphas: &Alphas, tasks: i64) -> Vec<MixingRows> {
     let (normal, reduce) = alphas.mixing_rows();
     let edges = normal.len() / tasks as usize;
-    normal.chunks(edges).zip(reduce.chunks(edges)).map(|(n, r)| (n.to_vec(), r.to_vec())).collect()
+    normal
+        .chunks(edges)
+        .zip(reduce.chunks(edges))
+        .map(|(n, r)| (n.to_vec(), r.to_vec()))
+        .collect()
 }

@@ -17,7 +17,12 @@ use tnas::server::task_request::TaskRequest;
 /// A valid 2×2 grayscale PNG, mutated below so the decoder sees almost-valid files.
 fn tiny_png() -> Vec<u8> {
     let mut bytes = Vec::new();
-    image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(2, 2, image::Luma([7]))).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(2, 2, image::Luma([7])))
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
     bytes
 }
 
@@ -33,10 +38,17 @@ fn image_bytes(kind: u8) -> Bytes {
 
 /// Runs `parse` on a multipart body with boundary `B`.
 fn parse_multipart(body: Vec<u8>) -> Result<TaskRequest, tnas::server::error::ApiError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     runtime.block_on(async {
-        let request = axum::http::Request::builder().header("content-type", "multipart/form-data; boundary=B").body(axum::body::Body::from(body)).unwrap();
-        let multipart = Multipart::from_request(request, &()).await.expect("the content type is multipart");
+        let request = axum::http::Request::builder()
+            .header("content-type", "multipart/form-data; boundary=B")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let multipart = Multipart::from_request(request, &())
+            .await
+            .expect("the content type is multipart");
         TaskRequest::from_multipart(multipart).await
     })
 }

@@ -25,14 +25,36 @@ struct Eval {
 }
 
 fn zips() -> Vec<String> {
-    omniglot_zips().iter().map(|p| p.to_str().unwrap().to_string()).collect()
+    omniglot_zips()
+        .iter()
+        .map(|p| p.to_str().unwrap().to_string())
+        .collect()
 }
 
 /// A small, fast configuration: 3-way 1-shot, C = 4 (one inner step unless `extra` says otherwise).
 fn train_args(out: &std::path::Path, extra: &[&str]) -> MetaTrainArgs {
     let mut argv: Vec<String> = vec!["t".into(), "--data".into()];
     argv.extend(zips());
-    for a in ["--way", "3", "--shot", "1", "--query", "2", "--meta-batch", "2", "--init-channels", "4", "--validation-tasks", "4", "--threads", "1", "--device", "cpu", "--out", out.to_str().unwrap()] {
+    for a in [
+        "--way",
+        "3",
+        "--shot",
+        "1",
+        "--query",
+        "2",
+        "--meta-batch",
+        "2",
+        "--init-channels",
+        "4",
+        "--validation-tasks",
+        "4",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ] {
         argv.push(a.into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
@@ -43,54 +65,146 @@ fn train_args(out: &std::path::Path, extra: &[&str]) -> MetaTrainArgs {
 }
 
 fn metrics(out: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
 fn every_algorithm_writes_a_loadable_checkpoint() {
     for algo in ["tnas", "tnas-2nd", "maml", "reptile", "base"] {
         let dir = tempfile::tempdir().unwrap();
-        let args = train_args(dir.path(), &["--algo", algo, "--iterations", "2", "--validate-every", "2"]);
+        let args = train_args(
+            dir.path(),
+            &["--algo", algo, "--iterations", "2", "--validate-every", "2"],
+        );
         meta_train(&args, format!("test {algo}"), &AtomicBool::new(false)).unwrap();
-        let checkpoint = Checkpoint::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{algo}: {e}"));
+        let checkpoint =
+            Checkpoint::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{algo}: {e}"));
         assert_eq!(checkpoint.meta.training.as_ref().unwrap().algorithm, algo);
         assert_eq!(checkpoint.alphas.is_some(), algo != "maml", "{algo}");
         assert_eq!(metrics(dir.path()).len(), 2, "{algo}");
         let card = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
-        assert!(card.contains(&format!("algorithm: `{algo}`")) && card.contains("accuracy (95% CI)"), "{algo}: {card}");
+        assert!(
+            card.contains(&format!("algorithm: `{algo}`")) && card.contains("accuracy (95% CI)"),
+            "{algo}: {card}"
+        );
     }
 }
 
 #[test]
 fn resume_continues_the_same_run() {
     let straight = tempfile::tempdir().unwrap();
-    meta_train(&train_args(straight.path(), &["--iterations", "4", "--validate-every", "100", "--save-every", "2"]), "t".into(), &AtomicBool::new(false)).unwrap();
+    meta_train(
+        &train_args(
+            straight.path(),
+            &[
+                "--iterations",
+                "4",
+                "--validate-every",
+                "100",
+                "--save-every",
+                "2",
+            ],
+        ),
+        "t".into(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let resumed = tempfile::tempdir().unwrap();
-    meta_train(&train_args(resumed.path(), &["--iterations", "2", "--validate-every", "100", "--save-every", "2"]), "t".into(), &AtomicBool::new(false)).unwrap();
+    meta_train(
+        &train_args(
+            resumed.path(),
+            &[
+                "--iterations",
+                "2",
+                "--validate-every",
+                "100",
+                "--save-every",
+                "2",
+            ],
+        ),
+        "t".into(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     // As if the run had gone on past its last save before it was killed: that line goes.
     let log = resumed.path().join("metrics.jsonl");
-    std::fs::write(&log, std::fs::read_to_string(&log).unwrap() + "{\"iteration\": 3, \"query_loss\": 0.0}\n").unwrap();
-    let resume = |extra: &[&str]| meta_train(&train_args(resumed.path(), &[&["--iterations", "4", "--validate-every", "100", "--save-every", "2", "--resume"], extra].concat()), "t".into(), &AtomicBool::new(false));
+    std::fs::write(
+        &log,
+        std::fs::read_to_string(&log).unwrap() + "{\"iteration\": 3, \"query_loss\": 0.0}\n",
+    )
+    .unwrap();
+    let resume = |extra: &[&str]| {
+        meta_train(
+            &train_args(
+                resumed.path(),
+                &[
+                    &[
+                        "--iterations",
+                        "4",
+                        "--validate-every",
+                        "100",
+                        "--save-every",
+                        "2",
+                        "--resume",
+                    ],
+                    extra,
+                ]
+                .concat(),
+            ),
+            "t".into(),
+            &AtomicBool::new(false),
+        )
+    };
     let refused = resume(&["--lr-w", "0.2"]).unwrap_err();
     assert!(refused.contains("lr_w: 0.2 (saved: 0.1)"), "{refused}");
     resume(&[]).unwrap();
     let (a, b) = (metrics(straight.path()), metrics(resumed.path()));
-    assert_eq!(b.iter().map(|l| l["iteration"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(
+        b.iter()
+            .map(|l| l["iteration"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x["query_loss"], y["query_loss"], "resumed run diverged at iteration {}", x["iteration"]);
+        assert_eq!(
+            x["query_loss"], y["query_loss"],
+            "resumed run diverged at iteration {}",
+            x["iteration"]
+        );
     }
     // One tensors file, the one state.json names; a damaged one is refused, not half-loaded.
     let resume_dir = resumed.path().join("resume");
-    let files: Vec<String> = std::fs::read_dir(&resume_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).filter(|n| n.ends_with(".safetensors")).collect();
+    let files: Vec<String> = std::fs::read_dir(&resume_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     assert_eq!(files, ["state-4.safetensors"]);
     let tensors = resume_dir.join(&files[0]);
     let mut bytes = std::fs::read(&tensors).unwrap();
     *bytes.last_mut().unwrap() ^= 1;
     std::fs::write(&tensors, bytes).unwrap();
-    let refused = meta_train(&train_args(resumed.path(), &["--iterations", "6", "--resume"]), "t".into(), &AtomicBool::new(false)).unwrap_err();
+    let refused = meta_train(
+        &train_args(resumed.path(), &["--iterations", "6", "--resume"]),
+        "t".into(),
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
     assert!(refused.contains("sha256"), "{refused}");
     // A new run (no --resume) into the same folder starts a new metrics log.
-    meta_train(&train_args(straight.path(), &["--iterations", "1", "--validate-every", "100"]), "t".into(), &AtomicBool::new(false)).unwrap();
+    meta_train(
+        &train_args(
+            straight.path(),
+            &["--iterations", "1", "--validate-every", "100"],
+        ),
+        "t".into(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert_eq!(metrics(straight.path()).len(), 1);
 }
 
@@ -100,41 +214,122 @@ fn resume_continues_the_same_run() {
 #[test]
 fn a_short_tnas_run_learns() {
     let dir = tempfile::tempdir().unwrap();
-    let args = train_args(dir.path(), &["--algo", "tnas", "--iterations", "30", "--validate-every", "30", "--inner-steps", "2", "--meta-lr-w", "0.003"]);
+    let args = train_args(
+        dir.path(),
+        &[
+            "--algo",
+            "tnas",
+            "--iterations",
+            "30",
+            "--validate-every",
+            "30",
+            "--inner-steps",
+            "2",
+            "--meta-lr-w",
+            "0.003",
+        ],
+    );
     meta_train(&args, "t".into(), &AtomicBool::new(false)).unwrap();
     let lines = metrics(dir.path());
-    let mean = |range: std::ops::Range<usize>, key: &str| range.clone().map(|i| lines[i][key].as_f64().unwrap()).sum::<f64>() / range.len() as f64;
+    let mean = |range: std::ops::Range<usize>, key: &str| {
+        range
+            .clone()
+            .map(|i| lines[i][key].as_f64().unwrap())
+            .sum::<f64>()
+            / range.len() as f64
+    };
     let (early_loss, late_loss) = (mean(0..10, "query_loss"), mean(20..30, "query_loss"));
-    assert!(late_loss < 0.9 * early_loss, "query loss did not fall: {early_loss:.3} → {late_loss:.3}");
-    assert!(mean(20..30, "query_accuracy") > 0.55, "accuracy not above 3-way chance (0.33) by a margin");
+    assert!(
+        late_loss < 0.9 * early_loss,
+        "query loss did not fall: {early_loss:.3} → {late_loss:.3}"
+    );
+    assert!(
+        mean(20..30, "query_accuracy") > 0.55,
+        "accuracy not above 3-way chance (0.33) by a margin"
+    );
 }
 
 #[test]
 fn a_short_run_learns_and_eval_reports_an_interval() {
     let dir = tempfile::tempdir().unwrap();
-    let args = train_args(dir.path(), &["--algo", "maml", "--iterations", "40", "--validate-every", "40", "--inner-steps", "3", "--lr-w", "0.4", "--meta-lr-w", "0.003"]);
+    let args = train_args(
+        dir.path(),
+        &[
+            "--algo",
+            "maml",
+            "--iterations",
+            "40",
+            "--validate-every",
+            "40",
+            "--inner-steps",
+            "3",
+            "--lr-w",
+            "0.4",
+            "--meta-lr-w",
+            "0.003",
+        ],
+    );
     meta_train(&args, "t".into(), &AtomicBool::new(false)).unwrap();
     let lines = metrics(dir.path());
-    let mean = |range: std::ops::Range<usize>, key: &str| range.clone().map(|i| lines[i][key].as_f64().unwrap()).sum::<f64>() / range.len() as f64;
+    let mean = |range: std::ops::Range<usize>, key: &str| {
+        range
+            .clone()
+            .map(|i| lines[i][key].as_f64().unwrap())
+            .sum::<f64>()
+            / range.len() as f64
+    };
     let (early_loss, late_loss) = (mean(0..10, "query_loss"), mean(30..40, "query_loss"));
-    assert!(late_loss < early_loss, "query loss did not fall: {early_loss:.3} → {late_loss:.3}");
-    assert!(mean(30..40, "query_accuracy") > 0.5, "accuracy not above 3-way chance (0.33) by a margin");
+    assert!(
+        late_loss < early_loss,
+        "query loss did not fall: {early_loss:.3} → {late_loss:.3}"
+    );
+    assert!(
+        mean(30..40, "query_accuracy") > 0.5,
+        "accuracy not above 3-way chance (0.33) by a margin"
+    );
 
     let mut argv: Vec<String> = vec!["e".into(), "--data".into()];
     argv.extend(zips());
-    for a in ["--model", dir.path().to_str().unwrap(), "--way", "3", "--shot", "1", "--query", "3", "--tasks", "20", "--threads", "1", "--device", "cpu", "--write"] {
+    for a in [
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--way",
+        "3",
+        "--shot",
+        "1",
+        "--query",
+        "3",
+        "--tasks",
+        "20",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--write",
+    ] {
         argv.push(a.into());
     }
     let results = eval(&Eval::parse_from(argv.clone()).args).unwrap();
-    assert_eq!(results.len(), 2, "conv4 has supernet predictions in two BN modes");
+    assert_eq!(
+        results.len(),
+        2,
+        "conv4 has supernet predictions in two BN modes"
+    );
     for r in &results {
         assert!(r.accuracy > 0.4 && r.ci95 > 0.0 && r.ci95 < 0.3, "{r:?}");
         assert_eq!(r.tasks, 20);
     }
     let written = Checkpoint::load(dir.path(), Device::Cpu).unwrap();
-    assert!(written.meta.evaluation.iter().any(|r| r.split == "test" && r.way == 3));
+    assert!(written
+        .meta
+        .evaluation
+        .iter()
+        .any(|r| r.split == "test" && r.way == 3));
     // Held-out groups that include an alphabet the model trained on are refused.
     argv.extend(["--test-groups".to_string(), "Latin,Greek".to_string()]);
     let refused = eval(&Eval::parse_from(argv).args).unwrap_err();
-    assert!(refused.contains("Greek") && refused.contains("--test-groups Latin,Tagalog"), "{refused}");
+    assert!(
+        refused.contains("Greek") && refused.contains("--test-groups Latin,Tagalog"),
+        "{refused}"
+    );
 }

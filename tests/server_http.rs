@@ -17,12 +17,26 @@ struct TestServer {
 
 fn start(extra_args: &[&str]) -> TestServer {
     let models = tempfile::tempdir().unwrap();
-    let space = SearchSpace { stem_pools: 2, ..SearchSpace::tnas_official(1, 28, 8) };
-    let mut checkpoint = random_supernet(space, HeadSpec::Proto { max_way: 20, learned_scale: false }, 7, 1.0);
+    let space = SearchSpace {
+        stem_pools: 2,
+        ..SearchSpace::tnas_official(1, 28, 8)
+    };
+    let mut checkpoint = random_supernet(
+        space,
+        HeadSpec::Proto {
+            max_way: 20,
+            learned_scale: false,
+        },
+        7,
+        1.0,
+    );
     checkpoint.meta.name = "fixture".into();
     checkpoint.save(&models.path().join("fixture")).unwrap();
     let url = serve(models.path(), extra_args);
-    TestServer { url, _models: models }
+    TestServer {
+        url,
+        _models: models,
+    }
 }
 
 fn server() -> &'static TestServer {
@@ -34,13 +48,27 @@ fn server() -> &'static TestServer {
 fn task_json(steps: usize) -> Value {
     let pngs = omniglot_pngs("Greek", 3, 3);
     let labels = ["alpha", "beta", "gamma"];
-    let support: Vec<Value> = pngs.iter().zip(labels).map(|(imgs, l)| json!({"label": l, "image": b64(&imgs[0])})).collect();
-    let query: Vec<Value> = pngs.iter().enumerate().flat_map(|(c, imgs)| (1..3).map(move |i| json!({"id": format!("q{c}{i}"), "image": b64(&imgs[i])}))).collect();
+    let support: Vec<Value> = pngs
+        .iter()
+        .zip(labels)
+        .map(|(imgs, l)| json!({"label": l, "image": b64(&imgs[0])}))
+        .collect();
+    let query: Vec<Value> = pngs
+        .iter()
+        .enumerate()
+        .flat_map(|(c, imgs)| {
+            (1..3).map(move |i| json!({"id": format!("q{c}{i}"), "image": b64(&imgs[i])}))
+        })
+        .collect();
     json!({"support": support, "query": query, "steps": steps})
 }
 
 fn post_json(body: &Value) -> reqwest::blocking::Response {
-    Client::new().post(format!("{}/adapt", server().url)).json(body).send().unwrap()
+    Client::new()
+        .post(format!("{}/adapt", server().url))
+        .json(body)
+        .send()
+        .unwrap()
 }
 
 #[test]
@@ -58,12 +86,20 @@ fn json_adaptation_returns_genotype_and_predictions() {
     let predictions = body["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), 6);
     for p in predictions {
-        let probs: Vec<f64> = p["probabilities"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let probs: Vec<f64> = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert_eq!(probs.len(), 3);
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
         assert!(["alpha", "beta", "gamma"].contains(&p["label"].as_str().unwrap()));
     }
-    assert!(body["timing_ms"]["total"].as_f64().unwrap() >= body["timing_ms"]["adapt"].as_f64().unwrap());
+    assert!(
+        body["timing_ms"]["total"].as_f64().unwrap()
+            >= body["timing_ms"]["adapt"].as_f64().unwrap()
+    );
 }
 
 #[test]
@@ -71,17 +107,41 @@ fn multipart_adaptation_matches_json() {
     let pngs = omniglot_pngs("Greek", 3, 2);
     let mut form = multipart::Form::new();
     for (label, imgs) in ["alpha", "beta", "gamma"].iter().zip(&pngs) {
-        form = form.part(format!("support[{label}]"), multipart::Part::bytes(imgs[0].clone()).file_name("s.png").mime_str("image/png").unwrap());
+        form = form.part(
+            format!("support[{label}]"),
+            multipart::Part::bytes(imgs[0].clone())
+                .file_name("s.png")
+                .mime_str("image/png")
+                .unwrap(),
+        );
     }
     for (c, imgs) in pngs.iter().enumerate() {
-        form = form.part("query", multipart::Part::bytes(imgs[1].clone()).file_name(format!("query-{c}.png")).mime_str("image/png").unwrap());
+        form = form.part(
+            "query",
+            multipart::Part::bytes(imgs[1].clone())
+                .file_name(format!("query-{c}.png"))
+                .mime_str("image/png")
+                .unwrap(),
+        );
     }
-    form = form.text("options", r#"{"steps": 1, "predict_with": "derived", "finetune_steps": 1}"#);
-    let response = Client::new().post(format!("{}/adapt", server().url)).multipart(form).send().unwrap();
+    form = form.text(
+        "options",
+        r#"{"steps": 1, "predict_with": "derived", "finetune_steps": 1}"#,
+    );
+    let response = Client::new()
+        .post(format!("{}/adapt", server().url))
+        .multipart(form)
+        .send()
+        .unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().unwrap();
     assert_eq!(body["labels"], json!(["alpha", "beta", "gamma"]));
-    let ids: Vec<&str> = body["predictions"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["query-0.png", "query-1.png", "query-2.png"]);
 }
 
@@ -91,7 +151,11 @@ fn base64_wrapped_at_76_columns_as_mime_writes_it_is_accepted() {
     for part in ["support", "query"] {
         for image in task[part].as_array_mut().unwrap() {
             let text = image["image"].as_str().unwrap().to_string();
-            let lines: Vec<&str> = text.as_bytes().chunks(76).map(|line| std::str::from_utf8(line).unwrap()).collect();
+            let lines: Vec<&str> = text
+                .as_bytes()
+                .chunks(76)
+                .map(|line| std::str::from_utf8(line).unwrap())
+                .collect();
             image["image"] = json!(lines.join("\r\n"));
         }
     }
@@ -106,7 +170,14 @@ fn support_bn_makes_a_query_independent_of_the_others() {
     let everything: Value = post_json(&full).json().unwrap();
     full["query"] = json!([first_query]);
     let alone: Value = post_json(&full).json().unwrap();
-    let logits = |v: &Value| -> Vec<f64> { v["predictions"][0]["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    let logits = |v: &Value| -> Vec<f64> {
+        v["predictions"][0]["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
     for (a, b) in logits(&everything).iter().zip(logits(&alone)) {
         assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
     }
@@ -117,28 +188,54 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     let body: Value = post_json(&task_json(1)).json().unwrap();
     let id = body["task_id"].as_str().unwrap();
     let url = &server().url;
-    let record: Value = Client::new().get(format!("{url}/genotypes/{id}")).send().unwrap().json().unwrap();
+    let record: Value = Client::new()
+        .get(format!("{url}/genotypes/{id}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(record["genotype"], body["genotype"]);
     assert_eq!(record["n_way"], 3);
     assert_eq!(record["k_shot"], 1);
-    let python = Client::new().get(format!("{url}/genotypes/{id}?format=python")).send().unwrap().text().unwrap();
+    let python = Client::new()
+        .get(format!("{url}/genotypes/{id}?format=python"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(python.starts_with("Genotype(normal=[('"), "{python}");
-    let unknown_format = Client::new().get(format!("{url}/genotypes/{id}?format=xml")).send().unwrap();
+    let unknown_format = Client::new()
+        .get(format!("{url}/genotypes/{id}?format=xml"))
+        .send()
+        .unwrap();
     assert_eq!(unknown_format.status(), 400);
-    assert_eq!(unknown_format.json::<Value>().unwrap()["error"]["code"], "invalid_format");
-    let svg = Client::new().get(format!("{url}/genotypes/{id}/svg")).send().unwrap();
+    assert_eq!(
+        unknown_format.json::<Value>().unwrap()["error"]["code"],
+        "invalid_format"
+    );
+    let svg = Client::new()
+        .get(format!("{url}/genotypes/{id}/svg"))
+        .send()
+        .unwrap();
     assert_eq!(svg.headers()["content-type"], "image/svg+xml");
     let svg = svg.text().unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("c_{k-2}") && svg.contains("palegoldenrod"));
-    let recent: Value = Client::new().get(format!("{url}/genotypes?limit=1")).send().unwrap().json().unwrap();
+    let recent: Value = Client::new()
+        .get(format!("{url}/genotypes?limit=1"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(recent.as_array().unwrap().len(), 1);
 }
 
 /// A valid all-black grayscale PNG of `width` × `height` (small: it compresses to almost nothing).
 fn blank_png(width: u32, height: u32) -> Vec<u8> {
     let mut bytes = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::from(image::GrayImage::new(width, height)).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    image::DynamicImage::from(image::GrayImage::new(width, height))
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .unwrap();
     bytes.into_inner()
 }
 
@@ -147,17 +244,35 @@ fn blank_png(width: u32, height: u32) -> Vec<u8> {
 fn budget_refusals_name_their_flag() {
     let large = b64(&blank_png(2048, 2048));
     let mut task = task_json(1);
-    task["query"] = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
+    task["query"] = (0..9)
+        .map(|i| json!({"id": format!("large{i}"), "image": large}))
+        .collect();
     let sent = std::time::Instant::now();
     let response = post_json(&task);
-    assert!(sent.elapsed().as_millis() < 2000, "refused from the headers, not after decoding: {:?}", sent.elapsed());
+    assert!(
+        sent.elapsed().as_millis() < 2000,
+        "refused from the headers, not after decoding: {:?}",
+        sent.elapsed()
+    );
     assert_eq!(response.status(), 413);
-    let message = response.json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("37781811 pixels") && message.contains("--max-request-pixels"), "{message}");
+    let message = response.json::<Value>().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("37781811 pixels") && message.contains("--max-request-pixels"),
+        "{message}"
+    );
     let mut task = task_json(1);
     task["support"][0]["label"] = json!("x".repeat(300));
-    let message = post_json(&task).json::<Value>().unwrap()["error"]["message"].as_str().unwrap().to_string();
-    assert!(message.contains("300 bytes") && message.contains("--max-label-bytes"), "{message}");
+    let message = post_json(&task).json::<Value>().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("300 bytes") && message.contains("--max-label-bytes"),
+        "{message}"
+    );
 }
 
 /// The genotype store keeps to its byte bound: long labels evict older records.
@@ -170,25 +285,53 @@ fn the_genotype_store_is_bounded_in_bytes() {
     }
     let ids: Vec<String> = (0..4)
         .map(|_| {
-            let answer: Value = Client::new().post(format!("{}/adapt", small.url)).json(&task).send().unwrap().json().unwrap();
+            let answer: Value = Client::new()
+                .post(format!("{}/adapt", small.url))
+                .json(&task)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
             answer["task_id"].as_str().unwrap().to_string()
         })
         .collect();
-    let found = |id: &str| Client::new().get(format!("{}/genotypes/{id}", small.url)).send().unwrap().status() == 200;
-    assert!(!found(&ids[0]), "the oldest record was evicted to keep the store within 3000 bytes");
+    let found = |id: &str| {
+        Client::new()
+            .get(format!("{}/genotypes/{id}", small.url))
+            .send()
+            .unwrap()
+            .status()
+            == 200
+    };
+    assert!(
+        !found(&ids[0]),
+        "the oldest record was evicted to keep the store within 3000 bytes"
+    );
     assert!(found(&ids[3]));
-    let listed: Value = Client::new().get(format!("{}/genotypes?limit=1000", small.url)).send().unwrap().json().unwrap();
-    let listed_bytes: usize = listed.as_array().unwrap().iter().map(|r| r.to_string().len()).sum();
+    let listed: Value = Client::new()
+        .get(format!("{}/genotypes?limit=1000", small.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let listed_bytes: usize = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.to_string().len())
+        .sum();
     assert!(listed_bytes <= 3000, "{listed_bytes} bytes listed");
 }
 
 /// A valid 67-byte grayscale PNG whose header declares 100 000 × 100 000 pixels (CRCs correct):
 /// decoding it would need 10 GB.
-const PNG_DECLARING_100K_SQUARE: &str = "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+const PNG_DECLARING_100K_SQUARE: &str =
+    "iVBORw0KGgoAAAANSUhEUgABhqAAAYagCAAAAACNOVQUAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 
 /// A valid grayscale PNG whose header declares 2³¹ × 1 pixels: over the pixel limit (413), though
 /// the PNG decoder's own memory limit would call it something else.
-const PNG_DECLARING_2_31_BY_1: &str = "iVBORw0KGgoAAAANSUhEUoAAAAAAAAABCAAAAAB11tV8AAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
+const PNG_DECLARING_2_31_BY_1: &str =
+    "iVBORw0KGgoAAAANSUhEUoAAAAAAAAABCAAAAAB11tV8AAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg==";
 
 /// Every error path of the HTTP contract (docs/HTTP_API.md): status, code, and the server still serves.
 #[test]
@@ -206,17 +349,33 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     let truncated = b64(&omniglot_pngs("Greek", 1, 1)[0][0][..60]);
     let query_with = |image: &str| with("query", json!([{"id": "q", "image": image}]));
     let query_with_id = |id: &str| with("query", json!([{"id": id, "image": png}]));
-    let too_many: Vec<Value> = (0..600).map(|i| json!({"id": format!("q{i}"), "image": png})).collect();
-    let multipart = |body: Vec<u8>| client.post(format!("{url}/adapt")).header("content-type", "multipart/form-data; boundary=XYZ").body(body);
+    let too_many: Vec<Value> = (0..600)
+        .map(|i| json!({"id": format!("q{i}"), "image": png}))
+        .collect();
+    let multipart = |body: Vec<u8>| {
+        client
+            .post(format!("{url}/adapt"))
+            .header("content-type", "multipart/form-data; boundary=XYZ")
+            .body(body)
+    };
     // Nine valid 2048 × 2048 pictures of about 5 KB each: 37.7 million pixels with the support set, over the default
     // per-request budget, which is checked from their headers before any is decoded.
     let large = b64(&blank_png(2048, 2048));
-    let nine_large: Vec<Value> = (0..9).map(|i| json!({"id": format!("large{i}"), "image": large})).collect();
-    let options_part = |steps: usize| format!("--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{{\"steps\": {steps}}}\r\n");
+    let nine_large: Vec<Value> = (0..9)
+        .map(|i| json!({"id": format!("large{i}"), "image": large}))
+        .collect();
+    let options_part = |steps: usize| {
+        format!("--XYZ\r\nContent-Disposition: form-data; name=\"options\"\r\n\r\n{{\"steps\": {steps}}}\r\n")
+    };
     let two_options = options_part(1) + &options_part(2) + "--XYZ--\r\n";
     let long_name = "x".repeat(10_000);
     let long_label = json!([{"label": long_name, "image": png}, valid["support"][1]]);
-    let junk_query_part = [&b"--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"[..], &[b'x'; 3_000_000], b"\r\n--XYZ--\r\n"].concat();
+    let junk_query_part = [
+        &b"--XYZ\r\nContent-Disposition: form-data; name=\"query\"; filename=\"a.png\"\r\n\r\n"[..],
+        &[b'x'; 3_000_000],
+        b"\r\n--XYZ--\r\n",
+    ]
+    .concat();
     let cases: Vec<(&str, reqwest::blocking::RequestBuilder, u16, &str)> = vec![
         ("invalid json", client.post(format!("{url}/adapt")).header("content-type", "application/json").body("{not json"), 400, "invalid_json"),
         ("wrong media type", client.post(format!("{url}/adapt")).header("content-type", "text/plain").body("hi"), 415, "unsupported_media_type"),
@@ -267,12 +426,25 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     for (name, request, status, code) in cases {
         let sent = std::time::Instant::now();
         let response = request.send().unwrap();
-        assert!(sent.elapsed().as_secs() < 5, "{name}: refusing took {:?}", sent.elapsed());
+        assert!(
+            sent.elapsed().as_secs() < 5,
+            "{name}: refusing took {:?}",
+            sent.elapsed()
+        );
         assert_eq!(response.status().as_u16(), status, "{name}");
-        let body: Value = response.json().unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        let body: Value = response
+            .json()
+            .unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
         assert_eq!(body["error"]["code"], code, "{name}: {body}");
-        assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{name}");
-        assert_eq!(post_json(&valid).status(), 200, "next valid request after {name}");
+        assert!(
+            !body["error"]["message"].as_str().unwrap().is_empty(),
+            "{name}"
+        );
+        assert_eq!(
+            post_json(&valid).status(),
+            200,
+            "next valid request after {name}"
+        );
     }
 }
 
@@ -283,14 +455,21 @@ fn declared_only(url: &str, content_type: &str, length: usize) -> (u16, Value) {
     use std::io::{Read, Write};
     let address = url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
     write!(stream, "POST /adapt HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n").unwrap();
     stream.write_all(b"{").unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     let status = answer[9..12].parse().unwrap();
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
-    let json = body.find('{').map(|start| serde_json::from_str(body[start..].trim_end_matches(|c: char| c != '}')).unwrap()).unwrap_or(Value::Null);
+    let json = body
+        .find('{')
+        .map(|start| {
+            serde_json::from_str(body[start..].trim_end_matches(|c: char| c != '}')).unwrap()
+        })
+        .unwrap_or(Value::Null);
     (status, json)
 }
 
@@ -310,16 +489,31 @@ fn a_burst_gets_only_200_or_429() {
     let small_queue = start(&["--queue-depth", "1"]);
     let body = task_json(1);
     let responses: Vec<reqwest::blocking::Response> = std::thread::scope(|s| {
-        let post = || Client::new().post(format!("{}/adapt", small_queue.url)).json(&body).send().unwrap();
+        let post = || {
+            Client::new()
+                .post(format!("{}/adapt", small_queue.url))
+                .json(&body)
+                .send()
+                .unwrap()
+        };
         let handles: Vec<_> = (0..10).map(|_| s.spawn(post)).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
-    assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
     for refused in responses.into_iter().filter(|r| r.status() == 429) {
         assert_eq!(refused.headers()["retry-after"], "1");
-        assert_eq!(refused.json::<Value>().unwrap()["error"]["code"], "queue_full");
+        assert_eq!(
+            refused.json::<Value>().unwrap()["error"]["code"],
+            "queue_full"
+        );
     }
 }
 
@@ -328,12 +522,26 @@ fn a_burst_gets_only_200_or_429() {
 /// rather than queued to time out (504) after spending the worker's time.
 #[test]
 fn tasks_that_would_miss_their_deadline_get_a_fast_429_not_a_504() {
-    let tight = start(&["--request-timeout-ms", "4000", "--max-batch", "1", "--max-steps", "1000"]);
+    let tight = start(&[
+        "--request-timeout-ms",
+        "4000",
+        "--max-batch",
+        "1",
+        "--max-steps",
+        "1000",
+    ]);
     let adapt = format!("{}/adapt", tight.url);
-    let post = |steps: usize| Client::new().post(&adapt).json(&task_json(steps)).send().unwrap();
+    let post = |steps: usize| {
+        Client::new()
+            .post(&adapt)
+            .json(&task_json(steps))
+            .send()
+            .unwrap()
+    };
     // Steps for a task of about half a second here; one task of that shape measures its cost.
     let probe: Value = post(10).json().unwrap();
-    let steps = ((500.0 / (probe["timing_ms"]["adapt"].as_f64().unwrap() / 10.0)) as usize).clamp(1, 1000);
+    let steps =
+        ((500.0 / (probe["timing_ms"]["adapt"].as_f64().unwrap() / 10.0)) as usize).clamp(1, 1000);
     assert_eq!(post(steps).status(), 200);
     // Twenty-four at once: about 12 s of work, where each may take 4 s.
     let answers: Vec<(u16, Option<u64>, Value, std::time::Duration)> = std::thread::scope(|s| {
@@ -342,19 +550,37 @@ fn tasks_that_would_miss_their_deadline_get_a_fast_429_not_a_504() {
                 s.spawn(|| {
                     let sent = std::time::Instant::now();
                     let response = post(steps);
-                    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
-                    (response.status().as_u16(), retry_after, response.json().unwrap(), sent.elapsed())
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().parse().unwrap());
+                    (
+                        response.status().as_u16(),
+                        retry_after,
+                        response.json().unwrap(),
+                        sent.elapsed(),
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let count = |status: u16| answers.iter().filter(|(s, ..)| *s == status).count();
-    assert!(count(504) <= 1 && count(429) >= 6 && count(200) >= 3, "{:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    assert!(
+        count(504) <= 1 && count(429) >= 6 && count(200) >= 3,
+        "{:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
     for (_, retry_after, body, took) in answers.iter().filter(|(s, ..)| *s == 429) {
         assert_eq!(body["error"]["code"], "would_miss_deadline", "{body}");
-        assert!(retry_after.is_some_and(|seconds| seconds >= 1), "{retry_after:?}");
-        assert!(took.as_millis() < 1500, "refused at once, not after waiting: {took:?}");
+        assert!(
+            retry_after.is_some_and(|seconds| seconds >= 1),
+            "{retry_after:?}"
+        );
+        assert!(
+            took.as_millis() < 1500,
+            "refused at once, not after waiting: {took:?}"
+        );
     }
 }
 
@@ -364,77 +590,213 @@ fn past_its_limit_of_requests_in_flight_the_server_refuses_before_reading() {
     let adapt = format!("{}/adapt", one_at_a_time.url);
     std::thread::scope(|s| {
         // 1000 steps take well over the client's 3 s; when it gives up, the request leaves.
-        let long = s.spawn(|| Client::builder().timeout(std::time::Duration::from_secs(3)).build().unwrap().post(&adapt).json(&task_json(1000)).send());
+        let long = s.spawn(|| {
+            Client::builder()
+                .timeout(std::time::Duration::from_secs(3))
+                .build()
+                .unwrap()
+                .post(&adapt)
+                .json(&task_json(1000))
+                .send()
+        });
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let refused = Client::new().post(&adapt).json(&task_json(1)).send().unwrap();
+        let refused = Client::new()
+            .post(&adapt)
+            .json(&task_json(1))
+            .send()
+            .unwrap();
         assert_eq!(refused.status(), 429);
         assert_eq!(refused.headers()["retry-after"], "1");
-        assert_eq!(refused.json::<Value>().unwrap()["error"]["code"], "overloaded");
+        assert_eq!(
+            refused.json::<Value>().unwrap()["error"]["code"],
+            "overloaded"
+        );
         assert!(long.join().unwrap().unwrap_err().is_timeout());
     });
-    assert_eq!(Client::new().post(&adapt).json(&task_json(1)).send().unwrap().status(), 200, "served again once the request left");
+    assert_eq!(
+        Client::new()
+            .post(&adapt)
+            .json(&task_json(1))
+            .send()
+            .unwrap()
+            .status(),
+        200,
+        "served again once the request left"
+    );
 }
 
 #[test]
 fn service_endpoints_answer() {
     let url = &server().url;
-    let models: Value = Client::new().get(format!("{url}/models")).send().unwrap().json().unwrap();
+    let models: Value = Client::new()
+        .get(format!("{url}/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(models[0]["name"], "fixture");
-    assert_eq!(Client::new().get(format!("{url}/healthz")).send().unwrap().status(), 200);
+    assert_eq!(
+        Client::new()
+            .get(format!("{url}/healthz"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(post_json(&task_json(1)).status(), 200);
-    let metrics = Client::new().get(format!("{url}/metrics")).send().unwrap().text().unwrap();
-    for name in ["tnas_requests_total", "tnas_adapt_seconds", "tnas_queue_wait_seconds", "tnas_images_decoded_total"] {
+    let metrics = Client::new()
+        .get(format!("{url}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for name in [
+        "tnas_requests_total",
+        "tnas_adapt_seconds",
+        "tnas_queue_wait_seconds",
+        "tnas_images_decoded_total",
+    ] {
         assert!(metrics.contains(name), "metrics lack {name}");
     }
-    assert_eq!(Client::new().get(format!("{url}/docs/")).send().unwrap().status(), 200);
+    assert_eq!(
+        Client::new()
+            .get(format!("{url}/docs/"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
 fn served_openapi_matches_the_committed_document() {
-    let served = Client::new().get(format!("{}/openapi.json", server().url)).send().unwrap().text().unwrap();
-    let committed = std::fs::read_to_string(common::repo_path("openapi/openapi.json")).expect("openapi/openapi.json is committed");
-    let (served, committed): (Value, Value) = (serde_json::from_str(&served).unwrap(), serde_json::from_str(&committed).unwrap());
-    assert_eq!(served, committed, "openapi/openapi.json is stale: regenerate it with `make openapi`");
+    let served = Client::new()
+        .get(format!("{}/openapi.json", server().url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let committed = std::fs::read_to_string(common::repo_path("openapi/openapi.json"))
+        .expect("openapi/openapi.json is committed");
+    let (served, committed): (Value, Value) = (
+        serde_json::from_str(&served).unwrap(),
+        serde_json::from_str(&committed).unwrap(),
+    );
+    assert_eq!(
+        served, committed,
+        "openapi/openapi.json is stale: regenerate it with `make openapi`"
+    );
 }
 
 #[test]
 fn api_key_protects_everything_but_health() {
     let secured = start(&["--api-key", "s3cret"]);
     let client = Client::new();
-    let denied = client.post(format!("{}/adapt", secured.url)).json(&task_json(1)).send().unwrap();
+    let denied = client
+        .post(format!("{}/adapt", secured.url))
+        .json(&task_json(1))
+        .send()
+        .unwrap();
     assert_eq!(denied.status(), 401);
-    assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("wrong").send().unwrap().status(), 401);
-    assert_eq!(client.get(format!("{}/models", secured.url)).bearer_auth("s3cret").send().unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{}/models", secured.url))
+            .bearer_auth("wrong")
+            .send()
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/models", secured.url))
+            .bearer_auth("s3cret")
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
     for scheme in ["bearer", "BEARER"] {
-        let response = client.get(format!("{}/models", secured.url)).header("authorization", format!("{scheme} s3cret")).send().unwrap();
-        assert_eq!(response.status(), 200, "the scheme is case-insensitive (RFC 7235): {scheme}");
+        let response = client
+            .get(format!("{}/models", secured.url))
+            .header("authorization", format!("{scheme} s3cret"))
+            .send()
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "the scheme is case-insensitive (RFC 7235): {scheme}"
+        );
     }
-    assert_eq!(client.get(format!("{}/healthz", secured.url)).send().unwrap().status(), 200);
-    assert_eq!(client.get(format!("{}/metrics", secured.url)).send().unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{}/healthz", secured.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/metrics", secured.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
 fn past_the_deadline_the_request_gets_504_and_the_server_recovers() {
     let hurried = start(&["--request-timeout-ms", "1"]);
-    let response = Client::new().post(format!("{}/adapt", hurried.url)).json(&task_json(20)).send().unwrap();
+    let response = Client::new()
+        .post(format!("{}/adapt", hurried.url))
+        .json(&task_json(20))
+        .send()
+        .unwrap();
     assert_eq!(response.status(), 504);
     let body: Value = response.json().unwrap();
     assert_eq!(body["error"]["code"], "timeout");
     let (status, body) = declared_only(&hurried.url, "application/json", 1000);
-    assert_eq!((status, &body["error"]["code"]), (504, &json!("timeout")), "a body that never arrives");
-    assert_eq!(Client::new().get(format!("{}/readyz", hurried.url)).send().unwrap().status(), 200);
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (504, &json!("timeout")),
+        "a body that never arrives"
+    );
+    assert_eq!(
+        Client::new()
+            .get(format!("{}/readyz", hurried.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
 fn a_proto_head_serves_twenty_way_one_shot() {
     let pngs = omniglot_pngs("Greek", 20, 2);
-    let support: Vec<Value> = pngs.iter().enumerate().map(|(c, imgs)| json!({"label": format!("class{c:02}"), "image": b64(&imgs[0])})).collect();
-    let query: Vec<Value> = pngs.iter().enumerate().map(|(c, imgs)| json!({"id": format!("q{c}"), "image": b64(&imgs[1])})).collect();
+    let support: Vec<Value> = pngs
+        .iter()
+        .enumerate()
+        .map(|(c, imgs)| json!({"label": format!("class{c:02}"), "image": b64(&imgs[0])}))
+        .collect();
+    let query: Vec<Value> = pngs
+        .iter()
+        .enumerate()
+        .map(|(c, imgs)| json!({"id": format!("q{c}"), "image": b64(&imgs[1])}))
+        .collect();
     let response = post_json(&json!({"support": support, "query": query, "steps": 1}));
     assert_eq!(response.status(), 200);
     let body: Value = response.json().unwrap();
     assert_eq!(body["labels"].as_array().unwrap().len(), 20);
-    assert_eq!(body["predictions"][0]["probabilities"].as_array().unwrap().len(), 20);
+    assert_eq!(
+        body["predictions"][0]["probabilities"]
+            .as_array()
+            .unwrap()
+            .len(),
+        20
+    );
     // 21 classes is over this model's max_way of 20.
     let mut too_many = support.clone();
     too_many.push(json!({"label": "extra", "image": b64(&pngs[0][1])}));
@@ -446,14 +808,29 @@ fn a_proto_head_serves_twenty_way_one_shot() {
 fn a_client_that_disconnects_cancels_its_work() {
     // Its own server, so the worker has nothing else to do: 1000 steps take well over 10 s here.
     let own = start(&["--max-steps", "1000"]);
-    let impatient = Client::builder().timeout(std::time::Duration::from_millis(500)).build().unwrap();
-    assert!(impatient.post(format!("{}/adapt", own.url)).json(&task_json(1000)).send().unwrap_err().is_timeout());
+    let impatient = Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(impatient
+        .post(format!("{}/adapt", own.url))
+        .json(&task_json(1000))
+        .send()
+        .unwrap_err()
+        .is_timeout());
     // The worker notices between steps that nobody waits for the answer and drops the job, so the
     // next request does not queue behind the abandoned 1000 steps. (The metrics are the process's,
     // shared with the other tests' servers, so the next request's queue time is the evidence.)
-    let next = Client::new().post(format!("{}/adapt", own.url)).json(&task_json(1)).send().unwrap();
+    let next = Client::new()
+        .post(format!("{}/adapt", own.url))
+        .json(&task_json(1))
+        .send()
+        .unwrap();
     assert_eq!(next.status(), 200);
     let body: Value = next.json().unwrap();
     let queued_ms = body["timing_ms"]["queue"].as_f64().unwrap();
-    assert!(queued_ms < 3000.0, "the next request waited {queued_ms} ms behind abandoned work");
+    assert!(
+        queued_ms < 3000.0,
+        "the next request waited {queued_ms} ms behind abandoned work"
+    );
 }

@@ -13,7 +13,11 @@ use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -28,32 +32,62 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
         "query": [{"id": "q", "image": b64(&pngs[0][1])}],
         "steps": 60
     });
-    let in_flight = std::thread::spawn(move || reqwest::blocking::Client::new().post(format!("{url}/adapt")).json(&task).send().map(|r| (r.status().as_u16(), r.json::<Value>().ok())));
+    let in_flight = std::thread::spawn(move || {
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/adapt"))
+            .json(&task)
+            .send()
+            .map(|r| (r.status().as_u16(), r.json::<Value>().ok()))
+    });
     std::thread::sleep(Duration::from_millis(300));
-    let status = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 
-    let (code, body) = in_flight.join().unwrap().expect("the request in flight gets its answer");
+    let (code, body) = in_flight
+        .join()
+        .unwrap()
+        .expect("the request in flight gets its answer");
     assert_eq!(code, 200, "{body:?}");
     let body = body.unwrap();
     assert_eq!(body["steps"], 60);
     // The signal came 300 ms after the request; a longer request was still adapting then.
-    assert!(body["timing_ms"]["total"].as_f64().unwrap() > 300.0, "the adaptation ended before the signal: {body}");
+    assert!(
+        body["timing_ms"]["total"].as_f64().unwrap() > 300.0,
+        "the adaptation ended before the signal: {body}"
+    );
     let exit = server.wait();
     assert!(exit.success(), "server exited with {exit:?}");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused after shutdown");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "new connections are refused after shutdown"
+    );
 }
 
 fn fixture_models() -> tempfile::TempDir {
     let models = tempfile::tempdir().unwrap();
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20, learned_scale: false }, 9, 1.0).save(&models.path().join("fixture")).unwrap();
+    random_supernet(
+        SearchSpace::tnas_official(1, 28, 8),
+        HeadSpec::Proto {
+            max_way: 20,
+            learned_scale: false,
+        },
+        9,
+        1.0,
+    )
+    .save(&models.path().join("fixture"))
+    .unwrap();
     models
 }
 
 /// A raw connection that has sent `bytes`.
 fn sent(port: u16, bytes: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     stream.write_all(bytes).unwrap();
     stream
 }
@@ -71,13 +105,22 @@ fn a_half_open_connection_does_not_keep_the_process_alive_after_sigterm() {
     let models = fixture_models();
     let mut server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
     // Half a request head, and a kept-alive connection that has had its answer and sends nothing.
-    let half_open = sent(server.port, b"POST /adapt HTTP/1.1\r\nHost: x\r\nContent-Le");
+    let half_open = sent(
+        server.port,
+        b"POST /adapt HTTP/1.1\r\nHost: x\r\nContent-Le",
+    );
     let mut idle = sent(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut answer = [0u8; 12];
     idle.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200");
-    assert!(Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
-    let exit = server.exit_within(Duration::from_secs(10)).expect("the server exits at once, its half-open and idle connections closed");
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let exit = server
+        .exit_within(Duration::from_secs(10))
+        .expect("the server exits at once, its half-open and idle connections closed");
     assert!(exit.success(), "server exited with {exit:?}");
     drop((half_open, idle));
 }
@@ -85,27 +128,53 @@ fn a_half_open_connection_does_not_keep_the_process_alive_after_sigterm() {
 #[test]
 fn connections_are_bounded_in_number_and_in_time() {
     let models = fixture_models();
-    let limits = ["--header-read-timeout-ms", "500", "--idle-timeout-ms", "1500", "--max-connections", "3"];
-    let server = ServerProcess::start(models.path(), &[&["--device", "cpu", "--threads", "1"][..], &limits].concat());
+    let limits = [
+        "--header-read-timeout-ms",
+        "500",
+        "--idle-timeout-ms",
+        "1500",
+        "--max-connections",
+        "3",
+    ];
+    let server = ServerProcess::start(
+        models.path(),
+        &[&["--device", "cpu", "--threads", "1"][..], &limits].concat(),
+    );
     let port = server.port;
 
     // Half a request line is closed once the header-read timeout passes, unanswered.
     let (text, took) = until_closed(&mut sent(port, b"GET /heal"));
-    assert!(text.is_empty() && took >= Duration::from_millis(400) && took < Duration::from_secs(5), "{text:?} after {took:?}");
+    assert!(
+        text.is_empty() && took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{text:?} after {took:?}"
+    );
     // A kept-alive connection is answered, then closed once idle for the idle timeout.
     let (text, took) = until_closed(&mut sent(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
-    assert!(text.starts_with("HTTP/1.1 200") && took >= Duration::from_millis(1400) && took < Duration::from_secs(6), "{text:?} after {took:?}");
+    assert!(
+        text.starts_with("HTTP/1.1 200")
+            && took >= Duration::from_millis(1400)
+            && took < Duration::from_secs(6),
+        "{text:?} after {took:?}"
+    );
 
     // Three connections hold every place; a fourth is answered 503 at once and closed.
     std::thread::sleep(Duration::from_millis(300));
     let holders: Vec<TcpStream> = (0..3).map(|_| sent(port, b"GET ")).collect();
     std::thread::sleep(Duration::from_millis(100));
     let (text, took) = until_closed(&mut sent(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
-    assert!(text.starts_with("HTTP/1.1 503") && text.contains("too_many_connections") && text.contains("retry-after: 1"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 503")
+            && text.contains("too_many_connections")
+            && text.contains("retry-after: 1"),
+        "{text}"
+    );
     assert!(took < Duration::from_secs(2), "{took:?}");
     // The holders time out like any half-read request, and their places are free again.
     std::thread::sleep(Duration::from_millis(1000));
-    let healthz = reqwest::blocking::Client::new().get(format!("{}/healthz", server.url)).send().unwrap();
+    let healthz = reqwest::blocking::Client::new()
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .unwrap();
     assert_eq!(healthz.status(), 200);
     drop(holders);
 }
@@ -118,19 +187,36 @@ fn a_damaged_model_stops_start_up_with_the_file_named() {
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-        .args(["--models", models.path().to_str().unwrap(), "--port", &free_port().to_string(), "--device", "cpu"])
+        .args([
+            "--models",
+            models.path().to_str().unwrap(),
+            "--port",
+            &free_port().to_string(),
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("model.safetensors") && stderr.contains("sha256"), "{stderr}");
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains("sha256"),
+        "{stderr}"
+    );
 }
 
 /// Starts the server on `models` and returns what it wrote to stderr once it exits; fails if it is
 /// still running after a minute (it should have refused to start).
 fn start_up_error(models: &std::path::Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-        .args(["--models", models.to_str().unwrap(), "--port", &free_port().to_string(), "--device", "cpu"])
+        .args([
+            "--models",
+            models.to_str().unwrap(),
+            "--port",
+            &free_port().to_string(),
+            "--device",
+            "cpu",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -151,10 +237,25 @@ fn start_up_error(models: &std::path::Path) -> String {
 /// `models/<dir>/model.json` of the fixture model, with `edit` applied to its JSON.
 fn edited_fixture(models: &std::path::Path, dir: &str, edit: impl FnOnce(&mut Value)) {
     let path = models.join(dir);
-    random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20, learned_scale: false }, 9, 1.0).save(&path).unwrap();
-    let mut meta: Value = serde_json::from_slice(&std::fs::read(path.join("model.json")).unwrap()).unwrap();
+    random_supernet(
+        SearchSpace::tnas_official(1, 28, 8),
+        HeadSpec::Proto {
+            max_way: 20,
+            learned_scale: false,
+        },
+        9,
+        1.0,
+    )
+    .save(&path)
+    .unwrap();
+    let mut meta: Value =
+        serde_json::from_slice(&std::fs::read(path.join("model.json")).unwrap()).unwrap();
     edit(&mut meta);
-    std::fs::write(path.join("model.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    std::fs::write(
+        path.join("model.json"),
+        serde_json::to_vec_pretty(&meta).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -163,7 +264,9 @@ fn a_model_json_without_sense_stops_start_up_naming_the_field() {
         ("input.size", |m| m["input"]["size"] = json!(0)),
         ("input.channels", |m| m["input"]["channels"] = json!(0)),
         ("adaptation.lr_w", |m| m["adaptation"]["lr_w"] = json!(-0.1)),
-        ("adaptation.lr_theta", |m| m["adaptation"]["lr_theta"] = json!(1e300)),
+        ("adaptation.lr_theta", |m| {
+            m["adaptation"]["lr_theta"] = json!(1e300)
+        }),
         ("adaptation.steps", |m| m["adaptation"]["steps"] = json!(0)),
         ("head.max_way", |m| m["head"]["max_way"] = json!(1)),
     ];
@@ -171,7 +274,10 @@ fn a_model_json_without_sense_stops_start_up_naming_the_field() {
         let models = tempfile::tempdir().unwrap();
         edited_fixture(models.path(), "fixture", edit);
         let stderr = start_up_error(models.path());
-        assert!(stderr.contains(field) && stderr.contains("model.json"), "{field}: {stderr}");
+        assert!(
+            stderr.contains(field) && stderr.contains("model.json"),
+            "{field}: {stderr}"
+        );
     }
 }
 
@@ -182,21 +288,43 @@ fn two_models_with_one_name_stop_start_up() {
         edited_fixture(models.path(), dir, |m| m["name"] = json!("same"));
     }
     let stderr = start_up_error(models.path());
-    assert!(stderr.contains("first/model.json") && stderr.contains("second/model.json") && stderr.contains("'same'"), "{stderr}");
+    assert!(
+        stderr.contains("first/model.json")
+            && stderr.contains("second/model.json")
+            && stderr.contains("'same'"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     let models = tempfile::tempdir().unwrap();
-    let mut checkpoint = random_supernet(SearchSpace::tnas_official(1, 28, 8), HeadSpec::Proto { max_way: 20, learned_scale: false }, 9, 1.0);
+    let mut checkpoint = random_supernet(
+        SearchSpace::tnas_official(1, 28, 8),
+        HeadSpec::Proto {
+            max_way: 20,
+            learned_scale: false,
+        },
+        9,
+        1.0,
+    );
     // Weights that load (their hash is right) but make every adaptation's numbers NaN.
     tch::no_grad(|| {
-        let _ = checkpoint.params.tensors()[0].shallow_clone().fill_(f64::NAN);
+        let _ = checkpoint.params.tensors()[0]
+            .shallow_clone()
+            .fill_(f64::NAN);
     });
     checkpoint.save(&models.path().join("fixture")).unwrap();
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-        .args(["--models", models.path().to_str().unwrap(), "--port", &port.to_string(), "--device", "cpu"])
+        .args([
+            "--models",
+            models.path().to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--device",
+            "cpu",
+        ])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -206,7 +334,10 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     let client = reqwest::blocking::Client::new();
     let started = Instant::now();
     let readyz = loop {
-        assert!(started.elapsed() < Duration::from_secs(60), "the warm-up never failed");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the warm-up never failed"
+        );
         if let Ok(response) = client.get(format!("{url}/readyz")).send() {
             let body = response.text().unwrap();
             if !body.contains("loading") {
@@ -218,7 +349,11 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     let pngs = omniglot_pngs("Greek", 2, 2);
     let support = json!([{"label": "a", "image": b64(&pngs[0][0])}, {"label": "b", "image": b64(&pngs[1][0])}]);
     let task = json!({"support": support, "query": [{"id": "q", "image": b64(&pngs[0][1])}]});
-    let adapt = client.post(format!("{url}/adapt")).json(&task).send().unwrap();
+    let adapt = client
+        .post(format!("{url}/adapt"))
+        .json(&task)
+        .send()
+        .unwrap();
     assert_eq!(adapt.status(), 503);
     let adapt = adapt.text().unwrap();
     let _ = child.kill();
@@ -226,10 +361,16 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     for body in [&readyz, &adapt] {
         assert!(body.contains("warm-up adaptation"), "{body}");
         for internal in ["succeeds", "Diverged", "panicked", "frame #", ".rs:"] {
-            assert!(!body.contains(internal), "a response carries '{internal}': {body}");
+            assert!(
+                !body.contains(internal),
+                "a response carries '{internal}': {body}"
+            );
         }
     }
-    assert!(log.contains("Diverged") || log.contains("not finite"), "the log has the error: {log}");
+    assert!(
+        log.contains("Diverged") || log.contains("not finite"),
+        "the log has the error: {log}"
+    );
 }
 
 #[test]
@@ -242,6 +383,12 @@ fn start_up_removes_the_temp_files_of_interrupted_saves_only() {
     let writing = std::fs::File::create(temp("being-written")).unwrap();
     writing.lock().unwrap();
     let _server = ServerProcess::start(models.path(), &["--device", "cpu", "--threads", "1"]);
-    assert!(!temp("left-by-a-crash").exists(), "the interrupted save's temp file is removed at start");
-    assert!(temp("being-written").exists(), "a temp file still being written is left alone");
+    assert!(
+        !temp("left-by-a-crash").exists(),
+        "the interrupted save's temp file is removed at start"
+    );
+    assert!(
+        temp("being-written").exists(),
+        "a temp file still being written is left alone"
+    );
 }

@@ -28,7 +28,11 @@ impl Answer {
 
 /// Runs `clients` threads for `duration`, each sending `send(client, its index, request number)`
 /// back to back. A 429 is answered as a polite client would: wait the Retry-After (at most 1 s).
-pub fn closed_loop(clients: usize, duration: Duration, send: &(dyn Fn(&Client, usize, usize) -> reqwest::Result<Response> + Sync)) -> Vec<Answer> {
+pub fn closed_loop(
+    clients: usize,
+    duration: Duration,
+    send: &(dyn Fn(&Client, usize, usize) -> reqwest::Result<Response> + Sync),
+) -> Vec<Answer> {
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     std::thread::scope(|scope| {
@@ -36,20 +40,35 @@ pub fn closed_loop(clients: usize, duration: Duration, send: &(dyn Fn(&Client, u
             .map(|index| {
                 let (stop, started) = (&stop, &started);
                 scope.spawn(move || {
-                    let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+                    let client = Client::builder()
+                        .timeout(Duration::from_secs(120))
+                        .build()
+                        .unwrap();
                     let mut answers = Vec::new();
                     for n in 0.. {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
                         let sent = Instant::now();
-                        let response = send(&client, index, n).expect("the server answers every request");
+                        let response =
+                            send(&client, index, n).expect("the server answers every request");
                         let status = response.status().as_u16();
-                        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
+                        let retry_after = response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
                         let _ = response.bytes();
-                        answers.push(Answer { client: index, n, status, ms: sent.elapsed().as_secs_f64() * 1e3, done_s: started.elapsed().as_secs_f64() });
+                        answers.push(Answer {
+                            client: index,
+                            n,
+                            status,
+                            ms: sent.elapsed().as_secs_f64() * 1e3,
+                            done_s: started.elapsed().as_secs_f64(),
+                        });
                         if status == 429 {
-                            std::thread::sleep(Duration::from_secs_f64(retry_after.unwrap_or(1.0).min(1.0)));
+                            std::thread::sleep(Duration::from_secs_f64(
+                                retry_after.unwrap_or(1.0).min(1.0),
+                            ));
                         }
                     }
                     answers
@@ -58,7 +77,10 @@ pub fn closed_loop(clients: usize, duration: Duration, send: &(dyn Fn(&Client, u
             .collect();
         std::thread::sleep(duration);
         stop.store(true, Ordering::Relaxed);
-        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
     })
 }
 
@@ -66,5 +88,8 @@ pub fn closed_loop(clients: usize, duration: Duration, send: &(dyn Fn(&Client, u
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted.get(((sorted.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }

@@ -6,7 +6,13 @@ use tnas::server::{self, config::ServerConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_ansi(ansi).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=info".into())).init();
+    tracing_subscriber::fmt()
+        .with_ansi(ansi)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=info".into()),
+        )
+        .init();
     let config = ServerConfig::parse();
     if config.print_openapi {
         println!("{}", server::openapi::document());
@@ -24,9 +30,16 @@ async fn main() -> anyhow::Result<()> {
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let interrupt = async { tokio::signal::ctrl_c().await.expect("SIGINT handler installs") };
+    let interrupt = async {
+        tokio::signal::ctrl_c()
+            .await
+            .expect("SIGINT handler installs")
+    };
     let terminate = async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs").recv().await;
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs")
+            .recv()
+            .await;
     };
     tokio::select! { _ = interrupt => {}, _ = terminate => {} }
     tracing::info!("shutdown requested: finishing requests in flight");

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use tnas::meta::command::{card, eval, meta_train, CardArgs, EvalArgs, MetaTrainArgs};
 
 #[derive(Parser)]
-#[command(version, about = "Meta-train a DARTS supernet with T-NAS (or a baseline) and evaluate it on held-out classes")]
+#[command(
+    version,
+    about = "Meta-train a DARTS supernet with T-NAS (or a baseline) and evaluate it on held-out classes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,7 +36,10 @@ fn main() -> anyhow::Result<()> {
                 handler_stop.store(true, Ordering::SeqCst);
             })?;
             // Recorded in model.json; the program is named as users call it, not by its path.
-            let command = std::iter::once("tnas-train".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
+            let command = std::iter::once("tnas-train".to_string())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
             meta_train(&args, command, &stop).map_err(anyhow::Error::msg)
         }
         Command::Eval(args) => eval(&args).map(|_| ()).map_err(anyhow::Error::msg),

@@ -14,14 +14,26 @@ pub fn load(root: &Path, spec: &InputSpec) -> Result<Dataset, DataError> {
     let classes = subfolders(root)?
         .into_iter()
         .map(|(name, dir)| {
-            let images = image_files(&dir)?.into_iter().map(EncodedImage::OnDisk).collect();
-            Ok(EncodedClass { group: name.clone(), name, images })
+            let images = image_files(&dir)?
+                .into_iter()
+                .map(EncodedImage::OnDisk)
+                .collect();
+            Ok(EncodedClass {
+                group: name.clone(),
+                name,
+                images,
+            })
         })
         .collect::<Result<Vec<_>, DataError>>()?;
     if classes.is_empty() {
-        return Err(DataError::NoClasses { path: root.to_path_buf(), layout: LAYOUT });
+        return Err(DataError::NoClasses {
+            path: root.to_path_buf(),
+            layout: LAYOUT,
+        });
     }
-    Ok(Dataset { classes: decode_classes(classes, spec)? })
+    Ok(Dataset {
+        classes: decode_classes(classes, spec)?,
+    })
 }
 
 /// The non-hidden subfolders of `dir` as (name, path), sorted by name so loading order, and so
@@ -44,7 +56,9 @@ pub(crate) fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         .filter(|path| path.is_file() && visible_name(path).is_some() && has_image_extension(path))
         .collect();
     if files.is_empty() {
-        return Err(DataError::EmptyClass { path: dir.to_path_buf() });
+        return Err(DataError::EmptyClass {
+            path: dir.to_path_buf(),
+        });
     }
     files.sort();
     Ok(files)
@@ -60,10 +74,18 @@ pub(crate) fn has_image_extension(name: impl AsRef<Path>) -> bool {
 
 fn entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     if !dir.exists() {
-        return Err(DataError::MissingPath { path: dir.to_path_buf() });
+        return Err(DataError::MissingPath {
+            path: dir.to_path_buf(),
+        });
     }
-    let io = |source| DataError::Io { path: dir.to_path_buf(), source };
-    std::fs::read_dir(dir).map_err(io)?.map(|entry| entry.map(|e| e.path()).map_err(io)).collect()
+    let io = |source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|entry| entry.map(|e| e.path()).map_err(io))
+        .collect()
 }
 
 /// The file name, unless it is hidden (`.DS_Store`, `.git`, …).
@@ -78,25 +100,48 @@ mod tests {
     use image::{DynamicImage, GrayImage, Luma};
 
     fn spec() -> InputSpec {
-        InputSpec { channels: 3, size: 8, mean: vec![0.0; 3], std: vec![1.0; 3], invert: false }
+        InputSpec {
+            channels: 3,
+            size: 8,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            invert: false,
+        }
     }
 
     fn write_image(path: &Path, value: u8) {
-        DynamicImage::from(GrayImage::from_pixel(10, 12, Luma([value]))).save(path).unwrap();
+        DynamicImage::from(GrayImage::from_pixel(10, 12, Luma([value])))
+            .save(path)
+            .unwrap();
     }
 
     #[test]
     fn loads_every_class_folder_sorted() {
         let root = tempfile::tempdir().unwrap();
-        for (class, files) in [("zebra", vec!["1.png", "2.JPG"]), ("ant", vec!["a.jpeg", "b.png", "c.png"])] {
+        for (class, files) in [
+            ("zebra", vec!["1.png", "2.JPG"]),
+            ("ant", vec!["a.jpeg", "b.png", "c.png"]),
+        ] {
             std::fs::create_dir(root.path().join(class)).unwrap();
-            files.iter().for_each(|f| write_image(&root.path().join(class).join(f), 200));
+            files
+                .iter()
+                .for_each(|f| write_image(&root.path().join(class).join(f), 200));
         }
         std::fs::write(root.path().join("ant/notes.txt"), "ignored").unwrap();
         std::fs::write(root.path().join("README.md"), "ignored").unwrap();
         let data = load(root.path(), &spec()).unwrap();
-        let summary: Vec<_> = data.classes.iter().map(|c| (c.name.as_str(), c.group.as_str(), c.images.size())).collect();
-        assert_eq!(summary, [("ant", "ant", vec![3, 3, 8, 8]), ("zebra", "zebra", vec![2, 3, 8, 8])]);
+        let summary: Vec<_> = data
+            .classes
+            .iter()
+            .map(|c| (c.name.as_str(), c.group.as_str(), c.images.size()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ant", "ant", vec![3, 3, 8, 8]),
+                ("zebra", "zebra", vec![2, 3, 8, 8])
+            ]
+        );
     }
 
     #[test]
@@ -104,7 +149,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("empty")).unwrap();
         let err = load(root.path(), &spec()).unwrap_err();
-        assert!(matches!(&err, DataError::EmptyClass { path } if path.ends_with("empty")), "{err}");
+        assert!(
+            matches!(&err, DataError::EmptyClass { path } if path.ends_with("empty")),
+            "{err}"
+        );
         let missing = root.path().join("nowhere");
         let err = load(&missing, &spec()).unwrap_err();
         assert!(err.to_string().contains("nowhere"), "{err}");
@@ -114,7 +162,11 @@ mod tests {
     fn corrupt_image_file_is_named() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("cat")).unwrap();
-        std::fs::write(root.path().join("cat/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        std::fs::write(
+            root.path().join("cat/broken.png"),
+            b"\x89PNG\r\n\x1a\nnot really",
+        )
+        .unwrap();
         let err = load(root.path(), &spec()).unwrap_err();
         assert!(err.to_string().contains("broken.png"), "{err}");
     }

@@ -43,7 +43,11 @@ impl ClassImages {
     /// A copy that shares the pixel storage: cheap, and safe because class tensors are never
     /// written in place.
     pub fn shallow_clone(&self) -> ClassImages {
-        ClassImages { name: self.name.clone(), group: self.group.clone(), images: self.images.shallow_clone() }
+        ClassImages {
+            name: self.name.clone(),
+            group: self.group.clone(),
+            images: self.images.shallow_clone(),
+        }
     }
 }
 
@@ -68,7 +72,9 @@ impl Dataset {
 
     /// Moves out the classes whose group is in `groups`, keeping their order; the others stay.
     pub fn take_groups(&mut self, groups: &[String]) -> Vec<ClassImages> {
-        let (taken, kept) = std::mem::take(&mut self.classes).into_iter().partition(|c| groups.contains(&c.group));
+        let (taken, kept) = std::mem::take(&mut self.classes)
+            .into_iter()
+            .partition(|c| groups.contains(&c.group));
         self.classes = kept;
         taken
     }
@@ -85,23 +91,40 @@ pub(crate) mod fixtures {
 
     /// Omniglot's preprocessing at 28 × 28: strokes (black on white) become bright after invert.
     pub fn omniglot_spec() -> InputSpec {
-        InputSpec { channels: 1, size: 28, mean: vec![0.0], std: vec![1.0], invert: true }
+        InputSpec {
+            channels: 1,
+            size: 28,
+            mean: vec![0.0],
+            std: vec![1.0],
+            invert: true,
+        }
     }
 
     pub fn omniglot_zips() -> Vec<PathBuf> {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot");
-        vec![dir.join("images_background_small1.zip"), dir.join("images_background_small2.zip")]
+        vec![
+            dir.join("images_background_small1.zip"),
+            dir.join("images_background_small2.zip"),
+        ]
     }
 
     /// Both zips at 28 × 28. Behind a mutex because tensors are `Send` but not `Sync`.
     pub fn omniglot() -> MutexGuard<'static, Dataset> {
         static DATA: OnceLock<Mutex<Dataset>> = OnceLock::new();
-        let data = DATA.get_or_init(|| Mutex::new(omniglot::load(&omniglot_zips(), &omniglot_spec()).unwrap()));
+        let data = DATA.get_or_init(|| {
+            Mutex::new(omniglot::load(&omniglot_zips(), &omniglot_spec()).unwrap())
+        });
         data.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A dataset sharing the fixture's storage, for tests that consume one.
     pub fn omniglot_copy() -> Dataset {
-        Dataset { classes: omniglot().classes.iter().map(|c| c.shallow_clone()).collect() }
+        Dataset {
+            classes: omniglot()
+                .classes
+                .iter()
+                .map(|c| c.shallow_clone())
+                .collect(),
+        }
     }
 }

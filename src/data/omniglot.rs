@@ -32,7 +32,9 @@ pub fn load(sources: &[PathBuf], spec: &InputSpec) -> Result<Dataset, DataError>
         classes.extend(found.into_iter().filter(|c| !seen.contains(&c.group)));
         seen.extend(alphabets);
     }
-    Ok(Dataset { classes: decode_classes(classes, spec)? })
+    Ok(Dataset {
+        classes: decode_classes(classes, spec)?,
+    })
 }
 
 /// The rotation class augmentation (Santoro et al. 2016, as in MAML and T-NAS): each character
@@ -57,15 +59,25 @@ pub fn with_rotations(classes: Vec<ClassImages>) -> Vec<ClassImages> {
 fn scan(source: &Path) -> Result<Vec<EncodedClass>, DataError> {
     let classes = if source.is_dir() {
         scan_directory(source)?
-    } else if source.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
+    } else if source
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+    {
         scan_zip(source)?
     } else if source.exists() {
-        return Err(DataError::UnknownSource { path: source.to_path_buf() });
+        return Err(DataError::UnknownSource {
+            path: source.to_path_buf(),
+        });
     } else {
-        return Err(DataError::MissingPath { path: source.to_path_buf() });
+        return Err(DataError::MissingPath {
+            path: source.to_path_buf(),
+        });
     };
     if classes.is_empty() {
-        return Err(DataError::NoClasses { path: source.to_path_buf(), layout: LAYOUT });
+        return Err(DataError::NoClasses {
+            path: source.to_path_buf(),
+            layout: LAYOUT,
+        });
     }
     Ok(classes)
 }
@@ -77,7 +89,10 @@ fn scan_directory(root: &Path) -> Result<Vec<EncodedClass>, DataError> {
             classes.push(EncodedClass {
                 name: format!("{alphabet}/{character}"),
                 group: alphabet.clone(),
-                images: image_files(&character_dir)?.into_iter().map(EncodedImage::OnDisk).collect(),
+                images: image_files(&character_dir)?
+                    .into_iter()
+                    .map(EncodedImage::OnDisk)
+                    .collect(),
             });
         }
     }
@@ -87,19 +102,33 @@ fn scan_directory(root: &Path) -> Result<Vec<EncodedClass>, DataError> {
 /// Reads the PNG entries of an official zip into memory (decoding happens later, in parallel),
 /// in entry-name order so that classes and their images are sorted like a directory's.
 fn scan_zip(path: &Path) -> Result<Vec<EncodedClass>, DataError> {
-    let file = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    let mut archive =
-        ZipArchive::new(BufReader::new(file)).map_err(|source| DataError::Zip { path: path.to_path_buf(), source })?;
-    let mut entries: Vec<(String, usize)> =
-        (0..archive.len()).filter_map(|i| Some((archive.name_for_index(i)?.to_owned(), i))).collect();
+    let file = File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|source| DataError::Zip {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut entries: Vec<(String, usize)> = (0..archive.len())
+        .filter_map(|i| Some((archive.name_for_index(i)?.to_owned(), i)))
+        .collect();
     entries.sort();
     let mut characters: BTreeMap<(String, String), Vec<EncodedImage>> = BTreeMap::new();
     for (entry, index) in entries {
-        let Some(class) = class_of_entry(&entry) else { continue };
-        let bytes = read_entry(&mut archive, index)
-            .map_err(|source| DataError::ZipEntry { zip: path.to_path_buf(), entry: entry.clone(), source })?;
+        let Some(class) = class_of_entry(&entry) else {
+            continue;
+        };
+        let bytes = read_entry(&mut archive, index).map_err(|source| DataError::ZipEntry {
+            zip: path.to_path_buf(),
+            entry: entry.clone(),
+            source,
+        })?;
         let origin = format!("{}:{entry}", path.display());
-        characters.entry(class).or_default().push(EncodedImage::InMemory { origin, bytes });
+        characters
+            .entry(class)
+            .or_default()
+            .push(EncodedImage::InMemory { origin, bytes });
     }
     Ok(characters
         .into_iter()
@@ -113,10 +142,15 @@ fn scan_zip(path: &Path) -> Result<Vec<EncodedClass>, DataError> {
 
 /// An entry's bytes, read up to one byte past the image size limit: enough for
 /// [`crate::imaging::decode`] to refuse an oversized entry without reading all of it.
-fn read_entry(archive: &mut ZipArchive<BufReader<File>>, index: usize) -> Result<Vec<u8>, ZipError> {
+fn read_entry(
+    archive: &mut ZipArchive<BufReader<File>>,
+    index: usize,
+) -> Result<Vec<u8>, ZipError> {
     let entry = archive.by_index(index)?;
     let mut bytes = Vec::new();
-    entry.take(ImageLimits::default().max_bytes as u64 + 1).read_to_end(&mut bytes)?;
+    entry
+        .take(ImageLimits::default().max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -126,7 +160,12 @@ fn class_of_entry(name: &str) -> Option<(String, String)> {
     let parts: Vec<&str> = name.split('/').collect();
     let hidden = parts.iter().any(|p| p.starts_with('.') || *p == "__MACOSX");
     match parts.as_slice() {
-        [.., alphabet, character, file] if !hidden && has_image_extension(file) && !alphabet.is_empty() && !character.is_empty() => {
+        [.., alphabet, character, file]
+            if !hidden
+                && has_image_extension(file)
+                && !alphabet.is_empty()
+                && !character.is_empty() =>
+        {
             Some((alphabet.to_string(), character.to_string()))
         }
         _ => None,
@@ -145,7 +184,16 @@ mod tests {
     #[test]
     fn both_zips_give_8_alphabets_and_242_characters_of_20_drawings() {
         let data = omniglot();
-        let alphabets = ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin", "Japanese_(katakana)", "Sanskrit", "Tagalog"];
+        let alphabets = [
+            "Balinese",
+            "Early_Aramaic",
+            "Greek",
+            "Korean",
+            "Latin",
+            "Japanese_(katakana)",
+            "Sanskrit",
+            "Tagalog",
+        ];
         assert_eq!(data.groups(), alphabets);
         assert_eq!(data.classes.len(), 242);
         assert!(data.classes.iter().all(|c| c.num_images() == 20));
@@ -160,8 +208,15 @@ mod tests {
         let images = &data.classes[17].images;
         assert_eq!(images.size(), [20, 1, 28, 28]);
         assert_eq!(images.kind(), Kind::Float);
-        let (min, max, mean) = (images.min().double_value(&[]), images.max().double_value(&[]), images.mean(Kind::Float).double_value(&[]));
-        assert!(min >= 0.0 && max <= 1.0 + 1e-6, "values in [0, 1]: {min}..{max}");
+        let (min, max, mean) = (
+            images.min().double_value(&[]),
+            images.max().double_value(&[]),
+            images.mean(Kind::Float).double_value(&[]),
+        );
+        assert!(
+            min >= 0.0 && max <= 1.0 + 1e-6,
+            "values in [0, 1]: {min}..{max}"
+        );
         assert!(max > 0.9, "strokes are bright: max {max}");
         assert!(mean < 0.3, "background is dark: mean {mean}");
     }
@@ -173,7 +228,16 @@ mod tests {
         let rotated = with_rotations(classes);
         let names: Vec<&str> = rotated.iter().take(5).map(|c| c.name.as_str()).collect();
         let base = "Balinese/character01";
-        assert_eq!(names, [base, &format!("{base}/rot90"), &format!("{base}/rot180"), &format!("{base}/rot270"), "Balinese/character02"]);
+        assert_eq!(
+            names,
+            [
+                base,
+                &format!("{base}/rot90"),
+                &format!("{base}/rot180"),
+                &format!("{base}/rot270"),
+                "Balinese/character02"
+            ]
+        );
         assert_eq!(rotated.len(), 8);
         assert!(rotated.iter().all(|c| c.group == "Balinese"));
         assert!(rotated[0].images.equal(&original));
@@ -186,7 +250,11 @@ mod tests {
     fn write_zip(path: &Path, entries: &[(&str, &[u8])]) {
         let mut zip = ZipWriter::new(File::create(path).unwrap());
         for (name, bytes) in entries {
-            zip.start_file(*name, SimpleFileOptions::default().compression_method(CompressionMethod::Deflated)).unwrap();
+            zip.start_file(
+                *name,
+                SimpleFileOptions::default().compression_method(CompressionMethod::Deflated),
+            )
+            .unwrap();
             zip.write_all(bytes).unwrap();
         }
         zip.finish().unwrap();
@@ -196,9 +264,19 @@ mod tests {
     fn undecodable_image_in_a_zip_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.zip");
-        write_zip(&path, &[("bad/Alpha/character01/0001_01.png", b"\x89PNG\r\n\x1a\ntruncated")]);
+        write_zip(
+            &path,
+            &[(
+                "bad/Alpha/character01/0001_01.png",
+                b"\x89PNG\r\n\x1a\ntruncated",
+            )],
+        );
         let err = load(&[path], &omniglot_spec()).unwrap_err();
-        assert!(err.to_string().contains("bad.zip:bad/Alpha/character01/0001_01.png"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("bad.zip:bad/Alpha/character01/0001_01.png"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -210,10 +288,15 @@ mod tests {
         write_zip(&path, &[(entry, &content)]);
         let mut bytes = std::fs::read(&path).unwrap();
         let data_start = 30 + entry.len();
-        bytes[data_start + 10..data_start + 30].iter_mut().for_each(|b| *b ^= 0x5a);
+        bytes[data_start + 10..data_start + 30]
+            .iter_mut()
+            .for_each(|b| *b ^= 0x5a);
         std::fs::write(&path, bytes).unwrap();
         let err = load(&[path], &omniglot_spec()).unwrap_err();
-        assert!(matches!(&err, DataError::ZipEntry { entry: e, .. } if e == entry), "{err}");
+        assert!(
+            matches!(&err, DataError::ZipEntry { entry: e, .. } if e == entry),
+            "{err}"
+        );
         assert!(err.to_string().contains("corrupt.zip"), "{err}");
     }
 
@@ -222,13 +305,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no_such_dir");
         let err = load(&[missing], &omniglot_spec()).unwrap_err();
-        assert!(matches!(&err, DataError::MissingPath { path } if path.ends_with("no_such_dir")), "{err}");
+        assert!(
+            matches!(&err, DataError::MissingPath { path } if path.ends_with("no_such_dir")),
+            "{err}"
+        );
         let text = dir.path().join("notes.txt");
         std::fs::write(&text, "x").unwrap();
-        assert!(matches!(load(&[text], &omniglot_spec()), Err(DataError::UnknownSource { .. })));
+        assert!(matches!(
+            load(&[text], &omniglot_spec()),
+            Err(DataError::UnknownSource { .. })
+        ));
         let fake = dir.path().join("fake.zip");
         std::fs::write(&fake, "not a zip").unwrap();
-        assert!(matches!(load(&[fake], &omniglot_spec()), Err(DataError::Zip { .. })));
+        assert!(matches!(
+            load(&[fake], &omniglot_spec()),
+            Err(DataError::Zip { .. })
+        ));
     }
 
     #[test]
@@ -239,7 +331,11 @@ mod tests {
         for index in 0..archive.len() {
             let mut entry = archive.by_index(index).unwrap();
             let name = entry.name().to_owned();
-            if let Some(rel) = wanted.iter().find_map(|w| name.find(w).map(|at| name[at..].to_owned())).filter(|_| entry.is_file()) {
+            if let Some(rel) = wanted
+                .iter()
+                .find_map(|w| name.find(w).map(|at| name[at..].to_owned()))
+                .filter(|_| entry.is_file())
+            {
                 let target = dir.path().join(rel);
                 std::fs::create_dir_all(target.parent().unwrap()).unwrap();
                 std::io::copy(&mut entry, &mut File::create(target).unwrap()).unwrap();
@@ -250,7 +346,11 @@ mod tests {
         assert_eq!(names, ["Greek/character02", "Latin/character01"]);
         let from_zip = omniglot();
         for class in &from_dir.classes {
-            let same = from_zip.classes.iter().find(|c| c.name == class.name).unwrap();
+            let same = from_zip
+                .classes
+                .iter()
+                .find(|c| c.name == class.name)
+                .unwrap();
             assert!(class.images.equal(&same.images), "{}", class.name);
         }
     }

@@ -22,11 +22,18 @@ impl EncodedImage {
         let bytes = match self {
             EncodedImage::InMemory { bytes, .. } => Cow::Borrowed(bytes.as_slice()),
             EncodedImage::OnDisk(path) => {
-                Cow::Owned(std::fs::read(path).map_err(|source| DataError::Io { path: path.clone(), source })?)
+                Cow::Owned(std::fs::read(path).map_err(|source| DataError::Io {
+                    path: path.clone(),
+                    source,
+                })?)
             }
         };
-        let image = imaging::decode(&bytes, &ImageLimits::default())
-            .map_err(|source| DataError::Image { origin: self.origin(), source })?;
+        let image = imaging::decode(&bytes, &ImageLimits::default()).map_err(|source| {
+            DataError::Image {
+                origin: self.origin(),
+                source,
+            }
+        })?;
         out.copy_from_slice(&imaging::to_input(&image, spec));
         Ok(())
     }
@@ -48,24 +55,46 @@ pub(crate) struct EncodedClass {
 
 /// Decodes every image of every class with [`imaging::to_input`], spread over the available
 /// cores, into one `[n, C, S, S]` tensor per class; classes keep their order.
-pub(crate) fn decode_classes(classes: Vec<EncodedClass>, spec: &InputSpec) -> Result<Vec<ClassImages>, DataError> {
+pub(crate) fn decode_classes(
+    classes: Vec<EncodedClass>,
+    spec: &InputSpec,
+) -> Result<Vec<ClassImages>, DataError> {
     let per_image = spec.channels * spec.size * spec.size;
-    let mut buffers: Vec<Vec<f32>> = classes.iter().map(|c| vec![0.0; c.images.len() * per_image]).collect();
+    let mut buffers: Vec<Vec<f32>> = classes
+        .iter()
+        .map(|c| vec![0.0; c.images.len() * per_image])
+        .collect();
     let mut jobs: Vec<(&EncodedImage, &mut [f32])> = classes
         .iter()
         .zip(buffers.iter_mut())
         .flat_map(|(class, buffer)| class.images.iter().zip(buffer.chunks_mut(per_image)))
         .collect();
-    let threads = thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, jobs.len().max(1));
+    let threads = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, jobs.len().max(1));
     let chunk = jobs.len().div_ceil(threads).max(1);
     thread::scope(|scope| {
         let workers: Vec<_> = jobs
             .chunks_mut(chunk)
-            .map(|part| scope.spawn(move || part.iter_mut().try_for_each(|(image, out)| image.preprocess_into(spec, out))))
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter_mut()
+                        .try_for_each(|(image, out)| image.preprocess_into(spec, out))
+                })
+            })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().expect("image decoding thread panicked"))
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("image decoding thread panicked"))
     })?;
-    let shape = |n: usize| [n as i64, spec.channels as i64, spec.size as i64, spec.size as i64];
+    let shape = |n: usize| {
+        [
+            n as i64,
+            spec.channels as i64,
+            spec.size as i64,
+            spec.size as i64,
+        ]
+    };
     Ok(classes
         .into_iter()
         .zip(buffers)

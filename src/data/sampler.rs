@@ -66,15 +66,35 @@ type Draw = Vec<(usize, Vec<usize>)>;
 impl<'a> EpisodeSampler<'a> {
     /// A sampler at the start of `seed`'s sequence; errors (rather than panicking later) when the
     /// classes cannot supply the requested episodes.
-    pub fn new(classes: &'a [ClassImages], way: usize, shot: usize, query: usize, seed: u64) -> Result<Self, DataError> {
+    pub fn new(
+        classes: &'a [ClassImages],
+        way: usize,
+        shot: usize,
+        query: usize,
+        seed: u64,
+    ) -> Result<Self, DataError> {
         check_shape(classes, way, shot, query)?;
         let rng = ChaCha8Rng::seed_from_u64(seed);
-        Ok(EpisodeSampler { classes, way, shot, query, seed, episodes: 0, rng })
+        Ok(EpisodeSampler {
+            classes,
+            way,
+            shot,
+            query,
+            seed,
+            episodes: 0,
+            rng,
+        })
     }
 
     /// The sampler that produced `state`, continuing exactly where it stopped; `classes` must be
     /// the same classes in the same order (loaders sort them, so reloading the data suffices).
-    pub fn restore(classes: &'a [ClassImages], way: usize, shot: usize, query: usize, state: &SamplerState) -> Result<Self, DataError> {
+    pub fn restore(
+        classes: &'a [ClassImages],
+        way: usize,
+        shot: usize,
+        query: usize,
+        state: &SamplerState,
+    ) -> Result<Self, DataError> {
         let mut sampler = Self::new(classes, way, shot, query, state.seed)?;
         for _ in 0..state.episodes {
             sampler.draw();
@@ -87,7 +107,10 @@ impl<'a> EpisodeSampler<'a> {
     }
 
     pub fn state(&self) -> SamplerState {
-        SamplerState { seed: self.seed, episodes: self.episodes }
+        SamplerState {
+            seed: self.seed,
+            episodes: self.episodes,
+        }
     }
 
     /// The next episode.
@@ -96,7 +119,9 @@ impl<'a> EpisodeSampler<'a> {
         let (mut support, mut query) = (Vec::with_capacity(self.way), Vec::with_capacity(self.way));
         for (class, rows) in &draw {
             let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let images = self.classes[*class].images.index_select(0, &Tensor::from_slice(&rows));
+            let images = self.classes[*class]
+                .images
+                .index_select(0, &Tensor::from_slice(&rows));
             support.push(images.narrow(0, 0, self.shot as i64));
             query.push(images.narrow(0, self.shot as i64, self.query as i64));
         }
@@ -117,7 +142,11 @@ impl<'a> EpisodeSampler<'a> {
         classes
             .into_iter()
             .map(|class| {
-                let rows = index::sample(&mut self.rng, self.classes[class].num_images(), self.shot + self.query);
+                let rows = index::sample(
+                    &mut self.rng,
+                    self.classes[class].num_images(),
+                    self.shot + self.query,
+                );
                 (class, rows.into_vec())
             })
             .collect()
@@ -126,20 +155,34 @@ impl<'a> EpisodeSampler<'a> {
 
 /// `[0 ×n, 1 ×n, …, way−1 ×n]` as i64.
 fn class_major_labels(way: usize, n: usize) -> Tensor {
-    let labels: Vec<i64> = (0..way as i64).flat_map(|label| std::iter::repeat_n(label, n)).collect();
+    let labels: Vec<i64> = (0..way as i64)
+        .flat_map(|label| std::iter::repeat_n(label, n))
+        .collect();
     Tensor::from_slice(&labels)
 }
 
-fn check_shape(classes: &[ClassImages], way: usize, shot: usize, query: usize) -> Result<(), DataError> {
+fn check_shape(
+    classes: &[ClassImages],
+    way: usize,
+    shot: usize,
+    query: usize,
+) -> Result<(), DataError> {
     if way == 0 || shot == 0 {
         return Err(DataError::EmptyEpisode { way, shot });
     }
     if way > classes.len() {
-        return Err(DataError::NotEnoughClasses { way, available: classes.len() });
+        return Err(DataError::NotEnoughClasses {
+            way,
+            available: classes.len(),
+        });
     }
     let needed = shot + query;
     match classes.iter().find(|c| c.num_images() < needed) {
-        Some(class) => Err(DataError::NotEnoughImages { class: class.name.clone(), needed, available: class.num_images() }),
+        Some(class) => Err(DataError::NotEnoughImages {
+            class: class.name.clone(),
+            needed,
+            available: class.num_images(),
+        }),
         None => Ok(()),
     }
 }
@@ -163,8 +206,14 @@ mod tests {
         assert_eq!(e.support.size(), [10, 1, 28, 28]);
         assert_eq!(e.query.size(), [15, 1, 28, 28]);
         assert_eq!(e.support_labels.kind(), Kind::Int64);
-        assert_eq!(Vec::<i64>::try_from(&e.support_labels).unwrap(), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);
-        assert_eq!(Vec::<i64>::try_from(&e.query_labels).unwrap(), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
+        assert_eq!(
+            Vec::<i64>::try_from(&e.support_labels).unwrap(),
+            [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(&e.query_labels).unwrap(),
+            [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+        );
         let mut distinct = e.class_indices.clone();
         distinct.sort();
         distinct.dedup();
@@ -178,9 +227,22 @@ mod tests {
         for _ in 0..5 {
             let e = sampler.sample();
             for (label, &class) in e.class_indices.iter().enumerate() {
-                let images = Tensor::cat(&[e.support.narrow(0, 5 * label as i64, 5), e.query.narrow(0, 15 * label as i64, 15)], 0);
+                let images = Tensor::cat(
+                    &[
+                        e.support.narrow(0, 5 * label as i64, 5),
+                        e.query.narrow(0, 15 * label as i64, 15),
+                    ],
+                    0,
+                );
                 // All 20 images of the class, each exactly once: same sum of pixels per image, sorted.
-                let sums = |t: &Tensor| Vec::<f32>::try_from(t.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float).sort(0, false).0).unwrap();
+                let sums = |t: &Tensor| {
+                    Vec::<f32>::try_from(
+                        t.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
+                            .sort(0, false)
+                            .0,
+                    )
+                    .unwrap()
+                };
                 assert_eq!(sums(&images), sums(&classes[class].images));
             }
         }
@@ -192,7 +254,10 @@ mod tests {
         let mut sampler = EpisodeSampler::new(&classes, 5, 1, 5, 3).unwrap();
         for _ in 0..50 {
             let e = sampler.sample();
-            assert!(e.class_indices.iter().all(|&c| ["Latin", "Tagalog"].contains(&classes[c].group.as_str())));
+            assert!(e
+                .class_indices
+                .iter()
+                .all(|&c| ["Latin", "Tagalog"].contains(&classes[c].group.as_str())));
         }
     }
 
@@ -206,8 +271,15 @@ mod tests {
             assert_eq!(x.class_indices, y.class_indices);
             assert!(x.support.equal(&y.support) && x.query.equal(&y.query));
         }
-        let state: SamplerState = serde_json::from_str(&serde_json::to_string(&a.state()).unwrap()).unwrap();
-        assert_eq!(state, SamplerState { seed: 42, episodes: 3 });
+        let state: SamplerState =
+            serde_json::from_str(&serde_json::to_string(&a.state()).unwrap()).unwrap();
+        assert_eq!(
+            state,
+            SamplerState {
+                seed: 42,
+                episodes: 3
+            }
+        );
         let mut restored = EpisodeSampler::restore(&classes, 5, 1, 2, &state).unwrap();
         for _ in 0..3 {
             let (x, y) = (a.sample(), restored.sample());
@@ -215,16 +287,46 @@ mod tests {
             assert!(x.support.equal(&y.support) && x.query.equal(&y.query));
         }
         let other = EpisodeSampler::new(&classes, 5, 1, 2, 43).unwrap().sample();
-        assert_ne!(other.class_indices, EpisodeSampler::new(&classes, 5, 1, 2, 42).unwrap().sample().class_indices);
+        assert_ne!(
+            other.class_indices,
+            EpisodeSampler::new(&classes, 5, 1, 2, 42)
+                .unwrap()
+                .sample()
+                .class_indices
+        );
     }
 
     #[test]
     fn impossible_episodes_are_errors() {
         let classes = split_test_classes();
-        let too_many_ways = EpisodeSampler::new(&classes, classes.len() + 1, 1, 1, 0).err().unwrap();
-        assert!(matches!(too_many_ways, DataError::NotEnoughClasses { way: 44, available: 43 }), "{too_many_ways}");
+        let too_many_ways = EpisodeSampler::new(&classes, classes.len() + 1, 1, 1, 0)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                too_many_ways,
+                DataError::NotEnoughClasses {
+                    way: 44,
+                    available: 43
+                }
+            ),
+            "{too_many_ways}"
+        );
         let too_many_images = EpisodeSampler::new(&classes, 5, 5, 16, 0).err().unwrap();
-        assert!(matches!(too_many_images, DataError::NotEnoughImages { needed: 21, available: 20, .. }), "{too_many_images}");
-        assert!(matches!(EpisodeSampler::new(&classes, 0, 1, 1, 0), Err(DataError::EmptyEpisode { .. })));
+        assert!(
+            matches!(
+                too_many_images,
+                DataError::NotEnoughImages {
+                    needed: 21,
+                    available: 20,
+                    ..
+                }
+            ),
+            "{too_many_images}"
+        );
+        assert!(matches!(
+            EpisodeSampler::new(&classes, 0, 1, 1, 0),
+            Err(DataError::EmptyEpisode { .. })
+        ));
     }
 }

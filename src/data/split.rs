@@ -22,7 +22,13 @@ pub struct SplitSpec {
 pub fn default_omniglot_split() -> SplitSpec {
     let names = |groups: &[&str]| groups.iter().map(|g| g.to_string()).collect();
     SplitSpec {
-        train: names(&["Balinese", "Greek", "Japanese_(katakana)", "Korean", "Sanskrit"]),
+        train: names(&[
+            "Balinese",
+            "Greek",
+            "Japanese_(katakana)",
+            "Korean",
+            "Sanskrit",
+        ]),
         validation: names(&["Early_Aramaic"]),
         test: names(&["Latin", "Tagalog"]),
     }
@@ -31,7 +37,11 @@ pub fn default_omniglot_split() -> SplitSpec {
 impl SplitSpec {
     /// The split names and their groups, in the order errors report them.
     fn named(&self) -> [(&'static str, &[String]); 3] {
-        [("train", &self.train), ("validation", &self.validation), ("test", &self.test)]
+        [
+            ("train", &self.train),
+            ("validation", &self.validation),
+            ("test", &self.test),
+        ]
     }
 
     /// Checks that every named group exists in `dataset` and is in one split only.
@@ -41,10 +51,21 @@ impl SplitSpec {
         for (i, (split, groups)) in named.iter().enumerate() {
             for group in groups.iter() {
                 if !known.contains(group) {
-                    return Err(DataError::UnknownGroup { group: group.clone(), split, known: known.join(", ") });
+                    return Err(DataError::UnknownGroup {
+                        group: group.clone(),
+                        split,
+                        known: known.join(", "),
+                    });
                 }
-                if let Some((second, _)) = named[i + 1..].iter().find(|(_, later)| later.contains(group)) {
-                    return Err(DataError::GroupInTwoSplits { group: group.clone(), first: split, second });
+                if let Some((second, _)) = named[i + 1..]
+                    .iter()
+                    .find(|(_, later)| later.contains(group))
+                {
+                    return Err(DataError::GroupInTwoSplits {
+                        group: group.clone(),
+                        first: split,
+                        second,
+                    });
                 }
             }
         }
@@ -78,9 +99,20 @@ mod tests {
         assert_eq!(train.len() + validation.len() + test.len(), 242);
         let (tr, va, te) = (names(&train), names(&validation), names(&test));
         assert!(tr.is_disjoint(&va) && tr.is_disjoint(&te) && va.is_disjoint(&te));
-        let groups = |classes: &[ClassImages]| classes.iter().map(|c| c.group.clone()).collect::<HashSet<_>>();
-        assert_eq!(groups(&test), HashSet::from(["Latin".to_string(), "Tagalog".to_string()]));
-        assert_eq!(groups(&validation), HashSet::from(["Early_Aramaic".to_string()]));
+        let groups = |classes: &[ClassImages]| {
+            classes
+                .iter()
+                .map(|c| c.group.clone())
+                .collect::<HashSet<_>>()
+        };
+        assert_eq!(
+            groups(&test),
+            HashSet::from(["Latin".to_string(), "Tagalog".to_string()])
+        );
+        assert_eq!(
+            groups(&validation),
+            HashSet::from(["Early_Aramaic".to_string()])
+        );
         assert_eq!(groups(&train).len(), 5);
     }
 
@@ -89,8 +121,14 @@ mod tests {
         let mut spec = default_omniglot_split();
         spec.test.push("Klingon".into());
         let err = spec.apply(omniglot_copy()).unwrap_err();
-        assert!(matches!(&err, DataError::UnknownGroup { group, split: "test", .. } if group == "Klingon"), "{err}");
-        assert!(err.to_string().contains("Tagalog"), "lists the known groups: {err}");
+        assert!(
+            matches!(&err, DataError::UnknownGroup { group, split: "test", .. } if group == "Klingon"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("Tagalog"),
+            "lists the known groups: {err}"
+        );
     }
 
     #[test]
@@ -98,12 +136,26 @@ mod tests {
         let mut spec = default_omniglot_split();
         spec.validation.push("Greek".into());
         let err = spec.apply(omniglot_copy()).unwrap_err();
-        assert!(matches!(&err, DataError::GroupInTwoSplits { first: "train", second: "validation", .. }), "{err}");
+        assert!(
+            matches!(
+                &err,
+                DataError::GroupInTwoSplits {
+                    first: "train",
+                    second: "validation",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn groups_in_no_split_are_dropped() {
-        let spec = SplitSpec { train: vec!["Greek".into()], validation: vec![], test: vec!["Latin".into()] };
+        let spec = SplitSpec {
+            train: vec!["Greek".into()],
+            validation: vec![],
+            test: vec!["Latin".into()],
+        };
         let (train, validation, test) = spec.apply(omniglot_copy()).unwrap();
         assert_eq!((train.len(), validation.len(), test.len()), (24, 0, 26));
     }

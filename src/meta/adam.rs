@@ -17,7 +17,13 @@ pub struct AdamConfig {
 
 impl AdamConfig {
     pub fn new(lr: f64) -> Self {
-        AdamConfig { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamConfig {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -34,7 +40,12 @@ pub struct Adam {
 impl Adam {
     pub fn new(config: AdamConfig, params: &[&Tensor]) -> Self {
         let zeros = || params.iter().map(|p| p.zeros_like()).collect();
-        Adam { config, steps: 0, m: zeros(), v: zeros() }
+        Adam {
+            config,
+            steps: 0,
+            m: zeros(),
+            v: zeros(),
+        }
     }
 
     /// One update of `params` in place with `grads` (same order).
@@ -45,7 +56,11 @@ impl Adam {
         let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
         crate::grad::no_grad(|| {
             for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-                let g = if c.weight_decay != 0.0 { g + *p * c.weight_decay } else { g.shallow_clone() };
+                let g = if c.weight_decay != 0.0 {
+                    g + *p * c.weight_decay
+                } else {
+                    g.shallow_clone()
+                };
                 self.m[i] = &self.m[i] * c.beta1 + &g * (1.0 - c.beta1);
                 self.v[i] = &self.v[i] * c.beta2 + g.square() * (1.0 - c.beta2);
                 let denom = (&self.v[i] / bias2).sqrt() + c.eps;
@@ -65,10 +80,20 @@ mod tests {
     /// betas (0.5, 0.999) and an L2 weight decay large enough to show.
     #[test]
     fn five_steps_match_pytorch() {
-        let cases = [(0.9, 0.0, [0.5091376f32, -1.5016961, 0.0293878]), (0.5, 0.1, [0.5346816, -1.5090454, 0.0807966])];
+        let cases = [
+            (0.9, 0.0, [0.5091376f32, -1.5016961, 0.0293878]),
+            (0.5, 0.1, [0.5346816, -1.5090454, 0.0807966]),
+        ];
         for (beta1, weight_decay, expected) in cases {
             let p = Tensor::from_slice(&[1.0f32, -2.0, 0.5]);
-            let mut adam = Adam::new(AdamConfig { beta1, weight_decay, ..AdamConfig::new(0.1) }, &[&p]);
+            let mut adam = Adam::new(
+                AdamConfig {
+                    beta1,
+                    weight_decay,
+                    ..AdamConfig::new(0.1)
+                },
+                &[&p],
+            );
             for _ in 0..5 {
                 let gradient = &p * 2.0 + p.square() * 0.3;
                 adam.step(&[&p], &[gradient]);

@@ -1,9 +1,9 @@
 //! The meta-gradient of one task under each algorithm (`--algo`).
 
 use crate::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
+use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::network::Network;
-use crate::learned_rates::LearnedRates;
 use crate::params::ParamSet;
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
@@ -100,7 +100,12 @@ pub struct TaskGradient {
 
 /// Fraction of rows whose argmax equals the label.
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
-    logits.argmax(-1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+    logits
+        .argmax(-1, false)
+        .eq_tensor(labels)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
 }
 
 /// Everything fixed across the tasks of a run.
@@ -119,9 +124,17 @@ pub struct TaskContext<'a> {
 
 impl TaskContext<'_> {
     /// Adapts to one task from (w̃, θ̃) and returns its meta-gradient (T-NAS Algorithm 1, lines 4–8).
-    pub fn task_gradient(&self, meta: &ParamSet, meta_alphas: Option<&Alphas>, task: &MetaTask) -> TaskGradient {
+    pub fn task_gradient(
+        &self,
+        meta: &ParamSet,
+        meta_alphas: Option<&Alphas>,
+        task: &MetaTask,
+    ) -> TaskGradient {
         let second_order = self.rule == GradientRule::SecondOrder;
-        let inner = InnerLoop { second_order, ..self.inner };
+        let inner = InnerLoop {
+            second_order,
+            ..self.inner
+        };
         let mut state = if second_order {
             // Leaves that share the meta-weights' storage: the graph runs from them through every step.
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
@@ -135,9 +148,20 @@ impl TaskContext<'_> {
             }
             state
         } else {
-            TaskState::start(self.network, meta, meta_alphas, self.head, &task.support, self.device)
+            TaskState::start(
+                self.network,
+                meta,
+                meta_alphas,
+                self.head,
+                &task.support,
+                self.device,
+            )
         };
-        let gumbel = state.alphas.as_ref().filter(|_| self.sample_architecture).map(|a| gumbel_noise(a, task.seed));
+        let gumbel = state
+            .alphas
+            .as_ref()
+            .filter(|_| self.sample_architecture)
+            .map(|a| gumbel_noise(a, task.seed));
         if let Some(noise) = &gumbel {
             // softmax(θ + g) is the Gumbel-softmax sample at temperature 1; adapting θ + g adapts θ.
             state.alphas = state.alphas.as_ref().map(|a| Alphas {
@@ -153,30 +177,70 @@ impl TaskContext<'_> {
         // rates get theirs.
         state.rates = self.rates.clone();
         let origin = TaskState::new(state.params.clone(), state.alphas.clone());
-        state.adapt(self.network, &task.support, &inner, &|| true).expect("never interrupted");
-        let logits = query_logits(self.network, &state.params, state.mixing(self.network).as_ref(), &task.support, task.query, self.bn);
+        state
+            .adapt(self.network, &task.support, &inner, &|| true)
+            .expect("never interrupted");
+        let logits = query_logits(
+            self.network,
+            &state.params,
+            state.mixing(self.network).as_ref(),
+            &task.support,
+            task.query,
+            self.bn,
+        );
         let loss = logits.cross_entropy_for_logits(task.query_labels);
-        let (query_loss, query_accuracy) = (loss.double_value(&[]), accuracy(&logits, task.query_labels));
+        let (query_loss, query_accuracy) =
+            (loss.double_value(&[]), accuracy(&logits, task.query_labels));
         let (w, theta, rates) = match self.rule {
             GradientRule::Reptile => crate::grad::no_grad(|| {
-                let w = meta.names().iter().map(|n| meta.get(n) - state.params.get(n)).collect();
+                let w = meta
+                    .names()
+                    .iter()
+                    .map(|n| meta.get(n) - state.params.get(n))
+                    .collect();
                 let adapted = state.alphas.as_ref().map(|a| match &gumbel {
-                    Some(noise) => Alphas { normal: &a.normal - &noise.normal, reduce: &a.reduce - &noise.reduce },
+                    Some(noise) => Alphas {
+                        normal: &a.normal - &noise.normal,
+                        reduce: &a.reduce - &noise.reduce,
+                    },
                     None => a.clone(),
                 });
-                let theta = meta_alphas.zip(adapted.as_ref()).map(|(m, a)| (&m.normal - &a.normal, &m.reduce - &a.reduce));
+                let theta = meta_alphas
+                    .zip(adapted.as_ref())
+                    .map(|(m, a)| (&m.normal - &a.normal, &m.reduce - &a.reduce));
                 (w, theta, None)
             }),
             GradientRule::FirstOrder | GradientRule::SecondOrder => {
-                let at = if second_order || self.rates.is_some() { &origin } else { &state };
-                let tables: Vec<&Tensor> = self.rates.iter().flat_map(|r| [&r.w, &r.theta]).collect();
+                let at = if second_order || self.rates.is_some() {
+                    &origin
+                } else {
+                    &state
+                };
+                let tables: Vec<&Tensor> =
+                    self.rates.iter().flat_map(|r| [&r.w, &r.theta]).collect();
                 let (w, theta, mut tables) = at.gradients_with(&loss, false, &tables);
-                let rates = self.rates.as_ref().map(|_| (tables.remove(0), tables.remove(0)));
+                let rates = self
+                    .rates
+                    .as_ref()
+                    .map(|_| (tables.remove(0), tables.remove(0)));
                 let w = at.params.views_of(&w);
-                (meta.names().iter().map(|n| w.get(n).shallow_clone()).collect(), theta, rates)
+                (
+                    meta.names()
+                        .iter()
+                        .map(|n| w.get(n).shallow_clone())
+                        .collect(),
+                    theta,
+                    rates,
+                )
             }
         };
-        TaskGradient { w, theta, rates, query_loss, query_accuracy }
+        TaskGradient {
+            w,
+            theta,
+            rates,
+            query_loss,
+            query_accuracy,
+        }
     }
 }
 
@@ -185,10 +249,17 @@ fn gumbel_noise(alphas: &Alphas, seed: u64) -> Alphas {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut draw = |like: &Tensor| {
-        let draws: Vec<f32> = (0..like.numel()).map(|_| -(-(rng.gen_range(f32::EPSILON..1.0)).ln()).ln()).collect();
-        Tensor::from_slice(&draws).view(like.size().as_slice()).to_device(like.device())
+        let draws: Vec<f32> = (0..like.numel())
+            .map(|_| -(-(rng.gen_range(f32::EPSILON..1.0)).ln()).ln())
+            .collect();
+        Tensor::from_slice(&draws)
+            .view(like.size().as_slice())
+            .to_device(like.device())
     };
-    Alphas { normal: draw(&alphas.normal), reduce: draw(&alphas.reduce) }
+    Alphas {
+        normal: draw(&alphas.normal),
+        reduce: draw(&alphas.reduce),
+    }
 }
 
 #[cfg(test)]
@@ -205,25 +276,81 @@ mod tests {
     /// recomputed by adapting by hand.
     #[test]
     fn learned_rates_get_their_first_order_gradient() {
-        let space = SearchSpace { in_channels: 1, image_size: 8, init_channels: 4, layers: 2, steps: 2, multiplier: 2, stem_multiplier: 2, stem_pools: 1 };
-        let network = Network::Supernet(Supernet::relaxed(space, Relaxation::Annealed { start: 1.0, end: 0.3, pairwise_inputs: true }));
-        let head = HeadSpec::Proto { max_way: 5, learned_scale: true };
+        let space = SearchSpace {
+            in_channels: 1,
+            image_size: 8,
+            init_channels: 4,
+            layers: 2,
+            steps: 2,
+            multiplier: 2,
+            stem_multiplier: 2,
+            stem_pools: 1,
+        };
+        let network = Network::Supernet(Supernet::relaxed(
+            space,
+            Relaxation::Annealed {
+                start: 1.0,
+                end: 0.3,
+                pairwise_inputs: true,
+            },
+        ));
+        let head = HeadSpec::Proto {
+            max_way: 5,
+            learned_scale: true,
+        };
         tch::manual_seed(2);
-        let meta = ParamSet::initialise(&crate::checkpoint::param_specs(&network, head), Device::Cpu);
+        let meta =
+            ParamSet::initialise(&crate::checkpoint::param_specs(&network, head), Device::Cpu);
         let alphas = Alphas::initialise(&space, Device::Cpu).map(|t| t * 300.0);
         let tensors = task_tensors(&meta, head);
-        let rates = LearnedRates { w: Tensor::rand([2, tensors as i64], (Kind::Float, Device::Cpu)) * 0.2, theta: Tensor::from_slice(&[3f32, 5., 2., 4.]).view([2, 2]) };
-        let learning = LearnedRates { w: rates.w.copy().set_requires_grad(true), theta: rates.theta.copy().set_requires_grad(true) };
-        let (images, query) = (Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)), Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu)));
-        let (labels, query_labels) = (Tensor::from_slice(&[0i64, 1, 0, 1]), Tensor::from_slice(&[0i64, 1, 0, 1, 1, 0]));
-        let support = SupportSet { images: &images, labels: &labels, n_way: 2 };
-        let task = MetaTask { support: SupportSet { ..support }, query: &query, query_labels: &query_labels, seed: 0 };
-        let inner = InnerLoop { steps: 2, lr_w: 0.0, lr_theta: 0.0, second_order: false };
-        let context = TaskContext { network: &network, head, inner, bn: BnMode::Support, rule: GradientRule::FirstOrder, sample_architecture: false, rates: Some(learning), device: Device::Cpu };
+        let rates = LearnedRates {
+            w: Tensor::rand([2, tensors as i64], (Kind::Float, Device::Cpu)) * 0.2,
+            theta: Tensor::from_slice(&[3f32, 5., 2., 4.]).view([2, 2]),
+        };
+        let learning = LearnedRates {
+            w: rates.w.copy().set_requires_grad(true),
+            theta: rates.theta.copy().set_requires_grad(true),
+        };
+        let (images, query) = (
+            Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu)),
+            Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu)),
+        );
+        let (labels, query_labels) = (
+            Tensor::from_slice(&[0i64, 1, 0, 1]),
+            Tensor::from_slice(&[0i64, 1, 0, 1, 1, 0]),
+        );
+        let support = SupportSet {
+            images: &images,
+            labels: &labels,
+            n_way: 2,
+        };
+        let task = MetaTask {
+            support: SupportSet { ..support },
+            query: &query,
+            query_labels: &query_labels,
+            seed: 0,
+        };
+        let inner = InnerLoop {
+            steps: 2,
+            lr_w: 0.0,
+            lr_theta: 0.0,
+            second_order: false,
+        };
+        let context = TaskContext {
+            network: &network,
+            head,
+            inner,
+            bn: BnMode::Support,
+            rule: GradientRule::FirstOrder,
+            sample_architecture: false,
+            rates: Some(learning),
+            device: Device::Cpu,
+        };
         let ours = context.task_gradient(&meta, Some(&alphas), &task);
 
         // By hand: first-order steps from fresh leaves, each step's support gradients kept.
-        let mut state = TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
+        let mut state =
+            TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
         let mut steps = Vec::new();
         for step in 0..2 {
             state.temperature = network.relaxation().temperature(step, 2);
@@ -232,19 +359,37 @@ mod tests {
             let (lr_normal, lr_reduce) = rates.for_theta(step);
             let (weights, a) = crate::grad::no_grad(|| {
                 let a = state.alphas.as_ref().unwrap();
-                (state.params.flattened() - &g_w * rates.for_weights(step, &state.params), Alphas { normal: &a.normal - &g_normal * lr_normal, reduce: &a.reduce - &g_reduce * lr_reduce })
+                (
+                    state.params.flattened() - &g_w * rates.for_weights(step, &state.params),
+                    Alphas {
+                        normal: &a.normal - &g_normal * lr_normal,
+                        reduce: &a.reduce - &g_reduce * lr_reduce,
+                    },
+                )
             });
             let temperature = state.temperature;
-            state = TaskState::new(state.params.views_of(&weights.set_requires_grad(true)), Some(a.map(|t| t.set_requires_grad(true))));
+            state = TaskState::new(
+                state.params.views_of(&weights.set_requires_grad(true)),
+                Some(a.map(|t| t.set_requires_grad(true))),
+            );
             state.temperature = temperature;
             steps.push((g_w, g_normal, g_reduce));
         }
         state.temperature = network.relaxation().temperature(2, 2);
-        let loss = query_logits(&network, &state.params, state.mixing(&network).as_ref(), &support, &query, BnMode::Support).cross_entropy_for_logits(&query_labels);
+        let loss = query_logits(
+            &network,
+            &state.params,
+            state.mixing(&network).as_ref(),
+            &support,
+            &query,
+            BnMode::Support,
+        )
+        .cross_entropy_for_logits(&query_labels);
         let (q_w, q_theta) = state.gradients(&loss, false);
         let (q_normal, q_reduce) = q_theta.unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let error = (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
+            let error =
+                (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12);
             assert!(error < 1e-4, "{what}: relative error {error}");
         };
         let by_name = state.params.views_of(&q_w);
@@ -257,23 +402,50 @@ mod tests {
         let (rates_w, rates_theta) = ours.rates.as_ref().unwrap();
         for (step, (g_w, g_normal, g_reduce)) in steps.iter().enumerate() {
             let products = state.params.views_of(&(g_w * &q_w));
-            let expected: Vec<f32> = products.tensors().iter().map(|t| -t.sum(Kind::Float).double_value(&[]) as f32).collect();
-            close(&rates_w.get(step as i64), &Tensor::from_slice(&expected), &format!("rates of step {step}"));
-            let theta = [-(g_normal * &q_normal).sum(Kind::Float).double_value(&[]) as f32, -(g_reduce * &q_reduce).sum(Kind::Float).double_value(&[]) as f32];
-            close(&rates_theta.get(step as i64), &Tensor::from_slice(&theta), &format!("θ rates of step {step}"));
+            let expected: Vec<f32> = products
+                .tensors()
+                .iter()
+                .map(|t| -t.sum(Kind::Float).double_value(&[]) as f32)
+                .collect();
+            close(
+                &rates_w.get(step as i64),
+                &Tensor::from_slice(&expected),
+                &format!("rates of step {step}"),
+            );
+            let theta = [
+                -(g_normal * &q_normal).sum(Kind::Float).double_value(&[]) as f32,
+                -(g_reduce * &q_reduce).sum(Kind::Float).double_value(&[]) as f32,
+            ];
+            close(
+                &rates_theta.get(step as i64),
+                &Tensor::from_slice(&theta),
+                &format!("θ rates of step {step}"),
+            );
         }
     }
 
     #[test]
     fn gumbel_noise_is_standard_gumbel_and_repeats_per_seed() {
-        let like = Alphas { normal: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)), reduce: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)) };
+        let like = Alphas {
+            normal: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)),
+            reduce: Tensor::zeros([200, 100], (Kind::Float, Device::Cpu)),
+        };
         let (a, b) = (gumbel_noise(&like, 7), gumbel_noise(&like, 7));
-        assert!(a.normal.equal(&b.normal) && a.reduce.equal(&b.reduce), "same seed, same draw");
-        assert!(!a.normal.equal(&a.reduce), "normal and reduce draw independently");
+        assert!(
+            a.normal.equal(&b.normal) && a.reduce.equal(&b.reduce),
+            "same seed, same draw"
+        );
+        assert!(
+            !a.normal.equal(&a.reduce),
+            "normal and reduce draw independently"
+        );
         assert!(!gumbel_noise(&like, 8).normal.equal(&a.normal));
         // Gumbel(0, 1): mean = Euler–Mascheroni γ ≈ 0.5772, variance = π²/6 ≈ 1.645.
         let all = Tensor::cat(&[&a.normal, &a.reduce], 0);
-        let (mean, var) = (all.mean(Kind::Float).double_value(&[]), all.var(true).double_value(&[]));
+        let (mean, var) = (
+            all.mean(Kind::Float).double_value(&[]),
+            all.var(true).double_value(&[]),
+        );
         assert!((mean - 0.5772).abs() < 0.02, "mean {mean}");
         assert!((var - 1.6449).abs() < 0.05, "variance {var}");
     }

@@ -8,11 +8,24 @@ use std::fmt::Write;
 use std::path::Path;
 
 fn results_table(out: &mut String, models: &[&ModelMeta]) {
-    let _ = writeln!(out, "| model | split | task | predictions | BN | steps | tasks | accuracy (95% CI) |");
+    let _ = writeln!(
+        out,
+        "| model | split | task | predictions | BN | steps | tasks | accuracy (95% CI) |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for meta in models {
         let mut rows: Vec<&EvalResult> = meta.evaluation.iter().collect();
-        rows.sort_by_key(|r| (r.split.clone(), r.way, r.shot, r.within_groups.clone(), r.predict_with.clone(), format!("{:?}", r.bn), r.steps));
+        rows.sort_by_key(|r| {
+            (
+                r.split.clone(),
+                r.way,
+                r.shot,
+                r.within_groups.clone(),
+                r.predict_with.clone(),
+                format!("{:?}", r.bn),
+                r.steps,
+            )
+        });
         for r in rows {
             let _ = writeln!(
                 out,
@@ -62,18 +75,42 @@ pub fn write_run_card(dir: &Path, meta: &ModelMeta) -> Result<(), CheckpointErro
 pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String {
     let mut out = format!("# {}\n\n", meta.name);
     let kind = format!("{:?}", meta.kind).to_lowercase();
-    let _ = writeln!(out, "A `{kind}` meta-checkpoint for tnas: head `{:?}`, input {}×{}×{} (invert: {}).\n", meta.head, meta.input.channels, meta.input.size, meta.input.size, meta.input.invert);
+    let _ = writeln!(
+        out,
+        "A `{kind}` meta-checkpoint for tnas: head `{:?}`, input {}×{}×{} (invert: {}).\n",
+        meta.head, meta.input.channels, meta.input.size, meta.input.size, meta.input.invert
+    );
     if let Some(space) = &meta.search_space {
         let _ = writeln!(out, "Search space: init_channels {}, layers {}, steps {}, multiplier {}, stem_multiplier {}, stem_pools {}.\n", space.init_channels, space.layers, space.steps, space.multiplier, space.stem_multiplier, space.stem_pools);
     }
     let a = meta.adaptation;
-    let _ = writeln!(out, "Adaptation defaults: {} steps, lr_w {}, lr_theta {}, bn {:?}.\n", a.steps, a.lr_w, a.lr_theta, a.bn);
+    let _ = writeln!(
+        out,
+        "Adaptation defaults: {} steps, lr_w {}, lr_theta {}, bn {:?}.\n",
+        a.steps, a.lr_w, a.lr_theta, a.bn
+    );
     if let Some(t) = &meta.training {
         let _ = writeln!(out, "## Training\n");
-        let _ = writeln!(out, "- algorithm: `{}`; episodes {}-way {}-shot, {} queries per class", t.algorithm, t.way, t.shot, t.query);
+        let _ = writeln!(
+            out,
+            "- algorithm: `{}`; episodes {}-way {}-shot, {} queries per class",
+            t.algorithm, t.way, t.shot, t.query
+        );
         let _ = writeln!(out, "- data: {}", t.data);
-        let _ = writeln!(out, "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}", t.split.train.join(", "), t.split.validation.join(", "), t.split.test.join(", "));
-        let _ = writeln!(out, "- iterations at this checkpoint (best validation): {}; wall time {:.1} h; seed {}", t.iterations, t.wall_time_s / 3600.0, t.seed);
+        let _ = writeln!(
+            out,
+            "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}",
+            t.split.train.join(", "),
+            t.split.validation.join(", "),
+            t.split.test.join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "- iterations at this checkpoint (best validation): {}; wall time {:.1} h; seed {}",
+            t.iterations,
+            t.wall_time_s / 3600.0,
+            t.seed
+        );
         let _ = writeln!(out, "\nCommand:\n\n```sh\n{}\n```\n", t.command);
     }
     let _ = writeln!(out, "## Results\n");
@@ -83,7 +120,11 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
     if !notes.is_empty() {
         let _ = writeln!(out, "\n## Notes\n\n{notes}");
     }
-    let _ = writeln!(out, "\nweights: `model.safetensors`, sha256 `{}`", meta.sha256);
+    let _ = writeln!(
+        out,
+        "\nweights: `model.safetensors`, sha256 `{}`",
+        meta.sha256
+    );
     out
 }
 
@@ -93,15 +134,27 @@ mod tests {
 
     #[test]
     fn a_run_writes_and_rewrites_its_own_card_but_never_a_curated_one() {
-        let shipped = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/omniglot-tnas/model.json")).unwrap();
+        let shipped = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/omniglot-tnas/model.json"
+        ))
+        .unwrap();
         let mut meta: ModelMeta = serde_json::from_slice(&shipped).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let card = || std::fs::read_to_string(dir.path().join("README.md")).unwrap();
         write_run_card(dir.path(), &meta).unwrap();
-        assert!(card().contains(RUN_CARD_NOTE) && card().contains("iterations at this checkpoint (best validation): 2000"), "{}", card());
+        assert!(
+            card().contains(RUN_CARD_NOTE)
+                && card().contains("iterations at this checkpoint (best validation): 2000"),
+            "{}",
+            card()
+        );
         meta.training.as_mut().unwrap().iterations = 2100;
         write_run_card(dir.path(), &meta).unwrap();
-        assert!(card().contains("(best validation): 2100"), "a run's own card follows its checkpoint");
+        assert!(
+            card().contains("(best validation): 2100"),
+            "a run's own card follows its checkpoint"
+        );
         std::fs::write(dir.path().join("README.md"), "# curated\n").unwrap();
         write_run_card(dir.path(), &meta).unwrap();
         assert_eq!(card(), "# curated\n");

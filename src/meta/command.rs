@@ -6,15 +6,18 @@ use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{BnMode, InnerLoop, PredictWith};
 use crate::checkpoint::{param_specs, Checkpoint};
-use crate::derived::DerivedNetwork;
-use crate::genotype::Genotype;
-use crate::network::Network;
-use crate::params::ParamSet;
 use crate::data::sampler::EpisodeSampler;
 use crate::data::split::SplitSpec;
 use crate::data::{self, ClassImages};
+use crate::derived::DerivedNetwork;
 use crate::device::DeviceChoice;
-use crate::metadata::{AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo, FORMAT_VERSION};
+use crate::genotype::Genotype;
+use crate::metadata::{
+    AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo,
+    FORMAT_VERSION,
+};
+use crate::network::Network;
+use crate::params::ParamSet;
 use crate::relaxation::Relaxation;
 use crate::search_space::{SearchSpace, PRIMITIVES};
 use std::path::{Path, PathBuf};
@@ -63,18 +66,37 @@ impl DataArgs {
         let err = |e: data::DataError| e.to_string();
         let (train, validation, test) = match self.dataset {
             DatasetKind::Miniimagenet => {
-                let root = self.data.first().ok_or("--data needs the mini-ImageNet root")?;
+                let root = self
+                    .data
+                    .first()
+                    .ok_or("--data needs the mini-ImageNet root")?;
                 data::miniimagenet::load(root, input).map_err(err)?
             }
             DatasetKind::Omniglot | DatasetKind::Folder => {
                 let dataset = match self.dataset {
-                    DatasetKind::Omniglot => data::omniglot::load(&self.data, input).map_err(err)?,
-                    _ => data::folder::load(self.data.first().ok_or("--data needs a folder")?, input).map_err(err)?,
+                    DatasetKind::Omniglot => {
+                        data::omniglot::load(&self.data, input).map_err(err)?
+                    }
+                    _ => {
+                        data::folder::load(self.data.first().ok_or("--data needs a folder")?, input)
+                            .map_err(err)?
+                    }
                 };
                 let groups = dataset.groups();
-                let held_out: Vec<&String> = self.validation_groups.iter().chain(&self.test_groups).collect();
-                let train_groups = groups.into_iter().filter(|g| !held_out.contains(&g)).collect();
-                let spec = SplitSpec { train: train_groups, validation: self.validation_groups.clone(), test: self.test_groups.clone() };
+                let held_out: Vec<&String> = self
+                    .validation_groups
+                    .iter()
+                    .chain(&self.test_groups)
+                    .collect();
+                let train_groups = groups
+                    .into_iter()
+                    .filter(|g| !held_out.contains(&g))
+                    .collect();
+                let spec = SplitSpec {
+                    train: train_groups,
+                    validation: self.validation_groups.clone(),
+                    test: self.test_groups.clone(),
+                };
                 spec.apply(dataset).map_err(err)?
             }
         };
@@ -83,8 +105,17 @@ impl DataArgs {
             validation: group_names(&validation),
             test: group_names(&test),
         };
-        let train = if self.dataset == DatasetKind::Omniglot && !self.no_rotations { data::omniglot::with_rotations(train) } else { train };
-        Ok(LoadedData { train, validation, test, split })
+        let train = if self.dataset == DatasetKind::Omniglot && !self.no_rotations {
+            data::omniglot::with_rotations(train)
+        } else {
+            train
+        };
+        Ok(LoadedData {
+            train,
+            validation,
+            test,
+            split,
+        })
     }
 }
 
@@ -213,13 +244,24 @@ pub enum RelaxationKind {
 }
 
 impl MetaTrainArgs {
-    fn model_meta(&self, input: InputSpec, split: Split, command: String, genotype: Option<Genotype>) -> ModelMeta {
+    fn model_meta(
+        &self,
+        input: InputSpec,
+        split: Split,
+        command: String,
+        genotype: Option<Genotype>,
+    ) -> ModelMeta {
         let supernet = self.algo.uses_supernet() && genotype.is_none();
         let cells = supernet || genotype.is_some();
         let in_channels = input.channels;
         ModelMeta {
             format_version: FORMAT_VERSION,
-            name: self.name.clone().unwrap_or_else(|| self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+            name: self.name.clone().unwrap_or_else(|| {
+                self.out
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
             kind: match (supernet, &genotype) {
                 (true, _) => ModelKind::Supernet,
                 (false, Some(_)) => ModelKind::Genotype,
@@ -237,17 +279,43 @@ impl MetaTrainArgs {
             genotype,
             input,
             head: match self.head.as_str() {
-                "proto" => HeadSpec::Proto { max_way: self.max_way, learned_scale: self.learned_scale || self.algo.is_maml_plus_plus() },
-                _ => HeadSpec::Fixed { n_way: self.episode.way },
+                "proto" => HeadSpec::Proto {
+                    max_way: self.max_way,
+                    learned_scale: self.learned_scale || self.algo.is_maml_plus_plus(),
+                },
+                _ => HeadSpec::Fixed {
+                    n_way: self.episode.way,
+                },
             },
             relaxation: match self.relaxation {
                 RelaxationKind::Softmax => Relaxation::Softmax,
-                RelaxationKind::Annealed => Relaxation::Annealed { start: self.temperature_start, end: self.temperature_end, pairwise_inputs: self.pairwise_inputs },
+                RelaxationKind::Annealed => Relaxation::Annealed {
+                    start: self.temperature_start,
+                    end: self.temperature_end,
+                    pairwise_inputs: self.pairwise_inputs,
+                },
             },
-            adaptation: AdaptationDefaults { steps: self.serve_steps, lr_w: self.lr_w, lr_theta: if supernet { self.lr_theta } else { 0.0 }, bn: self.bn, learned_rates: self.algo.is_maml_plus_plus() },
+            adaptation: AdaptationDefaults {
+                steps: self.serve_steps,
+                lr_w: self.lr_w,
+                lr_theta: if supernet { self.lr_theta } else { 0.0 },
+                bn: self.bn,
+                learned_rates: self.algo.is_maml_plus_plus(),
+            },
             training: Some(TrainingInfo {
                 algorithm: self.algo.name().into(),
-                data: self.data.data.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+                data: self
+                    .data
+                    .data
+                    .iter()
+                    .map(|p| {
+                        p.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 split,
                 iterations: 0,
                 seed: self.seed,
@@ -268,21 +336,38 @@ impl MetaTrainArgs {
 fn read_genotype(path: &Path) -> Result<Genotype, String> {
     if path.is_dir() {
         let checkpoint = Checkpoint::load(path, tch::Device::Cpu).map_err(|e| e.to_string())?;
-        let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
-            return Err(format!("--genotype {}: not a supernet model, whose θ̃ could be decoded", path.display()));
+        let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas)
+        else {
+            return Err(format!(
+                "--genotype {}: not a supernet model, whose θ̃ could be decoded",
+                path.display()
+            ));
         };
         let (normal, reduce) = alphas.mixing_rows();
         return Ok(Genotype::decode(&net.space, &normal, &reduce));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("--genotype {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--genotype {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("--genotype {}: not a genotype ({e}); expected DARTS's form, {{\"normal\": [[\"sep_conv_3x3\", 0], ...], \"normal_concat\": [...], ...}}", path.display()))
 }
 
 /// The input convention of each dataset.
 pub fn input_spec(dataset: DatasetKind, image_size: usize) -> InputSpec {
     match dataset {
-        DatasetKind::Omniglot => InputSpec { channels: 1, size: image_size, mean: vec![0.0], std: vec![1.0], invert: true },
-        _ => InputSpec { channels: 3, size: image_size, mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225], invert: false },
+        DatasetKind::Omniglot => InputSpec {
+            channels: 1,
+            size: image_size,
+            mean: vec![0.0],
+            std: vec![1.0],
+            invert: true,
+        },
+        _ => InputSpec {
+            channels: 3,
+            size: image_size,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            invert: false,
+        },
     }
 }
 
@@ -292,7 +377,12 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);
     let loaded = args.data.load(&input)?;
-    eprintln!("data: {} training classes, {} validation, {} test", loaded.train.len(), loaded.validation.len(), loaded.test.len());
+    eprintln!(
+        "data: {} training classes, {} validation, {} test",
+        loaded.train.len(),
+        loaded.validation.len(),
+        loaded.test.len()
+    );
     let config = TrainConfig {
         algorithm: args.algo,
         way: args.episode.way,
@@ -300,8 +390,18 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         query: args.episode.query,
         meta_batch: args.meta_batch,
         iterations: args.iterations,
-        inner: InnerLoop { steps: args.inner_steps, lr_w: args.lr_w, lr_theta: args.lr_theta, second_order: false },
-        outer: OuterConfig { meta_lr_w: args.meta_lr_w, meta_lr_theta: args.meta_lr_theta, theta_weight_decay: args.theta_weight_decay, cosine: args.cosine || args.algo.is_maml_plus_plus() },
+        inner: InnerLoop {
+            steps: args.inner_steps,
+            lr_w: args.lr_w,
+            lr_theta: args.lr_theta,
+            second_order: false,
+        },
+        outer: OuterConfig {
+            meta_lr_w: args.meta_lr_w,
+            meta_lr_theta: args.meta_lr_theta,
+            theta_weight_decay: args.theta_weight_decay,
+            cosine: args.cosine || args.algo.is_maml_plus_plus(),
+        },
         bn: args.bn,
         seed: args.seed,
         validate_every: args.validate_every.max(1),
@@ -309,12 +409,26 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         save_every: args.save_every.max(1),
         out: args.out.clone(),
         device,
-        meta: args.model_meta(input, loaded.split.clone(), command, args.genotype.as_deref().map(read_genotype).transpose()?),
+        meta: args.model_meta(
+            input,
+            loaded.split.clone(),
+            command,
+            args.genotype.as_deref().map(read_genotype).transpose()?,
+        ),
     };
     let mut trainer = Trainer::new(config, &loaded.train, &loaded.validation, args.resume)?;
     if let (Some(dir), 0) = (&args.init_from, trainer.iteration()) {
-        let fresh = trainer.warm_start(&Checkpoint::load(dir, device).map_err(|e| e.to_string())?)?;
-        eprintln!("warm start from {}{}", dir.display(), if fresh.is_empty() { String::new() } else { format!("; starting fresh: {}", fresh.join(", ")) });
+        let fresh =
+            trainer.warm_start(&Checkpoint::load(dir, device).map_err(|e| e.to_string())?)?;
+        eprintln!(
+            "warm start from {}{}",
+            dir.display(),
+            if fresh.is_empty() {
+                String::new()
+            } else {
+                format!("; starting fresh: {}", fresh.join(", "))
+            }
+        );
     }
     if trainer.iteration() > 0 {
         eprintln!("resuming at iteration {}", trainer.iteration());
@@ -376,56 +490,149 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     let device = args.device.resolve()?;
     let checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
     let loaded = args.data.load(&checkpoint.meta.input)?;
-    let classes = if args.split == "test" { &loaded.test } else { &loaded.validation };
+    let classes = if args.split == "test" {
+        &loaded.test
+    } else {
+        &loaded.validation
+    };
     if let Some(training) = &checkpoint.meta.training {
         never_trained_on(classes, &training.split)?;
     }
     checkpoint.meta.head.accepts(args.episode.way)?;
     let network = checkpoint.network();
     let defaults = checkpoint.meta.adaptation;
-    let all_steps = if args.steps.is_empty() { vec![defaults.steps] } else { args.steps.clone() };
-    let mut modes: Vec<&str> = if network.has_alphas() { vec!["supernet", "derived"] } else { vec!["supernet"] };
+    let all_steps = if args.steps.is_empty() {
+        vec![defaults.steps]
+    } else {
+        args.steps.clone()
+    };
+    let mut modes: Vec<&str> = if network.has_alphas() {
+        vec!["supernet", "derived"]
+    } else {
+        vec!["supernet"]
+    };
     if !args.predict_with.is_empty() {
-        modes = args.predict_with.iter().map(String::as_str).filter(|m| network.has_alphas() || *m == "supernet").collect();
+        modes = args
+            .predict_with
+            .iter()
+            .map(String::as_str)
+            .filter(|m| network.has_alphas() || *m == "supernet")
+            .collect();
     }
-    let bn_modes: Vec<BnMode> = if args.bn.is_empty() { vec![BnMode::Support, BnMode::Transductive] } else { args.bn.clone() };
-    let (groups, task_counts) = task_groups(classes, args.episode.way, args.within_group, args.tasks)?;
-    let meta_genotype = modes.contains(&"meta-genotype").then(|| meta_genotype_model(&checkpoint)).transpose()?;
+    let bn_modes: Vec<BnMode> = if args.bn.is_empty() {
+        vec![BnMode::Support, BnMode::Transductive]
+    } else {
+        args.bn.clone()
+    };
+    let (groups, task_counts) =
+        task_groups(classes, args.episode.way, args.within_group, args.tasks)?;
+    let meta_genotype = modes
+        .contains(&"meta-genotype")
+        .then(|| meta_genotype_model(&checkpoint))
+        .transpose()?;
     let mut results = Vec::new();
     for &steps in &all_steps {
-        let inner = InnerLoop { steps, lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
+        let inner = InnerLoop {
+            steps,
+            lr_w: defaults.lr_w,
+            lr_theta: defaults.lr_theta,
+            second_order: false,
+        };
         for &mode in &modes {
             for &bn in &bn_modes {
                 let evaluation = match (mode, &meta_genotype) {
                     ("meta-genotype", Some((net, params))) => {
                         let own = evaluation_of(&checkpoint, &network, inner, bn, args, device);
                         // Its weights adapt alone, at the hand-set rate (the learned ones are the supernet's).
-                        Evaluation { network: net, params, alphas: None, predict_with: PredictWith::Supernet, rates: None, ..own }
+                        Evaluation {
+                            network: net,
+                            params,
+                            alphas: None,
+                            predict_with: PredictWith::Supernet,
+                            rates: None,
+                            ..own
+                        }
                     }
-                    _ => Evaluation { predict_with: if mode == "derived" { PredictWith::Derived } else { PredictWith::Supernet }, ..evaluation_of(&checkpoint, &network, inner, bn, args, device) },
+                    _ => Evaluation {
+                        predict_with: if mode == "derived" {
+                            PredictWith::Derived
+                        } else {
+                            PredictWith::Supernet
+                        },
+                        ..evaluation_of(&checkpoint, &network, inner, bn, args, device)
+                    },
                 };
                 let mut accuracies = Vec::with_capacity(args.tasks);
                 for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
                     let seed = args.seed + index as u64;
-                    let mut sampler = EpisodeSampler::new(group, args.episode.way, args.episode.shot, args.episode.query, seed).map_err(|e| e.to_string())?;
+                    let mut sampler = EpisodeSampler::new(
+                        group,
+                        args.episode.way,
+                        args.episode.shot,
+                        args.episode.query,
+                        seed,
+                    )
+                    .map_err(|e| e.to_string())?;
                     accuracies.extend(evaluation.accuracies(&mut sampler, count));
                 }
                 let (accuracy, ci95) = mean_and_ci95(&accuracies);
-                let name = if mode == "meta-genotype" { mode } else { prediction_label(&network, evaluation.predict_with) };
-                let within_groups: Vec<String> = if args.within_group { groups.iter().map(|g| g[0].group.clone()).collect() } else { Vec::new() };
-                let within = if within_groups.is_empty() { String::new() } else { format!(" within {}", within_groups.join(" or ")) };
+                let name = if mode == "meta-genotype" {
+                    mode
+                } else {
+                    prediction_label(&network, evaluation.predict_with)
+                };
+                let within_groups: Vec<String> = if args.within_group {
+                    groups.iter().map(|g| g[0].group.clone()).collect()
+                } else {
+                    Vec::new()
+                };
+                let within = if within_groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(" within {}", within_groups.join(" or "))
+                };
                 eprintln!("{}-way {}-shot{within} {name} bn={bn:?} steps={steps}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
-                let (split, way, shot, tasks, finetune_steps) = (args.split.clone(), args.episode.way, args.episode.shot, args.tasks, args.finetune_steps);
-                results.push(EvalResult { split, way, shot, tasks, predict_with: name.into(), bn, steps, finetune_steps, within_groups, accuracy, ci95 });
+                let (split, way, shot, tasks, finetune_steps) = (
+                    args.split.clone(),
+                    args.episode.way,
+                    args.episode.shot,
+                    args.tasks,
+                    args.finetune_steps,
+                );
+                results.push(EvalResult {
+                    split,
+                    way,
+                    shot,
+                    tasks,
+                    predict_with: name.into(),
+                    bn,
+                    steps,
+                    finetune_steps,
+                    within_groups,
+                    accuracy,
+                    ci95,
+                });
             }
         }
     }
     if args.genotype_variation && network.has_alphas() {
-        let inner = InnerLoop { steps: all_steps[all_steps.len() - 1], lr_w: defaults.lr_w, lr_theta: defaults.lr_theta, second_order: false };
+        let inner = InnerLoop {
+            steps: all_steps[all_steps.len() - 1],
+            lr_w: defaults.lr_w,
+            lr_theta: defaults.lr_theta,
+            second_order: false,
+        };
         let evaluation = evaluation_of(&checkpoint, &network, inner, BnMode::Support, args, device);
         let mut genotypes = Vec::with_capacity(args.tasks);
         for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
-            let mut sampler = EpisodeSampler::new(group, args.episode.way, args.episode.shot, args.episode.query, args.seed + index as u64).map_err(|e| e.to_string())?;
+            let mut sampler = EpisodeSampler::new(
+                group,
+                args.episode.way,
+                args.episode.shot,
+                args.episode.query,
+                args.seed + index as u64,
+            )
+            .map_err(|e| e.to_string())?;
             genotypes.extend(evaluation.genotypes(&mut sampler, count));
         }
         println!("{}", genotype_variation(&checkpoint, &genotypes));
@@ -437,38 +644,93 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
 }
 
 /// The evaluation of `checkpoint` as the arguments ask (the supernet's own predictions).
-fn evaluation_of<'a>(checkpoint: &'a Checkpoint, network: &'a Network, inner: InnerLoop, bn: BnMode, args: &EvalArgs, device: tch::Device) -> Evaluation<'a> {
+fn evaluation_of<'a>(
+    checkpoint: &'a Checkpoint,
+    network: &'a Network,
+    inner: InnerLoop,
+    bn: BnMode,
+    args: &EvalArgs,
+    device: tch::Device,
+) -> Evaluation<'a> {
     let predict_with = PredictWith::Supernet;
-    let (params, alphas, head, finetune_steps) = (&checkpoint.params, checkpoint.alphas.as_ref(), checkpoint.meta.head, args.finetune_steps);
+    let (params, alphas, head, finetune_steps) = (
+        &checkpoint.params,
+        checkpoint.alphas.as_ref(),
+        checkpoint.meta.head,
+        args.finetune_steps,
+    );
     let rates = checkpoint.rates.clone();
-    Evaluation { network, params, alphas, head, inner, bn, predict_with, finetune_steps, rates, device }
+    Evaluation {
+        network,
+        params,
+        alphas,
+        head,
+        inner,
+        bn,
+        predict_with,
+        finetune_steps,
+        rates,
+        device,
+    }
 }
 
 /// The classes each task draws from and how many tasks each gives: all `classes` for every
 /// task, or (`within_group`) each group with at least `way` classes, the tasks spread evenly.
-fn task_groups(classes: &[ClassImages], way: usize, within_group: bool, tasks: usize) -> Result<(Vec<&[ClassImages]>, Vec<usize>), String> {
+fn task_groups(
+    classes: &[ClassImages],
+    way: usize,
+    within_group: bool,
+    tasks: usize,
+) -> Result<(Vec<&[ClassImages]>, Vec<usize>), String> {
     if !within_group {
         return Ok((vec![classes], vec![tasks]));
     }
-    let groups: Vec<&[ClassImages]> = classes.chunk_by(|a, b| a.group == b.group).filter(|g| g.len() >= way).collect();
+    let groups: Vec<&[ClassImages]> = classes
+        .chunk_by(|a, b| a.group == b.group)
+        .filter(|g| g.len() >= way)
+        .collect();
     if groups.is_empty() {
-        return Err(format!("--within-group: no group of the split has {way} classes; ask for fewer ways"));
+        return Err(format!(
+            "--within-group: no group of the split has {way} classes; ask for fewer ways"
+        ));
     }
-    let counts = (0..groups.len()).map(|g| tasks / groups.len() + usize::from(g < tasks % groups.len())).collect();
+    let counts = (0..groups.len())
+        .map(|g| tasks / groups.len() + usize::from(g < tasks % groups.len()))
+        .collect();
     Ok((groups, counts))
 }
 
 /// How far task-specific `genotypes` are from each other and from the meta-genotype, in words.
 fn genotype_variation(checkpoint: &Checkpoint, genotypes: &[Genotype]) -> String {
-    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else { return String::new() };
+    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
+        return String::new();
+    };
     let (normal, reduce) = alphas.mixing_rows();
     let meta = Genotype::decode(&net.space, &normal, &reduce);
-    let edges = |g: &Genotype| g.normal.iter().chain(&g.reduce).cloned().collect::<Vec<_>>();
-    let differing: Vec<usize> = genotypes.iter().map(|g| edges(g).iter().zip(edges(&meta)).filter(|(a, b)| *a != b).count()).collect();
+    let edges = |g: &Genotype| {
+        g.normal
+            .iter()
+            .chain(&g.reduce)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let differing: Vec<usize> = genotypes
+        .iter()
+        .map(|g| {
+            edges(g)
+                .iter()
+                .zip(edges(&meta))
+                .filter(|(a, b)| *a != b)
+                .count()
+        })
+        .collect();
     let mut distinct: Vec<Vec<crate::genotype::Edge>> = genotypes.iter().map(edges).collect();
     distinct.sort_by_key(|e| format!("{e:?}"));
     distinct.dedup();
-    let (min, max) = (differing.iter().min().copied().unwrap_or(0), differing.iter().max().copied().unwrap_or(0));
+    let (min, max) = (
+        differing.iter().min().copied().unwrap_or(0),
+        differing.iter().max().copied().unwrap_or(0),
+    );
     let mean = differing.iter().sum::<usize>() as f64 / differing.len().max(1) as f64;
     let same = differing.iter().filter(|&&d| d == 0).count();
     format!(
@@ -487,7 +749,14 @@ fn meta_genotype_model(checkpoint: &Checkpoint) -> Result<(Network, ParamSet), S
     };
     let (normal, reduce) = alphas.mixing_rows();
     let derived = DerivedNetwork::new(net.space, Genotype::decode(&net.space, &normal, &reduce))?;
-    let params = param_specs(&Network::Derived(derived.clone()), checkpoint.meta.head).into_iter().map(|s| (s.name.clone(), checkpoint.params.get(&s.name).shallow_clone()));
+    let params = param_specs(&Network::Derived(derived.clone()), checkpoint.meta.head)
+        .into_iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                checkpoint.params.get(&s.name).shallow_clone(),
+            )
+        });
     Ok((Network::Derived(derived), ParamSet::from_pairs(params)))
 }
 
@@ -495,7 +764,10 @@ fn meta_genotype_model(checkpoint: &Checkpoint) -> Result<(Network, ParamSet), S
 /// records the split): held-out accuracy must come from classes never seen in training, whatever
 /// `--validation-groups`/`--test-groups` say.
 fn never_trained_on(classes: &[ClassImages], split: &Split) -> Result<(), String> {
-    let seen: Vec<String> = group_names(classes).into_iter().filter(|g| split.train.contains(g)).collect();
+    let seen: Vec<String> = group_names(classes)
+        .into_iter()
+        .filter(|g| split.train.contains(g))
+        .collect();
     if seen.is_empty() {
         return Ok(());
     }
@@ -508,12 +780,19 @@ fn never_trained_on(classes: &[ClassImages], split: &Split) -> Result<(), String
 
 /// Merges `results` into the model's `model.json` as it is on disk now, so evaluations that ran
 /// side by side all keep their rows; refuses if the weights changed since they were evaluated.
-pub fn record_results(model: &Path, evaluated_sha256: &str, results: &[EvalResult]) -> Result<(), String> {
+pub fn record_results(
+    model: &Path,
+    evaluated_sha256: &str,
+    results: &[EvalResult],
+) -> Result<(), String> {
     let mut checkpoint = Checkpoint::load(model, tch::Device::Cpu).map_err(|e| e.to_string())?;
     if checkpoint.meta.sha256 != evaluated_sha256 {
         return Err(format!("{} changed while it was being evaluated (a training run saved a new best?); results not written, evaluate again", model.display()));
     }
-    checkpoint.meta.evaluation.retain(|r| !results.iter().any(|n| n.same_setting(r)));
+    checkpoint
+        .meta
+        .evaluation
+        .retain(|r| !results.iter().any(|n| n.same_setting(r)));
     checkpoint.meta.evaluation.extend(results.iter().cloned());
     checkpoint.save(model).map_err(|e| e.to_string())
 }
@@ -540,11 +819,16 @@ pub fn card(args: &CardArgs) -> Result<(), String> {
         serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     };
     let meta = read_meta(&args.model)?;
-    let baselines = args.baseline.iter().map(|d| read_meta(d)).collect::<Result<Vec<_>, _>>()?;
+    let baselines = args
+        .baseline
+        .iter()
+        .map(|d| read_meta(d))
+        .collect::<Result<Vec<_>, _>>()?;
     let notes = match &args.notes {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => String::new(),
     };
     let text = super::card::render(&meta, &baselines.iter().collect::<Vec<_>>(), &notes);
-    crate::checkpoint::write_atomically(&args.model.join("README.md"), text.as_bytes()).map_err(|e| e.to_string())
+    crate::checkpoint::write_atomically(&args.model.join("README.md"), text.as_bytes())
+        .map_err(|e| e.to_string())
 }

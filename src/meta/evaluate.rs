@@ -64,27 +64,62 @@ impl Evaluation<'_> {
 
     /// The decoded genotype of each of `tasks` episodes drawn from `sampler`, after adaptation.
     pub fn genotypes(&self, sampler: &mut EpisodeSampler, tasks: usize) -> Vec<Genotype> {
-        (0..tasks).filter_map(|_| {
-            let episode = sampler.sample().to_device(self.device);
-            let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
-            self.adapted(&support).genotype(self.network)
-        }).collect()
+        (0..tasks)
+            .filter_map(|_| {
+                let episode = sampler.sample().to_device(self.device);
+                let support = SupportSet {
+                    images: &episode.support,
+                    labels: &episode.support_labels,
+                    n_way: sampler.way(),
+                };
+                self.adapted(&support).genotype(self.network)
+            })
+            .collect()
     }
 
     /// A task's state after adaptation to `support`.
     fn adapted(&self, support: &SupportSet) -> TaskState {
-        let mut state = TaskState::start(self.network, self.params, self.alphas, self.head, support, self.device);
+        let mut state = TaskState::start(
+            self.network,
+            self.params,
+            self.alphas,
+            self.head,
+            support,
+            self.device,
+        );
         state.rates = self.rates.as_ref().map(LearnedRates::detach);
-        state.adapt(self.network, support, &self.inner, &|| true).expect("never interrupted");
+        state
+            .adapt(self.network, support, &self.inner, &|| true)
+            .expect("never interrupted");
         state
     }
 
     fn task_accuracy(&self, sampler: &mut EpisodeSampler) -> f64 {
         let episode = sampler.sample().to_device(self.device);
-        let support = SupportSet { images: &episode.support, labels: &episode.support_labels, n_way: sampler.way() };
+        let support = SupportSet {
+            images: &episode.support,
+            labels: &episode.support_labels,
+            n_way: sampler.way(),
+        };
         let state = self.adapted(&support);
-        let options = PredictOptions { bn: self.bn, predict_with: self.predict_with, finetune: InnerLoop { steps: self.finetune_steps, ..self.inner } };
-        let logits = state.predict_queries(self.network, self.head, &support, &episode.query, &options, &|| true).expect("never interrupted");
+        let options = PredictOptions {
+            bn: self.bn,
+            predict_with: self.predict_with,
+            finetune: InnerLoop {
+                steps: self.finetune_steps,
+                ..self.inner
+            },
+        };
+        let logits = state
+            .predict_queries(
+                self.network,
+                self.head,
+                &support,
+                &episode.query,
+                &options,
+                &|| true,
+            )
+            .expect("never interrupted");
         accuracy(&logits, &episode.query_labels)
     }
 }

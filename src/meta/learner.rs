@@ -22,7 +22,10 @@ impl OuterConfig {
     /// The factor on both learning rates at `iteration` of `iterations`: 1, or ½(1 + cos πt/T).
     pub fn lr_factor(&self, iteration: usize, iterations: usize) -> f64 {
         match self.cosine {
-            true => 0.5 * (1.0 + (std::f64::consts::PI * iteration as f64 / iterations.max(1) as f64).cos()),
+            true => {
+                0.5 * (1.0
+                    + (std::f64::consts::PI * iteration as f64 / iterations.max(1) as f64).cos())
+            }
             false => 1.0,
         }
     }
@@ -43,13 +46,40 @@ pub struct MetaLearner {
 }
 
 impl MetaLearner {
-    pub fn new(params: ParamSet, alphas: Option<Alphas>, rates: Option<LearnedRates>, outer: OuterConfig) -> Self {
-        let adam_w = Adam::new(AdamConfig::new(outer.meta_lr_w), &params.tensors().iter().collect::<Vec<_>>());
-        let theta_config = AdamConfig { beta1: 0.5, weight_decay: outer.theta_weight_decay, ..AdamConfig::new(outer.meta_lr_theta) };
-        let adam_theta = alphas.as_ref().map(|a| Adam::new(theta_config, &[&a.normal, &a.reduce]));
-        let rates = rates.map(|r| LearnedRates { w: r.w.set_requires_grad(true), theta: r.theta.set_requires_grad(true) });
-        let adam_rates = rates.as_ref().map(|r| Adam::new(AdamConfig::new(outer.meta_lr_w), &[&r.w, &r.theta]));
-        MetaLearner { params, alphas, adam_w, adam_theta, rates, adam_rates, outer }
+    pub fn new(
+        params: ParamSet,
+        alphas: Option<Alphas>,
+        rates: Option<LearnedRates>,
+        outer: OuterConfig,
+    ) -> Self {
+        let adam_w = Adam::new(
+            AdamConfig::new(outer.meta_lr_w),
+            &params.tensors().iter().collect::<Vec<_>>(),
+        );
+        let theta_config = AdamConfig {
+            beta1: 0.5,
+            weight_decay: outer.theta_weight_decay,
+            ..AdamConfig::new(outer.meta_lr_theta)
+        };
+        let adam_theta = alphas
+            .as_ref()
+            .map(|a| Adam::new(theta_config, &[&a.normal, &a.reduce]));
+        let rates = rates.map(|r| LearnedRates {
+            w: r.w.set_requires_grad(true),
+            theta: r.theta.set_requires_grad(true),
+        });
+        let adam_rates = rates
+            .as_ref()
+            .map(|r| Adam::new(AdamConfig::new(outer.meta_lr_w), &[&r.w, &r.theta]));
+        MetaLearner {
+            params,
+            alphas,
+            adam_w,
+            adam_theta,
+            rates,
+            adam_rates,
+            outer,
+        }
     }
 
     /// Averages the tasks' gradients and applies one Adam step to w̃ and θ̃, at the learning
@@ -61,10 +91,16 @@ impl MetaLearner {
         }
         let n = tasks.len() as f64;
         let mean = |pick: &dyn Fn(&TaskGradient) -> &Tensor| -> Tensor {
-            tasks.iter().map(|t| pick(t).shallow_clone()).reduce(|a, b| a + b).expect("at least one task") / n
+            tasks
+                .iter()
+                .map(|t| pick(t).shallow_clone())
+                .reduce(|a, b| a + b)
+                .expect("at least one task")
+                / n
         };
         let grads_w: Vec<Tensor> = (0..self.params.len()).map(|i| mean(&|t| &t.w[i])).collect();
-        self.adam_w.step(&self.params.tensors().iter().collect::<Vec<_>>(), &grads_w);
+        self.adam_w
+            .step(&self.params.tensors().iter().collect::<Vec<_>>(), &grads_w);
         if let (Some(alphas), Some(adam)) = (&self.alphas, &mut self.adam_theta) {
             let normal = mean(&|t| &t.theta.as_ref().expect("supernet tasks have θ gradients").0);
             let reduce = mean(&|t| &t.theta.as_ref().expect("supernet tasks have θ gradients").1);
@@ -72,8 +108,18 @@ impl MetaLearner {
         }
         if let (Some(rates), Some(adam)) = (&self.rates, &mut self.adam_rates) {
             adam.config.lr = self.outer.meta_lr_w * lr_factor;
-            let w = mean(&|t| &t.rates.as_ref().expect("tasks adapted with learned rates have their gradients").0);
-            let theta = mean(&|t| &t.rates.as_ref().expect("tasks adapted with learned rates have their gradients").1);
+            let w = mean(&|t| {
+                &t.rates
+                    .as_ref()
+                    .expect("tasks adapted with learned rates have their gradients")
+                    .0
+            });
+            let theta = mean(&|t| {
+                &t.rates
+                    .as_ref()
+                    .expect("tasks adapted with learned rates have their gradients")
+                    .1
+            });
             adam.step(&[&rates.w, &rates.theta], &[w, theta]);
         }
     }

@@ -8,9 +8,9 @@
 //! - [`trainer`]: the training loop: logging, validation, best-checkpoint keeping, resume.
 
 pub mod adam;
-pub mod command;
 pub mod algorithm;
 pub mod card;
+pub mod command;
 pub mod evaluate;
 pub mod learner;
 pub mod trainer;

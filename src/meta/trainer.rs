@@ -7,15 +7,18 @@ use super::algorithm::{Algorithm, MetaTask, TaskContext};
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
-use crate::checkpoint::{param_specs, task_tensors, safetensors_bytes, sha256_hex, tensors_of_safetensors, write_atomically, Checkpoint, CheckpointError};
+use crate::checkpoint::{
+    param_specs, safetensors_bytes, sha256_hex, task_tensors, tensors_of_safetensors,
+    write_atomically, Checkpoint, CheckpointError,
+};
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
+use crate::learned_rates::LearnedRates;
 use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
-use crate::search_space::SearchSpace;
 use crate::network::Network;
 use crate::params::ParamSet;
-use crate::learned_rates::LearnedRates;
 use crate::relaxation::Relaxation;
+use crate::search_space::SearchSpace;
 use crate::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -116,10 +119,21 @@ impl RunSettings {
     /// The settings in which `self` and `other` differ, as `name: ours (saved: theirs)`; a setting
     /// the saved state does not record is not compared.
     fn differences(&self, saved: &RunSettings) -> Vec<String> {
-        let (ours, theirs) = (serde_json::to_value(self).expect("settings serialise"), serde_json::to_value(saved).expect("settings serialise"));
-        let (ours, theirs) = (ours.as_object().expect("a struct"), theirs.as_object().expect("a struct"));
-        let differs = |name: &String, value: &serde_json::Value| theirs.get(name).is_some_and(|saved| saved != value);
-        ours.iter().filter(|(name, value)| differs(name, value)).map(|(name, value)| format!("{name}: {value} (saved: {})", theirs[name])).collect()
+        let (ours, theirs) = (
+            serde_json::to_value(self).expect("settings serialise"),
+            serde_json::to_value(saved).expect("settings serialise"),
+        );
+        let (ours, theirs) = (
+            ours.as_object().expect("a struct"),
+            theirs.as_object().expect("a struct"),
+        );
+        let differs = |name: &String, value: &serde_json::Value| {
+            theirs.get(name).is_some_and(|saved| saved != value)
+        };
+        ours.iter()
+            .filter(|(name, value)| differs(name, value))
+            .map(|(name, value)| format!("{name}: {value} (saved: {})", theirs[name]))
+            .collect()
     }
 }
 
@@ -171,7 +185,12 @@ fn resume_dir(out: &Path) -> PathBuf {
 impl<'a> Trainer<'a> {
     /// A new run (fresh weights from `config.seed`), or the saved one when `resume` is set and
     /// `out/resume/` exists.
-    pub fn new(config: TrainConfig, train: &'a [ClassImages], validation: &'a [ClassImages], resume: bool) -> Result<Self, String> {
+    pub fn new(
+        config: TrainConfig,
+        train: &'a [ClassImages],
+        validation: &'a [ClassImages],
+        resume: bool,
+    ) -> Result<Self, String> {
         config.meta.validate()?;
         let network = crate::checkpoint::network_of(&config.meta)?;
         tch::manual_seed(config.seed as i64);
@@ -182,12 +201,21 @@ impl<'a> Trainer<'a> {
         });
         let rates = config.meta.adaptation.learned_rates.then(|| {
             let (inner, tensors) = (config.inner, task_tensors(&params, config.meta.head));
-            LearnedRates::initial(inner.steps, tensors, inner.lr_w, inner.lr_theta, config.device)
+            LearnedRates::initial(
+                inner.steps,
+                tensors,
+                inner.lr_w,
+                inner.lr_theta,
+                config.device,
+            )
         });
         let learner = MetaLearner::new(params, alphas, rates, config.outer);
-        let sampler = EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed).map_err(|e| format!("training split: {e}"))?;
+        let sampler =
+            EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed)
+                .map_err(|e| format!("training split: {e}"))?;
         // Checked now, not at the first validation after hours of training.
-        EpisodeSampler::new(validation, config.way, config.shot, config.query, 1).map_err(|e| format!("validation split: {e}"))?;
+        EpisodeSampler::new(validation, config.way, config.shot, config.query, 1)
+            .map_err(|e| format!("validation split: {e}"))?;
         if config.validation_tasks == 0 {
             return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
         }
@@ -203,7 +231,15 @@ impl<'a> Trainer<'a> {
             tensors: String::new(),
             tensors_sha256: String::new(),
         };
-        let mut trainer = Trainer { config, network, learner, train, validation, sampler, state };
+        let mut trainer = Trainer {
+            config,
+            network,
+            learner,
+            train,
+            validation,
+            sampler,
+            state,
+        };
         for dir in [trainer.config.out.clone(), resume_dir(&trainer.config.out)] {
             crate::checkpoint::remove_interrupted_temp_files(&dir);
         }
@@ -226,8 +262,16 @@ impl<'a> Trainer<'a> {
         let mut params = Vec::new();
         for (name, tensor) in self.learner.params.iter() {
             let tensor = match from.params.contains(name) {
-                true if from.params.get(name).size() == tensor.size() => from.params.get(name).to_device(device).detach().copy(),
-                true => return Err(format!("--init-from: {name} has shape {:?}, this run's {:?}", from.params.get(name).size(), tensor.size())),
+                true if from.params.get(name).size() == tensor.size() => {
+                    from.params.get(name).to_device(device).detach().copy()
+                }
+                true => {
+                    return Err(format!(
+                        "--init-from: {name} has shape {:?}, this run's {:?}",
+                        from.params.get(name).size(),
+                        tensor.size()
+                    ))
+                }
                 false => {
                     fresh.push(name.clone());
                     tensor.shallow_clone()
@@ -237,7 +281,9 @@ impl<'a> Trainer<'a> {
         }
         self.learner.params = ParamSet::from_pairs(params);
         match (&self.learner.alphas, &from.alphas) {
-            (Some(ours), Some(theirs)) if ours.normal.size() == theirs.normal.size() => self.learner.alphas = Some(theirs.map(|t| t.to_device(device).detach().copy())),
+            (Some(ours), Some(theirs)) if ours.normal.size() == theirs.normal.size() => {
+                self.learner.alphas = Some(theirs.map(|t| t.to_device(device).detach().copy()))
+            }
             (Some(_), Some(_)) => return Err("--init-from: θ has another shape".into()),
             (Some(_), None) => fresh.push("θ".into()),
             (None, _) => {}
@@ -247,10 +293,15 @@ impl<'a> Trainer<'a> {
 
     /// Runs until `config.iterations` or until `stop` is raised; saves a resumable state either way.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), String> {
-        std::fs::create_dir_all(&self.config.out).map_err(|e| format!("{}: {e}", self.config.out.display()))?;
-        let progress = indicatif::ProgressBar::new(self.config.iterations as u64).with_position(self.state.iteration as u64);
+        std::fs::create_dir_all(&self.config.out)
+            .map_err(|e| format!("{}: {e}", self.config.out.display()))?;
+        let progress = indicatif::ProgressBar::new(self.config.iterations as u64)
+            .with_position(self.state.iteration as u64);
         progress.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  eta {eta}  {msg}").expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} it  {per_sec}  eta {eta}  {msg}",
+            )
+            .expect("valid template"),
         );
         self.start_metrics()?;
         let started = Instant::now();
@@ -260,7 +311,15 @@ impl<'a> Trainer<'a> {
             self.state.iteration += 1;
             self.state.wall_time_s = base_time + started.elapsed().as_secs_f64();
             let it = self.state.iteration;
-            let mut line = MetricsLine { iteration: it, query_loss: loss, query_accuracy: acc, alpha_entropy: self.alpha_entropy(), validation_accuracy: None, validation_ci95: None, wall_time_s: self.state.wall_time_s };
+            let mut line = MetricsLine {
+                iteration: it,
+                query_loss: loss,
+                query_accuracy: acc,
+                alpha_entropy: self.alpha_entropy(),
+                validation_accuracy: None,
+                validation_ci95: None,
+                wall_time_s: self.state.wall_time_s,
+            };
             if it.is_multiple_of(self.config.validate_every) || it == self.config.iterations {
                 let (mean, ci) = self.validate();
                 (line.validation_accuracy, line.validation_ci95) = (Some(mean), Some(ci));
@@ -274,7 +333,10 @@ impl<'a> Trainer<'a> {
                 self.save_resume_state()?;
             }
             progress.set_position(it as u64);
-            progress.set_message(format!("loss {loss:.3} acc {acc:.3} best val {:.3}", self.state.best_validation.unwrap_or(0.0)));
+            progress.set_message(format!(
+                "loss {loss:.3} acc {acc:.3} best val {:.3}",
+                self.state.best_validation.unwrap_or(0.0)
+            ));
         }
         progress.finish();
         self.save_resume_state()
@@ -292,18 +354,42 @@ impl<'a> Trainer<'a> {
             rates: self.learner.rates.clone(),
             device: self.config.device,
         };
-        let seeds: Vec<u64> = (0..self.config.meta_batch).map(|index| self.task_seed(index)).collect();
+        let seeds: Vec<u64> = (0..self.config.meta_batch)
+            .map(|index| self.task_seed(index))
+            .collect();
         let grads: Vec<_> = (0..self.config.meta_batch)
             .map(|index| {
                 let e = self.sampler.sample();
-                let (support, labels, query, query_labels) = (e.support.to_device(self.config.device), e.support_labels.to_device(self.config.device), e.query.to_device(self.config.device), e.query_labels.to_device(self.config.device));
-                let task = MetaTask { support: SupportSet { images: &support, labels: &labels, n_way: self.config.way }, query: &query, query_labels: &query_labels, seed: seeds[index] };
+                let (support, labels, query, query_labels) = (
+                    e.support.to_device(self.config.device),
+                    e.support_labels.to_device(self.config.device),
+                    e.query.to_device(self.config.device),
+                    e.query_labels.to_device(self.config.device),
+                );
+                let task = MetaTask {
+                    support: SupportSet {
+                        images: &support,
+                        labels: &labels,
+                        n_way: self.config.way,
+                    },
+                    query: &query,
+                    query_labels: &query_labels,
+                    seed: seeds[index],
+                };
                 context.task_gradient(&self.learner.params, self.learner.alphas.as_ref(), &task)
             })
             .collect();
-        self.learner.outer_step(&grads, self.config.outer.lr_factor(self.state.iteration, self.config.iterations));
+        self.learner.outer_step(
+            &grads,
+            self.config
+                .outer
+                .lr_factor(self.state.iteration, self.config.iterations),
+        );
         let n = grads.len() as f64;
-        (grads.iter().map(|g| g.query_loss).sum::<f64>() / n, grads.iter().map(|g| g.query_accuracy).sum::<f64>() / n)
+        (
+            grads.iter().map(|g| g.query_loss).sum::<f64>() / n,
+            grads.iter().map(|g| g.query_accuracy).sum::<f64>() / n,
+        )
     }
 
     /// The seed of the meta-batch's task `index`, unique within the run and the same on resume.
@@ -318,20 +404,32 @@ impl<'a> Trainer<'a> {
             crate::grad::no_grad(|| {
                 let rows = Tensor::cat(&[&a.normal, &a.reduce], 0);
                 let p = rows.softmax(-1, tch::Kind::Float);
-                (-(&p * p.log()).sum_dim_intlist(1i64, false, tch::Kind::Float)).mean(tch::Kind::Float).double_value(&[])
+                (-(&p * p.log()).sum_dim_intlist(1i64, false, tch::Kind::Float))
+                    .mean(tch::Kind::Float)
+                    .double_value(&[])
             })
         })
     }
 
     /// Accuracy on the validation classes, on the same tasks every time (a fixed sampler seed).
     fn validate(&self) -> (f64, f64) {
-        let mut sampler = EpisodeSampler::new(self.validation, self.config.way, self.config.shot, self.config.query, 1).expect("validation split large enough");
+        let mut sampler = EpisodeSampler::new(
+            self.validation,
+            self.config.way,
+            self.config.shot,
+            self.config.query,
+            1,
+        )
+        .expect("validation split large enough");
         let evaluation = Evaluation {
             network: &self.network,
             params: &self.learner.params,
             alphas: self.learner.alphas.as_ref(),
             head: self.config.meta.head,
-            inner: InnerLoop { second_order: false, ..self.config.inner },
+            inner: InnerLoop {
+                second_order: false,
+                ..self.config.inner
+            },
             bn: self.config.bn,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
@@ -361,7 +459,12 @@ impl<'a> Trainer<'a> {
             ci95,
         }];
         let rates = self.learner.rates.as_ref().map(LearnedRates::detach);
-        let mut checkpoint = Checkpoint { meta, params: self.learner.params.clone(), alphas: self.learner.alphas.clone(), rates };
+        let mut checkpoint = Checkpoint {
+            meta,
+            params: self.learner.params.clone(),
+            alphas: self.learner.alphas.clone(),
+            rates,
+        };
         checkpoint.save(&self.config.out)?;
         super::card::write_run_card(&self.config.out, &checkpoint.meta)
     }
@@ -373,8 +476,16 @@ impl<'a> Trainer<'a> {
         let path = self.config.out.join("metrics.jsonl");
         let kept = match std::fs::read_to_string(&path) {
             Ok(text) if self.state.iteration > 0 => {
-                let up_to_now = |line: &&str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["iteration"].as_u64()).is_some_and(|i| i as usize <= self.state.iteration);
-                text.lines().filter(up_to_now).map(|line| format!("{line}\n")).collect()
+                let up_to_now = |line: &&str| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["iteration"].as_u64())
+                        .is_some_and(|i| i as usize <= self.state.iteration)
+                };
+                text.lines()
+                    .filter(up_to_now)
+                    .map(|line| format!("{line}\n"))
+                    .collect()
             }
             _ => String::new(),
         };
@@ -383,28 +494,54 @@ impl<'a> Trainer<'a> {
 
     fn append_metrics(&self, line: &MetricsLine) -> Result<(), String> {
         let path = self.config.out.join("metrics.jsonl");
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        writeln!(file, "{}", serde_json::to_string(line).expect("metrics serialise")).map_err(|e| format!("{}: {e}", path.display()))
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        writeln!(
+            file,
+            "{}",
+            serde_json::to_string(line).expect("metrics serialise")
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Tensors of the resumable state: w̃, θ̃, the learned rates and their optimisers' moments,
     /// by name.
     fn resume_tensors(&self) -> Vec<(String, Tensor)> {
         let learner = &self.learner;
-        let mut named: Vec<(String, Tensor)> = learner.params.iter().map(|(n, t)| (format!("w/{n}"), t.shallow_clone())).collect();
-        let mut groups: Vec<(&str, &Adam, Vec<(&str, &Tensor)>)> = vec![("adam_w", &learner.adam_w, Vec::new())];
+        let mut named: Vec<(String, Tensor)> = learner
+            .params
+            .iter()
+            .map(|(n, t)| (format!("w/{n}"), t.shallow_clone()))
+            .collect();
+        let mut groups: Vec<(&str, &Adam, Vec<(&str, &Tensor)>)> =
+            vec![("adam_w", &learner.adam_w, Vec::new())];
         if let (Some(a), Some(adam)) = (&learner.alphas, &learner.adam_theta) {
-            groups.push(("adam_theta", adam, vec![("theta/normal", &a.normal), ("theta/reduce", &a.reduce)]));
+            groups.push((
+                "adam_theta",
+                adam,
+                vec![("theta/normal", &a.normal), ("theta/reduce", &a.reduce)],
+            ));
         }
         if let (Some(r), Some(adam)) = (&learner.rates, &learner.adam_rates) {
-            groups.push(("adam_rates", adam, vec![("rates/w", &r.w), ("rates/theta", &r.theta)]));
+            groups.push((
+                "adam_rates",
+                adam,
+                vec![("rates/w", &r.w), ("rates/theta", &r.theta)],
+            ));
         }
         for (prefix, adam, tensors) in groups {
             for (i, (m, v)) in adam.m.iter().zip(&adam.v).enumerate() {
                 named.push((format!("{prefix}/m/{i}"), m.shallow_clone()));
                 named.push((format!("{prefix}/v/{i}"), v.shallow_clone()));
             }
-            named.extend(tensors.into_iter().map(|(name, t)| (name.to_string(), t.detach())));
+            named.extend(
+                tensors
+                    .into_iter()
+                    .map(|(name, t)| (name.to_string(), t.detach())),
+            );
         }
         named
     }
@@ -417,7 +554,10 @@ impl<'a> Trainer<'a> {
         self.state.adam_theta_steps = self.learner.adam_theta.as_ref().map(|a| a.steps);
         self.state.adam_rates_steps = self.learner.adam_rates.as_ref().map(|a| a.steps);
         let bytes = safetensors_bytes(&self.resume_tensors())?;
-        let previous = std::mem::replace(&mut self.state.tensors, format!("state-{}.safetensors", self.state.iteration));
+        let previous = std::mem::replace(
+            &mut self.state.tensors,
+            format!("state-{}.safetensors", self.state.iteration),
+        );
         self.state.tensors_sha256 = sha256_hex(&bytes);
         write_atomically(&dir.join(&self.state.tensors), &bytes).map_err(|e| e.to_string())?;
         let json = serde_json::to_vec_pretty(&self.state).expect("state serialises");
@@ -435,8 +575,10 @@ impl<'a> Trainer<'a> {
     fn load_resume_state(&mut self) -> Result<(), String> {
         let dir = resume_dir(&self.config.out);
         let json_path = dir.join("state.json");
-        let bytes = std::fs::read(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
-        let saved: ResumeState = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", json_path.display()))?;
+        let bytes =
+            std::fs::read(&json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
+        let saved: ResumeState =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", json_path.display()))?;
         let differences = self.state.run.differences(&saved.run);
         if !differences.is_empty() {
             return Err(format!("{}: --resume continues a run with other settings ({}); use that run's settings, or a new --out", json_path.display(), differences.join("; ")));
@@ -446,14 +588,29 @@ impl<'a> Trainer<'a> {
         if sha256_hex(&bytes) != saved.tensors_sha256 {
             return Err(format!("{}: not the file {} describes (its sha256 differs): the resume state is damaged; start a new run", path.display(), json_path.display()));
         }
-        let named: std::collections::HashMap<String, Tensor> = tensors_of_safetensors(&bytes, self.config.device).map_err(|m| format!("{}: {m}", path.display()))?.into_iter().collect();
+        let named: std::collections::HashMap<String, Tensor> =
+            tensors_of_safetensors(&bytes, self.config.device)
+                .map_err(|m| format!("{}: {m}", path.display()))?
+                .into_iter()
+                .collect();
         let take = |name: &str, like: &Tensor| match named.get(name) {
             Some(t) if t.size() == like.size() => Ok(t.shallow_clone()),
-            Some(t) => Err(format!("{}: {name} has shape {:?}, this run's {:?}", path.display(), t.size(), like.size())),
+            Some(t) => Err(format!(
+                "{}: {name} has shape {:?}, this run's {:?}",
+                path.display(),
+                t.size(),
+                like.size()
+            )),
             None => Err(format!("{}: lacks {name}", path.display())),
         };
         let learner = &mut self.learner;
-        learner.params = ParamSet::from_pairs(learner.params.iter().map(|(n, t)| Ok((n.clone(), take(&format!("w/{n}"), t)?))).collect::<Result<Vec<_>, String>>()?);
+        learner.params = ParamSet::from_pairs(
+            learner
+                .params
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), take(&format!("w/{n}"), t)?)))
+                .collect::<Result<Vec<_>, String>>()?,
+        );
         let restore = |adam: &mut Adam, prefix: &str, steps: i64| -> Result<(), String> {
             for i in 0..adam.m.len() {
                 adam.m[i] = take(&format!("{prefix}/m/{i}"), &adam.m[i])?;
@@ -465,14 +622,30 @@ impl<'a> Trainer<'a> {
         restore(&mut learner.adam_w, "adam_w", saved.adam_w_steps)?;
         if let (Some(adam), Some(alphas)) = (learner.adam_theta.as_mut(), learner.alphas.as_ref()) {
             restore(adam, "adam_theta", saved.adam_theta_steps.unwrap_or(0))?;
-            learner.alphas = Some(Alphas { normal: take("theta/normal", &alphas.normal)?, reduce: take("theta/reduce", &alphas.reduce)? });
+            learner.alphas = Some(Alphas {
+                normal: take("theta/normal", &alphas.normal)?,
+                reduce: take("theta/reduce", &alphas.reduce)?,
+            });
         }
         if let (Some(adam), Some(rates)) = (learner.adam_rates.as_mut(), learner.rates.as_ref()) {
             restore(adam, "adam_rates", saved.adam_rates_steps.unwrap_or(0))?;
-            let (w, theta) = (take("rates/w", &rates.w)?, take("rates/theta", &rates.theta)?);
-            learner.rates = Some(LearnedRates { w: w.set_requires_grad(true), theta: theta.set_requires_grad(true) });
+            let (w, theta) = (
+                take("rates/w", &rates.w)?,
+                take("rates/theta", &rates.theta)?,
+            );
+            learner.rates = Some(LearnedRates {
+                w: w.set_requires_grad(true),
+                theta: theta.set_requires_grad(true),
+            });
         }
-        self.sampler = EpisodeSampler::restore(self.train, self.config.way, self.config.shot, self.config.query, &saved.sampler).map_err(|e| e.to_string())?;
+        self.sampler = EpisodeSampler::restore(
+            self.train,
+            self.config.way,
+            self.config.shot,
+            self.config.query,
+            &saved.sampler,
+        )
+        .map_err(|e| e.to_string())?;
         self.state = saved;
         Ok(())
     }

@@ -30,7 +30,13 @@ pub struct CostKey {
 
 impl CostKey {
     /// The key of a task of `model` with these classes, images and options.
-    pub fn new(model: &str, n_way: usize, support_images: usize, query_images: usize, options: &ResolvedOptions) -> CostKey {
+    pub fn new(
+        model: &str,
+        n_way: usize,
+        support_images: usize,
+        query_images: usize,
+        options: &ResolvedOptions,
+    ) -> CostKey {
         CostKey {
             model: model.to_string(),
             n_way,
@@ -46,7 +52,13 @@ impl CostKey {
     pub fn of(input: &TaskInput) -> CostKey {
         let support_images = input.support_labels.len();
         let values_per_image = (input.support.len() / support_images.max(1)).max(1);
-        CostKey::new(&input.model, input.n_way, support_images, input.query.len() / values_per_image, &input.options)
+        CostKey::new(
+            &input.model,
+            input.n_way,
+            support_images,
+            input.query.len() / values_per_image,
+            &input.options,
+        )
     }
 
     /// Images × passes over them: the work a task's cost grows with, to price unseen shapes.
@@ -95,15 +107,24 @@ impl Ledger {
     fn cost(&self, shape: &CostKey) -> Option<f64> {
         match self.per_shape.get(shape) {
             Some((seconds, _)) => Some(*seconds),
-            None => self.per_unit.get(&shape.model).map(|rate| rate * shape.units()),
+            None => self
+                .per_unit
+                .get(&shape.model)
+                .map(|rate| rate * shape.units()),
         }
     }
 
     /// Seconds until the worker is through the work ahead of a new task (tasks of unknown cost
     /// count as free: they are the first of their model).
     fn wait(&self) -> f64 {
-        let queued: f64 = self.queued.iter().map(|(shape, n)| self.cost(shape).unwrap_or(0.0) * *n as f64).sum();
-        let running = self.running.map_or(0.0, |(started, estimate)| (estimate - started.elapsed().as_secs_f64()).max(0.0));
+        let queued: f64 = self
+            .queued
+            .iter()
+            .map(|(shape, n)| self.cost(shape).unwrap_or(0.0) * *n as f64)
+            .sum();
+        let running = self.running.map_or(0.0, |(started, estimate)| {
+            (estimate - started.elapsed().as_secs_f64()).max(0.0)
+        });
         queued + running
     }
 }
@@ -121,16 +142,30 @@ impl Admission {
     ///
     /// An admitted task counts as queued from now on (tasks admitted together see each other while
     /// their images decode), until its [`Reservation`] is dropped or the worker takes its job.
-    pub fn admit(&self, shape: &CostKey, remaining: Duration, timeout: Duration) -> Result<Reservation<'_>, Refusal> {
+    pub fn admit(
+        &self,
+        shape: &CostKey,
+        remaining: Duration,
+        timeout: Duration,
+    ) -> Result<Reservation<'_>, Refusal> {
         let mut ledger = self.ledger();
         if let (wait, Some(cost)) = (ledger.wait(), ledger.cost(shape)) {
             if wait > 0.0 && wait + cost > HEADROOM * remaining.as_secs_f64() {
-                let retry_after_s = (wait + cost - HEADROOM * timeout.as_secs_f64()).clamp(1.0, wait.max(1.0)).ceil() as u64;
-                return Err(Refusal { wait: Duration::from_secs_f64(wait), cost: Duration::from_secs_f64(cost), retry_after_s });
+                let retry_after_s = (wait + cost - HEADROOM * timeout.as_secs_f64())
+                    .clamp(1.0, wait.max(1.0))
+                    .ceil() as u64;
+                return Err(Refusal {
+                    wait: Duration::from_secs_f64(wait),
+                    cost: Duration::from_secs_f64(cost),
+                    retry_after_s,
+                });
             }
         }
         *ledger.queued.entry(shape.clone()).or_default() += 1;
-        Ok(Reservation { admission: self, shape: Some(shape.clone()) })
+        Ok(Reservation {
+            admission: self,
+            shape: Some(shape.clone()),
+        })
     }
 
     /// The measured cost of a task of `shape`, if any task of its model has been measured.
@@ -153,7 +188,10 @@ impl Admission {
     /// A batch of tasks of `shapes` starts on the worker.
     pub fn started(&self, shapes: &[CostKey]) {
         let mut ledger = self.ledger();
-        let estimate = shapes.iter().map(|shape| ledger.cost(shape).unwrap_or(0.0)).sum();
+        let estimate = shapes
+            .iter()
+            .map(|shape| ledger.cost(shape).unwrap_or(0.0))
+            .sum();
         ledger.running = Some((Instant::now(), estimate));
     }
 
@@ -165,14 +203,27 @@ impl Admission {
         let Some(elapsed) = elapsed else { return };
         let share = elapsed.as_secs_f64() / shapes.len().max(1) as f64;
         for shape in shapes {
-            let smoothed = |old: Option<f64>, new: f64| old.map_or(new, |old| old + SMOOTHING * (new - old));
-            let per_task = smoothed(ledger.per_shape.get(shape).map(|(seconds, _)| *seconds), share);
-            ledger.per_shape.insert(shape.clone(), (per_task, Instant::now()));
-            let per_unit = smoothed(ledger.per_unit.get(&shape.model).copied(), share / shape.units());
+            let smoothed =
+                |old: Option<f64>, new: f64| old.map_or(new, |old| old + SMOOTHING * (new - old));
+            let per_task = smoothed(
+                ledger.per_shape.get(shape).map(|(seconds, _)| *seconds),
+                share,
+            );
+            ledger
+                .per_shape
+                .insert(shape.clone(), (per_task, Instant::now()));
+            let per_unit = smoothed(
+                ledger.per_unit.get(&shape.model).copied(),
+                share / shape.units(),
+            );
             ledger.per_unit.insert(shape.model.clone(), per_unit);
         }
         if ledger.per_shape.len() > REMEMBERED_SHAPES {
-            let oldest = ledger.per_shape.iter().min_by_key(|(_, (_, at))| *at).map(|(shape, _)| shape.clone());
+            let oldest = ledger
+                .per_shape
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(shape, _)| shape.clone());
             if let Some(shape) = oldest {
                 ledger.per_shape.remove(&shape);
             }
@@ -207,7 +258,15 @@ mod tests {
     use super::*;
 
     fn shape(steps: usize) -> CostKey {
-        CostKey { model: "m".into(), n_way: 5, support_images: 5, query_images: 15, steps, finetune_steps: 0, derived: false }
+        CostKey {
+            model: "m".into(),
+            n_way: 5,
+            support_images: 5,
+            query_images: 15,
+            steps,
+            finetune_steps: 0,
+            derived: false,
+        }
     }
 
     #[test]
@@ -215,21 +274,43 @@ mod tests {
         let admission = Admission::default();
         let (task, timeout) = (shape(10), Duration::from_secs(10));
         for _ in 0..100 {
-            admission.admit(&task, timeout, timeout).expect("nothing measured yet").hand_over();
+            admission
+                .admit(&task, timeout, timeout)
+                .expect("nothing measured yet")
+                .hand_over();
         }
         admission.finished(std::slice::from_ref(&task), Some(Duration::from_secs(1)));
         // 100 queued tasks of 1 s each: a new one would wait 100 s.
-        let refusal = admission.admit(&task, timeout, timeout).err().expect("a task behind 100 s of work is refused");
+        let refusal = admission
+            .admit(&task, timeout, timeout)
+            .err()
+            .expect("a task behind 100 s of work is refused");
         assert_eq!(refusal.wait, Duration::from_secs(100));
-        assert_eq!(refusal.retry_after_s, 94, "after 94 s, the 6 s of work left and its own 1 s fit in 7.5 s (75% of 10 s)");
+        assert_eq!(
+            refusal.retry_after_s, 94,
+            "after 94 s, the 6 s of work left and its own 1 s fit in 7.5 s (75% of 10 s)"
+        );
         for _ in 0..94 {
             admission.dequeued(&task);
         }
-        let admitted = admission.admit(&task, timeout, timeout).expect("6 s of work ahead and 1 s of its own fit");
-        assert!(admission.admit(&task, Duration::from_secs(5), timeout).is_err(), "but not in 75% of the 5 s this one has left");
-        assert!(admission.admit(&task, timeout, timeout).is_err(), "nor a task behind the one just admitted");
+        let admitted = admission
+            .admit(&task, timeout, timeout)
+            .expect("6 s of work ahead and 1 s of its own fit");
+        assert!(
+            admission
+                .admit(&task, Duration::from_secs(5), timeout)
+                .is_err(),
+            "but not in 75% of the 5 s this one has left"
+        );
+        assert!(
+            admission.admit(&task, timeout, timeout).is_err(),
+            "nor a task behind the one just admitted"
+        );
         drop(admitted);
-        assert!(admission.admit(&task, timeout, timeout).is_ok(), "whose place is free once its request gives it up");
+        assert!(
+            admission.admit(&task, timeout, timeout).is_ok(),
+            "whose place is free once its request gives it up"
+        );
     }
 
     #[test]
@@ -237,8 +318,20 @@ mod tests {
         let admission = Admission::default();
         admission.finished(&[shape(9), shape(9)], Some(Duration::from_secs(4)));
         let seconds = |shape: CostKey| admission.cost(&shape).unwrap().as_secs_f64();
-        assert!((seconds(shape(9)) - 2.0).abs() < 1e-6, "a batch's time is shared among its tasks");
-        assert!((seconds(shape(19)) - 4.0).abs() < 1e-6, "twice the passes over the same images cost twice as much");
-        assert_eq!(admission.cost(&CostKey { model: "other".into(), ..shape(9) }), None);
+        assert!(
+            (seconds(shape(9)) - 2.0).abs() < 1e-6,
+            "a batch's time is shared among its tasks"
+        );
+        assert!(
+            (seconds(shape(19)) - 4.0).abs() < 1e-6,
+            "twice the passes over the same images cost twice as much"
+        );
+        assert_eq!(
+            admission.cost(&CostKey {
+                model: "other".into(),
+                ..shape(9)
+            }),
+            None
+        );
     }
 }

@@ -34,7 +34,12 @@ pub struct ResolvedOptions {
 impl ResolvedOptions {
     /// The adaptation steps these options ask for (first order, as served).
     fn inner_loop(&self) -> InnerLoop {
-        InnerLoop { steps: self.steps, lr_w: self.lr_w, lr_theta: self.lr_theta, second_order: false }
+        InnerLoop {
+            steps: self.steps,
+            lr_w: self.lr_w,
+            lr_theta: self.lr_theta,
+            second_order: false,
+        }
     }
 }
 
@@ -63,7 +68,6 @@ pub struct TaskOutput {
     pub cuda_graph: bool,
 }
 
-
 /// A model resident on the worker's device.
 pub struct ResidentModel {
     pub network: Network,
@@ -84,7 +88,15 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
         support_labels: (0..n_way as i64).collect(),
         n_way,
         query: vec![0.5; pixels],
-        options: ResolvedOptions { steps: 1, lr_w: meta.adaptation.lr_w, lr_theta: meta.adaptation.lr_theta, bn: meta.adaptation.bn, predict_with: PredictWith::Supernet, finetune_steps: 0, learned_rates: meta.adaptation.learned_rates },
+        options: ResolvedOptions {
+            steps: 1,
+            lr_w: meta.adaptation.lr_w,
+            lr_theta: meta.adaptation.lr_theta,
+            bn: meta.adaptation.bn,
+            predict_with: PredictWith::Supernet,
+            finetune_steps: 0,
+            learned_rates: meta.adaptation.learned_rates,
+        },
     };
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
 }
@@ -92,43 +104,97 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
 /// Images in plain numbers (CHW, row-major, one after another) as a tensor [N, C, S, S] on `device`.
 fn images(values: &[f32], meta: &ModelMeta, device: Device) -> Tensor {
     let (c, s) = (meta.input.channels as i64, meta.input.size as i64);
-    Tensor::from_slice(values).view([-1, c, s, s]).to_device(device)
+    Tensor::from_slice(values)
+        .view([-1, c, s, s])
+        .to_device(device)
 }
 
 /// The architecture a response shows: the task's softmax(θ) when the model adapts θ, and the
 /// genotype decoded from it (or, for a model without θ, the genotype it was built from, if any).
-fn architecture(model: &ResidentModel, mixing: Option<MixingRows>) -> (Option<Genotype>, Option<AlphaWeights>) {
+fn architecture(
+    model: &ResidentModel,
+    mixing: Option<MixingRows>,
+) -> (Option<Genotype>, Option<AlphaWeights>) {
     let genotype = match (&model.network, &mixing) {
-        (Network::Supernet(net), Some((normal, reduce))) => Some(Genotype::decode(&net.space, normal, reduce)),
+        (Network::Supernet(net), Some((normal, reduce))) => {
+            Some(Genotype::decode(&net.space, normal, reduce))
+        }
         _ => model.checkpoint.meta.genotype.clone(),
     };
-    (genotype, mixing.map(|(normal, reduce)| AlphaWeights { normal, reduce }))
+    (
+        genotype,
+        mixing.map(|(normal, reduce)| AlphaWeights { normal, reduce }),
+    )
 }
 
 /// Adapts one task and predicts its queries (T-NAS Algorithm 2 + decoding).
-pub fn run_task(model: &ResidentModel, input: &TaskInput, device: Device, keep_going: &dyn Fn() -> bool) -> Result<TaskOutput, WorkerError> {
+pub fn run_task(
+    model: &ResidentModel,
+    input: &TaskInput,
+    device: Device,
+    keep_going: &dyn Fn() -> bool,
+) -> Result<TaskOutput, WorkerError> {
     let meta = &model.checkpoint.meta;
     let support = images(&input.support, meta, device);
     let labels = Tensor::from_slice(&input.support_labels).to_device(device);
     let query = images(&input.query, meta, device);
-    let support_set = SupportSet { images: &support, labels: &labels, n_way: input.n_way };
+    let support_set = SupportSet {
+        images: &support,
+        labels: &labels,
+        n_way: input.n_way,
+    };
     let o = input.options;
     let inner = o.inner_loop();
     let started = Instant::now();
     let network = &model.network;
-    let mut state = TaskState::start(network, &model.checkpoint.params, model.checkpoint.alphas.as_ref(), meta.head, &support_set, device);
+    let mut state = TaskState::start(
+        network,
+        &model.checkpoint.params,
+        model.checkpoint.alphas.as_ref(),
+        meta.head,
+        &support_set,
+        device,
+    );
     state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);
-    state.adapt(network, &support_set, &inner, keep_going).map_err(|i| WorkerError::DeadlinePassed { completed_steps: i.completed_steps })?;
+    state
+        .adapt(network, &support_set, &inner, keep_going)
+        .map_err(|i| WorkerError::DeadlinePassed {
+            completed_steps: i.completed_steps,
+        })?;
     let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let options = PredictOptions { bn: o.bn, predict_with: o.predict_with, finetune: InnerLoop { steps: o.finetune_steps, ..inner } };
+    let options = PredictOptions {
+        bn: o.bn,
+        predict_with: o.predict_with,
+        finetune: InnerLoop {
+            steps: o.finetune_steps,
+            ..inner
+        },
+    };
     let logits = state
-        .predict_queries(network, meta.head, &support_set, &query, &options, keep_going)
-        .map_err(|i| WorkerError::DeadlinePassed { completed_steps: o.steps + i.completed_steps })?;
+        .predict_queries(
+            network,
+            meta.head,
+            &support_set,
+            &query,
+            &options,
+            keep_going,
+        )
+        .map_err(|i| WorkerError::DeadlinePassed {
+            completed_steps: o.steps + i.completed_steps,
+        })?;
     let logits = matrix_rows(&logits);
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    finite(TaskOutput { genotype, alphas, logits, queue_ms: 0.0, adapt_ms, predict_ms: started.elapsed().as_secs_f64() * 1e3, cuda_graph: false })
+    finite(TaskOutput {
+        genotype,
+        alphas,
+        logits,
+        queue_ms: 0.0,
+        adapt_ms,
+        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+        cuda_graph: false,
+    })
 }
 
 /// Adapts same-shaped supernet tasks as one batch of `tasks` (the last task repeated to fill it)
@@ -143,28 +209,70 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
     shape: &K,
     recorded: &mut RecordedAdaptations<K>,
 ) -> Vec<Result<TaskOutput, WorkerError>> {
-    let Network::Supernet(net) = &model.network else { unreachable!("only supernet tasks batch") };
+    let Network::Supernet(net) = &model.network else {
+        unreachable!("only supernet tasks batch")
+    };
     let meta = &model.checkpoint.meta;
     let (n_way, o) = (inputs[0].n_way, inputs[0].options);
     let padding = std::iter::repeat_n(inputs[inputs.len() - 1], tasks - inputs.len());
     let tasks: Vec<&TaskInput> = inputs.iter().copied().chain(padding).collect();
     let support = BatchedSupport::new(
-        &tasks.iter().map(|i| images(&i.support, meta, device)).collect::<Vec<_>>(),
-        &tasks.iter().map(|i| Tensor::from_slice(&i.support_labels).to_device(device)).collect::<Vec<_>>(),
+        &tasks
+            .iter()
+            .map(|i| images(&i.support, meta, device))
+            .collect::<Vec<_>>(),
+        &tasks
+            .iter()
+            .map(|i| Tensor::from_slice(&i.support_labels).to_device(device))
+            .collect::<Vec<_>>(),
         n_way,
     );
-    let batch_inputs = [support.images, support.labels, side_by_side(&tasks.iter().map(|i| images(&i.query, meta, device)).collect::<Vec<_>>())];
+    let batch_inputs = [
+        support.images,
+        support.labels,
+        side_by_side(
+            &tasks
+                .iter()
+                .map(|i| images(&i.query, meta, device))
+                .collect::<Vec<_>>(),
+        ),
+    ];
     let rates = model.checkpoint.rates.as_ref().filter(|_| o.learned_rates);
-    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| adapt_and_predict(net, &model.checkpoint, rates, tensors, n_way, &o.inner_loop(), o.bn, keep_going);
+    let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
+        adapt_and_predict(
+            net,
+            &model.checkpoint,
+            rates,
+            tensors,
+            n_way,
+            &o.inner_loop(),
+            o.bn,
+            keep_going,
+        )
+    };
     let started = Instant::now();
     if !keep_going() {
-        return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 })).collect();
+        return inputs
+            .iter()
+            .map(|_| Err(WorkerError::DeadlinePassed { completed_steps: 0 }))
+            .collect();
     }
-    let replayed = recorded.run(shape, &batch_inputs, |tensors| adapt(tensors, &|| true).expect("recorded work is never interrupted"));
+    let replayed = recorded.run(shape, &batch_inputs, |tensors| {
+        adapt(tensors, &|| true).expect("recorded work is never interrupted")
+    });
     let cuda_graph = replayed.is_some();
     let outputs = match replayed.map_or_else(|| adapt(&batch_inputs, keep_going), Ok) {
         Ok(outputs) => outputs,
-        Err(interrupted) => return inputs.iter().map(|_| Err(WorkerError::DeadlinePassed { completed_steps: interrupted.completed_steps })).collect(),
+        Err(interrupted) => {
+            return inputs
+                .iter()
+                .map(|_| {
+                    Err(WorkerError::DeadlinePassed {
+                        completed_steps: interrupted.completed_steps,
+                    })
+                })
+                .collect()
+        }
     };
     let [logits, normal, reduce] = <[Tensor; 3]>::try_from(outputs).expect("three outputs");
     let mixings = task_mixings(&Alphas { normal, reduce }, tasks.len() as i64);
@@ -182,7 +290,15 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
         .take(inputs.len())
         .map(|(mixing, logits)| {
             let (genotype, alphas) = architecture(model, Some(mixing));
-            finite(TaskOutput { genotype, alphas, logits: logits.to_vec(), queue_ms: 0.0, adapt_ms, predict_ms, cuda_graph })
+            finite(TaskOutput {
+                genotype,
+                alphas,
+                logits: logits.to_vec(),
+                queue_ms: 0.0,
+                adapt_ms,
+                predict_ms,
+                cuda_graph,
+            })
         })
         .collect()
 }
@@ -190,8 +306,17 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
 /// `output`, unless its adaptation diverged: learning rates too large for the task drive θ or w
 /// to infinity, and the logits and architecture weights that come out are NaN, not an answer.
 fn finite(output: TaskOutput) -> Result<TaskOutput, WorkerError> {
-    let architecture = output.alphas.iter().flat_map(|a| a.normal.iter().chain(&a.reduce));
-    match output.logits.iter().chain(architecture).flatten().all(|v| v.is_finite()) {
+    let architecture = output
+        .alphas
+        .iter()
+        .flat_map(|a| a.normal.iter().chain(&a.reduce));
+    match output
+        .logits
+        .iter()
+        .chain(architecture)
+        .flatten()
+        .all(|v| v.is_finite())
+    {
         true => Ok(output),
         false => Err(WorkerError::Diverged),
     }

@@ -78,7 +78,11 @@ impl Limits {
 }
 
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "tnas-server", version, about = "HTTP server for fast T-NAS adaptation: POST few-shot images, get the task's genotype and predictions")]
+#[command(
+    name = "tnas-server",
+    version,
+    about = "HTTP server for fast T-NAS adaptation: POST few-shot images, get the task's genotype and predictions"
+)]
 pub struct ServerConfig {
     /// Directory whose subfolders with a model.json are loaded.
     #[arg(long, env = "TNAS_MODELS", default_value = "models")]

@@ -40,7 +40,12 @@ pub struct ConnectionLimits {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then closes every connection as the
 /// module documentation says and returns once all are closed.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -61,7 +66,13 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: Conne
         };
         let _ = stream.set_nodelay(true);
         match Arc::clone(&open).try_acquire_owned() {
-            Ok(permit) => connections.spawn(watched(stream, app.clone(), limits, stopped.clone(), permit)),
+            Ok(permit) => connections.spawn(watched(
+                stream,
+                app.clone(),
+                limits,
+                stopped.clone(),
+                permit,
+            )),
             Err(_) => connections.spawn(refuse(stream, limits.max_connections)),
         };
         while connections.try_join_next().is_some() {}
@@ -78,7 +89,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: Conne
 async fn refuse(mut stream: TcpStream, max_connections: usize) {
     metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit").increment(1);
     let message = format!("the server has its limit of {max_connections} connections open; retry after a second, or reuse a connection");
-    let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}}).to_string();
+    let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}})
+        .to_string();
     let head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close";
     let response = format!("{head}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
     let answer_and_drain = async {
@@ -92,13 +104,27 @@ async fn refuse(mut stream: TcpStream, max_connections: usize) {
 }
 
 /// Serves one connection under its watchdog; the permit keeps its place among the open ones.
-async fn watched(stream: TcpStream, app: Router, limits: ConnectionLimits, mut stopped: watch::Receiver<bool>, _permit: OwnedSemaphorePermit) {
+async fn watched(
+    stream: TcpStream,
+    app: Router,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
     metrics::gauge!("tnas_open_connections").increment(1.0);
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Metered { stream, activity: Arc::clone(&activity) });
-    let service = Tracked { app, activity: Arc::clone(&activity) };
+    let io = TokioIo::new(Metered {
+        stream,
+        activity: Arc::clone(&activity),
+    });
+    let service = Tracked {
+        app,
+        activity: Arc::clone(&activity),
+    };
     // The watchdog below times request heads; hyper's own timer would time them from idle.
-    let connection = hyper::server::conn::http1::Builder::new().header_read_timeout(None).serve_connection(io, service);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(None)
+        .serve_connection(io, service);
     tokio::pin!(connection);
     let ended = tokio::select! {
         result = connection.as_mut() => Ended::Served(result),
@@ -150,7 +176,10 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity { phase: Mutex::new(Phase::Idle(Instant::now())), changed: Notify::new() }
+        Activity {
+            phase: Mutex::new(Phase::Idle(Instant::now())),
+            changed: Notify::new(),
+        }
     }
 
     fn phase(&self) -> Phase {
@@ -179,7 +208,9 @@ impl Activity {
             let changed = self.changed.notified();
             let deadline = match self.phase() {
                 Phase::Idle(since) => Some((since + limits.idle_timeout, "idle_timeout")),
-                Phase::ReadingHead(since) => Some((since + limits.header_read_timeout, "header_read_timeout")),
+                Phase::ReadingHead(since) => {
+                    Some((since + limits.header_read_timeout, "header_read_timeout"))
+                }
                 Phase::Busy => None,
             };
             match deadline {
@@ -233,7 +264,11 @@ struct Metered {
 }
 
 impl AsyncRead for Metered {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -244,7 +279,11 @@ impl AsyncRead for Metered {
 }
 
 impl AsyncWrite for Metered {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -256,7 +295,11 @@ impl AsyncWrite for Metered {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

@@ -45,11 +45,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::BadRequest { code, message: message.into() }
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::Unprocessable { code, message: message.into() }
+        ApiError::Unprocessable {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -60,7 +66,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::WouldMissDeadline { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull(_)
+            | ApiError::Overloaded(_)
+            | ApiError::WouldMissDeadline { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -93,17 +101,30 @@ impl IntoResponse for ApiError {
             tracing::error!(%detail, "internal error");
         }
         metrics::counter!("tnas_errors_total", "code" => self.code()).increment(1);
-        let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.to_string() } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().into(),
+                message: self.to_string(),
+            },
+        };
         let mut response = (status, axum::Json(body)).into_response();
         match self {
             ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::NotReady(_) => {
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             }
             ApiError::WouldMissDeadline { refusal, .. } => {
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(refusal.retry_after_s));
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(refusal.retry_after_s),
+                );
             }
             ApiError::Unauthorized(_) => {
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
             }
             _ => {}
         }

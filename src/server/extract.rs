@@ -18,12 +18,24 @@ pub struct Path<T>(pub T);
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        ApiError::bad_request("invalid_query", format!("{}; see /docs for this route's parameters", rejection.body_text()))
+        ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "{}; see /docs for this route's parameters",
+                rejection.body_text()
+            ),
+        )
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
-        ApiError::bad_request("invalid_path", format!("{}; percent-encode the path as UTF-8", rejection.body_text()))
+        ApiError::bad_request(
+            "invalid_path",
+            format!(
+                "{}; percent-encode the path as UTF-8",
+                rejection.body_text()
+            ),
+        )
     }
 }

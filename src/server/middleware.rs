@@ -16,12 +16,24 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Requires `Authorization: Bearer <key>` when an API key is configured (constant-time compare).
 /// The scheme is matched in any case, as RFC 7235 has it.
-pub async fn require_api_key(State(state): State<SharedState>, request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_api_key(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     if let Some(expected) = &state.api_key {
-        let credentials = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.split_once(' '));
-        let given = credentials.filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map_or("", |(_, token)| token.trim_start());
+        let credentials = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '));
+        let given = credentials
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim_start());
         if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(ApiError::Unauthorized("missing or wrong API key; send Authorization: Bearer <key>".into()));
+            return Err(ApiError::Unauthorized(
+                "missing or wrong API key; send Authorization: Bearer <key>".into(),
+            ));
         }
     }
     Ok(next.run(request).await)
@@ -29,23 +41,36 @@ pub async fn require_api_key(State(state): State<SharedState>, request: Request,
 
 /// Counts requests by route and status and records their latency.
 pub async fn record_metrics(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("tnas_requests_total", "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!("tnas_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::counter!("tnas_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("tnas_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
 /// JSON 404 for unknown paths.
 pub async fn not_found(request: Request) -> ApiError {
-    ApiError::NotFound(format!("no route for {} {}; see /docs", request.method(), request.uri().path()))
+    ApiError::NotFound(format!(
+        "no route for {} {}; see /docs",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 /// JSON 405 for a known path asked with a method it does not serve.
 pub async fn method_not_allowed(request: Request) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{} {} is not served; see /docs for this path's methods", request.method(), request.uri().path()))
+    ApiError::MethodNotAllowed(format!(
+        "{} {} is not served; see /docs for this path's methods",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 /// Gives every request an `x-request-id` (kept if the client sent one), returns it, and opens a

@@ -46,11 +46,17 @@ pub fn router(state: SharedState) -> Router {
         .route("/adapt", post(routes::adapt::adapt))
         .route("/genotypes", get(routes::genotypes::list_genotypes))
         .route("/genotypes/{task_id}", get(routes::genotypes::get_genotype))
-        .route("/genotypes/{task_id}/svg", get(routes::genotypes::get_genotype_svg))
+        .route(
+            "/genotypes/{task_id}/svg",
+            get(routes::genotypes::get_genotype_svg),
+        )
         .route("/models", get(routes::models::list_models))
         .route("/models/{name}", get(routes::models::get_model))
         .merge(openapi::docs())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_api_key,
+        ));
     let open = Router::new()
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
@@ -71,17 +77,30 @@ pub fn router(state: SharedState) -> Router {
 /// name, would surprise clients.
 pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut dirs: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join(META_FILE).exists()).collect();
+    let mut dirs: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join(META_FILE).exists())
+        .collect();
     dirs.sort();
     if dirs.is_empty() {
-        return Err(format!("{}: no model directories (subfolders with {META_FILE})", dir.display()));
+        return Err(format!(
+            "{}: no model directories (subfolders with {META_FILE})",
+            dir.display()
+        ));
     }
     for dir in &dirs {
         crate::checkpoint::remove_interrupted_temp_files(dir);
     }
-    let checkpoints: Vec<Checkpoint> = dirs.iter().map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let checkpoints: Vec<Checkpoint> = dirs
+        .iter()
+        .map(|d| Checkpoint::load(d, Device::Cpu).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
     for (i, checkpoint) in checkpoints.iter().enumerate() {
-        if let Some(j) = checkpoints[..i].iter().position(|other| other.meta.name == checkpoint.meta.name) {
+        if let Some(j) = checkpoints[..i]
+            .iter()
+            .position(|other| other.meta.name == checkpoint.meta.name)
+        {
             return Err(format!(
                 "{} and {} are both named '{}' in their {META_FILE}; give each model its own name",
                 dirs[j].join(META_FILE).display(),
@@ -99,7 +118,9 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
@@ -110,18 +131,34 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 }
 
 /// Builds the state: loads models on the CPU (verifying them), starts the worker on `device`.
-pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: Device) -> Result<SharedState, String> {
-    if let Some(meta) = checkpoints.iter().map(|c| &c.meta).find(|meta| meta.adaptation.steps > config.limits.max_steps) {
+pub fn build_state(
+    config: &ServerConfig,
+    checkpoints: Vec<Checkpoint>,
+    device: Device,
+) -> Result<SharedState, String> {
+    if let Some(meta) = checkpoints
+        .iter()
+        .map(|c| &c.meta)
+        .find(|meta| meta.adaptation.steps > config.limits.max_steps)
+    {
         return Err(format!(
             "model '{}' adapts with adaptation.steps = {} by default, over --max-steps {}: \
              every request that keeps the default would be refused; raise --max-steps",
             meta.name, meta.adaptation.steps, config.limits.max_steps
         ));
     }
-    let models: std::collections::BTreeMap<_, _> = checkpoints.iter().map(|c| (c.meta.name.clone(), c.meta.clone())).collect();
+    let models: std::collections::BTreeMap<_, _> = checkpoints
+        .iter()
+        .map(|c| (c.meta.name.clone(), c.meta.clone()))
+        .collect();
     let default_model = match &config.default_model {
         Some(name) if models.contains_key(name) => name.clone(),
-        Some(name) => return Err(format!("--default-model {name} is not among the loaded models: {:?}", models.keys().collect::<Vec<_>>())),
+        Some(name) => {
+            return Err(format!(
+                "--default-model {name} is not among the loaded models: {:?}",
+                models.keys().collect::<Vec<_>>()
+            ))
+        }
         None => models.keys().next().cloned().ok_or("no models loaded")?,
     };
     let cors_origins = config
@@ -129,14 +166,26 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
         .iter()
         .map(|origin| axum::http::HeaderValue::from_str(origin).map_err(|_| format!("--cors-origins: '{origin}' is not a valid origin; give origins like https://example.org, comma-separated")))
         .collect::<Result<Vec<_>, _>>()?;
-    let worker = Worker::spawn(checkpoints, device, config.limits.queue_depth, config.limits.max_batch, config.threads, config.cuda_graphs);
+    let worker = Worker::spawn(
+        checkpoints,
+        device,
+        config.limits.queue_depth,
+        config.limits.max_batch,
+        config.threads,
+        config.cuda_graphs,
+    );
     Ok(Arc::new(AppState {
         models,
         default_model,
         worker,
-        decoding_slots: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, usize::from))),
+        decoding_slots: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(1, usize::from),
+        )),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
-        store: GenotypeStore::new(config.limits.genotype_store_size, config.limits.genotype_store_bytes),
+        store: GenotypeStore::new(
+            config.limits.genotype_store_size,
+            config.limits.genotype_store_bytes,
+        ),
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),
@@ -146,7 +195,11 @@ pub fn build_state(config: &ServerConfig, checkpoints: Vec<Checkpoint>, device: 
 
 /// Serves until `shutdown` resolves, then closes idle and half-read connections at once and
 /// finishes the requests in flight, each by its deadline.
-pub async fn run(state: SharedState, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    state: SharedState,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let limits = state.limits.connections();
     connections::serve(listener, router(state), limits, shutdown).await
 }

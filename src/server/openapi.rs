@@ -9,7 +9,10 @@ use utoipa_swagger_ui::SwaggerUi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "tnas", description = "Fast adaptation of neural architectures (T-NAS): POST a few-shot task, get its DARTS genotype and query predictions."),
+    info(
+        title = "tnas",
+        description = "Fast adaptation of neural architectures (T-NAS): POST a few-shot task, get its DARTS genotype and query predictions."
+    ),
     paths(
         routes::adapt::adapt,
         routes::genotypes::get_genotype,
@@ -21,13 +24,29 @@ use utoipa_swagger_ui::SwaggerUi;
         routes::health::readyz,
         routes::health::metrics,
     ),
-    components(schemas(AdaptRequest, AdaptResponse, SupportImage, QueryImage, Prediction, TimingMs, AlphaWeights, GenotypeRecord, ErrorBody, ErrorDetail, HealthStatus, crate::genotype::Genotype, crate::metadata::ModelMeta))
+    components(schemas(
+        AdaptRequest,
+        AdaptResponse,
+        SupportImage,
+        QueryImage,
+        Prediction,
+        TimingMs,
+        AlphaWeights,
+        GenotypeRecord,
+        ErrorBody,
+        ErrorDetail,
+        HealthStatus,
+        crate::genotype::Genotype,
+        crate::metadata::ModelMeta
+    ))
 )]
 pub struct ApiDoc;
 
 /// The document as served at `/openapi.json` and committed at `openapi/openapi.json`.
 pub fn document() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises")
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises")
 }
 
 /// `/docs` (Swagger UI, vendored) and `/openapi.json`.

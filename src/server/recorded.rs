@@ -29,7 +29,12 @@ pub struct RecordedAdaptations<K> {
 impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
     /// Keeps up to `capacity` shapes; 0 records none.
     pub fn new(capacity: usize) -> Self {
-        RecordedAdaptations { capacity, replays: HashMap::new(), seen_once: VecDeque::new(), clock: 0 }
+        RecordedAdaptations {
+            capacity,
+            replays: HashMap::new(),
+            seen_once: VecDeque::new(),
+            clock: 0,
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -39,7 +44,12 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
     /// The outputs of `work(inputs)` from the graph of `key`, recorded now if this shape was seen
     /// before. `None` means: adapt eagerly (recording is off, this is the shape's first sighting,
     /// or recording has just failed).
-    pub fn run(&mut self, key: &K, inputs: &[Tensor], work: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Option<Vec<Tensor>> {
+    pub fn run(
+        &mut self,
+        key: &K,
+        inputs: &[Tensor],
+        work: impl Fn(&[Tensor]) -> Vec<Tensor>,
+    ) -> Option<Vec<Tensor>> {
         if !self.is_on() {
             return None;
         }
@@ -89,7 +99,11 @@ impl<K: Hash + Eq + Clone + std::fmt::Debug> RecordedAdaptations<K> {
         if self.replays.len() < self.capacity {
             return;
         }
-        let oldest = self.replays.iter().min_by_key(|(_, (_, last_used))| *last_used).map(|(key, _)| key.clone());
+        let oldest = self
+            .replays
+            .iter()
+            .min_by_key(|(_, (_, last_used))| *last_used)
+            .map(|(key, _)| key.clone());
         if let Some(key) = oldest {
             self.replays.remove(&key);
         }
@@ -109,10 +123,16 @@ mod tests {
     fn a_shape_records_on_its_second_sighting_and_a_failed_recording_turns_recording_off() {
         let mut recorded = RecordedAdaptations::new(2);
         let work = |inputs: &[Tensor]| vec![&inputs[0] * 2.0];
-        assert!(recorded.run(&"a", &cpu_input(), work).is_none(), "first sighting: eager");
+        assert!(
+            recorded.run(&"a", &cpu_input(), work).is_none(),
+            "first sighting: eager"
+        );
         assert!(recorded.run(&"b", &cpu_input(), work).is_none());
         assert!(recorded.is_on(), "nothing was recorded yet");
-        assert!(recorded.run(&"a", &cpu_input(), work).is_none(), "second sighting records, which fails on the CPU");
+        assert!(
+            recorded.run(&"a", &cpu_input(), work).is_none(),
+            "second sighting records, which fails on the CPU"
+        );
         assert!(!recorded.is_on(), "no second attempt");
         assert!(recorded.replays.is_empty());
     }
@@ -123,16 +143,24 @@ mod tests {
         for shape in 0..=REMEMBERED_SHAPES {
             assert!(!recorded.seen_before(&shape));
         }
-        assert!(!recorded.seen_before(&0), "the oldest sighting was forgotten");
+        assert!(
+            !recorded.seen_before(&0),
+            "the oldest sighting was forgotten"
+        );
         assert!(recorded.seen_before(&REMEMBERED_SHAPES));
-        assert!(!recorded.seen_before(&REMEMBERED_SHAPES), "taken off the list once recorded");
+        assert!(
+            !recorded.seen_before(&REMEMBERED_SHAPES),
+            "taken off the list once recorded"
+        );
     }
 
     #[test]
     fn capacity_zero_records_nothing() {
         let mut recorded = RecordedAdaptations::new(0);
         assert!(!recorded.is_on());
-        assert!(recorded.run(&"a", &cpu_input(), |inputs| vec![inputs[0].copy()]).is_none());
+        assert!(recorded
+            .run(&"a", &cpu_input(), |inputs| vec![inputs[0].copy()])
+            .is_none());
         assert!(recorded.replays.is_empty());
     }
 }

@@ -20,7 +20,12 @@ pub struct GenotypeStore {
 impl GenotypeStore {
     /// Keeps at most `capacity` records and `max_bytes` of them (each counted as its JSON).
     pub fn new(capacity: usize, max_bytes: usize) -> Self {
-        GenotypeStore { records: DashMap::new(), order: Mutex::new((VecDeque::new(), 0)), capacity: capacity.max(1), max_bytes }
+        GenotypeStore {
+            records: DashMap::new(),
+            order: Mutex::new((VecDeque::new(), 0)),
+            capacity: capacity.max(1),
+            max_bytes,
+        }
     }
 
     /// Stores `record`, evicting the oldest until both bounds hold. A record larger than the byte
@@ -37,7 +42,9 @@ impl GenotypeStore {
         *bytes += size;
         self.records.insert(record.task_id.clone(), record);
         while order.len() > self.capacity || *bytes > self.max_bytes {
-            let Some((oldest, size)) = order.pop_front() else { break };
+            let Some((oldest, size)) = order.pop_front() else {
+                break;
+            };
             self.records.remove(&oldest);
             *bytes -= size;
         }
@@ -50,7 +57,13 @@ impl GenotypeStore {
     /// Up to `limit` records, newest first.
     pub fn recent(&self, limit: usize) -> Vec<GenotypeRecord> {
         let guard = self.order.lock().expect("store lock is never poisoned");
-        guard.0.iter().rev().filter_map(|(id, _)| self.get(id)).take(limit).collect()
+        guard
+            .0
+            .iter()
+            .rev()
+            .filter_map(|(id, _)| self.get(id))
+            .take(limit)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -68,9 +81,22 @@ mod tests {
     use crate::genotype::Genotype;
 
     fn record(id: &str, label_bytes: usize) -> GenotypeRecord {
-        let genotype = Genotype { normal: vec![], normal_concat: vec![2, 3, 4, 5], reduce: vec![], reduce_concat: vec![2, 3, 4, 5] };
+        let genotype = Genotype {
+            normal: vec![],
+            normal_concat: vec![2, 3, 4, 5],
+            reduce: vec![],
+            reduce_concat: vec![2, 3, 4, 5],
+        };
         let labels = vec!["x".repeat(label_bytes)];
-        GenotypeRecord { task_id: id.into(), model: "m".into(), labels, n_way: 2, k_shot: 1, created_at: String::new(), genotype }
+        GenotypeRecord {
+            task_id: id.into(),
+            model: "m".into(),
+            labels,
+            n_way: 2,
+            k_shot: 1,
+            created_at: String::new(),
+            genotype,
+        }
     }
 
     #[test]
@@ -92,9 +118,15 @@ mod tests {
         for id in ["a", "b", "c"] {
             store.insert(record(id, 1000));
         }
-        assert!(store.get("a").is_none(), "three records of over 1000 bytes do not fit in 3000");
+        assert!(
+            store.get("a").is_none(),
+            "three records of over 1000 bytes do not fit in 3000"
+        );
         assert_eq!(store.len(), 2);
         store.insert(record("huge", 5000));
-        assert!(store.get("huge").is_none() && store.len() == 2, "a record over the bound on its own is not kept, and evicts nothing");
+        assert!(
+            store.get("huge").is_none() && store.len() == 2,
+            "a record over the bound on its own is not kept, and evicts nothing"
+        );
     }
 }

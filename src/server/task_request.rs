@@ -2,9 +2,9 @@
 //! checked against the model and the limits, and its images decoded into network input.
 
 use super::api::{AdaptOptions, AdaptRequest};
+use super::compute::{ResolvedOptions, TaskInput};
 use super::config::Limits;
 use super::error::ApiError;
-use super::compute::{ResolvedOptions, TaskInput};
 use crate::imaging::{self, ImageLimits};
 use crate::metadata::{ModelMeta, MAX_LEARNING_RATE};
 use axum::body::Bytes;
@@ -25,7 +25,10 @@ fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
     let payload = text.split_once("base64,").map_or(text, |(_, data)| data);
     let unwrapped: String;
     let payload = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
-        unwrapped = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        unwrapped = payload
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
         unwrapped.as_str()
     } else {
         payload
@@ -33,11 +36,21 @@ fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
     base64::engine::general_purpose::STANDARD
         .decode(payload)
         .map(Bytes::from)
-        .map_err(|e| ApiError::bad_request("invalid_base64", format!("{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded")))
+        .map_err(|e| {
+            ApiError::bad_request(
+                "invalid_base64",
+                format!(
+                    "{what}: image is not valid base64 ({e}); send the file's bytes base64-encoded"
+                ),
+            )
+        })
 }
 
 fn image_limits(limits: &Limits) -> ImageLimits {
-    ImageLimits { max_bytes: limits.max_image_bytes, max_pixels: limits.max_image_pixels }
+    ImageLimits {
+        max_bytes: limits.max_image_bytes,
+        max_pixels: limits.max_image_pixels,
+    }
 }
 
 /// A refused image as the request's error: too large is 413, anything else malformed.
@@ -54,12 +67,43 @@ impl TaskRequest {
     /// Parses a JSON body (docs/HTTP_API.md). Unknown fields are refused so typos do not pass silently.
     pub fn from_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
         let request: AdaptRequest = serde_json::from_slice(body).map_err(|e| {
-            let code = if e.is_data() { "invalid_field" } else { "invalid_json" };
-            ApiError::bad_request(code, format!("request body is not a valid adapt request: {e}"))
+            let code = if e.is_data() {
+                "invalid_field"
+            } else {
+                "invalid_json"
+            };
+            ApiError::bad_request(
+                code,
+                format!("request body is not a valid adapt request: {e}"),
+            )
         })?;
-        let support = request.support.iter().enumerate().map(|(i, s)| Ok((s.label.clone(), decode_base64(&format!("support[{i}]"), &s.image)?))).collect::<Result<_, ApiError>>()?;
-        let query = request.query.iter().enumerate().map(|(i, q)| Ok((q.id.clone(), decode_base64(&format!("query[{i}] ({})", q.id), &q.image)?))).collect::<Result<_, ApiError>>()?;
-        Ok(TaskRequest { support, query, options: request.options })
+        let support = request
+            .support
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok((
+                    s.label.clone(),
+                    decode_base64(&format!("support[{i}]"), &s.image)?,
+                ))
+            })
+            .collect::<Result<_, ApiError>>()?;
+        let query = request
+            .query
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Ok((
+                    q.id.clone(),
+                    decode_base64(&format!("query[{i}] ({})", q.id), &q.image)?,
+                ))
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok(TaskRequest {
+            support,
+            query,
+            options: request.options,
+        })
     }
 
     /// Parses multipart/form-data: `support[<label>]` files, `query` files (id = filename) and an
@@ -69,10 +113,17 @@ impl TaskRequest {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(format!("multipart body too large: {}", e.body_text()))
             } else {
-                ApiError::bad_request("invalid_multipart", format!("multipart body is malformed: {}", e.body_text()))
+                ApiError::bad_request(
+                    "invalid_multipart",
+                    format!("multipart body is malformed: {}", e.body_text()),
+                )
             }
         };
-        let mut request = TaskRequest { support: Vec::new(), query: Vec::new(), options: AdaptOptions::default() };
+        let mut request = TaskRequest {
+            support: Vec::new(),
+            query: Vec::new(),
+            options: AdaptOptions::default(),
+        };
         let mut options_seen = false;
         while let Some(field) = multipart.next_field().await.map_err(broken)? {
             let Some(name) = field.name().map(str::to_string) else {
@@ -80,7 +131,10 @@ impl TaskRequest {
             };
             let file_name = field.file_name().map(str::to_string);
             let data = field.bytes().await.map_err(broken)?;
-            if let Some(label) = name.strip_prefix("support[").and_then(|rest| rest.strip_suffix(']')) {
+            if let Some(label) = name
+                .strip_prefix("support[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
                 request.support.push((label.to_string(), data));
             } else if name == "query" {
                 let id = file_name.unwrap_or_else(|| format!("q{}", request.query.len()));
@@ -90,9 +144,19 @@ impl TaskRequest {
                     return Err(ApiError::bad_request("duplicate_part", "the options part appears twice; send one options part holding every option"));
                 }
                 options_seen = true;
-                request.options = serde_json::from_slice(&data).map_err(|e| ApiError::bad_request("invalid_options", format!("the options part is not valid JSON options: {e}")))?;
+                request.options = serde_json::from_slice(&data).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_options",
+                        format!("the options part is not valid JSON options: {e}"),
+                    )
+                })?;
             } else {
-                return Err(ApiError::bad_request("unknown_part", format!("unknown multipart part '{name}'; use support[<label>], query and options")));
+                return Err(ApiError::bad_request(
+                    "unknown_part",
+                    format!(
+                        "unknown multipart part '{name}'; use support[<label>], query and options"
+                    ),
+                ));
             }
         }
         Ok(request)
@@ -119,24 +183,41 @@ impl TaskRequest {
     pub fn validate(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
         let invalid = |code: &'static str, message: String| ApiError::unprocessable(code, message);
         if self.support.is_empty() {
-            return Err(invalid("empty_support", "the support set is empty; send at least one labelled image per class".into()));
+            return Err(invalid(
+                "empty_support",
+                "the support set is empty; send at least one labelled image per class".into(),
+            ));
         }
         if self.query.is_empty() {
-            return Err(invalid("empty_query", "no query images; send at least one image to classify".into()));
+            return Err(invalid(
+                "empty_query",
+                "no query images; send at least one image to classify".into(),
+            ));
         }
         let images = self.support.len() + self.query.len();
         if images > limits.max_images {
-            return Err(ApiError::PayloadTooLarge(format!("{images} images in one request, over the limit of {}; split the request", limits.max_images)));
+            return Err(ApiError::PayloadTooLarge(format!(
+                "{images} images in one request, over the limit of {}; split the request",
+                limits.max_images
+            )));
         }
         if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
-            return Err(invalid("invalid_label", format!("support label '{label}' is empty; give every support image a class label")));
+            return Err(invalid(
+                "invalid_label",
+                format!("support label '{label}' is empty; give every support image a class label"),
+            ));
         }
         self.check_name_lengths(limits)?;
         let (labels, _) = self.classes();
-        meta.head.accepts(labels.len()).map_err(|m| invalid("wrong_class_count", m))?;
+        meta.head
+            .accepts(labels.len())
+            .map_err(|m| invalid("wrong_class_count", m))?;
         let mut ids = std::collections::HashSet::new();
         if let Some((id, _)) = self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
-            return Err(invalid("duplicate_query_id", format!("query id '{id}' appears twice; query ids must be unique")));
+            return Err(invalid(
+                "duplicate_query_id",
+                format!("query id '{id}' appears twice; query ids must be unique"),
+            ));
         }
         let options = self.resolve_options(meta, limits)?;
         self.check_declared_pixels(limits)?;
@@ -147,8 +228,16 @@ impl TaskRequest {
     /// genotype store, so their size must not be the client's choice.
     fn check_name_lengths(&self, limits: &Limits) -> Result<(), ApiError> {
         let max = limits.max_label_bytes;
-        let labels = self.support.iter().enumerate().map(|(i, (label, _))| (format!("support label {i}"), label));
-        let ids = self.query.iter().enumerate().map(|(i, (id, _))| (format!("query id {i}"), id));
+        let labels = self
+            .support
+            .iter()
+            .enumerate()
+            .map(|(i, (label, _))| (format!("support label {i}"), label));
+        let ids = self
+            .query
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (format!("query id {i}"), id));
         let too_long = labels.chain(ids).find(|(_, name)| name.len() > max);
         match too_long {
             Some((what, name)) => Err(ApiError::unprocessable(
@@ -165,7 +254,8 @@ impl TaskRequest {
         let image_limits = image_limits(limits);
         let mut total: u64 = 0;
         for (what, bytes) in self.images() {
-            let (width, height) = imaging::declared_size(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            let (width, height) =
+                imaging::declared_size(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
             total += u64::from(width) * u64::from(height);
         }
         if total > limits.max_request_pixels {
@@ -180,24 +270,45 @@ impl TaskRequest {
 
     /// Every image with how an error names it, support images first.
     fn images(&self) -> impl Iterator<Item = (String, &Bytes)> {
-        let support = self.support.iter().enumerate().map(|(i, (label, bytes))| (format!("support image {i} (label '{label}')"), bytes));
-        support.chain(self.query.iter().map(|(id, bytes)| (format!("query '{id}'"), bytes)))
+        let support = self
+            .support
+            .iter()
+            .enumerate()
+            .map(|(i, (label, bytes))| (format!("support image {i} (label '{label}')"), bytes));
+        support.chain(
+            self.query
+                .iter()
+                .map(|(id, bytes)| (format!("query '{id}'"), bytes)),
+        )
     }
 
-    fn resolve_options(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
+    fn resolve_options(
+        &self,
+        meta: &ModelMeta,
+        limits: &Limits,
+    ) -> Result<ResolvedOptions, ApiError> {
         let o = &self.options;
         let d = meta.adaptation;
         let steps = o.steps.unwrap_or(d.steps);
         let finetune_steps = o.finetune_steps.unwrap_or(0);
         for (name, value) in [("steps", steps), ("finetune_steps", finetune_steps)] {
             if value > limits.max_steps {
-                return Err(ApiError::unprocessable("steps_over_limit", format!("{name} = {value} is over this server's limit of {}", limits.max_steps)));
+                return Err(ApiError::unprocessable(
+                    "steps_over_limit",
+                    format!(
+                        "{name} = {value} is over this server's limit of {}",
+                        limits.max_steps
+                    ),
+                ));
             }
         }
         let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64, ApiError> {
             match value {
                 Some(v) if !v.is_finite() || !(0.0..=MAX_LEARNING_RATE).contains(&v) => {
-                    Err(ApiError::unprocessable("invalid_learning_rate", format!("{name} = {v} must be a finite number in [0, {MAX_LEARNING_RATE}]")))
+                    Err(ApiError::unprocessable(
+                        "invalid_learning_rate",
+                        format!("{name} = {v} must be a finite number in [0, {MAX_LEARNING_RATE}]"),
+                    ))
                 }
                 Some(v) => Ok(v),
                 None => Ok(default),
@@ -216,7 +327,13 @@ impl TaskRequest {
 
     /// Decodes every image into the model's input (CPU work, run off the async runtime), stopping
     /// between images with a 504 once `keep_going` says the request's time is up or it was abandoned.
-    pub fn into_task_input(self, meta: &ModelMeta, limits: &Limits, options: ResolvedOptions, keep_going: &dyn Fn() -> bool) -> Result<TaskInput, ApiError> {
+    pub fn into_task_input(
+        self,
+        meta: &ModelMeta,
+        limits: &Limits,
+        options: ResolvedOptions,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<TaskInput, ApiError> {
         let image_limits = image_limits(limits);
         let mut values = Vec::new();
         for (what, bytes) in self.images() {
@@ -227,9 +344,19 @@ impl TaskRequest {
             values.extend(imaging::to_input(&image, &meta.input));
         }
         let (labels, support_labels) = self.classes();
-        let query = values.split_off(self.support.len() * meta.input.channels * meta.input.size * meta.input.size);
+        let query = values.split_off(
+            self.support.len() * meta.input.channels * meta.input.size * meta.input.size,
+        );
         let support = values;
-        metrics::counter!("tnas_images_decoded_total").increment((self.support.len() + self.query.len()) as u64);
-        Ok(TaskInput { model: meta.name.clone(), support, support_labels, n_way: labels.len(), query, options })
+        metrics::counter!("tnas_images_decoded_total")
+            .increment((self.support.len() + self.query.len()) as u64);
+        Ok(TaskInput {
+            model: meta.name.clone(),
+            support,
+            support_labels,
+            n_way: labels.len(),
+            query,
+            options,
+        })
     }
 }

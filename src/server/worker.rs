@@ -20,9 +20,9 @@
 //! waiting job is refused.
 
 use super::admission::{Admission, CostKey};
-use super::worker_error::WorkerError;
 use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
 use super::recorded::RecordedAdaptations;
+use super::worker_error::WorkerError;
 use crate::adapt::{BnMode, PredictWith};
 use crate::checkpoint::Checkpoint;
 use crate::learned_rates::LearnedRates;
@@ -62,11 +62,17 @@ pub struct WorkerFault {
 
 impl WorkerFault {
     fn warm_up(detail: String) -> WorkerFault {
-        WorkerFault { summary: "a model failed its warm-up adaptation on the device, so none is served", detail }
+        WorkerFault {
+            summary: "a model failed its warm-up adaptation on the device, so none is served",
+            detail,
+        }
     }
 
     fn device(detail: String) -> WorkerFault {
-        WorkerFault { summary: "the device stopped working after an adaptation failed on it", detail }
+        WorkerFault {
+            summary: "the device stopped working after an adaptation failed on it",
+            detail,
+        }
     }
 }
 
@@ -88,7 +94,14 @@ impl Worker {
     /// Starts the thread: moves the checkpoints to `device`, runs one warm-up adaptation per model,
     /// then serves jobs. `queue_depth` bounds the jobs waiting; up to `max_batch` run together; on
     /// a GPU up to `cuda_graphs` task shapes are kept as recorded graphs.
-    pub fn spawn(checkpoints: Vec<Checkpoint>, device: Device, queue_depth: usize, max_batch: usize, threads: i32, cuda_graphs: usize) -> Worker {
+    pub fn spawn(
+        checkpoints: Vec<Checkpoint>,
+        device: Device,
+        queue_depth: usize,
+        max_batch: usize,
+        threads: i32,
+        cuda_graphs: usize,
+    ) -> Worker {
         let queue_depth = queue_depth.max(1);
         let (sender, receiver) = mpsc::channel(queue_depth);
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -97,25 +110,61 @@ impl Worker {
         let admission = Arc::new(Admission::default());
         let worker_admission = Arc::clone(&admission);
         let thread = std::thread::Builder::new()
-            .name(format!("tnas-worker-{}", crate::device::device_name(device)))
+            .name(format!(
+                "tnas-worker-{}",
+                crate::device::device_name(device)
+            ))
             .spawn(move || {
                 if threads > 0 {
                     tch::set_num_threads(threads);
                 }
                 let mut receiver = receiver;
-                let queue = Queue { waiting: &worker_waiting, admission: &worker_admission };
+                let queue = Queue {
+                    waiting: &worker_waiting,
+                    admission: &worker_admission,
+                };
                 let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
-                    Err(message) => return stop_serving(&ready_tx, WorkerFault::warm_up(message), &mut receiver, VecDeque::new(), &queue),
+                    Err(message) => {
+                        return stop_serving(
+                            &ready_tx,
+                            WorkerFault::warm_up(message),
+                            &mut receiver,
+                            VecDeque::new(),
+                            &queue,
+                        )
+                    }
                 };
                 let _ = ready_tx.send(Readiness::Ready);
-                let recorded = RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
-                if let Err((fault, held)) = serve(models, &mut receiver, &queue, device, max_batch.max(1), recorded) {
-                    stop_serving(&ready_tx, WorkerFault::device(fault), &mut receiver, held, &queue);
+                let recorded =
+                    RecordedAdaptations::new(if device.is_cuda() { cuda_graphs } else { 0 });
+                if let Err((fault, held)) = serve(
+                    models,
+                    &mut receiver,
+                    &queue,
+                    device,
+                    max_batch.max(1),
+                    recorded,
+                ) {
+                    stop_serving(
+                        &ready_tx,
+                        WorkerFault::device(fault),
+                        &mut receiver,
+                        held,
+                        &queue,
+                    );
                 }
             })
             .expect("the OS can start a thread");
-        Worker { sender: Some(sender), waiting, queue_depth, admission, readiness, thread: Some(thread), device }
+        Worker {
+            sender: Some(sender),
+            waiting,
+            queue_depth,
+            admission,
+            readiness,
+            thread: Some(thread),
+            device,
+        }
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -164,17 +213,26 @@ impl Drop for Worker {
     }
 }
 
-fn load_and_warm_up(checkpoints: Vec<Checkpoint>, device: Device) -> HashMap<String, ResidentModel> {
+fn load_and_warm_up(
+    checkpoints: Vec<Checkpoint>,
+    device: Device,
+) -> HashMap<String, ResidentModel> {
     checkpoints
         .into_iter()
         .map(|c| {
             let checkpoint = Checkpoint {
                 params: c.params.map(|_, t| t.to_device(device)),
                 alphas: c.alphas.map(|a| a.map(|t| t.to_device(device))),
-                rates: c.rates.map(|r| LearnedRates { w: r.w.to_device(device), theta: r.theta.to_device(device) }),
+                rates: c.rates.map(|r| LearnedRates {
+                    w: r.w.to_device(device),
+                    theta: r.theta.to_device(device),
+                }),
                 meta: c.meta,
             };
-            let model = ResidentModel { network: checkpoint.network(), checkpoint };
+            let model = ResidentModel {
+                network: checkpoint.network(),
+                checkpoint,
+            };
             warm_up(&model, device);
             (model.checkpoint.meta.name.clone(), model)
         })
@@ -210,11 +268,16 @@ fn serve(
         let first = queue.leave(held.pop_front().expect("a job is held"));
         if let Some(outcome) = queue.unstartable(&first) {
             count_job(outcome);
-            let _ = first.reply.send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
+            let _ = first
+                .reply
+                .send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
             continue;
         }
         let Some(model) = models.get(&first.input.model) else {
-            let _ = first.reply.send(Err(WorkerError::Failed(format!("model {} is not resident", first.input.model))));
+            let _ = first.reply.send(Err(WorkerError::Failed(format!(
+                "model {} is not resident",
+                first.input.model
+            ))));
             continue;
         };
         let (key, batch) = take_batch(first, &mut held, model, max_batch, queue);
@@ -224,20 +287,46 @@ fn serve(
         let started = Instant::now();
         let alone = |job: &Job| {
             let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
-            caught(|| run_task(model, &job.input, device, &keep_going)).unwrap_or_else(|message| Err(WorkerError::raised(message)))
+            caught(|| run_task(model, &job.input, device, &keep_going))
+                .unwrap_or_else(|message| Err(WorkerError::raised(message)))
         };
         // A batch that fails runs again task by task, so a faulty task fails alone.
         let results = match &key {
             Some(key) if batch.len() > 1 || recorded.is_on() => {
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
-                let keep_going = || batch.iter().any(|job| Instant::now() < job.deadline && !job.reply.is_closed());
-                let tasks = if recorded.is_on() { batch.len().next_power_of_two().min(max_batch) } else { batch.len() };
-                let shape = TaskShape { key: key.clone(), tasks };
-                caught(|| run_batch(model, &inputs, device, &keep_going, tasks, &shape, &mut recorded)).unwrap_or_else(|_| batch.iter().map(alone).collect())
+                let keep_going = || {
+                    batch
+                        .iter()
+                        .any(|job| Instant::now() < job.deadline && !job.reply.is_closed())
+                };
+                let tasks = if recorded.is_on() {
+                    batch.len().next_power_of_two().min(max_batch)
+                } else {
+                    batch.len()
+                };
+                let shape = TaskShape {
+                    key: key.clone(),
+                    tasks,
+                };
+                caught(|| {
+                    run_batch(
+                        model,
+                        &inputs,
+                        device,
+                        &keep_going,
+                        tasks,
+                        &shape,
+                        &mut recorded,
+                    )
+                })
+                .unwrap_or_else(|_| batch.iter().map(alone).collect())
             }
             _ => batch.iter().map(alone).collect(),
         };
-        queue.admission.finished(&costs, results.iter().all(Result::is_ok).then(|| started.elapsed()));
+        queue.admission.finished(
+            &costs,
+            results.iter().all(Result::is_ok).then(|| started.elapsed()),
+        );
         let fault = results.iter().find_map(|r| match r {
             Err(WorkerError::Failed(message)) => Some(message.clone()),
             _ => None,
@@ -253,13 +342,21 @@ fn serve(
 
 /// `first` and the held jobs that can run with it as one batch (up to `max_batch`), with the key
 /// they share; `None` when `first` runs alone.
-fn take_batch(first: Job, held: &mut VecDeque<Job>, model: &ResidentModel, max_batch: usize, queue: &Queue) -> (Option<BatchKey>, Vec<Job>) {
+fn take_batch(
+    first: Job,
+    held: &mut VecDeque<Job>,
+    model: &ResidentModel,
+    max_batch: usize,
+    queue: &Queue,
+) -> (Option<BatchKey>, Vec<Job>) {
     let key = batch_key(model, &first.input);
     let mut batch = vec![first];
     if let Some(key) = &key {
         let mut index = 0;
         while batch.len() < max_batch && index < held.len() {
-            if queue.unstartable(&held[index]).is_none() && batch_key(model, &held[index].input).as_ref() == Some(key) {
+            if queue.unstartable(&held[index]).is_none()
+                && batch_key(model, &held[index].input).as_ref() == Some(key)
+            {
                 batch.push(queue.leave(held.remove(index).expect("index is in range")));
             } else {
                 index += 1;
@@ -273,12 +370,19 @@ fn take_batch(first: Job, held: &mut VecDeque<Job>, model: &ResidentModel, max_b
 /// some (an illegal memory access on a GPU) poison the device's context for good, and then no
 /// later job can succeed: the worker must say so on `/readyz` instead of failing every request.
 fn device_works(device: Device) -> bool {
-    caught(|| (Tensor::ones([1], (Kind::Float, device)) + 1.0).double_value(&[]) == 2.0).unwrap_or(false)
+    caught(|| (Tensor::ones([1], (Kind::Float, device)) + 1.0).double_value(&[]) == 2.0)
+        .unwrap_or(false)
 }
 
 /// Logs why the worker stopped and publishes it (`/readyz` answers 503 with its summary) and refuses every job still
 /// waiting, held back or queued, so each request hears at once that there is no worker.
-fn stop_serving(ready: &watch::Sender<Readiness>, fault: WorkerFault, receiver: &mut mpsc::Receiver<Job>, held: VecDeque<Job>, queue: &Queue) {
+fn stop_serving(
+    ready: &watch::Sender<Readiness>,
+    fault: WorkerFault,
+    receiver: &mut mpsc::Receiver<Job>,
+    held: VecDeque<Job>,
+    queue: &Queue,
+) {
     tracing::error!(summary = fault.summary, detail = %fault.detail, "the compute worker stopped; /readyz reports it");
     let _ = ready.send(Readiness::Failed(fault));
     receiver.close();
@@ -314,7 +418,10 @@ impl Queue<'_> {
         if job.reply.is_closed() {
             return Some("cancelled");
         }
-        let cost = self.admission.cost(&CostKey::of(&job.input)).unwrap_or_default();
+        let cost = self
+            .admission
+            .cost(&CostKey::of(&job.input))
+            .unwrap_or_default();
         (Instant::now() + cost > job.deadline).then_some("expired")
     }
 }
@@ -386,4 +493,3 @@ fn reply(job: Job, result: Result<TaskOutput, WorkerError>, started: Instant) {
 fn count_job(outcome: &'static str) {
     metrics::counter!("tnas_jobs_total", "outcome" => outcome).increment(1);
 }
-

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::BnMode;
 use tnas::checkpoint::{param_specs, Checkpoint};
-use tnas::metadata::{AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION};
+use tnas::metadata::{
+    AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION,
+};
 use tnas::network::Network;
 use tnas::params::ParamSet;
 use tnas::search_space::{SearchSpace, PRIMITIVES};
@@ -26,13 +28,22 @@ pub fn repo_path(relative: &str) -> PathBuf {
 
 /// The Omniglot zips shipped beside the project.
 pub fn omniglot_zips() -> Vec<PathBuf> {
-    ["images_background_small1.zip", "images_background_small2.zip"]
-        .iter()
-        .map(|z| repo_path("../shared/data/omniglot").join(z))
-        .collect()
+    [
+        "images_background_small1.zip",
+        "images_background_small2.zip",
+    ]
+    .iter()
+    .map(|z| repo_path("../shared/data/omniglot").join(z))
+    .collect()
 }
 
-pub fn metadata(name: &str, kind: ModelKind, space: Option<SearchSpace>, input: InputSpec, head: HeadSpec) -> ModelMeta {
+pub fn metadata(
+    name: &str,
+    kind: ModelKind,
+    space: Option<SearchSpace>,
+    input: InputSpec,
+    head: HeadSpec,
+) -> ModelMeta {
     ModelMeta {
         format_version: FORMAT_VERSION,
         name: name.into(),
@@ -42,7 +53,13 @@ pub fn metadata(name: &str, kind: ModelKind, space: Option<SearchSpace>, input: 
         genotype: None,
         input,
         head,
-        adaptation: AdaptationDefaults { steps: 3, lr_w: 0.01, lr_theta: 30.0, bn: BnMode::Support, learned_rates: false },
+        adaptation: AdaptationDefaults {
+            steps: 3,
+            lr_w: 0.01,
+            lr_theta: 30.0,
+            bn: BnMode::Support,
+            learned_rates: false,
+        },
         relaxation: Default::default(),
         training: None,
         evaluation: Vec::new(),
@@ -52,7 +69,12 @@ pub fn metadata(name: &str, kind: ModelKind, space: Option<SearchSpace>, input: 
 
 /// A supernet checkpoint with PyTorch-default weights and θ = `alpha_scale` · N(0, 1).
 /// Random weights are fixtures for numerics and plumbing, never a shipped model.
-pub fn random_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scale: f64) -> Checkpoint {
+pub fn random_supernet(
+    space: SearchSpace,
+    head: HeadSpec,
+    seed: i64,
+    alpha_scale: f64,
+) -> Checkpoint {
     tch::manual_seed(seed);
     let input = InputSpec {
         channels: space.in_channels,
@@ -61,7 +83,13 @@ pub fn random_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scal
         std: vec![1.0; space.in_channels],
         invert: true,
     };
-    let meta = metadata(&format!("random-{seed}"), ModelKind::Supernet, Some(space), input, head);
+    let meta = metadata(
+        &format!("random-{seed}"),
+        ModelKind::Supernet,
+        Some(space),
+        input,
+        head,
+    );
     let network = Network::Supernet(Supernet::new(space));
     let params = ParamSet::initialise(&param_specs(&network, head), Device::Cpu);
     let shape = [space.num_edges() as i64, 8];
@@ -69,7 +97,12 @@ pub fn random_supernet(space: SearchSpace, head: HeadSpec, seed: i64, alpha_scal
         normal: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
         reduce: Tensor::randn(shape, (Kind::Float, Device::Cpu)) * alpha_scale,
     };
-    Checkpoint { meta, params, alphas: Some(alphas), rates: None }
+    Checkpoint {
+        meta,
+        params,
+        alphas: Some(alphas),
+        rates: None,
+    }
 }
 
 /// Largest absolute difference relative to the largest reference magnitude.
@@ -82,9 +115,14 @@ pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
 /// in the first Omniglot zip, in class order.
 pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Vec<Vec<u8>>> {
     use std::io::Read;
-    let file = std::fs::File::open(&omniglot_zips()[0]).expect("the Omniglot zip is beside the project");
+    let file =
+        std::fs::File::open(&omniglot_zips()[0]).expect("the Omniglot zip is beside the project");
     let mut archive = zip::ZipArchive::new(file).expect("a readable zip");
-    let mut names: Vec<String> = archive.file_names().filter(|n| n.contains(&format!("/{alphabet}/")) && n.ends_with(".png")).map(str::to_string).collect();
+    let mut names: Vec<String> = archive
+        .file_names()
+        .filter(|n| n.contains(&format!("/{alphabet}/")) && n.ends_with(".png"))
+        .map(str::to_string)
+        .collect();
     names.sort();
     let character = |name: &str| name.rsplit('/').nth(1).unwrap().to_string();
     let mut characters: Vec<String> = names.iter().map(|n| character(n)).collect();
@@ -111,24 +149,42 @@ pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Ve
 /// waits for /readyz, and returns the base URL. The server lives until the test binary exits.
 pub fn serve(models: &Path, extra_args: &[&str]) -> String {
     use clap::Parser;
-    let mut args = vec!["tnas-server", "--models", models.to_str().unwrap(), "--device", "cpu", "--threads", "1"];
+    let mut args = vec![
+        "tnas-server",
+        "--models",
+        models.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
     args.extend_from_slice(extra_args);
     let config = tnas::server::config::ServerConfig::parse_from(args);
     let checkpoints = tnas::server::load_models(&config.models).unwrap();
     let state = tnas::server::build_state(&config, checkpoints, Device::Cpu).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            tnas::server::run(state, listener, std::future::pending()).await.unwrap();
+            tnas::server::run(state, listener, std::future::pending())
+                .await
+                .unwrap();
         });
     });
     let url = format!("http://{}", rx.recv().unwrap());
     let client = reqwest::blocking::Client::new();
     for _ in 0..1200 {
-        if client.get(format!("{url}/readyz")).send().is_ok_and(|r| r.status() == 200) {
+        if client
+            .get(format!("{url}/readyz"))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+        {
             return url;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -137,37 +193,70 @@ pub fn serve(models: &Path, extra_args: &[&str]) -> String {
 }
 
 /// A worker on the CPU serving `checkpoint`, once it reports ready.
-pub fn ready_worker(checkpoint: Checkpoint, queue_depth: usize, max_batch: usize) -> tnas::server::worker::Worker {
+pub fn ready_worker(
+    checkpoint: Checkpoint,
+    queue_depth: usize,
+    max_batch: usize,
+) -> tnas::server::worker::Worker {
     ready_worker_on(Device::Cpu, vec![checkpoint], queue_depth, max_batch, 0)
 }
 
 /// A worker on `device` serving `checkpoints` and keeping up to `cuda_graphs` recorded
 /// adaptations, once it reports ready.
-pub fn ready_worker_on(device: Device, checkpoints: Vec<Checkpoint>, queue_depth: usize, max_batch: usize, cuda_graphs: usize) -> tnas::server::worker::Worker {
+pub fn ready_worker_on(
+    device: Device,
+    checkpoints: Vec<Checkpoint>,
+    queue_depth: usize,
+    max_batch: usize,
+    cuda_graphs: usize,
+) -> tnas::server::worker::Worker {
     use tnas::server::worker::{Readiness, Worker};
     let worker = Worker::spawn(checkpoints, device, queue_depth, max_batch, 2, cuda_graphs);
     let started = Instant::now();
     while worker.readiness() != Readiness::Ready {
-        assert!(started.elapsed() < Duration::from_secs(60), "worker not ready: {:?}", worker.readiness());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "worker not ready: {:?}",
+            worker.readiness()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     worker
 }
 
 /// The answer to come of a job submitted to a worker.
-pub type Answer = tokio::sync::oneshot::Receiver<Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>>;
+pub type Answer = tokio::sync::oneshot::Receiver<
+    Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>,
+>;
 
 /// Submits `input` with a two-minute deadline; the queue's refusal is returned as is.
-pub fn submit(worker: &tnas::server::worker::Worker, input: tnas::server::compute::TaskInput) -> Result<Answer, tnas::server::worker_error::WorkerError> {
+pub fn submit(
+    worker: &tnas::server::worker::Worker,
+    input: tnas::server::compute::TaskInput,
+) -> Result<Answer, tnas::server::worker_error::WorkerError> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    worker.submit(tnas::server::worker::Job { input, deadline: Instant::now() + Duration::from_secs(120), enqueued: Instant::now(), reply })?;
+    worker.submit(tnas::server::worker::Job {
+        input,
+        deadline: Instant::now() + Duration::from_secs(120),
+        enqueued: Instant::now(),
+        reply,
+    })?;
     Ok(answer)
 }
 
 /// Queues every input at once (so queued ones can batch), then waits for every answer.
-pub fn answers(worker: &tnas::server::worker::Worker, inputs: Vec<tnas::server::compute::TaskInput>) -> Vec<Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>> {
-    let receivers: Vec<Answer> = inputs.into_iter().map(|input| submit(worker, input).expect("the queue has room")).collect();
-    receivers.into_iter().map(|r| r.blocking_recv().expect("the worker always answers")).collect()
+pub fn answers(
+    worker: &tnas::server::worker::Worker,
+    inputs: Vec<tnas::server::compute::TaskInput>,
+) -> Vec<Result<tnas::server::compute::TaskOutput, tnas::server::worker_error::WorkerError>> {
+    let receivers: Vec<Answer> = inputs
+        .into_iter()
+        .map(|input| submit(worker, input).expect("the queue has room"))
+        .collect();
+    receivers
+        .into_iter()
+        .map(|r| r.blocking_recv().expect("the worker always answers"))
+        .collect()
 }
 
 pub fn b64(bytes: &[u8]) -> String {
@@ -177,8 +266,20 @@ pub fn b64(bytes: &[u8]) -> String {
 /// A JSON `/adapt` body from `omniglot_pngs`: each class's drawing 0 as its support image, the
 /// others as queries.
 pub fn task_json(pngs: &[Vec<Vec<u8>>]) -> serde_json::Value {
-    let support: Vec<_> = pngs.iter().enumerate().map(|(c, d)| serde_json::json!({"label": format!("c{c}"), "image": b64(&d[0])})).collect();
-    let query: Vec<_> = pngs.iter().enumerate().flat_map(|(c, d)| d[1..].iter().enumerate().map(move |(i, png)| serde_json::json!({"id": format!("c{c}q{i}"), "image": b64(png)}))).collect();
+    let support: Vec<_> = pngs
+        .iter()
+        .enumerate()
+        .map(|(c, d)| serde_json::json!({"label": format!("c{c}"), "image": b64(&d[0])}))
+        .collect();
+    let query: Vec<_> = pngs
+        .iter()
+        .enumerate()
+        .flat_map(|(c, d)| {
+            d[1..].iter().enumerate().map(
+                move |(i, png)| serde_json::json!({"id": format!("c{c}q{i}"), "image": b64(png)}),
+            )
+        })
+        .collect();
     serde_json::json!({"support": support, "query": query})
 }
 
@@ -192,19 +293,37 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the server on a free loopback port and waits (up to two minutes) for /readyz.
     pub fn start(models: &Path, args: &[&str]) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
-            .args(["--models", models.to_str().unwrap(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--models",
+                models.to_str().unwrap(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("the server binary starts");
-        let server = ServerProcess { child, port, url: format!("http://127.0.0.1:{port}") };
+        let server = ServerProcess {
+            child,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+        };
         let started = Instant::now();
         while !server.ready() {
-            assert!(started.elapsed() < Duration::from_secs(120), "the server did not become ready");
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the server did not become ready"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         server
@@ -216,14 +335,20 @@ impl ServerProcess {
 
     /// Waits for the process to exit (after a signal, say).
     pub fn wait(&mut self) -> ExitStatus {
-        self.child.wait().expect("the server process can be waited for")
+        self.child
+            .wait()
+            .expect("the server process can be waited for")
     }
 
     /// The exit status once the process exits, if it does within `limit`.
     pub fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         let started = Instant::now();
         while started.elapsed() < limit {
-            if let Some(status) = self.child.try_wait().expect("the server process can be polled") {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .expect("the server process can be polled")
+            {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -232,14 +357,23 @@ impl ServerProcess {
     }
 
     pub fn ready(&self) -> bool {
-        reqwest::blocking::Client::new().get(format!("{}/readyz", self.url)).send().is_ok_and(|r| r.status() == 200)
+        reqwest::blocking::Client::new()
+            .get(format!("{}/readyz", self.url))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
     }
 
     /// (resident, peak resident) memory in MiB, from /proc/<pid>/status.
     pub fn memory_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
@@ -251,4 +385,3 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
-

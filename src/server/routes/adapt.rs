@@ -1,11 +1,11 @@
 //! `POST /adapt`: parse, validate, decode images, queue for the worker, answer.
 
-use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
-use crate::server::error::ApiError;
-use crate::server::state::SharedState;
 use crate::metadata::ModelMeta;
 use crate::server::admission::CostKey;
+use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
 use crate::server::compute::{ResolvedOptions, TaskInput};
+use crate::server::error::ApiError;
+use crate::server::state::SharedState;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::{Job, Readiness};
 use crate::server::worker_error::WorkerError;
@@ -39,7 +39,10 @@ use std::time::{Duration, Instant};
     ),
     tag = "adaptation"
 )]
-pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result<Json<AdaptResponse>, ApiError> {
+pub async fn adapt(
+    State(state): State<SharedState>,
+    request: Request,
+) -> Result<Json<AdaptResponse>, ApiError> {
     let arrived = Instant::now();
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
     let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
@@ -47,30 +50,78 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
     // its body is read. A full queue does not: a malformed request still hears what is wrong with
     // it, not to retry.
     if let Readiness::Failed(fault) = state.worker.readiness() {
-        return Err(ApiError::NotReady(format!("the compute worker stopped ({}); check /readyz", fault.summary)));
+        return Err(ApiError::NotReady(format!(
+            "the compute worker stopped ({}); check /readyz",
+            fault.summary
+        )));
     }
-    let _in_flight = state.in_flight.try_acquire().map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
-    let task = tokio::time::timeout_at(deadline.into(), parse(&state, request)).await.map_err(|_| timed_out())??;
-    let name = task.options.model.clone().unwrap_or_else(|| state.default_model.clone());
-    let meta = state.models.get(&name).ok_or_else(|| ApiError::NotFound(format!("no model named '{name}'; GET /models lists the loaded ones")))?.clone();
+    let _in_flight = state
+        .in_flight
+        .try_acquire()
+        .map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
+    let task = tokio::time::timeout_at(deadline.into(), parse(&state, request))
+        .await
+        .map_err(|_| timed_out())??;
+    let name = task
+        .options
+        .model
+        .clone()
+        .unwrap_or_else(|| state.default_model.clone());
+    let meta = state
+        .models
+        .get(&name)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no model named '{name}'; GET /models lists the loaded ones"
+            ))
+        })?
+        .clone();
     let options = task.validate(&meta, &state.limits)?;
     let (labels, support_labels) = task.classes();
     let ids: Vec<String> = task.query.iter().map(|(id, _)| id.clone()).collect();
-    let k_shot = (0..labels.len() as i64).map(|class| support_labels.iter().filter(|&&l| l == class).count()).min().unwrap_or(0);
-    let cost = CostKey::new(&name, labels.len(), task.support.len(), task.query.len(), &options);
+    let k_shot = (0..labels.len() as i64)
+        .map(|class| support_labels.iter().filter(|&&l| l == class).count())
+        .min()
+        .unwrap_or(0);
+    let cost = CostKey::new(
+        &name,
+        labels.len(),
+        task.support.len(),
+        task.query.len(),
+        &options,
+    );
     let timeout = Duration::from_millis(state.limits.request_timeout_ms);
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let refused = |refusal| ApiError::WouldMissDeadline { refusal, timeout_ms: state.limits.request_timeout_ms };
-    let reservation = state.worker.admission().admit(&cost, remaining, timeout).map_err(refused)?;
+    let refused = |refusal| ApiError::WouldMissDeadline {
+        refusal,
+        timeout_ms: state.limits.request_timeout_ms,
+    };
+    let reservation = state
+        .worker
+        .admission()
+        .admit(&cost, remaining, timeout)
+        .map_err(refused)?;
     let decode_started = Instant::now();
-    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options)).await.map_err(|_| timed_out())??;
+    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options))
+        .await
+        .map_err(|_| timed_out())??;
     let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
 
     let (reply, response) = tokio::sync::oneshot::channel();
-    state.worker.submit(Job { input, deadline, enqueued: Instant::now(), reply }).map_err(|e| match e {
-        WorkerError::QueueFull => ApiError::QueueFull(state.worker.queued()),
-        other => ApiError::NotReady(format!("the compute worker is unavailable ({other}); check /readyz")),
-    })?;
+    state
+        .worker
+        .submit(Job {
+            input,
+            deadline,
+            enqueued: Instant::now(),
+            reply,
+        })
+        .map_err(|e| match e {
+            WorkerError::QueueFull => ApiError::QueueFull(state.worker.queued()),
+            other => ApiError::NotReady(format!(
+                "the compute worker is unavailable ({other}); check /readyz"
+            )),
+        })?;
     reservation.hand_over();
     let output = match tokio::time::timeout_at(deadline.into(), response).await {
         Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => return Err(timed_out()),
@@ -98,7 +149,11 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
         });
         task_id
     });
-    let predictions = ids.into_iter().zip(output.logits).map(|(id, logits)| prediction(id, logits, &labels)).collect();
+    let predictions = ids
+        .into_iter()
+        .zip(output.logits)
+        .map(|(id, logits)| prediction(id, logits, &labels))
+        .collect();
     metrics::histogram!("tnas_total_seconds").record(arrived.elapsed().as_secs_f64());
     Ok(Json(AdaptResponse {
         task_id,
@@ -110,7 +165,13 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
         steps: options.steps,
         device: crate::device::device_name(state.worker.device),
         cuda_graph: output.cuda_graph,
-        timing_ms: TimingMs { decode_images: decode_ms, queue: output.queue_ms, adapt: output.adapt_ms, predict: output.predict_ms, total: arrived.elapsed().as_secs_f64() * 1e3 },
+        timing_ms: TimingMs {
+            decode_images: decode_ms,
+            queue: output.queue_ms,
+            adapt: output.adapt_ms,
+            predict: output.predict_ms,
+            total: arrived.elapsed().as_secs_f64() * 1e3,
+        },
     }))
 }
 
@@ -118,8 +179,16 @@ pub async fn adapt(State(state): State<SharedState>, request: Request) -> Result
 /// per core) at a time, so that a burst of large pictures queues here instead of taking every
 /// blocking thread and its memory. Decoding stops between images once this future is dropped: the
 /// client has gone, or the deadline the caller holds it to has passed.
-async fn decode(state: &SharedState, task: TaskRequest, meta: ModelMeta, options: ResolvedOptions) -> Result<TaskInput, ApiError> {
-    let slot = Arc::clone(&state.decoding_slots).acquire_owned().await.map_err(|e| ApiError::Internal(format!("decoding slots closed: {e}")))?;
+async fn decode(
+    state: &SharedState,
+    task: TaskRequest,
+    meta: ModelMeta,
+    options: ResolvedOptions,
+) -> Result<TaskInput, ApiError> {
+    let slot = Arc::clone(&state.decoding_slots)
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding slots closed: {e}")))?;
     let abandoned = Arc::new(AtomicBool::new(false));
     let _on_drop = AbandonOnDrop(Arc::clone(&abandoned));
     let limits = state.limits.clone();
@@ -144,28 +213,56 @@ impl Drop for AbandonOnDrop {
 /// Reads the body by content type, refusing oversized bodies before reading them.
 async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, ApiError> {
     let max = state.limits.max_body_bytes;
-    let too_large = || ApiError::PayloadTooLarge(format!("request body is over the limit of {max} bytes; send fewer or smaller images"));
-    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "request body is over the limit of {max} bytes; send fewer or smaller images"
+        ))
+    };
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
     }
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_ascii_lowercase();
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     // The media type without its parameters (`; charset=utf-8`, `; boundary=…`).
     let essence = content_type.split(';').next().unwrap_or_default().trim();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
-        let body = axum::body::to_bytes(request.into_body(), max).await.map_err(|e| {
-            let over_limit = std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if over_limit {
-                too_large()
-            } else {
-                ApiError::bad_request("invalid_body", format!("the request body could not be read ({e}); send the whole body again"))
-            }
-        })?;
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        let body = axum::body::to_bytes(request.into_body(), max)
+            .await
+            .map_err(|e| {
+                let over_limit = std::error::Error::source(&e)
+                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+                if over_limit {
+                    too_large()
+                } else {
+                    ApiError::bad_request(
+                        "invalid_body",
+                        format!(
+                            "the request body could not be read ({e}); send the whole body again"
+                        ),
+                    )
+                }
+            })?;
         TaskRequest::from_json(&body)
     } else if essence == "multipart/form-data" {
         let multipart = axum::extract::Multipart::from_request(request, &())
             .await
-            .map_err(|e| ApiError::bad_request("invalid_multipart", format!("multipart body is malformed: {}", e.body_text())))?;
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_multipart",
+                    format!("multipart body is malformed: {}", e.body_text()),
+                )
+            })?;
         TaskRequest::from_multipart(multipart).await
     } else {
         Err(ApiError::UnsupportedMediaType(format!(
@@ -179,6 +276,15 @@ fn prediction(id: String, logits: Vec<f32>, labels: &[String]) -> Prediction {
     let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
     let sum: f32 = exp.iter().sum();
     let probabilities: Vec<f32> = exp.iter().map(|e| e / sum).collect();
-    let best = probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-    Prediction { id, label: labels[best].clone(), probabilities, logits }
+    let best = probabilities
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    Prediction {
+        id,
+        label: labels[best].clone(),
+        probabilities,
+        logits,
+    }
 }
