@@ -36,7 +36,10 @@ release: setup
 serve: release
 	./target/release/tnas-server --models models --default-model $(DEFAULT_MODEL) --host $(HOST) --port $(PORT)
 
+# Formatting and lints first (the image's toolchain ships rustfmt and clippy), then every test.
 test: setup
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
 	cargo test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
 
 # Latency next to PyTorch eager doing the same work, and server throughput; prints figures.

@@ -370,16 +370,13 @@ impl Supernet {
         x: &Tensor,
         stats: BnStats,
     ) -> Tensor {
+        let pass = Pass {
+            params,
+            stats,
+            tasks: 1,
+        };
         self.body(params, x, stats, |i, spec, s0, s1| {
-            self.plain_cell(
-                params,
-                i,
-                spec,
-                s0,
-                s1,
-                mixing.for_cell(spec.reduction),
-                stats,
-            )
+            self.plain_cell(pass, i, spec, s0, s1, mixing.for_cell(spec.reduction))
         })
     }
 
@@ -404,14 +401,14 @@ impl Supernet {
     /// of the last `multiplier` nodes. `mixing`: the cell type's [E, 8] mixing weights.
     fn plain_cell(
         &self,
-        params: &ParamSet,
+        pass: Pass,
         i: usize,
         spec: &CellSpec,
         s0: &Tensor,
         s1: &Tensor,
         mixing: &Tensor,
-        stats: BnStats,
     ) -> Tensor {
+        let Pass { params, stats, .. } = pass;
         let (p0, p1) = self.preprocess(params, i, spec, s0, s1, stats);
         let mut states = vec![p0, p1];
         for node in 0..self.space.steps {

@@ -258,9 +258,12 @@ fn edited_fixture(models: &std::path::Path, dir: &str, edit: impl FnOnce(&mut Va
     .unwrap();
 }
 
+/// A field of `model.json` and how to make it senseless.
+type Edit = (&'static str, fn(&mut Value));
+
 #[test]
 fn a_model_json_without_sense_stops_start_up_naming_the_field() {
-    let cases: [(&str, fn(&mut Value)); 6] = [
+    let cases: [Edit; 6] = [
         ("input.size", |m| m["input"]["size"] = json!(0)),
         ("input.channels", |m| m["input"]["channels"] = json!(0)),
         ("adaptation.lr_w", |m| m["adaptation"]["lr_w"] = json!(-0.1)),

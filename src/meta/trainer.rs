@@ -155,6 +155,9 @@ struct ResumeState {
     tensors_sha256: String,
 }
 
+/// An optimiser's name, its state and the tensors it updates (by their resume-state names).
+type OptimiserGroup<'a> = (&'a str, &'a Adam, Vec<(&'a str, &'a Tensor)>);
+
 /// One line of `metrics.jsonl`.
 #[derive(Serialize)]
 struct MetricsLine {
@@ -516,8 +519,7 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|(n, t)| (format!("w/{n}"), t.shallow_clone()))
             .collect();
-        let mut groups: Vec<(&str, &Adam, Vec<(&str, &Tensor)>)> =
-            vec![("adam_w", &learner.adam_w, Vec::new())];
+        let mut groups: Vec<OptimiserGroup> = vec![("adam_w", &learner.adam_w, Vec::new())];
         if let (Some(a), Some(adam)) = (&learner.alphas, &learner.adam_theta) {
             groups.push((
                 "adam_theta",
