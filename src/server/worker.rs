@@ -265,7 +265,7 @@ fn serve(
             }
             _ => batch.iter().map(alone).collect(),
         };
-        queue.admission.finished(&costs, results.iter().all(Result::is_ok).then(|| started.elapsed()));
+        queue.admission.finished(&costs, started.elapsed(), results.iter().all(Result::is_ok));
         let fault = results.iter().find_map(|r| match r {
             Err(WorkerError::Failed(message)) => Some(message.clone()),
             _ => None,
