@@ -71,7 +71,7 @@ impl CostKey {
 /// of the recent past, and a task admitted on a too hopeful one ends as a 504 after all. Under
 /// sustained load this costs no throughput: the queue still holds more work than the worker can
 /// do before it runs dry.
-const HEADROOM: f64 = 0.75;
+const HEADROOM: f64 = 0.5;
 /// Weight of the newest measurement in the moving averages.
 const SMOOTHING: f64 = 0.3;
 /// Shapes whose cost is remembered; the least recently measured are forgotten past it.
@@ -195,24 +195,28 @@ impl Admission {
         ledger.running = Some((Instant::now(), estimate));
     }
 
-    /// The running batch of `shapes` ended; when every task in it completed, it took `elapsed`, and
-    /// each task cost its share (a batch cut short by deadlines or faults measures nothing).
-    pub fn finished(&self, shapes: &[CostKey], elapsed: Option<Duration>) {
+    /// The running batch of `shapes` ended after `elapsed`: each task cost its share. When the batch
+    /// was cut short (`completed` false: deadlines passed, or a fault), the share is only a lower
+    /// bound, which raises an estimate below it and leaves others alone: the tasks that overran
+    /// an estimate (the machine slowed down) are the ones that correct it.
+    pub fn finished(&self, shapes: &[CostKey], elapsed: Duration, completed: bool) {
         let mut ledger = self.ledger();
         ledger.running = None;
-        let Some(elapsed) = elapsed else { return };
         let share = elapsed.as_secs_f64() / shapes.len().max(1) as f64;
+        let update = |old: Option<f64>, new: f64| match (old, completed) {
+            (None, _) => new,
+            (Some(old), true) => old + SMOOTHING * (new - old),
+            (Some(old), false) => old.max(new),
+        };
         for shape in shapes {
-            let smoothed =
-                |old: Option<f64>, new: f64| old.map_or(new, |old| old + SMOOTHING * (new - old));
-            let per_task = smoothed(
+            let per_task = update(
                 ledger.per_shape.get(shape).map(|(seconds, _)| *seconds),
                 share,
             );
             ledger
                 .per_shape
                 .insert(shape.clone(), (per_task, Instant::now()));
-            let per_unit = smoothed(
+            let per_unit = update(
                 ledger.per_unit.get(&shape.model).copied(),
                 share / shape.units(),
             );
@@ -279,7 +283,7 @@ mod tests {
                 .expect("nothing measured yet")
                 .hand_over();
         }
-        admission.finished(std::slice::from_ref(&task), Some(Duration::from_secs(1)));
+        admission.finished(std::slice::from_ref(&task), Duration::from_secs(1), true);
         // 100 queued tasks of 1 s each: a new one would wait 100 s.
         let refusal = admission
             .admit(&task, timeout, timeout)
@@ -287,20 +291,20 @@ mod tests {
             .expect("a task behind 100 s of work is refused");
         assert_eq!(refusal.wait, Duration::from_secs(100));
         assert_eq!(
-            refusal.retry_after_s, 94,
-            "after 94 s, the 6 s of work left and its own 1 s fit in 7.5 s (75% of 10 s)"
+            refusal.retry_after_s, 96,
+            "after 96 s, the 4 s of work left and its own 1 s fit in 5 s (half of 10 s)"
         );
-        for _ in 0..94 {
+        for _ in 0..96 {
             admission.dequeued(&task);
         }
         let admitted = admission
             .admit(&task, timeout, timeout)
-            .expect("6 s of work ahead and 1 s of its own fit");
+            .expect("4 s of work ahead and 1 s of its own fit");
         assert!(
             admission
                 .admit(&task, Duration::from_secs(5), timeout)
                 .is_err(),
-            "but not in 75% of the 5 s this one has left"
+            "but not in half of the 5 s this one has left"
         );
         assert!(
             admission.admit(&task, timeout, timeout).is_err(),
@@ -316,7 +320,7 @@ mod tests {
     #[test]
     fn an_unseen_shape_is_priced_by_its_models_rate_per_unit_of_work() {
         let admission = Admission::default();
-        admission.finished(&[shape(9), shape(9)], Some(Duration::from_secs(4)));
+        admission.finished(&[shape(9), shape(9)], Duration::from_secs(4), true);
         let seconds = |shape: CostKey| admission.cost(&shape).unwrap().as_secs_f64();
         assert!(
             (seconds(shape(9)) - 2.0).abs() < 1e-6,
@@ -332,6 +336,25 @@ mod tests {
                 ..shape(9)
             }),
             None
+        );
+    }
+
+    #[test]
+    fn a_batch_cut_short_raises_an_estimate_below_its_time_and_never_lowers_one() {
+        let admission = Admission::default();
+        let seconds = |admission: &Admission| admission.cost(&shape(9)).unwrap().as_secs_f64();
+        admission.finished(&[shape(9)], Duration::from_secs(2), true);
+        admission.finished(&[shape(9)], Duration::from_secs(1), false);
+        assert_eq!(
+            seconds(&admission),
+            2.0,
+            "cut short after 1 s: the task would have taken at least that"
+        );
+        admission.finished(&[shape(9)], Duration::from_secs(30), false);
+        assert_eq!(
+            seconds(&admission),
+            30.0,
+            "cut short after 30 s: it takes at least 30 s now"
         );
     }
 }

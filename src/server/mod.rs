@@ -201,5 +201,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = state.limits.connections();
-    connections::serve(listener, router(state), limits, shutdown).await
+    let trimming = tokio::spawn(return_freed_memory(Arc::clone(&state)));
+    let served = connections::serve(listener, router(state), limits, shutdown).await;
+    trimming.abort();
+    served
 }
+
+/// Hands the memory that finished requests freed back to the OS whenever no adaptation request is
+/// in the server. glibc keeps freed memory in its per-thread arenas for reuse, so without this a
+/// burst of large bodies and images would leave the process at its peak for good.
+async fn return_freed_memory(state: SharedState) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        ticks.tick().await;
+        if state.in_flight.available_permits() == state.limits.max_in_flight {
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only returns free pages of the heap to the OS; any thread may call it.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}

@@ -13,11 +13,11 @@
 //!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
-//! request stops burning compute; a job whose deadline has passed, or would pass before it could
-//! finish at what its shape measured ([`super::admission`]), is dropped unstarted. A panic inside
-//! a job (a libtorch error, out of memory) fails that job only and the thread keeps serving,
-//! unless the device itself no longer works: then the worker stops, `/readyz` says why, and every
-//! waiting job is refused.
+//! request stops burning compute; a job whose deadline has passed is dropped unstarted, and a job
+//! joins a batch only if the batch can end before its deadline ([`super::admission`] measures
+//! what tasks cost). A panic inside a job (a libtorch error, out of memory) fails that job only
+//! and the thread keeps serving, unless the device itself no longer works: then the worker stops,
+//! `/readyz` says why, and every waiting job is refused.
 
 use super::admission::{Admission, CostKey};
 use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
@@ -323,10 +323,9 @@ fn serve(
             }
             _ => batch.iter().map(alone).collect(),
         };
-        queue.admission.finished(
-            &costs,
-            results.iter().all(Result::is_ok).then(|| started.elapsed()),
-        );
+        queue
+            .admission
+            .finished(&costs, started.elapsed(), results.iter().all(Result::is_ok));
         let fault = results.iter().find_map(|r| match r {
             Err(WorkerError::Failed(message)) => Some(message.clone()),
             _ => None,
@@ -341,7 +340,9 @@ fn serve(
 }
 
 /// `first` and the held jobs that can run with it as one batch (up to `max_batch`), with the key
-/// they share; `None` when `first` runs alone.
+/// they share; `None` when `first` runs alone. Every task of a batch is answered when the whole
+/// batch is done, so a job joins only if the batch, at the measured cost of its shape per task,
+/// still ends before the earliest deadline among its tasks, this job's included.
 fn take_batch(
     first: Job,
     held: &mut VecDeque<Job>,
@@ -350,13 +351,23 @@ fn take_batch(
     queue: &Queue,
 ) -> (Option<BatchKey>, Vec<Job>) {
     let key = batch_key(model, &first.input);
+    let per_task = queue
+        .admission
+        .cost(&CostKey::of(&first.input))
+        .unwrap_or_default();
+    let mut earliest = first.deadline;
     let mut batch = vec![first];
     if let Some(key) = &key {
         let mut index = 0;
         while batch.len() < max_batch && index < held.len() {
-            if queue.unstartable(&held[index]).is_none()
-                && batch_key(model, &held[index].input).as_ref() == Some(key)
+            let candidate = &held[index];
+            let deadline = earliest.min(candidate.deadline);
+            let in_time = Instant::now() + per_task * (batch.len() as u32 + 1) <= deadline;
+            if in_time
+                && queue.unstartable(candidate).is_none()
+                && batch_key(model, &candidate.input).as_ref() == Some(key)
             {
+                earliest = deadline;
                 batch.push(queue.leave(held.remove(index).expect("index is in range")));
             } else {
                 index += 1;
@@ -412,17 +423,17 @@ impl Queue<'_> {
     }
 
     /// Why `job` should not start, if it should not: its client went away, or its deadline has
-    /// passed or will before it could finish (at the measured cost of its shape), so running it
-    /// would spend the worker on an answer nobody receives.
+    /// passed, so running it would spend the worker on an answer nobody receives. (Not dropped on
+    /// an estimate: one too high would then drop every task of its shape, and with none run, no
+    /// measurement would ever lower it.)
     fn unstartable(&self, job: &Job) -> Option<&'static str> {
         if job.reply.is_closed() {
-            return Some("cancelled");
+            Some("cancelled")
+        } else if Instant::now() >= job.deadline {
+            Some("expired")
+        } else {
+            None
         }
-        let cost = self
-            .admission
-            .cost(&CostKey::of(&job.input))
-            .unwrap_or_default();
-        (Instant::now() + cost > job.deadline).then_some("expired")
     }
 }
 
