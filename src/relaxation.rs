@@ -13,6 +13,12 @@
 //! - the temperature falls linearly from `start` at the first inner step to `end`, and queries are
 //!   always predicted at `end`: the network that answers is the annealed end state.
 //!
+//! Meta-learned θ stays close to uniform, so at any usable end temperature the annealed weights
+//! are still a mixture. With `hard_end` the end state *is* the decoded genotype: its weights are
+//! the genotype's one-hot weights in the forward pass, and gradients pass straight through to the
+//! soft weights at `end` (as in GDAS, Dong & Yang 2019), so meta-training optimises the network
+//! that each task's genotype describes.
+//!
 //! In float32 an edge's strength saturates at 0 once its best op leads the others by about 17
 //! logits; saturated edges then tie (decoding keeps the lower index, the relaxation splits the
 //! weight). Meta-learned θ stays far from that (its softmax is close to uniform).
@@ -37,6 +43,10 @@ pub enum Relaxation {
         start: f64,
         end: f64,
         pairwise_inputs: bool,
+        /// At `end`, the forward pass uses the decoded genotype's one-hot weights; gradients
+        /// are the soft weights'.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hard_end: bool,
     },
 }
 
@@ -52,14 +62,15 @@ impl Relaxation {
     }
 
     /// Whether the end state is a discrete network, the decoded genotype's (one op per edge, two
-    /// inputs per node), up to the end temperature.
+    /// inputs per node): exactly with `hard_end`, up to the end temperature with pairwise inputs.
     pub fn ends_discrete(&self) -> bool {
         matches!(
             self,
             Relaxation::Annealed {
                 pairwise_inputs: true,
+                hard_end: false,
                 ..
-            }
+            } | Relaxation::Annealed { hard_end: true, .. }
         )
     }
 
@@ -92,17 +103,61 @@ impl Relaxation {
         match *self {
             Relaxation::Softmax => theta.softmax(-1, Kind::Float),
             Relaxation::Annealed {
-                pairwise_inputs, ..
+                pairwise_inputs,
+                end,
+                hard_end,
+                ..
             } => {
                 let ops = annealed_op_weights(theta, temperature);
-                if pairwise_inputs {
+                let soft = if pairwise_inputs {
                     ops * input_weights(space, theta, temperature, tasks).reshape([-1, 1])
                 } else {
                     ops
+                };
+                if hard_end && temperature <= end {
+                    // Forward: exactly the genotype (soft − soft is 0); backward: the soft weights.
+                    genotype_weights(space, theta, tasks) + (&soft - soft.detach())
+                } else {
+                    soft
                 }
             }
         }
     }
+}
+
+/// The decoded genotype as mixing weights: 1 on each node's two strongest input edges' strongest
+/// op other than `none`, 0 elsewhere; [T·E, 8] → [T·E, 8], no gradient.
+fn genotype_weights(space: &SearchSpace, theta: &Tensor, tasks: i64) -> Tensor {
+    tch::no_grad(|| {
+        let ops = theta.size()[1];
+        let best_op = theta.narrow(1, 1, ops - 1).argmax(1, false) + 1;
+        let op_one_hot = best_op.one_hot(ops).to_kind(Kind::Float);
+        let pair_logits =
+            edge_strengths(theta, tasks).matmul(&pair_membership(space, theta.device()));
+        let mut offset = 0;
+        let chosen: Vec<Tensor> = (0..space.steps)
+            .map(|node| {
+                let pairs = ((node + 2) * (node + 1) / 2) as i64;
+                let best_pair = pair_logits.narrow(1, offset, pairs).argmax(1, false);
+                offset += pairs;
+                best_pair.one_hot(pairs).to_kind(Kind::Float)
+            })
+            .collect();
+        let inputs =
+            Tensor::cat(&chosen, 1).matmul(&pair_membership(space, theta.device()).transpose(0, 1));
+        op_one_hot * inputs.reshape([-1, 1])
+    })
+}
+
+/// DARTS's ranking score of each edge: its best non-`none` op's log-probability under softmax(θ);
+/// θ [T·E, 8] → [T, E].
+fn edge_strengths(theta: &Tensor, tasks: i64) -> Tensor {
+    let ops = theta.size()[1];
+    theta
+        .log_softmax(-1, Kind::Float)
+        .narrow(1, 1, ops - 1)
+        .amax(&[1i64][..], false)
+        .reshape([tasks, -1])
 }
 
 /// softmax(θ/τ) over every op but `none` (column 0), whose weight is 0: [E, 8] → [E, 8].
@@ -116,12 +171,7 @@ fn annealed_op_weights(theta: &Tensor, temperature: f64) -> Tensor {
 /// strength_j)/τ, summed over the pairs that hold the edge. θ [T·E, 8] → [T, E]; each node's
 /// weights sum to 2.
 fn input_weights(space: &SearchSpace, theta: &Tensor, temperature: f64, tasks: i64) -> Tensor {
-    let ops = theta.size()[1];
-    let strength = theta
-        .log_softmax(-1, Kind::Float)
-        .narrow(1, 1, ops - 1)
-        .amax(&[1i64][..], false)
-        .reshape([tasks, -1]);
+    let strength = edge_strengths(theta, tasks);
     let membership = pair_membership(space, theta.device());
     let pair_logits = strength.matmul(&membership) / temperature;
     let mut offset = 0;
@@ -201,6 +251,7 @@ mod tests {
             start: 1.0,
             end: 0.1,
             pairwise_inputs: true,
+            hard_end: false,
         };
         let taus: Vec<f64> = (0..=3).map(|s| annealed.temperature(s, 3)).collect();
         for (got, want) in taus.iter().zip([1.0, 0.7, 0.4, 0.1]) {
@@ -210,7 +261,8 @@ mod tests {
         assert!(Relaxation::Annealed {
             start: 1.0,
             end: 0.0,
-            pairwise_inputs: true
+            pairwise_inputs: true,
+            hard_end: false,
         }
         .validate()
         .is_err());
@@ -227,6 +279,7 @@ mod tests {
             start: 1.0,
             end: 1e-5,
             pairwise_inputs: true,
+            hard_end: false,
         };
         tch::manual_seed(4);
         let tasks = 3;
@@ -276,5 +329,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With `hard_end`, the end state is the decoded genotype exactly, even for θ close to uniform
+    /// (where the soft end state is still a mixture), and θ's gradient is the soft weights'.
+    #[test]
+    fn a_hard_end_is_the_genotype_with_the_soft_gradient() {
+        let space = space();
+        let soft = Relaxation::Annealed {
+            start: 1.0,
+            end: 0.1,
+            pairwise_inputs: true,
+            hard_end: false,
+        };
+        let hard = Relaxation::Annealed {
+            start: 1.0,
+            end: 0.1,
+            pairwise_inputs: true,
+            hard_end: true,
+        };
+        tch::manual_seed(5);
+        let tasks = 2;
+        let theta = (Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu)) * 0.01)
+            .set_requires_grad(true);
+        let end = hard.temperature(5, 5);
+        let hard_end = hard.mixing(&space, &theta, end, tasks);
+        for t in 0..tasks {
+            let rows = matrix_rows(&theta.narrow(0, t * 14, 14).softmax(-1, Kind::Float));
+            let genotype = Genotype::decode(&space, &rows, &rows);
+            let mut expected = vec![vec![0f32; 8]; 14];
+            for (node, pair) in genotype.normal.chunks(2).enumerate() {
+                for Edge(op, input) in pair {
+                    let op = Primitive::from_name(op).expect("a decoded op");
+                    expected[space.first_edge_of_node(node) + input][op.index()] = 1.0;
+                }
+            }
+            let expected = Tensor::from_slice(&expected.concat()).view([14, 8]);
+            assert!(hard_end.narrow(0, t * 14, 14).equal(&expected), "task {t}");
+        }
+        assert!(
+            hard.mixing(&space, &theta, hard.temperature(2, 5), tasks)
+                .equal(&soft.mixing(&space, &theta, soft.temperature(2, 5), tasks)),
+            "before the end the weights are the soft ones"
+        );
+        let probe = Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu));
+        let gradient = |relaxation: &Relaxation| {
+            let loss = (relaxation.mixing(&space, &theta, end, tasks) * &probe).sum(Kind::Float);
+            Tensor::run_backward(&[loss], &[&theta], false, false).remove(0)
+        };
+        assert!(gradient(&hard).allclose(&gradient(&soft), 1e-6, 1e-6, false));
+        assert!(hard.ends_discrete());
     }
 }

@@ -598,6 +598,18 @@ const PAIRWISE: Variant = Variant {
         start: 1.0,
         end: 0.2,
         pairwise_inputs: true,
+        hard_end: false,
+    },
+    log_scale: Some(-1.203_972_804_325_936),
+};
+/// Soft pruning whose end state is the genotype itself: one-hot weights forward at τ1, the soft
+/// weights' gradient backward.
+const HARD_END: Variant = Variant {
+    relaxation: Relaxation::Annealed {
+        start: 1.0,
+        end: 0.2,
+        pairwise_inputs: true,
+        hard_end: true,
     },
     log_scale: Some(-1.203_972_804_325_936),
 };
@@ -607,6 +619,7 @@ const OPS_ONLY: Variant = Variant {
         start: 1.5,
         end: 0.4,
         pairwise_inputs: false,
+        hard_end: false,
     },
     log_scale: Some(-1.203_972_804_325_936),
 };
@@ -687,6 +700,27 @@ fn annealed_ops_only_learned_scale_matches_reference_without_steps() {
 #[test]
 fn annealed_pairwise_learned_scale_meta_gradients_match_reference() {
     check_meta_gradients(SCALED_PROTO, 1.5, PAIRWISE, 48);
+}
+
+/// A hard end: queries predicted by the genotype's network, straight-through meta-gradients.
+#[test]
+fn hard_end_matches_reference_after_steps() {
+    check_variant(
+        &Case {
+            space: space(1, 28, 8, 2),
+            head: SCALED_PROTO,
+            shot: 2,
+            steps: 2,
+            alpha_scale: 1.5,
+        },
+        HARD_END,
+        41,
+    );
+}
+
+#[test]
+fn hard_end_meta_gradients_match_reference() {
+    check_meta_gradients(SCALED_PROTO, 1.5, HARD_END, 48);
 }
 
 #[test]

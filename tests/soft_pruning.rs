@@ -1,5 +1,6 @@
 //! Soft pruning end to end: a model whose θ is annealed over the inner steps answers, through the
-//! server, as the network of the genotype it returns; a softmax model does not.
+//! server, as the network of the genotype it returns: up to the end temperature, or exactly with a
+//! hard end even at a mild end temperature; a softmax model does not.
 
 mod common;
 
@@ -102,6 +103,7 @@ fn an_annealed_supernet_answers_as_its_genotypes_network() {
         start: 1.0,
         end: 1e-4,
         pairwise_inputs: true,
+        hard_end: false,
     });
     assert!(
         annealed < 1e-3,
@@ -111,5 +113,30 @@ fn an_annealed_supernet_answers_as_its_genotypes_network() {
     assert!(
         softmax > 1e-2,
         "a softmax supernet is not its genotype's network (largest difference {softmax})"
+    );
+}
+
+#[test]
+fn a_hard_end_answers_as_its_genotypes_network_at_a_mild_end_temperature() {
+    let mild = Relaxation::Annealed {
+        start: 1.0,
+        end: 0.1,
+        pairwise_inputs: true,
+        hard_end: false,
+    };
+    let hard = largest_difference(Relaxation::Annealed {
+        start: 1.0,
+        end: 0.1,
+        pairwise_inputs: true,
+        hard_end: true,
+    });
+    assert!(
+        hard < 1e-4,
+        "the derived network's probabilities differ from the hard-end supernet's by {hard}"
+    );
+    let soft = largest_difference(mild);
+    assert!(
+        soft > 1e-2,
+        "at τ 0.1 a soft end is still a mixture (largest difference {soft})"
     );
 }

@@ -187,6 +187,7 @@ fn batched_tasks_with_annealed_pairwise_relaxation_and_learned_scale_match_alone
         start: 1.0,
         end: 0.2,
         pairwise_inputs: true,
+        hard_end: false,
     };
     checkpoint
         .params

@@ -292,6 +292,7 @@ mod tests {
                 start: 1.0,
                 end: 0.3,
                 pairwise_inputs: true,
+                hard_end: false,
             },
         ));
         let head = HeadSpec::Proto {

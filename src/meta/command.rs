@@ -220,6 +220,10 @@ pub struct MetaTrainArgs {
     /// `annealed`: weigh each node's inputs by a softmax over input pairs (two inputs at the end).
     #[arg(long)]
     pub pairwise_inputs: bool,
+    /// `annealed`: predict with the decoded genotype's network itself (one-hot mixing weights at
+    /// the end temperature, gradients through the soft ones), so meta-training trains it.
+    #[arg(long)]
+    pub hard_end: bool,
     /// Proto head: meta-learn a scale on its logits (implied by tnas++).
     #[arg(long)]
     pub learned_scale: bool,
@@ -293,6 +297,7 @@ impl MetaTrainArgs {
                     start: self.temperature_start,
                     end: self.temperature_end,
                     pairwise_inputs: self.pairwise_inputs,
+                    hard_end: self.hard_end,
                 },
             },
             adaptation: AdaptationDefaults {

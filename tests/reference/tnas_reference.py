@@ -18,8 +18,9 @@ model.json's `relaxation` (absent: the DARTS softmax) may be `{"type": "annealed
 softmax(θ/τ), and with pairwise inputs each node weighs its input edges by the pair softmax (see
 `Relaxation`). Inner step s of M runs at τ0 + (τ1 − τ0)·s/M, queries are predicted at τ1 after
 the steps (after none too), and a proto head is built at τ0, where the `initial` logits (the state
-before the first step) read θ too. With pairwise inputs the derived network keeps the adapted head instead
-of rebuilding it. A proto head with `learned_scale` multiplies its logits by exp(classifier.log_scale),
+before the first step) read θ too. With `"hard_end": true` the weights at τ1 are the decoded genotype's
+one-hot weights in the forward pass and the soft weights' in the backward pass. With pairwise inputs or a
+hard end the derived network keeps the adapted head instead of rebuilding it. A proto head with `learned_scale` multiplies its logits by exp(classifier.log_scale),
 a weight like any other (adapted with lr_w, with a meta-gradient).
 
 With `adaptation.learned_rates` (T-NAS++, MAML++'s per-layer per-step rates) model.safetensors
@@ -189,6 +190,7 @@ class Relaxation:
         assert self.kind in ("softmax", "annealed"), spec
         self.start, self.end = spec.get("start", 1.0), spec.get("end", 1.0)
         self.pairwise = bool(spec.get("pairwise_inputs", False))
+        self.hard_end = bool(spec.get("hard_end", False))
         self.steps = steps
 
     def tau(self, step, total):
@@ -202,6 +204,27 @@ class Relaxation:
     def weights(self, theta, tau):
         if self.kind == "softmax":
             return F.softmax(theta, dim=-1)
+        soft = self.soft_weights(theta, tau)
+        if self.hard_end and tau <= self.end:
+            # The forward pass is the genotype's network; the gradient is the soft weights'.
+            return self.genotype_weights(theta) + (soft - soft.detach())
+        return soft
+
+    def genotype_weights(self, theta):
+        """1 on each node's two strongest input edges (by best non-none probability), at that
+        edge's best non-none op."""
+        probs = F.softmax(theta.detach(), dim=-1)[:, 1:]
+        hard = torch.zeros_like(theta)
+        first = 0
+        for node in range(self.steps):
+            inputs = list(range(first, first + node + 2))
+            kept = sorted(inputs, key=lambda e: -probs[e].max().item())[:2]
+            for e in kept:
+                hard[e, 1 + probs[e].argmax().item()] = 1.0
+            first += node + 2
+        return hard
+
+    def soft_weights(self, theta, tau):
         kept = F.softmax(theta[:, 1:] / tau, dim=-1)
         ops = torch.cat([torch.zeros_like(theta[:, :1]), kept], dim=1)
         if not self.pairwise:
@@ -526,8 +549,9 @@ def main():
         out[f"{tag}_transductive"], out[f"{tag}_support"] = t, s
         derived = Network(space, n_way, genotype=g, learned_scale=learned_scale)
         derived.load_state_dict(net.state_dict(), strict=True)
-        # Soft pruning with pairwise inputs ends as the derived network: it keeps the adapted head.
-        if proto and not net.relaxation.pairwise:
+        # Soft pruning with pairwise inputs or a hard end ends as the derived network: it keeps the
+        # adapted head.
+        if proto and not (net.relaxation.pairwise or net.relaxation.hard_end):
             set_proto_head(derived, a_n, a_r, support, labels, n_way)
         t, s = logits_both_modes(derived, a_n, a_r, support, query)
         out[f"{tag}_derived_transductive"], out[f"{tag}_derived_support"] = t, s
