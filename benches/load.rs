@@ -136,14 +136,7 @@ fn main() {
     let models = common::repo_path("models");
     let server = ServerProcess::start(
         &models,
-        &[
-            "--default-model",
-            "omniglot-tnas",
-            "--device",
-            "cpu",
-            "--threads",
-            "2",
-        ],
+        &["--default-model", "omniglot-tnas", "--device", "cpu"],
     );
     let pngs = common::omniglot_pngs("Latin", 20, 4);
     // A 20-way 1-shot Latin task: drawer 0 as support, drawers 1..=3 as queries.
@@ -332,7 +325,7 @@ fn report(run: Run) -> bool {
             .or_default() += 1;
     }
 
-    println!("load: release tnas-server (CPU, 2 threads), model omniglot-tnas, Latin PNGs, 20-way 1-shot tasks with 60 queries");
+    println!("load: release tnas-server (CPU, default threads and batching), model omniglot-tnas, Latin PNGs, 20-way 1-shot tasks with 60 queries");
     println!(
         "one client alone (the better of before and after the run): {:.2} tasks/s",
         run.single_client

@@ -54,8 +54,11 @@ pub struct Limits {
     #[arg(long, env = "TNAS_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
     /// Most queued tasks of the same shape and settings adapted together as one batch (1: none).
-    #[arg(long, env = "TNAS_MAX_BATCH", default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
-    pub max_batch: usize,
+    /// Default: 16 on a GPU, where one task leaves the device idle; 1 on the CPU, where the work is
+    /// compute-bound, so a batch adds no throughput, multiplies the memory a pass takes and makes
+    /// every task in it wait for the last.
+    #[arg(long, env = "TNAS_MAX_BATCH", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_batch: Option<usize>,
     /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
     pub genotype_store_size: usize,
@@ -65,6 +68,12 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// `--max-batch`, or its default for `device`.
+    pub fn max_batch_on(&self, device: tch::Device) -> usize {
+        self.max_batch
+            .unwrap_or(if device.is_cuda() { 16 } else { 1 })
+    }
+
     /// What one TCP connection may cost (see [`super::connections`]).
     pub fn connections(&self) -> ConnectionLimits {
         ConnectionLimits {
@@ -99,9 +108,12 @@ pub struct ServerConfig {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "TNAS_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
-    /// Intra-op threads of the worker (0 = libtorch's default).
-    #[arg(long, env = "TNAS_THREADS", default_value_t = 0)]
-    pub threads: i32,
+    /// Intra-op threads of the worker. Default: one fewer than the CPUs (at least 1), leaving one
+    /// for reading and decoding requests: an adaptation's thousands of small parallel ops each wait
+    /// for their slowest thread, so a thread that shares its core with request handling slows
+    /// every one of them (under load, several times over).
+    #[arg(long, env = "TNAS_THREADS", value_parser = clap::builder::RangedI64ValueParser::<i32>::new().range(1..))]
+    pub threads: Option<i32>,
     /// Task shapes whose adaptation is kept as a recorded CUDA graph on a GPU (recorded when a
     /// shape comes back, replayed for its later tasks; 0: none). Each keeps its own GPU memory.
     #[arg(long, env = "TNAS_CUDA_GRAPHS", default_value_t = 16)]
@@ -117,4 +129,14 @@ pub struct ServerConfig {
     pub print_openapi: bool,
     #[command(flatten)]
     pub limits: Limits,
+}
+
+impl ServerConfig {
+    /// `--threads`, or one fewer than the CPUs this process may use (at least 1).
+    pub fn worker_threads(&self) -> i32 {
+        self.threads.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            cpus.saturating_sub(1).max(1) as i32
+        })
+    }
 }

@@ -170,8 +170,8 @@ pub fn build_state(
         checkpoints,
         device,
         config.limits.queue_depth,
-        config.limits.max_batch,
-        config.threads,
+        config.limits.max_batch_on(device),
+        config.worker_threads(),
         config.cuda_graphs,
     );
     Ok(Arc::new(AppState {
