@@ -100,7 +100,7 @@ fn ours(
             device,
         );
         state
-            .adapt(&network, &set, &inner, &|| true)
+            .adapt(&set.on(&network), &inner, &|| true)
             .expect("not interrupted");
         let _genotype = state.genotype(&network);
         let logits = state

@@ -1,7 +1,9 @@
 //! Task adaptation: T-NAS Algorithm 2 (M joint SGD steps on [w; θ] over the support set) and
 //! prediction for the task's queries, with the supernet or with the decoded derived network.
 //!
-//! Everything works on a task's own copies ([`TaskState`]); the meta-weights are only read.
+//! Everything works on a task's own copies ([`TaskState`]); the meta-weights are only read. The
+//! inner loop and a proto head's start are written once, over a [`SupportPass`]: one task on its
+//! network ([`OneTask`]), or several tasks stacked into one pass ([`crate::task_batch`]).
 
 use crate::derived::DerivedNetwork;
 use crate::genotype::Genotype;
@@ -13,6 +15,7 @@ use crate::metadata::HeadSpec;
 use crate::network::Network;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
+use crate::relaxation::Relaxation;
 pub use crate::settings::{BnMode, PredictWith};
 use crate::supernet::Alphas;
 use tch::{Device, Tensor};
@@ -24,6 +27,65 @@ pub struct SupportSet<'a> {
     /// [N_s] class indices in 0..n_way.
     pub labels: &'a Tensor,
     pub n_way: usize,
+}
+
+/// The forward passes over a support set that adapting a [`TaskState`] takes: the state may hold
+/// one task or several stacked task by task, each with its own classifier.
+pub trait SupportPass {
+    /// The support images' features under the state's weights and θ (support-batch BN).
+    fn features(&self, state: &TaskState) -> Tensor;
+    /// A proto head built from each task's support prototypes in `features`: (weight, bias).
+    fn prototype_head(&self, features: &Tensor) -> (Tensor, Tensor);
+    /// The support loss of `features` under the state's classifier (with several tasks, the sum of
+    /// their losses, so each task's gradient is its own).
+    fn loss(&self, state: &TaskState, features: &Tensor) -> Tensor;
+    /// The support images and labels.
+    fn support(&self) -> [&Tensor; 2];
+    /// How θ is relaxed, and annealed over the steps.
+    fn relaxation(&self) -> Relaxation;
+}
+
+/// One task's support set, forwarded through `network`.
+pub struct OneTask<'a> {
+    pub network: &'a Network,
+    pub support: &'a SupportSet<'a>,
+}
+
+impl SupportPass for OneTask<'_> {
+    fn features(&self, state: &TaskState) -> Tensor {
+        self.network.features(
+            &state.params,
+            state.mixing(self.network).as_ref(),
+            self.support.images,
+            BnStats::Batch,
+        )
+    }
+
+    fn prototype_head(&self, features: &Tensor) -> (Tensor, Tensor) {
+        prototype_classifier(features, self.support.labels, self.support.n_way)
+    }
+
+    fn loss(&self, state: &TaskState, features: &Tensor) -> Tensor {
+        classify(&state.params, features).cross_entropy_for_logits(self.support.labels)
+    }
+
+    fn support(&self) -> [&Tensor; 2] {
+        [self.support.images, self.support.labels]
+    }
+
+    fn relaxation(&self) -> Relaxation {
+        self.network.relaxation()
+    }
+}
+
+impl<'a> SupportSet<'a> {
+    /// This support set forwarded through `network`.
+    pub fn on(&'a self, network: &'a Network) -> OneTask<'a> {
+        OneTask {
+            network,
+            support: self,
+        }
+    }
 }
 
 /// Inner-loop hyper-parameters.
@@ -112,33 +174,24 @@ impl TaskState {
         );
         state.temperature = network.relaxation().start_temperature();
         if let HeadSpec::Proto { .. } = head {
-            state.reset_proto_head(network, support);
+            state.reset_proto_head(&support.on(network));
         }
         state
     }
 
-    /// Rebuilds the classifier from the support prototypes of `network` under the current weights.
-    /// The forward pass that gives the prototypes also gives the support loss with the new
-    /// classifier, which the next step takes instead of repeating the pass.
-    pub fn reset_proto_head(&mut self, network: &Network, support: &SupportSet) {
-        let features = network.features(
-            &self.params,
-            self.mixing(network).as_ref(),
-            support.images,
-            BnStats::Batch,
-        );
-        let (w, b) =
-            crate::grad::no_grad(|| prototype_classifier(&features, support.labels, support.n_way));
+    /// Rebuilds the classifier from the support prototypes under the current weights. The forward
+    /// pass that gives the prototypes also gives the support loss with the new classifier, which
+    /// the next step takes instead of repeating the pass.
+    pub fn reset_proto_head(&mut self, pass: &dyn SupportPass) {
+        let features = pass.features(self);
+        let (w, b) = crate::grad::no_grad(|| pass.prototype_head(&features));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
         // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as
         // separate views, which the pass above did not read: its loss could not reach them.
         if self.params.is_flat() == was_flat {
-            self.keep_support_loss(
-                classify(&self.params, &features).cross_entropy_for_logits(support.labels),
-                support.images,
-                support.labels,
-            );
+            let [images, labels] = pass.support();
+            self.keep_support_loss(pass.loss(self, &features), images, labels);
         }
     }
 
@@ -162,7 +215,7 @@ impl TaskState {
 
     /// Keeps `loss`, the loss of the support set (`images`, `labels`) at this point, for the next
     /// step (unless it has no graph to differentiate, as under `no_grad`).
-    pub(crate) fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
+    fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
         self.kept_loss = loss.requires_grad().then(|| KeptLoss {
             loss,
             from: self.point(images, labels),
@@ -174,7 +227,7 @@ impl TaskState {
     /// tensors by `is_set_to` (storage, offset, sizes, strides), which holds for the state as
     /// `reset_proto_head` left it. Whoever replaces the weights or θ with new tensors on the same
     /// storage, or changes them in place, before the next step must not leave a loss kept.
-    pub(crate) fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
+    fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
         let kept = self.kept_loss.take()?;
         let now = self.point(images, labels);
         let same = kept.temperature == self.temperature
@@ -193,15 +246,8 @@ impl TaskState {
     }
 
     /// Support-set cross-entropy at the current point (support-batch BN).
-    pub fn support_loss(&self, network: &Network, support: &SupportSet) -> Tensor {
-        network
-            .logits(
-                &self.params,
-                self.mixing(network).as_ref(),
-                support.images,
-                BnStats::Batch,
-            )
-            .cross_entropy_for_logits(support.labels)
+    pub fn support_loss(&self, pass: &dyn SupportPass) -> Tensor {
+        pass.loss(self, &pass.features(self))
     }
 
     /// ∇ `loss` with respect to the weights, laid out flat as [`ParamSet::flattened`] lays them,
@@ -239,15 +285,11 @@ impl TaskState {
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
     /// backward pass, then plain SGD. Returns the loss (detached).
-    pub fn sgd_step(
-        &mut self,
-        network: &Network,
-        support: &SupportSet,
-        inner: &InnerLoop,
-    ) -> Tensor {
+    pub fn sgd_step(&mut self, pass: &dyn SupportPass, inner: &InnerLoop) -> Tensor {
+        let [images, labels] = pass.support();
         let loss = self
-            .take_support_loss(support.images, support.labels)
-            .unwrap_or_else(|| self.support_loss(network, support));
+            .take_support_loss(images, labels)
+            .unwrap_or_else(|| self.support_loss(pass));
         self.descend(&loss, inner);
         loss.detach()
     }
@@ -303,18 +345,17 @@ impl TaskState {
     }
 
     /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early,
-    /// each at its temperature on the network's annealing schedule, and leaves the state at the
-    /// schedule's end, where queries are predicted. Returns the support loss of every step, read
-    /// once at the end: on a GPU, reading each step's loss would make the host wait for the device
-    /// every step.
+    /// each at its temperature on the annealing schedule, and leaves the state at the schedule's
+    /// end, where queries are predicted. Returns the support loss of every step (detached) as
+    /// tensors: on a GPU, reading each step's loss would make the host wait for the device every
+    /// step, and a recorded CUDA graph cannot read at all.
     pub fn adapt(
         &mut self,
-        network: &Network,
-        support: &SupportSet,
+        pass: &dyn SupportPass,
         inner: &InnerLoop,
         keep_going: &dyn Fn() -> bool,
-    ) -> Result<Vec<f64>, Interrupted> {
-        let relaxation = network.relaxation();
+    ) -> Result<Vec<Tensor>, Interrupted> {
+        let relaxation = pass.relaxation();
         let mut losses = Vec::with_capacity(inner.steps);
         for step in 0..inner.steps {
             if !keep_going() {
@@ -323,10 +364,10 @@ impl TaskState {
                 });
             }
             self.temperature = relaxation.temperature(step, inner.steps);
-            losses.push(self.sgd_step(network, support, inner));
+            losses.push(self.sgd_step(pass, inner));
         }
         self.temperature = relaxation.temperature(inner.steps, inner.steps);
-        Ok(losses.iter().map(|l| l.double_value(&[])).collect())
+        Ok(losses)
     }
 
     /// The decoded genotype of the current θ (DARTS rule); `None` without alphas.
@@ -383,7 +424,7 @@ impl TaskState {
         }));
         let mut state = TaskState::new(params, None);
         if matches!(head, HeadSpec::Proto { .. }) && !supernet.relaxation().ends_discrete() {
-            state.reset_proto_head(&network, support);
+            state.reset_proto_head(&support.on(&network));
         }
         (network, state)
     }
@@ -406,7 +447,7 @@ impl TaskState {
                     DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
                 let (derived_net, mut derived_state) =
                     self.derive(network, &derived, head, support);
-                derived_state.adapt(&derived_net, support, &options.finetune, keep_going)?;
+                derived_state.adapt(&support.on(&derived_net), &options.finetune, keep_going)?;
                 Ok(derived_state.predict(&derived_net, support, query, options.bn))
             }
             _ => Ok(self.predict(network, support, query, options.bn)),
@@ -497,7 +538,7 @@ mod tests {
             .take_support_loss(&images, &labels)
             .expect("building the head keeps its loss");
         assert!(
-            kept.equal(&state.support_loss(&network, &support)),
+            kept.equal(&state.support_loss(&support.on(&network))),
             "the loss a step would compute"
         );
         assert!(
@@ -505,25 +546,25 @@ mod tests {
             "taken once"
         );
 
-        state.reset_proto_head(&network, &support);
+        state.reset_proto_head(&support.on(&network));
         assert!(
             state.take_support_loss(&images.copy(), &labels).is_none(),
             "other images"
         );
-        state.reset_proto_head(&network, &support);
+        state.reset_proto_head(&support.on(&network));
         assert!(
             state
                 .take_support_loss(&images, &labels.flip([0]))
                 .is_none(),
             "other labels"
         );
-        state.reset_proto_head(&network, &support);
+        state.reset_proto_head(&support.on(&network));
         state.alphas = Some(alphas.task_copy(Device::Cpu, 1));
         assert!(
             state.take_support_loss(&images, &labels).is_none(),
             "another θ"
         );
-        state.reset_proto_head(&network, &support);
+        state.reset_proto_head(&support.on(&network));
         state.params = state
             .params
             .views_of(&state.params.flattened().detach().set_requires_grad(true));
@@ -540,11 +581,11 @@ mod tests {
             lr_theta: 0.1,
             second_order: false,
         };
-        let _ = state.sgd_step(&network, &support, &inner);
-        state.reset_proto_head(&network, &support);
+        let _ = state.sgd_step(&support.on(&network), &inner);
+        state.reset_proto_head(&support.on(&network));
         assert!(state.kept_loss.is_none());
         assert!(state
-            .sgd_step(&network, &support, &inner)
+            .sgd_step(&support.on(&network), &inner)
             .double_value(&[])
             .is_finite());
     }

@@ -10,7 +10,7 @@
 //!
 //! Tasks batch together when they have the same shape: way, shots, queries and settings.
 
-use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, TaskState};
+use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, SupportPass, TaskState};
 use crate::checkpoint::Checkpoint;
 use crate::genotype::Genotype;
 use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
@@ -18,6 +18,7 @@ use crate::learned_rates::LearnedRates;
 use crate::metadata::HeadSpec;
 use crate::ops::BnStats;
 use crate::params::ParamSet;
+use crate::relaxation::Relaxation;
 use crate::supernet::{Alphas, MixingRows, Supernet};
 use tch::Tensor;
 
@@ -56,6 +57,82 @@ pub struct TaskBatch {
     tasks: i64,
 }
 
+/// T tasks' support sets forwarded as one pass through the supernet, over a [`TaskBatch`]'s state.
+struct StackedTasks<'a> {
+    net: &'a Supernet,
+    support: &'a BatchedSupport,
+}
+
+impl StackedTasks<'_> {
+    /// [N, T·C, H, W] → features [N, T, F].
+    fn features_of(&self, state: &TaskState, x: &Tensor, stats: BnStats) -> Tensor {
+        let alphas = state.alphas.as_ref().expect("a task batch holds θ");
+        let tasks = self.support.tasks();
+        let features = self.net.task_features(
+            &state.params,
+            &self.net.mixing(alphas, state.temperature),
+            x,
+            stats,
+            tasks,
+        );
+        features.view([features.size()[0], tasks, -1])
+    }
+
+    /// Features [N, T, F] → logits [N, T, n_way], each task's classifier (and logit scale) on its
+    /// own features.
+    fn classify(&self, state: &TaskState, features: &Tensor) -> Tensor {
+        let tasks = self.support.tasks();
+        let weight = state.params.get(CLASSIFIER_WEIGHT);
+        let weight = weight.view([tasks, -1, weight.size()[1]]);
+        let bias = state.params.get(CLASSIFIER_BIAS).view([tasks, 1, -1]);
+        let logits = features
+            .transpose(0, 1)
+            .matmul(&weight.transpose(1, 2))
+            .g_add(&bias)
+            .transpose(0, 1);
+        match state.params.contains(LOGIT_SCALE) {
+            true => logits * state.params.get(LOGIT_SCALE).exp().view([1, tasks, 1]),
+            false => logits,
+        }
+    }
+}
+
+impl SupportPass for StackedTasks<'_> {
+    fn features(&self, state: &TaskState) -> Tensor {
+        self.features_of(state, &self.support.images, BnStats::Batch)
+    }
+
+    fn prototype_head(&self, features: &Tensor) -> (Tensor, Tensor) {
+        let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = (0..self.support.tasks())
+            .map(|t| {
+                prototype_classifier(
+                    &features.select(1, t),
+                    &self.support.labels.get(t),
+                    self.support.n_way,
+                )
+            })
+            .unzip();
+        (Tensor::cat(&weights, 0), Tensor::cat(&biases, 0))
+    }
+
+    fn loss(&self, state: &TaskState, features: &Tensor) -> Tensor {
+        let logits = self.classify(state, features).transpose(0, 1);
+        let n_way = logits.size()[2];
+        logits
+            .reshape([-1, n_way])
+            .cross_entropy_for_logits(&self.support.labels.reshape([-1]))
+            * self.support.tasks() as f64
+    }
+
+    fn support(&self) -> [&Tensor; 2] {
+        [&self.support.images, &self.support.labels]
+    }
+
+    fn relaxation(&self) -> Relaxation {
+        self.net.relaxation
+    }
+}
+
 impl TaskBatch {
     /// Every task starts from the meta-weights; a proto head is built per task from its own
     /// support prototypes.
@@ -72,96 +149,14 @@ impl TaskBatch {
             Some(meta_alphas.task_copy(device, tasks)),
         );
         state.temperature = net.relaxation.start_temperature();
-        let mut batch = TaskBatch { state, tasks };
         if let HeadSpec::Proto { .. } = head {
-            // The forward pass that gives the prototypes also gives the first step's loss.
-            let features = batch.features(net, &support.images, BnStats::Batch);
-            let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = crate::grad::no_grad(|| {
-                (0..tasks)
-                    .map(|t| {
-                        prototype_classifier(
-                            &features.select(1, t),
-                            &support.labels.get(t),
-                            support.n_way,
-                        )
-                    })
-                    .unzip()
-            });
-            batch
-                .state
-                .set_classifier(Tensor::cat(&weights, 0), Tensor::cat(&biases, 0));
-            let loss = batch.loss_of(&batch.classify(&features), support);
-            batch
-                .state
-                .keep_support_loss(loss, &support.images, &support.labels);
+            state.reset_proto_head(&StackedTasks { net, support });
         }
-        batch
-    }
-
-    /// [N, T·C, H, W] → features [N, T, F].
-    fn features(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
-        let alphas = self.state.alphas.as_ref().expect("a task batch holds θ");
-        let features = net.task_features(
-            &self.state.params,
-            &net.mixing(alphas, self.state.temperature),
-            x,
-            stats,
-            self.tasks,
-        );
-        features.view([features.size()[0], self.tasks, -1])
-    }
-
-    /// Each task's classifier on its own features: [N, T·C, H, W] → logits [N, T, n_way].
-    fn logits(&self, net: &Supernet, x: &Tensor, stats: BnStats) -> Tensor {
-        self.classify(&self.features(net, x, stats))
-    }
-
-    /// Features [N, T, F] → logits [N, T, n_way], each task's classifier (and logit scale) on its
-    /// own features.
-    fn classify(&self, features: &Tensor) -> Tensor {
-        let weight = self.state.params.get(CLASSIFIER_WEIGHT);
-        let weight = weight.view([self.tasks, -1, weight.size()[1]]);
-        let bias = self
-            .state
-            .params
-            .get(CLASSIFIER_BIAS)
-            .view([self.tasks, 1, -1]);
-        let logits = features
-            .transpose(0, 1)
-            .matmul(&weight.transpose(1, 2))
-            .g_add(&bias)
-            .transpose(0, 1);
-        match self.state.params.contains(LOGIT_SCALE) {
-            true => {
-                logits
-                    * self
-                        .state
-                        .params
-                        .get(LOGIT_SCALE)
-                        .exp()
-                        .view([1, self.tasks, 1])
-            }
-            false => logits,
-        }
-    }
-
-    /// Σ_t (cross-entropy of task t's support set), so each task's gradient is its own.
-    fn support_loss(&self, net: &Supernet, support: &BatchedSupport) -> Tensor {
-        self.loss_of(&self.logits(net, &support.images, BnStats::Batch), support)
-    }
-
-    /// The support loss of support logits [N, T, n_way].
-    fn loss_of(&self, logits: &Tensor, support: &BatchedSupport) -> Tensor {
-        let logits = logits.transpose(0, 1);
-        let n_way = logits.size()[2];
-        logits
-            .reshape([-1, n_way])
-            .cross_entropy_for_logits(&support.labels.reshape([-1]))
-            * self.tasks as f64
+        TaskBatch { state, tasks }
     }
 
     /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each, on the
-    /// annealing schedule as [`TaskState::adapt`].
+    /// annealing schedule ([`TaskState::adapt`]).
     pub fn adapt(
         &mut self,
         net: &Supernet,
@@ -169,21 +164,9 @@ impl TaskBatch {
         inner: &InnerLoop,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<(), Interrupted> {
-        for step in 0..inner.steps {
-            if !keep_going() {
-                return Err(Interrupted {
-                    completed_steps: step,
-                });
-            }
-            self.state.temperature = net.relaxation.temperature(step, inner.steps);
-            let loss = self
-                .state
-                .take_support_loss(&support.images, &support.labels)
-                .unwrap_or_else(|| self.support_loss(net, support));
-            self.state.descend(&loss, inner);
-        }
-        self.state.temperature = net.relaxation.temperature(inner.steps, inner.steps);
-        Ok(())
+        self.state
+            .adapt(&StackedTasks { net, support }, inner, keep_going)
+            .map(drop)
     }
 
     /// Every task's θ, stacked task by task.
@@ -212,9 +195,10 @@ impl TaskBatch {
         query: &Tensor,
         bn: BnMode,
     ) -> Tensor {
+        let pass = StackedTasks { net, support };
         crate::grad::no_grad(|| {
             logits_under(bn, &support.images, query, |x, stats| {
-                self.logits(net, x, stats)
+                pass.classify(&self.state, &pass.features_of(&self.state, x, stats))
             })
         })
     }

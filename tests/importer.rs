@@ -107,7 +107,7 @@ fn imported_official_checkpoint_reproduces_official_logits() {
         second_order: false,
     };
     state
-        .adapt(&network, &support_set, &inner, &|| true)
+        .adapt(&support_set.on(&network), &inner, &|| true)
         .unwrap();
     let adapted = state.predict(&network, &support_set, &query, BnMode::Transductive);
     let err = relative_error(&adapted, &expected("adapted"));

@@ -258,9 +258,12 @@ fn check_variant_with_rates(
                 lr_theta,
                 second_order: false,
             };
-            let losses = state
-                .adapt(&network, &support_set, &inner, &|| true)
-                .unwrap();
+            let losses: Vec<f64> = state
+                .adapt(&support_set.on(&network), &inner, &|| true)
+                .unwrap()
+                .iter()
+                .map(|l| l.double_value(&[]))
+                .collect();
             let ref_losses: Vec<f64> = report["losses"]
                 .as_array()
                 .unwrap()

@@ -125,7 +125,7 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
             &set,
             Device::Cpu,
         );
-        alone.adapt(&network, &set, &inner, &|| true).unwrap();
+        alone.adapt(&set.on(&network), &inner, &|| true).unwrap();
         let logits = alone.predict(&network, &set, &task.query, bn);
         let error = common::relative_error(&batched_logits.select(1, t as i64), &logits);
         assert!(

@@ -144,7 +144,7 @@ impl TaskContext<'_> {
             if let HeadSpec::Proto { .. } = self.head {
                 // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
                 // the meta-gradient runs through every inner step, not through the head's start.
-                state.reset_proto_head(self.network, &task.support);
+                state.reset_proto_head(&task.support.on(self.network));
             }
             state
         } else {
@@ -169,7 +169,7 @@ impl TaskContext<'_> {
                 reduce: crate::grad::no_grad(|| &a.reduce + &noise.reduce).set_requires_grad(true),
             });
             if let HeadSpec::Proto { .. } = self.head {
-                state.reset_proto_head(self.network, &task.support);
+                state.reset_proto_head(&task.support.on(self.network));
             }
         }
         // With learned rates (first order too) the steps stay in the graph, their gradients
@@ -178,7 +178,7 @@ impl TaskContext<'_> {
         state.rates = self.rates.clone();
         let origin = TaskState::new(state.params.clone(), state.alphas.clone());
         state
-            .adapt(self.network, &task.support, &inner, &|| true)
+            .adapt(&task.support.on(self.network), &inner, &|| true)
             .expect("never interrupted");
         let logits = query_logits(
             self.network,
@@ -355,7 +355,7 @@ mod tests {
         let mut steps = Vec::new();
         for step in 0..2 {
             state.temperature = network.relaxation().temperature(step, 2);
-            let (g_w, g_theta) = state.gradients(&state.support_loss(&network, &support), false);
+            let (g_w, g_theta) = state.gradients(&state.support_loss(&support.on(&network)), false);
             let (g_normal, g_reduce) = g_theta.unwrap();
             let (lr_normal, lr_reduce) = rates.for_theta(step);
             let (weights, a) = crate::grad::no_grad(|| {

@@ -89,7 +89,7 @@ impl Evaluation<'_> {
         );
         state.rates = self.rates.as_ref().map(LearnedRates::detach);
         state
-            .adapt(self.network, support, &self.inner, &|| true)
+            .adapt(&support.on(self.network), &self.inner, &|| true)
             .expect("never interrupted");
         state
     }

@@ -157,7 +157,7 @@ pub fn run_task(
     );
     state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);
     state
-        .adapt(network, &support_set, &inner, keep_going)
+        .adapt(&support_set.on(network), &inner, keep_going)
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: i.completed_steps,
         })?;
