@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{b64, omniglot_pngs, random_supernet, ServerProcess};
+use common::cluster::free_port;
+use common::{b64, fixture_models, omniglot_pngs, random_supernet, ServerProcess};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,14 +12,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tnas::metadata::HeadSpec;
 use tnas::search_space::SearchSpace;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
@@ -64,22 +57,6 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "new connections are refused after shutdown"
     );
-}
-
-fn fixture_models() -> tempfile::TempDir {
-    let models = tempfile::tempdir().unwrap();
-    random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    )
-    .save(&models.path().join("fixture"))
-    .unwrap();
-    models
 }
 
 /// A raw connection that has sent `bytes`.
