@@ -65,8 +65,11 @@ bench: setup
 # requests over the budgets, half-open connections) against the release server; prints goodput,
 # latency, status counts and memory, and fails on a 5xx other than 504, goodput under 80% of one
 # client's throughput, a hostile request without its own 4xx, memory not returned, or lost readiness.
-load: setup
+# Then 20 s of 8 clients through HAProxy to two replicas sharing Redis: throughput and memory of
+# each; fails on a 5xx, an idle replica, or a stored genotype a replica cannot serve.
+load: replica-setup
 	cargo bench --bench load
+	cargo bench --bench load_replicas
 
 clean-venv:
 	rm -rf $(VENV)
