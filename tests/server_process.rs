@@ -4,14 +4,12 @@
 mod common;
 
 use common::cluster::free_port;
-use common::{b64, fixture_models, omniglot_pngs, random_supernet, ServerProcess};
+use common::{b64, fixture_models, fixture_supernet, omniglot_pngs, ServerProcess};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tnas::metadata::HeadSpec;
-use tnas::search_space::SearchSpace;
 
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
@@ -214,17 +212,7 @@ fn start_up_error(models: &std::path::Path) -> String {
 /// `models/<dir>/model.json` of the fixture model, with `edit` applied to its JSON.
 fn edited_fixture(models: &std::path::Path, dir: &str, edit: impl FnOnce(&mut Value)) {
     let path = models.join(dir);
-    random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    )
-    .save(&path)
-    .unwrap();
+    fixture_supernet().save(&path).unwrap();
     let mut meta: Value =
         serde_json::from_slice(&std::fs::read(path.join("model.json")).unwrap()).unwrap();
     edit(&mut meta);
@@ -279,15 +267,7 @@ fn two_models_with_one_name_stop_start_up() {
 #[test]
 fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     let models = tempfile::tempdir().unwrap();
-    let mut checkpoint = random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    );
+    let mut checkpoint = fixture_supernet();
     // Weights that load (their hash is right) but make every adaptation's numbers NaN.
     tch::no_grad(|| {
         let _ = checkpoint.params.tensors()[0]

@@ -108,10 +108,9 @@ pub fn random_supernet(
     }
 }
 
-/// A models folder holding one small random supernet (`fixture`: one cell of 8 channels on
-/// 28 × 28 images, a proto head of up to 20 ways), for tests of the server process around it.
-pub fn fixture_models() -> tempfile::TempDir {
-    let models = tempfile::tempdir().unwrap();
+/// A small random supernet (one cell of 8 channels on 28 × 28 images, a proto head of up to 20
+/// ways), for tests of the server process around a model rather than of the model.
+pub fn fixture_supernet() -> Checkpoint {
     random_supernet(
         SearchSpace::tnas_official(1, 28, 8),
         HeadSpec::Proto {
@@ -121,8 +120,14 @@ pub fn fixture_models() -> tempfile::TempDir {
         9,
         1.0,
     )
-    .save(&models.path().join("fixture"))
-    .unwrap();
+}
+
+/// A models folder holding [`fixture_supernet`] as `fixture`.
+pub fn fixture_models() -> tempfile::TempDir {
+    let models = tempfile::tempdir().unwrap();
+    fixture_supernet()
+        .save(&models.path().join("fixture"))
+        .unwrap();
     models
 }
 
