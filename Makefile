@@ -7,6 +7,7 @@ TNAS_CACHE ?= $(HOME)/.cache/tnas
 VENV := $(TNAS_CACHE)/venv
 PYTHON := $(VENV)/bin/python
 TORCH_STAMP := $(VENV)/.tnas-setup-2
+VALIDATOR_STAMP := $(VENV)/.tnas-kubernetes-validate-1.37.0
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
@@ -17,7 +18,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
 
-.PHONY: setup build release serve test bench load fuzz openapi clean-venv
+.PHONY: setup replica-setup build release serve test bench load fuzz openapi clean-venv
 
 setup: $(TORCH_STAMP)
 
@@ -25,6 +26,17 @@ $(TORCH_STAMP):
 	mkdir -p $(TNAS_CACHE)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.11.0 nvidia-cuda-crt==13.0.88 numpy pillow safetensors
+	touch $@
+
+# What the multi-replica test and `make load` start beside the servers, and what checks deploy/:
+# redis-server and HAProxy from the distribution's packages (installed as root when missing), and
+# the offline Kubernetes schema validator from PyPI in the virtual environment.
+replica-setup: setup $(VALIDATOR_STAMP)
+	@command -v redis-server >/dev/null && command -v haproxy >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server haproxy; }
+
+$(VALIDATOR_STAMP): $(TORCH_STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
 	touch $@
 
 build: setup
@@ -36,10 +48,13 @@ release: setup
 serve: release
 	./target/release/tnas-server --models models --default-model $(DEFAULT_MODEL) --host $(HOST) --port $(PORT)
 
-# Formatting and lints first (the image's toolchain ships rustfmt and clippy), then every test.
-test: setup
+# Formatting and lints first (the image's toolchain ships rustfmt and clippy), the deployment files
+# against the Kubernetes schemas (offline) and HAProxy, then every test.
+test: replica-setup
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+	haproxy -c -q -f deploy/haproxy.cfg
 	cargo test --lib --bins --tests -- --test-threads=$(TEST_THREADS)
 
 # Latency next to PyTorch eager doing the same work, and server throughput; prints figures.
@@ -50,8 +65,11 @@ bench: setup
 # requests over the budgets, half-open connections) against the release server; prints goodput,
 # latency, status counts and memory, and fails on a 5xx other than 504, goodput under 80% of one
 # client's throughput, a hostile request without its own 4xx, memory not returned, or lost readiness.
-load: setup
+# Then 20 s of 8 clients through HAProxy to two replicas sharing Redis: throughput and memory of
+# each; fails on a 5xx, an idle replica, or a stored genotype a replica cannot serve.
+load: replica-setup
 	cargo bench --bench load
+	cargo bench --bench load_replicas
 
 clean-venv:
 	rm -rf $(VENV)

@@ -81,6 +81,7 @@ fn json_adaptation_returns_genotype_and_predictions() {
     assert_eq!(body["steps"], 2);
     assert_eq!(body["device"], "cpu");
     assert_eq!(body["cuda_graph"], false, "the CPU adapts eagerly");
+    assert_eq!(body["genotype_stored"], true, "the memory store kept it");
     assert_eq!(body["genotype"]["normal"].as_array().unwrap().len(), 8);
     assert_eq!(body["alphas"]["normal"].as_array().unwrap().len(), 14);
     let predictions = body["predictions"].as_array().unwrap();

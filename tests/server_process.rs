@@ -3,22 +3,13 @@
 
 mod common;
 
-use common::{b64, omniglot_pngs, random_supernet, ServerProcess};
+use common::cluster::free_port;
+use common::{b64, fixture_models, fixture_supernet, omniglot_pngs, ServerProcess};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tnas::metadata::HeadSpec;
-use tnas::search_space::SearchSpace;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
@@ -64,22 +55,6 @@ fn sigterm_finishes_the_request_in_flight_then_exits_cleanly() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "new connections are refused after shutdown"
     );
-}
-
-fn fixture_models() -> tempfile::TempDir {
-    let models = tempfile::tempdir().unwrap();
-    random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    )
-    .save(&models.path().join("fixture"))
-    .unwrap();
-    models
 }
 
 /// A raw connection that has sent `bytes`.
@@ -237,17 +212,7 @@ fn start_up_error(models: &std::path::Path) -> String {
 /// `models/<dir>/model.json` of the fixture model, with `edit` applied to its JSON.
 fn edited_fixture(models: &std::path::Path, dir: &str, edit: impl FnOnce(&mut Value)) {
     let path = models.join(dir);
-    random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    )
-    .save(&path)
-    .unwrap();
+    fixture_supernet().save(&path).unwrap();
     let mut meta: Value =
         serde_json::from_slice(&std::fs::read(path.join("model.json")).unwrap()).unwrap();
     edit(&mut meta);
@@ -302,15 +267,7 @@ fn two_models_with_one_name_stop_start_up() {
 #[test]
 fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
     let models = tempfile::tempdir().unwrap();
-    let mut checkpoint = random_supernet(
-        SearchSpace::tnas_official(1, 28, 8),
-        HeadSpec::Proto {
-            max_way: 20,
-            learned_scale: false,
-        },
-        9,
-        1.0,
-    );
+    let mut checkpoint = fixture_supernet();
     // Weights that load (their hash is right) but make every adaptation's numbers NaN.
     tch::no_grad(|| {
         let _ = checkpoint.params.tensors()[0]

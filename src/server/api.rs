@@ -90,6 +90,10 @@ pub struct AdaptResponse {
     pub labels: Vec<String>,
     /// The decoded (or, for fixed-architecture models, the fixed) genotype; null for conv4.
     pub genotype: Option<Genotype>,
+    /// Whether the store kept the genotype for `GET /genotypes/{task_id}`. False when the model
+    /// has no architecture, the store was unreachable or slow (`/readyz` says why), or the record
+    /// was over `--genotype-store-bytes`; the genotype above is the task's all the same.
+    pub genotype_stored: bool,
     pub alphas: Option<AlphaWeights>,
     pub predictions: Vec<Prediction>,
     pub steps: usize,
@@ -100,8 +104,9 @@ pub struct AdaptResponse {
     pub timing_ms: TimingMs,
 }
 
-/// A stored genotype with its task's metadata (`GET /genotypes/{task_id}`).
-#[derive(Debug, Clone, Serialize, ToSchema)]
+/// A stored genotype with its task's metadata (`GET /genotypes/{task_id}`); kept in this JSON
+/// form in a shared store, hence `Deserialize`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GenotypeRecord {
     pub task_id: String,
     pub model: String,
@@ -130,5 +135,12 @@ pub struct ErrorDetail {
 /// `GET /healthz`, `GET /readyz`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthStatus {
+    /// `ok` (`/healthz`); `ready`, or `degraded` when the store is unreachable (`/readyz`).
     pub status: String,
+    /// `/readyz`: where genotypes are kept, `memory` or `redis`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// `/readyz` when degraded: what is wrong and what still works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

@@ -1,6 +1,7 @@
 //! `tnas-server` configuration: every flag also reads an environment variable (`TNAS_*`).
 
 use super::connections::ConnectionLimits;
+use super::store::{StoreBounds, StoreLocation};
 use crate::device::DeviceChoice;
 use crate::imaging::ImageLimits;
 use std::path::PathBuf;
@@ -59,10 +60,12 @@ pub struct Limits {
     /// every task in it wait for the last.
     #[arg(long, env = "TNAS_MAX_BATCH", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub max_batch: Option<usize>,
-    /// Genotypes kept for `GET /genotypes/{id}`; the oldest are evicted.
+    /// Genotypes kept for `GET /genotypes/{id}` (in memory, or in Redis for every replica
+    /// together); the oldest are evicted.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_SIZE", default_value_t = 10_000)]
     pub genotype_store_size: usize,
     /// Bytes the kept genotypes may take (as JSON, with their labels); the oldest are evicted.
+    /// With Redis, a record over it is not kept, and Redis's own `maxmemory` bounds the total.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub genotype_store_bytes: usize,
 }
@@ -82,6 +85,33 @@ impl Limits {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             // A request's own deadline, and a second to send its answer.
             drain_timeout: Duration::from_millis(self.request_timeout_ms) + Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where genotypes are kept, and how long a shared store may take.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StoreConfig {
+    /// `memory` (this process only; lost on restart) or `redis://host:port/db`, shared by every
+    /// replica behind a load balancer.
+    #[arg(long, env = "TNAS_STORE", default_value = "memory")]
+    pub store: StoreLocation,
+    /// How long Redis keeps a genotype, in seconds.
+    #[arg(long, env = "TNAS_STORE_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub store_ttl_s: u64,
+    /// Longest wait for one Redis call (and for connecting); past it `/adapt` answers without
+    /// storing, and reads answer 503.
+    #[arg(long, env = "TNAS_STORE_TIMEOUT_MS", default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub store_timeout_ms: u64,
+}
+
+impl StoreConfig {
+    pub fn bounds(&self, limits: &Limits) -> StoreBounds {
+        StoreBounds {
+            capacity: limits.genotype_store_size,
+            max_bytes: limits.genotype_store_bytes,
+            ttl: Duration::from_secs(self.store_ttl_s),
+            timeout: Duration::from_millis(self.store_timeout_ms),
         }
     }
 }
@@ -127,6 +157,8 @@ pub struct ServerConfig {
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
+    #[command(flatten)]
+    pub store: StoreConfig,
     #[command(flatten)]
     pub limits: Limits,
 }

@@ -2,6 +2,7 @@
 
 use super::admission::Refusal;
 use super::api::{ErrorBody, ErrorDetail};
+use super::store::StoreError;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -36,6 +37,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     NotReady(String),
+    /// The genotype store cannot be read now; the detail says where it is and what it said.
+    #[error("{0}; genotypes cannot be read until it is back (GET /readyz says when), while POST /adapt still answers")]
+    StoreUnavailable(String),
     #[error("the request did not finish within {0} ms; send fewer images or steps, or raise --request-timeout-ms")]
     Timeout(u64),
     /// A fault on our side; the detail is logged, the client gets a generic message.
@@ -70,7 +74,9 @@ impl ApiError {
             | ApiError::Overloaded(_)
             | ApiError::WouldMissDeadline { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -88,8 +94,20 @@ impl ApiError {
             ApiError::WouldMissDeadline { .. } => "would_miss_deadline",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Timeout(_) => "timeout",
             ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable { .. } => ApiError::StoreUnavailable(error.to_string()),
+            StoreError::TooLarge { .. } | StoreError::Corrupt { .. } => {
+                ApiError::Internal(error.to_string())
+            }
         }
     }
 }
@@ -109,7 +127,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         match self {
-            ApiError::QueueFull(_) | ApiError::Overloaded(_) | ApiError::NotReady(_) => {
+            ApiError::QueueFull(_)
+            | ApiError::Overloaded(_)
+            | ApiError::NotReady(_)
+            | ApiError::StoreUnavailable(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -6,7 +6,7 @@
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
 //!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
 //!   those that would miss their deadline; [`worker_error`]: how a job can fail.
-//! - [`store`]: recent genotypes. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
+//! - [`store`]: recent genotypes, in memory or in Redis shared by replicas. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
 //! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
 
@@ -182,10 +182,7 @@ pub fn build_state(
             std::thread::available_parallelism().map_or(1, usize::from),
         )),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
-        store: GenotypeStore::new(
-            config.limits.genotype_store_size,
-            config.limits.genotype_store_bytes,
-        ),
+        store: GenotypeStore::open(&config.store.store, config.store.bounds(&config.limits))?,
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),

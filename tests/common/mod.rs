@@ -1,7 +1,10 @@
 //! Shared fixtures for the integration tests and the benches: random checkpoints built on the fly,
 //! real Omniglot PNGs and `/adapt` bodies made of them, the server in-process, as a worker or as
-//! a child process, and the path to the Python that holds torch (the setup's virtual environment).
+//! a child process (and, in [`cluster`], the Redis and load balancer around replicas), and the
+//! path to the Python that holds torch (the setup's virtual environment).
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -103,6 +106,29 @@ pub fn random_supernet(
         alphas: Some(alphas),
         rates: None,
     }
+}
+
+/// A small random supernet (one cell of 8 channels on 28 × 28 images, a proto head of up to 20
+/// ways), for tests of the server process around a model rather than of the model.
+pub fn fixture_supernet() -> Checkpoint {
+    random_supernet(
+        SearchSpace::tnas_official(1, 28, 8),
+        HeadSpec::Proto {
+            max_way: 20,
+            learned_scale: false,
+        },
+        9,
+        1.0,
+    )
+}
+
+/// A models folder holding [`fixture_supernet`] as `fixture`.
+pub fn fixture_models() -> tempfile::TempDir {
+    let models = tempfile::tempdir().unwrap();
+    fixture_supernet()
+        .save(&models.path().join("fixture"))
+        .unwrap();
+    models
 }
 
 /// Largest absolute difference relative to the largest reference magnitude.
@@ -293,11 +319,12 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the server on a free loopback port and waits (up to two minutes) for /readyz.
     pub fn start(models: &Path, args: &[&str]) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        ServerProcess::start_on(cluster::free_port(), models, args)
+    }
+
+    /// Starts the server on `port` (a replica restarted where its balancer expects it) and waits
+    /// (up to two minutes) for /readyz.
+    pub fn start_on(port: u16, models: &Path, args: &[&str]) -> ServerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_tnas-server"))
             .args([
                 "--models",
@@ -363,20 +390,24 @@ impl ServerProcess {
             .is_ok_and(|r| r.status() == 200)
     }
 
-    /// (resident, peak resident) memory in MiB, from /proc/<pid>/status.
+    /// (resident, peak resident) memory in MiB.
     pub fn memory_mib(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 1024.0
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        memory_mib(self.child.id())
     }
+}
+
+/// A process's (resident, peak resident) memory in MiB, from /proc/<pid>/status.
+pub fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 impl Drop for ServerProcess {

@@ -136,19 +136,25 @@ pub async fn adapt(
         Ok(Ok(Ok(output))) => output,
     };
 
-    let task_id = output.genotype.as_ref().map(|genotype| {
-        let task_id = uuid::Uuid::new_v4().to_string();
-        state.store.insert(GenotypeRecord {
-            task_id: task_id.clone(),
-            model: name.clone(),
-            labels: labels.clone(),
-            n_way: labels.len(),
-            k_shot,
-            created_at: chrono::Utc::now().to_rfc3339(),
-            genotype: genotype.clone(),
-        });
-        task_id
-    });
+    let task_id = output
+        .genotype
+        .as_ref()
+        .map(|_| uuid::Uuid::new_v4().to_string());
+    let genotype_stored = match (&task_id, &output.genotype) {
+        (Some(task_id), Some(genotype)) => {
+            let record = GenotypeRecord {
+                task_id: task_id.clone(),
+                model: name.clone(),
+                labels: labels.clone(),
+                n_way: labels.len(),
+                k_shot,
+                created_at: chrono::Utc::now().to_rfc3339(),
+                genotype: genotype.clone(),
+            };
+            store(&state, record).await
+        }
+        _ => false,
+    };
     let predictions = ids
         .into_iter()
         .zip(output.logits)
@@ -160,6 +166,7 @@ pub async fn adapt(
         model: name,
         labels,
         genotype: output.genotype,
+        genotype_stored,
         alphas: output.alphas,
         predictions,
         steps: options.steps,
@@ -173,6 +180,19 @@ pub async fn adapt(
             total: arrived.elapsed().as_secs_f64() * 1e3,
         },
     }))
+}
+
+/// Keeps the task's genotype for `GET /genotypes/{task_id}`, and says whether it could: a store
+/// that is down or slow costs the answer its stored copy, never the answer itself.
+async fn store(state: &SharedState, record: GenotypeRecord) -> bool {
+    let task_id = record.task_id.clone();
+    match state.store.insert(record).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%task_id, %error, "genotype not stored; the response still carries it");
+            false
+        }
+    }
 }
 
 /// Decodes the task's images off the async runtime, at most one request per decoding slot (one

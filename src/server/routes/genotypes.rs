@@ -29,13 +29,13 @@ pub struct ListQuery {
 /// the response's size.
 pub const MAX_LIST_LIMIT: usize = 1000;
 
-fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError> {
+async fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError> {
     if uuid::Uuid::parse_str(task_id).is_err() {
         return Err(ApiError::NotFound(format!(
             "'{task_id}' is not a task id; use the task_id (a UUID) that POST /adapt returned"
         )));
     }
-    state.store.get(task_id).ok_or_else(|| {
+    state.store.get(task_id).await?.ok_or_else(|| {
         ApiError::NotFound(format!(
             "no genotype for task {task_id}; it never existed or was evicted from the store"
         ))
@@ -44,13 +44,13 @@ fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError
 
 /// A task's genotype with its metadata.
 #[utoipa::path(get, path = "/genotypes/{task_id}", params(("task_id" = String, Path, description = "From POST /adapt"), GenotypeQuery),
-    responses((status = 200, body = GenotypeRecord, description = "JSON, or text/x-python with ?format=python"), (status = 400, body = ErrorBody, description = "Unknown format or query parameter"), (status = 404, body = ErrorBody, description = "Unknown task id")), tag = "genotypes")]
+    responses((status = 200, body = GenotypeRecord, description = "JSON, or text/x-python with ?format=python"), (status = 400, body = ErrorBody, description = "Unknown format or query parameter"), (status = 404, body = ErrorBody, description = "Unknown task id"), (status = 503, body = ErrorBody, description = "The shared store (Redis) is unreachable or slow")), tag = "genotypes")]
 pub async fn get_genotype(
     State(state): State<SharedState>,
     Path(task_id): Path<String>,
     Query(query): Query<GenotypeQuery>,
 ) -> Result<Response, ApiError> {
-    let record = lookup(&state, &task_id)?;
+    let record = lookup(&state, &task_id).await?;
     match query.format.as_deref() {
         None | Some("json") => Ok(Json(record).into_response()),
         Some("python") => Ok((
@@ -67,12 +67,12 @@ pub async fn get_genotype(
 
 /// The normal and reduction cells drawn as DARTS draws them.
 #[utoipa::path(get, path = "/genotypes/{task_id}/svg", params(("task_id" = String, Path, description = "From POST /adapt")),
-    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 404, body = ErrorBody, description = "Unknown task id")), tag = "genotypes")]
+    responses((status = 200, content_type = "image/svg+xml", body = String), (status = 404, body = ErrorBody, description = "Unknown task id"), (status = 503, body = ErrorBody, description = "The shared store (Redis) is unreachable or slow")), tag = "genotypes")]
 pub async fn get_genotype_svg(
     State(state): State<SharedState>,
     Path(task_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = lookup(&state, &task_id)?;
+    let record = lookup(&state, &task_id).await?;
     Ok((
         [(header::CONTENT_TYPE, "image/svg+xml")],
         crate::genotype_svg::render(&record.genotype),
@@ -82,7 +82,7 @@ pub async fn get_genotype_svg(
 
 /// The most recent genotypes, newest first.
 #[utoipa::path(get, path = "/genotypes", params(ListQuery),
-    responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody, description = "Malformed or unknown query parameter, or limit over 1000")),
+    responses((status = 200, body = Vec<GenotypeRecord>), (status = 400, body = ErrorBody, description = "Malformed or unknown query parameter, or limit over 1000"), (status = 503, body = ErrorBody, description = "The shared store (Redis) is unreachable or slow")),
     tag = "genotypes")]
 pub async fn list_genotypes(
     State(state): State<SharedState>,
@@ -92,6 +92,6 @@ pub async fn list_genotypes(
         limit if limit > MAX_LIST_LIMIT => {
             Err(ApiError::bad_request("limit_over_cap", format!("limit={limit} is over the cap of {MAX_LIST_LIMIT}; ask for at most {MAX_LIST_LIMIT}")))
         }
-        limit => Ok(Json(state.store.recent(limit))),
+        limit => Ok(Json(state.store.recent(limit).await?)),
     }
 }

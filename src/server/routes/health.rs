@@ -1,4 +1,5 @@
-//! `/healthz` (alive), `/readyz` (models loaded and warmed up), `/metrics` (Prometheus text).
+//! `/healthz` (alive), `/readyz` (models loaded and warmed up; the store's state), `/metrics`
+//! (Prometheus text).
 
 use crate::server::api::HealthStatus;
 use crate::server::error::ApiError;
@@ -14,24 +15,45 @@ use axum::Json;
 pub async fn healthz() -> Json<HealthStatus> {
     Json(HealthStatus {
         status: "ok".into(),
+        store: None,
+        reason: None,
     })
 }
 
 /// 200 once every model is loaded and warmed up on its device; 503 before, and after a fault.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = HealthStatus), (status = 503, body = crate::server::api::ErrorBody)), tag = "health")]
+/// An unreachable store keeps it 200, as `degraded` with the reason: adaptation still works, so
+/// a load balancer should keep sending it requests.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = HealthStatus, description = "ready, or degraded (the store unreachable) with the reason"), (status = 503, body = crate::server::api::ErrorBody)), tag = "health")]
 pub async fn readyz(State(state): State<SharedState>) -> Result<Json<HealthStatus>, ApiError> {
     match state.worker.readiness() {
-        Readiness::Ready => Ok(Json(HealthStatus {
-            status: "ready".into(),
-        })),
-        Readiness::Loading => Err(ApiError::NotReady(
-            "models are loading and warming up".into(),
-        )),
-        Readiness::Failed(fault) => Err(ApiError::NotReady(format!(
-            "the compute worker stopped: {}; the server log has the error",
-            fault.summary
-        ))),
+        Readiness::Ready => {}
+        Readiness::Loading => {
+            return Err(ApiError::NotReady(
+                "models are loading and warming up".into(),
+            ))
+        }
+        Readiness::Failed(fault) => {
+            return Err(ApiError::NotReady(format!(
+                "the compute worker stopped: {}; the server log has the error",
+                fault.summary
+            )))
+        }
     }
+    let (status, reason) = match state.store.check().await {
+        Ok(()) => ("ready", None),
+        Err(error) => (
+            "degraded",
+            Some(format!(
+                "{error}; POST /adapt answers without storing genotypes (genotype_stored: false) \
+                 and GET /genotypes answers 503 until it is back"
+            )),
+        ),
+    };
+    Ok(Json(HealthStatus {
+        status: status.into(),
+        store: Some(state.store.kind().into()),
+        reason,
+    }))
 }
 
 /// Prometheus metrics, names prefixed `tnas_`.

@@ -1,15 +1,16 @@
-//! `GenotypeStore`: the genotypes of recent tasks, bounded in count and in bytes, oldest evicted
-//! first.
+//! `MemoryStore`: the genotypes of recent tasks in this process, bounded in count and in bytes,
+//! oldest evicted first; the default store, for one replica.
 //!
 //! A dashmap serves concurrent reads without a global lock; insertion order (with each record's
 //! size) is kept in a small mutex-guarded queue, taken only on insert, to know what to evict.
 
-use super::api::GenotypeRecord;
+use super::StoreError;
+use crate::server::api::GenotypeRecord;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-pub struct GenotypeStore {
+pub struct MemoryStore {
     records: DashMap<String, GenotypeRecord>,
     /// Task ids oldest first, each with its record's size, and the sum of those sizes.
     order: Mutex<(VecDeque<(String, usize)>, usize)>,
@@ -17,10 +18,10 @@ pub struct GenotypeStore {
     max_bytes: usize,
 }
 
-impl GenotypeStore {
+impl MemoryStore {
     /// Keeps at most `capacity` records and `max_bytes` of them (each counted as its JSON).
     pub fn new(capacity: usize, max_bytes: usize) -> Self {
-        GenotypeStore {
+        MemoryStore {
             records: DashMap::new(),
             order: Mutex::new((VecDeque::new(), 0)),
             capacity: capacity.max(1),
@@ -30,11 +31,13 @@ impl GenotypeStore {
 
     /// Stores `record`, evicting the oldest until both bounds hold. A record larger than the byte
     /// bound on its own is not kept, rather than emptying the store for it.
-    pub fn insert(&self, record: GenotypeRecord) {
+    pub fn insert(&self, record: GenotypeRecord) -> Result<(), StoreError> {
         let size = serde_json::to_vec(&record).map_or(0, |json| json.len());
         if size > self.max_bytes {
-            tracing::warn!(task_id = %record.task_id, size, max_bytes = self.max_bytes, "genotype record over --genotype-store-bytes; not kept");
-            return;
+            return Err(StoreError::TooLarge {
+                size,
+                max_bytes: self.max_bytes,
+            });
         }
         let mut guard = self.order.lock().expect("store lock is never poisoned");
         let (order, bytes) = &mut *guard;
@@ -48,6 +51,7 @@ impl GenotypeStore {
             self.records.remove(&oldest);
             *bytes -= size;
         }
+        Ok(())
     }
 
     pub fn get(&self, task_id: &str) -> Option<GenotypeRecord> {
@@ -101,9 +105,9 @@ mod tests {
 
     #[test]
     fn evicts_the_oldest_beyond_capacity() {
-        let store = GenotypeStore::new(2, usize::MAX);
+        let store = MemoryStore::new(2, usize::MAX);
         for id in ["a", "b", "c"] {
-            store.insert(record(id, 1));
+            store.insert(record(id, 1)).unwrap();
         }
         assert!(store.get("a").is_none());
         assert_eq!(store.len(), 2);
@@ -114,16 +118,19 @@ mod tests {
 
     #[test]
     fn evicts_the_oldest_beyond_its_bytes() {
-        let store = GenotypeStore::new(100, 3000);
+        let store = MemoryStore::new(100, 3000);
         for id in ["a", "b", "c"] {
-            store.insert(record(id, 1000));
+            store.insert(record(id, 1000)).unwrap();
         }
         assert!(
             store.get("a").is_none(),
             "three records of over 1000 bytes do not fit in 3000"
         );
         assert_eq!(store.len(), 2);
-        store.insert(record("huge", 5000));
+        assert!(matches!(
+            store.insert(record("huge", 5000)),
+            Err(StoreError::TooLarge { size, .. }) if size > 5000
+        ));
         assert!(
             store.get("huge").is_none() && store.len() == 2,
             "a record over the bound on its own is not kept, and evicts nothing"

@@ -1,0 +1,217 @@
+//! `RedisStore`: genotypes kept in Redis, shared by every replica and kept across their restarts.
+//!
+//! Keys are namespaced and versioned, so that a later format lives beside this one:
+//! - `tnas:v1:genotype:<task_id>`: the record's JSON, exactly as `GET /genotypes/{task_id}`
+//!   returns it, expiring after `--store-ttl-s`;
+//! - `tnas:v1:genotypes`: a sorted set of task ids scored by creation time (ms since the epoch),
+//!   for the listing and for the count bound of `--genotype-store-size`.
+//!
+//! One connection, multiplexed, reconnects by itself when Redis drops it (redis's
+//! `ConnectionManager`); every call is bounded by `--store-timeout-ms`, so a Redis that is down or
+//! slow costs a request at most that, and a call that times out has the next one start on a
+//! fresh connection, since one that stopped answering without being dropped (a Redis moved or cut
+//! off without a reset) would otherwise be kept for good.
+
+use super::{redacted, StoreBounds, StoreError};
+use crate::server::api::GenotypeRecord;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script};
+use std::future::Future;
+use std::sync::Mutex;
+
+const RECORD_PREFIX: &str = "tnas:v1:genotype:";
+const INDEX: &str = "tnas:v1:genotypes";
+
+/// Adds one record and enforces the bounds, in one step so that replicas inserting at once never
+/// leave a record out of the index or the index past its bound.
+/// KEYS: the record's key, the index. ARGV: JSON, TTL (ms), now (ms), task id, capacity,
+/// record key prefix, the score before which index entries have expired.
+const INSERT: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[7])
+local beyond = -(tonumber(ARGV[5]) + 1)
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, beyond)) do
+  redis.call('DEL', ARGV[6] .. id)
+end
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, beyond)
+return 1
+";
+
+pub struct RedisStore {
+    client: Client,
+    /// Made on first use, inside the server's runtime (it connects lazily), and again after a
+    /// call that timed out.
+    connection: Mutex<Option<ConnectionManager>>,
+    /// The URL without its password, for messages.
+    location: String,
+    bounds: StoreBounds,
+    insert: Script,
+}
+
+impl RedisStore {
+    /// Checks the URL; connects on first use, so a server can start before its Redis.
+    pub fn open(url: &str, bounds: StoreBounds) -> Result<Self, String> {
+        let client = Client::open(url).map_err(|e| {
+            format!(
+                "--store {}: {e}; write it as redis://host:port/db",
+                redacted(url)
+            )
+        })?;
+        Ok(RedisStore {
+            client,
+            connection: Mutex::new(None),
+            location: redacted(url),
+            bounds: StoreBounds {
+                capacity: bounds.capacity.max(1),
+                ..bounds
+            },
+            insert: Script::new(INSERT),
+        })
+    }
+
+    pub async fn insert(&self, record: &GenotypeRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+            task_id: record.task_id.clone(),
+            reason: e.to_string(),
+        })?;
+        if json.len() > self.bounds.max_bytes {
+            return Err(StoreError::TooLarge {
+                size: json.len(),
+                max_bytes: self.bounds.max_bytes,
+            });
+        }
+        let ttl_ms = self.bounds.ttl.as_millis().max(1) as u64;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut invocation = self.insert.key(record_key(&record.task_id));
+        invocation
+            .key(INDEX)
+            .arg(json)
+            .arg(ttl_ms)
+            .arg(now_ms)
+            .arg(&record.task_id)
+            .arg(self.bounds.capacity)
+            .arg(RECORD_PREFIX)
+            .arg(now_ms - ttl_ms as i64);
+        let mut connection = self.connection()?;
+        self.bounded(async move { invocation.invoke_async::<i64>(&mut connection).await })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn get(&self, task_id: &str) -> Result<Option<GenotypeRecord>, StoreError> {
+        let mut connection = self.connection()?;
+        let json: Option<Vec<u8>> = self
+            .bounded(async move {
+                redis::cmd("GET")
+                    .arg(record_key(task_id))
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        json.map(|json| parse(task_id, &json)).transpose()
+    }
+
+    /// Up to `limit` records, newest first; ids whose record has expired are skipped.
+    pub async fn recent(&self, limit: usize) -> Result<Vec<GenotypeRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection()?;
+        let (ids, values): (Vec<String>, Vec<Option<Vec<u8>>>) = self
+            .bounded(async move {
+                let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                    .arg(INDEX)
+                    .arg(0)
+                    .arg(limit - 1)
+                    .query_async(&mut connection)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok((ids, Vec::new()));
+                }
+                let keys: Vec<String> = ids.iter().map(|id| record_key(id)).collect();
+                let values = redis::cmd("MGET")
+                    .arg(keys)
+                    .query_async(&mut connection)
+                    .await?;
+                Ok((ids, values))
+            })
+            .await?;
+        ids.iter()
+            .zip(values)
+            .filter_map(|(id, json)| json.map(|json| parse(id, &json)))
+            .collect()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection()?;
+        self.bounded(async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let mut current = self
+            .connection
+            .lock()
+            .expect("store lock is never poisoned");
+        if let Some(connection) = current.as_ref() {
+            return Ok(connection.clone());
+        }
+        // No retries: a refused connection fails the call at once (the next call tries again),
+        // rather than holding it through a backoff. No response timeout of its own: `bounded`
+        // times each call, and starts over when one times out.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.bounds.timeout))
+            .set_response_timeout(None)
+            .set_number_of_retries(0);
+        let connection = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| self.unavailable(e.to_string()))?;
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs one Redis exchange within the timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.bounds.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.unavailable(e.to_string())),
+            Err(_) => {
+                self.connection
+                    .lock()
+                    .expect("store lock is never poisoned")
+                    .take();
+                Err(self.unavailable(format!(
+                    "no answer within {} ms (--store-timeout-ms)",
+                    self.bounds.timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    fn unavailable(&self, reason: String) -> StoreError {
+        StoreError::Unavailable {
+            location: self.location.clone(),
+            reason,
+        }
+    }
+}
+
+fn record_key(task_id: &str) -> String {
+    format!("{RECORD_PREFIX}{task_id}")
+}
+
+fn parse(task_id: &str, json: &[u8]) -> Result<GenotypeRecord, StoreError> {
+    serde_json::from_slice(json).map_err(|e| StoreError::Corrupt {
+        task_id: task_id.to_string(),
+        reason: e.to_string(),
+    })
+}
