@@ -57,6 +57,9 @@ impl Relaxation {
             Relaxation::Annealed { start, end, .. } if !(start.is_finite() && end.is_finite() && start > 0.0 && end > 0.0) => {
                 Err(format!("relaxation temperatures must be positive and finite (start {start}, end {end})"))
             }
+            Relaxation::Annealed { start, end, hard_end: true, .. } if start <= end => Err(format!(
+                "a hard end needs the temperature to fall (start {start} > end {end}): the genotype's one-hot weights are used at the end temperature only"
+            )),
             _ => Ok(()),
         }
     }
@@ -126,26 +129,32 @@ impl Relaxation {
 }
 
 /// The decoded genotype as mixing weights: 1 on each node's two strongest input edges' strongest
-/// op other than `none`, 0 elsewhere; [T·E, 8] → [T·E, 8], no gradient.
+/// op other than `none`, 0 elsewhere; [T·E, 8] → [T·E, 8], no gradient. Chosen as
+/// [`crate::genotype::Genotype::decode`] chooses, from the same softmax(θ) and with the same
+/// ties (the lower index wins), so the network that answers is the genotype returned.
 fn genotype_weights(space: &SearchSpace, theta: &Tensor, tasks: i64) -> Tensor {
     tch::no_grad(|| {
         let ops = theta.size()[1];
-        let best_op = theta.narrow(1, 1, ops - 1).argmax(1, false) + 1;
-        let op_one_hot = best_op.one_hot(ops).to_kind(Kind::Float);
-        let pair_logits =
-            edge_strengths(theta, tasks).matmul(&pair_membership(space, theta.device()));
-        let mut offset = 0;
-        let chosen: Vec<Tensor> = (0..space.steps)
+        let (strength, best_op) = theta
+            .softmax(-1, Kind::Float)
+            .narrow(1, 1, ops - 1)
+            .max_dim(1, false);
+        let op_one_hot = (best_op + 1).one_hot(ops).to_kind(Kind::Float);
+        let strength = strength.reshape([tasks, -1]);
+        let kept: Vec<Tensor> = (0..space.steps)
             .map(|node| {
-                let pairs = ((node + 2) * (node + 1) / 2) as i64;
-                let best_pair = pair_logits.narrow(1, offset, pairs).argmax(1, false);
-                offset += pairs;
-                best_pair.one_hot(pairs).to_kind(Kind::Float)
+                let inputs = node as i64 + 2;
+                let s = strength.narrow(1, space.first_edge_of_node(node) as i64, inputs);
+                // An edge's rank: the edges stronger than it, and those as strong before it.
+                let (this, other) = (s.unsqueeze(2), s.unsqueeze(1));
+                let before = Tensor::ones([inputs, inputs], (Kind::Bool, s.device())).tril(-1);
+                let ahead = other
+                    .gt_tensor(&this)
+                    .logical_or(&other.eq_tensor(&this).logical_and(&before));
+                ahead.sum_dim_intlist(2i64, false, Kind::Int64).lt(2)
             })
             .collect();
-        let inputs =
-            Tensor::cat(&chosen, 1).matmul(&pair_membership(space, theta.device()).transpose(0, 1));
-        op_one_hot * inputs.reshape([-1, 1])
+        Tensor::cat(&kept, 1).to_kind(Kind::Float).reshape([-1, 1]) * op_one_hot
     })
 }
 
@@ -349,9 +358,16 @@ mod tests {
             hard_end: true,
         };
         tch::manual_seed(5);
-        let tasks = 2;
-        let theta = (Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu)) * 0.01)
-            .set_requires_grad(true);
+        let tasks = 3;
+        // The third task's θ has exact ties (repeated rows, as in node 1's three inputs, and two
+        // equal logits in a row): decoding keeps the lower index, and so must the end state.
+        let near_uniform = Tensor::randn([tasks * 14, 8], (Kind::Float, Device::Cpu)) * 0.01;
+        let row = near_uniform.get(28).copy();
+        row.get(5).copy_(&row.get(3));
+        for r in [28, 30, 31, 32] {
+            near_uniform.get(r).copy_(&row);
+        }
+        let theta = near_uniform.set_requires_grad(true);
         let end = hard.temperature(5, 5);
         let hard_end = hard.mixing(&space, &theta, end, tasks);
         for t in 0..tasks {
@@ -379,5 +395,15 @@ mod tests {
         };
         assert!(gradient(&hard).allclose(&gradient(&soft), 1e-6, 1e-6, false));
         assert!(hard.ends_discrete());
+        let rising = Relaxation::Annealed {
+            start: 0.1,
+            end: 0.1,
+            pairwise_inputs: true,
+            hard_end: true,
+        };
+        assert!(
+            rising.validate().is_err(),
+            "a hard end needs a falling temperature"
+        );
     }
 }

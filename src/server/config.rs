@@ -138,11 +138,11 @@ pub struct ServerConfig {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, env = "TNAS_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
-    /// Intra-op threads of the worker. Default: one fewer than the CPUs (at least 1), leaving one
-    /// for reading and decoding requests: an adaptation's thousands of small parallel ops each wait
-    /// for their slowest thread, so a thread that shares its core with request handling slows
-    /// every one of them (under load, several times over).
-    #[arg(long, env = "TNAS_THREADS", value_parser = clap::builder::RangedI64ValueParser::<i32>::new().range(1..))]
+    /// Intra-op threads of the worker (0: libtorch's own choice). Default: one fewer than the CPUs
+    /// (at least 1), leaving one for reading and decoding requests: an adaptation's thousands of
+    /// small parallel ops each wait for their slowest thread, so a thread that shares its core
+    /// with request handling slows every one of them (under load, several times over).
+    #[arg(long, env = "TNAS_THREADS", value_parser = clap::builder::RangedI64ValueParser::<i32>::new().range(0..))]
     pub threads: Option<i32>,
     /// Task shapes whose adaptation is kept as a recorded CUDA graph on a GPU (recorded when a
     /// shape comes back, replayed for its later tasks; 0: none). Each keeps its own GPU memory.

@@ -6,7 +6,8 @@
 //! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
 //!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
 //!   those that would miss their deadline; [`worker_error`]: how a job can fail.
-//! - [`store`]: recent genotypes, in memory or in Redis shared by replicas. [`routes`]: handlers. [`middleware`]: auth, metrics, request ids.
+//! - [`store`]: recent genotypes, in memory or in Redis shared by replicas. [`routes`]: handlers.
+//!   [`middleware`]: auth, metrics, request ids.
 //! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
 //! - [`openapi`]: the generated OpenAPI document.
 
