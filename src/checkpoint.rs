@@ -115,6 +115,18 @@ pub fn param_specs(network: &Network, head: HeadSpec) -> Vec<ParamSpec> {
 }
 
 impl Checkpoint {
+    /// The meta-genotype: the genotype of the unadapted θ̃ (DARTS rule); `None` for a model
+    /// without θ.
+    pub fn meta_genotype(&self) -> Option<crate::genotype::Genotype> {
+        let (Network::Supernet(net), Some(alphas)) = (self.network(), &self.alphas) else {
+            return None;
+        };
+        let (normal, reduce) = alphas.mixing_rows();
+        Some(crate::genotype::Genotype::decode(
+            &net.space, &normal, &reduce,
+        ))
+    }
+
     pub fn network(&self) -> Network {
         network_of(&self.meta).expect("validated when loaded or built")
     }

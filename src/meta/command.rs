@@ -341,15 +341,12 @@ impl MetaTrainArgs {
 fn read_genotype(path: &Path) -> Result<Genotype, String> {
     if path.is_dir() {
         let checkpoint = Checkpoint::load(path, tch::Device::Cpu).map_err(|e| e.to_string())?;
-        let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas)
-        else {
-            return Err(format!(
+        return checkpoint.meta_genotype().ok_or_else(|| {
+            format!(
                 "--genotype {}: not a supernet model, whose θ̃ could be decoded",
                 path.display()
-            ));
-        };
-        let (normal, reduce) = alphas.mixing_rows();
-        return Ok(Genotype::decode(&net.space, &normal, &reduce));
+            )
+        });
     }
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("--genotype {}: {e}", path.display()))?;
@@ -511,6 +508,12 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     } else {
         args.steps.clone()
     };
+    let inner_at = |steps| InnerLoop {
+        steps,
+        lr_w: defaults.lr_w,
+        lr_theta: defaults.lr_theta,
+        second_order: false,
+    };
     let mut modes: Vec<&str> = if network.has_alphas() {
         vec!["supernet", "derived"]
     } else {
@@ -537,12 +540,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         .transpose()?;
     let mut results = Vec::new();
     for &steps in &all_steps {
-        let inner = InnerLoop {
-            steps,
-            lr_w: defaults.lr_w,
-            lr_theta: defaults.lr_theta,
-            second_order: false,
-        };
+        let inner = inner_at(steps);
         for &mode in &modes {
             for &bn in &bn_modes {
                 let evaluation = match (mode, &meta_genotype) {
@@ -568,16 +566,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                     },
                 };
                 let mut accuracies = Vec::with_capacity(args.tasks);
-                for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
-                    let seed = args.seed + index as u64;
-                    let mut sampler = EpisodeSampler::new(
-                        group,
-                        args.episode.way,
-                        args.episode.shot,
-                        args.episode.query,
-                        seed,
-                    )
-                    .map_err(|e| e.to_string())?;
+                for (mut sampler, count) in group_samplers(&groups, &task_counts, args)? {
                     accuracies.extend(evaluation.accuracies(&mut sampler, count));
                 }
                 let (accuracy, ci95) = mean_and_ci95(&accuracies);
@@ -621,23 +610,10 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         }
     }
     if args.genotype_variation && network.has_alphas() {
-        let inner = InnerLoop {
-            steps: all_steps[all_steps.len() - 1],
-            lr_w: defaults.lr_w,
-            lr_theta: defaults.lr_theta,
-            second_order: false,
-        };
+        let inner = inner_at(all_steps[all_steps.len() - 1]);
         let evaluation = evaluation_of(&checkpoint, &network, inner, BnMode::Support, args, device);
         let mut genotypes = Vec::with_capacity(args.tasks);
-        for (index, (group, &count)) in groups.iter().zip(&task_counts).enumerate() {
-            let mut sampler = EpisodeSampler::new(
-                group,
-                args.episode.way,
-                args.episode.shot,
-                args.episode.query,
-                args.seed + index as u64,
-            )
-            .map_err(|e| e.to_string())?;
+        for (mut sampler, count) in group_samplers(&groups, &task_counts, args)? {
             genotypes.extend(evaluation.genotypes(&mut sampler, count));
         }
         println!("{}", genotype_variation(&checkpoint, &genotypes));
@@ -681,6 +657,31 @@ fn evaluation_of<'a>(
 
 /// The classes each task draws from and how many tasks each gives: all `classes` for every
 /// task, or (`within_group`) each group with at least `way` classes, the tasks spread evenly.
+/// Each group's episode sampler (seeded by the group's place, so every setting draws the same
+/// tasks) with the number of tasks to draw from it.
+fn group_samplers<'a>(
+    groups: &[&'a [ClassImages]],
+    task_counts: &[usize],
+    args: &EvalArgs,
+) -> Result<Vec<(EpisodeSampler<'a>, usize)>, String> {
+    groups
+        .iter()
+        .zip(task_counts)
+        .enumerate()
+        .map(|(index, (group, &count))| {
+            let sampler = EpisodeSampler::new(
+                group,
+                args.episode.way,
+                args.episode.shot,
+                args.episode.query,
+                args.seed + index as u64,
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((sampler, count))
+        })
+        .collect()
+}
+
 fn task_groups(
     classes: &[ClassImages],
     way: usize,
@@ -707,11 +708,9 @@ fn task_groups(
 
 /// How far task-specific `genotypes` are from each other and from the meta-genotype, in words.
 fn genotype_variation(checkpoint: &Checkpoint, genotypes: &[Genotype]) -> String {
-    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
+    let Some(meta) = checkpoint.meta_genotype() else {
         return String::new();
     };
-    let (normal, reduce) = alphas.mixing_rows();
-    let meta = Genotype::decode(&net.space, &normal, &reduce);
     let edges = |g: &Genotype| {
         g.normal
             .iter()
@@ -749,11 +748,12 @@ fn genotype_variation(checkpoint: &Checkpoint, genotypes: &[Genotype]) -> String
 /// The meta-genotype's network: the genotype of the unadapted θ̃, on the meta-weights of its kept
 /// edges (and the learned logit scale, if any).
 fn meta_genotype_model(checkpoint: &Checkpoint) -> Result<(Network, ParamSet), String> {
-    let (Network::Supernet(net), Some(alphas)) = (checkpoint.network(), &checkpoint.alphas) else {
+    let (Network::Supernet(net), Some(genotype)) =
+        (checkpoint.network(), checkpoint.meta_genotype())
+    else {
         return Err("meta-genotype needs a supernet model".into());
     };
-    let (normal, reduce) = alphas.mixing_rows();
-    let derived = DerivedNetwork::new(net.space, Genotype::decode(&net.space, &normal, &reduce))?;
+    let derived = DerivedNetwork::new(net.space, genotype)?;
     let params = param_specs(&Network::Derived(derived.clone()), checkpoint.meta.head)
         .into_iter()
         .map(|s| {
