@@ -136,12 +136,9 @@ pub async fn adapt(
         Ok(Ok(Ok(output))) => output,
     };
 
-    let task_id = output
-        .genotype
-        .as_ref()
-        .map(|_| uuid::Uuid::new_v4().to_string());
-    let genotype_stored = match (&task_id, &output.genotype) {
-        (Some(task_id), Some(genotype)) => {
+    let (task_id, genotype_stored) = match &output.genotype {
+        Some(genotype) => {
+            let task_id = uuid::Uuid::new_v4().to_string();
             let record = GenotypeRecord {
                 task_id: task_id.clone(),
                 model: name.clone(),
@@ -151,9 +148,9 @@ pub async fn adapt(
                 created_at: chrono::Utc::now().to_rfc3339(),
                 genotype: genotype.clone(),
             };
-            store(&state, record).await
+            (Some(task_id), store(&state, record).await)
         }
-        _ => false,
+        None => (None, false),
     };
     let predictions = ids
         .into_iter()
