@@ -107,6 +107,27 @@ pub struct TrainingInfo {
     pub shot: usize,
     #[serde(default)]
     pub query: usize,
+    /// Random jitter of the training images; absent when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<Augmentation>,
+}
+
+/// Meta-training's random jitter of training images (`crate::data::augment`): the largest shift,
+/// scale and shear, each drawn uniformly in `[−max, max]` per image; all zero is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Augmentation {
+    /// Shift along each axis, in pixels.
+    pub shift_px: f64,
+    /// Relative change of size: 0.1 draws scales in [0.9, 1.1].
+    pub scale: f64,
+    /// Horizontal shear (the tangent of the shear angle).
+    pub shear: f64,
+}
+
+impl Augmentation {
+    pub fn is_off(&self) -> bool {
+        self.shift_px == 0.0 && self.scale == 0.0 && self.shear == 0.0
+    }
 }
 
 /// Which alphabets (or classes) went where. Test entries are never seen in training.

@@ -333,3 +333,92 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
         "{refused}"
     );
 }
+
+/// `--augment-*` jitters the training images (the same run without it sees other losses), is
+/// recorded in model.json, resumes with the same jitter, and refuses a resume with another one.
+#[test]
+fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
+    const JITTER: [&str; 6] = [
+        "--augment-shift",
+        "2",
+        "--augment-scale",
+        "0.1",
+        "--augment-shear",
+        "0.1",
+    ];
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let common = ["--validate-every", "2", "--save-every", "1"];
+        meta_train(
+            &train_args(out, &[&common[..], extra].concat()),
+            "t".into(),
+            &AtomicBool::new(false),
+        )
+    };
+    let (plain, jittered, resumed) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    run(plain.path(), &["--iterations", "2"]).unwrap();
+    run(
+        jittered.path(),
+        &[&JITTER[..], &["--iterations", "2"]].concat(),
+    )
+    .unwrap();
+    run(
+        resumed.path(),
+        &[&JITTER[..], &["--iterations", "1"]].concat(),
+    )
+    .unwrap();
+    let other = run(
+        resumed.path(),
+        &["--augment-shift", "1", "--iterations", "2", "--resume"],
+    )
+    .unwrap_err();
+    assert!(other.contains("augmentation"), "{other}");
+    run(
+        resumed.path(),
+        &[&JITTER[..], &["--iterations", "2", "--resume"]].concat(),
+    )
+    .unwrap();
+
+    let loss = |dir: &tempfile::TempDir| -> Vec<Value> {
+        metrics(dir.path())
+            .iter()
+            .map(|l| l["query_loss"].clone())
+            .collect()
+    };
+    assert_ne!(
+        loss(&plain)[0],
+        loss(&jittered)[0],
+        "the jitter changed nothing"
+    );
+    assert_eq!(
+        loss(&jittered),
+        loss(&resumed),
+        "a resumed run saw other images"
+    );
+    let recorded = Checkpoint::load(jittered.path(), Device::Cpu).unwrap();
+    let augmentation = recorded.meta.training.unwrap().augmentation.unwrap();
+    assert_eq!(
+        (
+            augmentation.shift_px,
+            augmentation.scale,
+            augmentation.shear
+        ),
+        (2.0, 0.1, 0.1)
+    );
+    assert!(Checkpoint::load(plain.path(), Device::Cpu)
+        .unwrap()
+        .meta
+        .training
+        .unwrap()
+        .augmentation
+        .is_none());
+    let refused = run(
+        plain.path(),
+        &["--augment-scale", "1.5", "--iterations", "1"],
+    )
+    .unwrap_err();
+    assert!(refused.contains("--augment-scale 1.5"), "{refused}");
+}

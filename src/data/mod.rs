@@ -2,6 +2,7 @@
 //!
 //! - [`omniglot`]: `<Alphabet>/<character>/*.png` folders or the official zips, and the 90°
 //!   rotation class augmentation.
+//! - [`augment`]: random shifts, scales and shears of meta-training images.
 //! - [`miniimagenet`]: Ravi & Larochelle's `images/` plus `{train,val,test}.csv`.
 //! - [`folder`]: a generic `<class>/*.{png,jpg,jpeg}` layout.
 //! - [`split`]: train / validation / test by group, so test classes are never seen in training.
@@ -10,6 +11,7 @@
 //! Every loader decodes and resizes each image once, with [`crate::imaging`], into a tensor kept
 //! in memory: episodes only index those tensors.
 
+pub mod augment;
 mod error;
 pub mod folder;
 pub mod miniimagenet;

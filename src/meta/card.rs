@@ -97,6 +97,13 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
             t.algorithm, t.way, t.shot, t.query
         );
         let _ = writeln!(out, "- data: {}", t.data);
+        if let Some(a) = &t.augmentation {
+            let _ = writeln!(
+                out,
+                "- augmentation of training images: shifts up to {} px, scales 1 ± {}, shears up to {}",
+                a.shift_px, a.scale, a.shear
+            );
+        }
         let _ = writeln!(
             out,
             "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}",

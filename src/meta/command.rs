@@ -13,8 +13,8 @@ use crate::derived::DerivedNetwork;
 use crate::device::DeviceChoice;
 use crate::genotype::Genotype;
 use crate::metadata::{
-    AdaptationDefaults, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo,
-    FORMAT_VERSION,
+    AdaptationDefaults, Augmentation, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split,
+    TrainingInfo, FORMAT_VERSION,
 };
 use crate::network::Network;
 use crate::params::ParamSet;
@@ -233,6 +233,16 @@ pub struct MetaTrainArgs {
     /// Start from this model's meta-weights and θ (a warm start; tensors it lacks start fresh).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Meta-training augmentation: each training image shifted by up to this many pixels along
+    /// each axis (0: off; 2 is a good start at 28 × 28).
+    #[arg(long, default_value_t = 0.0)]
+    pub augment_shift: f64,
+    /// Meta-training augmentation: each training image scaled by a factor within 1 ± this.
+    #[arg(long, default_value_t = 0.0)]
+    pub augment_scale: f64,
+    /// Meta-training augmentation: each training image sheared by up to this (a tangent).
+    #[arg(long, default_value_t = 0.0)]
+    pub augment_shear: f64,
     /// Meta-train this fixed architecture instead of the supernet (a `genotype` model, such as
     /// Auto-MAML with `--algo maml`): a genotype JSON file, or a supernet model folder whose
     /// meta-genotype (its θ̃ decoded) to take.
@@ -329,6 +339,12 @@ impl MetaTrainArgs {
                 way: self.episode.way,
                 shot: self.episode.shot,
                 query: self.episode.query,
+                augmentation: Some(Augmentation {
+                    shift_px: self.augment_shift,
+                    scale: self.augment_scale,
+                    shear: self.augment_shear,
+                })
+                .filter(|a| !a.is_off()),
             }),
             evaluation: Vec::new(),
             sha256: String::new(),
@@ -375,6 +391,13 @@ pub fn input_spec(dataset: DatasetKind, image_size: usize) -> InputSpec {
 
 /// Runs `meta-train`; `stop` is raised by Ctrl-C/SIGTERM and ends the run after a saved step.
 pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> Result<(), String> {
+    let (shift, scale, shear) = (args.augment_shift, args.augment_scale, args.augment_shear);
+    if !(shift >= 0.0 && (0.0..1.0).contains(&scale) && shear >= 0.0) {
+        return Err(format!(
+            "--augment-shift {shift}, --augment-scale {scale}, --augment-shear {shear}: each is a \
+             largest jitter, at least 0, and the scale below 1 (try 2, 0.1 and 0.1)"
+        ));
+    }
     tch::set_num_threads(args.threads);
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);

@@ -11,10 +11,11 @@ use crate::checkpoint::{
     param_specs, safetensors_bytes, sha256_hex, task_tensors, tensors_of_safetensors,
     write_atomically, Checkpoint, CheckpointError,
 };
+use crate::data::augment::jitter;
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
 use crate::learned_rates::LearnedRates;
-use crate::metadata::{EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
+use crate::metadata::{Augmentation, EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
 use crate::network::Network;
 use crate::params::ParamSet;
 use crate::relaxation::Relaxation;
@@ -85,6 +86,8 @@ struct RunSettings {
     /// Whether the training classes include their 90° rotations (Omniglot's augmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotations: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    augmentation: Option<Augmentation>,
 }
 
 impl RunSettings {
@@ -113,6 +116,7 @@ impl RunSettings {
             data: training.map(|t| t.data.clone()),
             split: training.map(|t| t.split.clone()),
             rotations: Some(train.iter().any(|class| class.name.ends_with("/rot90"))),
+            augmentation: training.and_then(|t| t.augmentation),
         }
     }
 
@@ -168,6 +172,23 @@ struct MetricsLine {
     validation_accuracy: Option<f64>,
     validation_ci95: Option<f64>,
     wall_time_s: f64,
+}
+
+/// A training episode's images through the run's augmentation, drawn from the task's seed (so a
+/// resumed run sees the same images).
+fn augmented(
+    support: Tensor,
+    query: Tensor,
+    augmentation: Option<Augmentation>,
+    seed: u64,
+) -> (Tensor, Tensor) {
+    let Some(how) = augmentation else {
+        return (support, query);
+    };
+    let n = support.size()[0];
+    let both = jitter(&Tensor::cat(&[support, query], 0), &how, seed);
+    let queries = both.size()[0] - n;
+    (both.narrow(0, 0, n), both.narrow(0, n, queries))
 }
 
 /// A meta-training run over `train` classes, validated on `validation` classes.
@@ -256,8 +277,8 @@ impl<'a> Trainer<'a> {
         self.state.iteration
     }
 
-    /// Replaces the fresh meta-weights and θ̃ with `from`'s where it has a tensor of the same name
-    /// and shape (a warm start; the optimisers start fresh). Returns the names it lacks, which
+    /// Replaces the fresh meta-weights, θ̃ and learned rates with `from`'s where it has a tensor of
+    /// the same name and shape (a warm start; the optimisers start fresh). Returns the names it lacks, which
     /// keep their fresh initialisation; a tensor of another shape is refused.
     pub fn warm_start(&mut self, from: &Checkpoint) -> Result<Vec<String>, String> {
         let mut fresh = Vec::new();
@@ -289,6 +310,19 @@ impl<'a> Trainer<'a> {
             }
             (Some(_), Some(_)) => return Err("--init-from: θ has another shape".into()),
             (Some(_), None) => fresh.push("θ".into()),
+            (None, _) => {}
+        }
+        let copy = |t: &Tensor| t.to_device(device).detach().copy().set_requires_grad(true);
+        match (&self.learner.rates, &from.rates) {
+            (Some(ours), Some(theirs))
+                if ours.w.size() == theirs.w.size() && ours.theta.size() == theirs.theta.size() =>
+            {
+                self.learner.rates = Some(LearnedRates {
+                    w: copy(&theirs.w),
+                    theta: copy(&theirs.theta),
+                })
+            }
+            (Some(_), _) => fresh.push("learned rates".into()),
             (None, _) => {}
         }
         Ok(fresh)
@@ -357,16 +391,23 @@ impl<'a> Trainer<'a> {
             rates: self.learner.rates.clone(),
             device: self.config.device,
         };
+        let augmentation = self
+            .config
+            .meta
+            .training
+            .as_ref()
+            .and_then(|t| t.augmentation);
         let seeds: Vec<u64> = (0..self.config.meta_batch)
             .map(|index| self.task_seed(index))
             .collect();
         let grads: Vec<_> = (0..self.config.meta_batch)
             .map(|index| {
                 let e = self.sampler.sample();
+                let (support, query) = augmented(e.support, e.query, augmentation, seeds[index]);
                 let (support, labels, query, query_labels) = (
-                    e.support.to_device(self.config.device),
+                    support.to_device(self.config.device),
                     e.support_labels.to_device(self.config.device),
-                    e.query.to_device(self.config.device),
+                    query.to_device(self.config.device),
                     e.query_labels.to_device(self.config.device),
                 );
                 let task = MetaTask {
