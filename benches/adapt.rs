@@ -12,15 +12,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{closed_loop, percentile};
 use tch::{Device, Kind, Tensor};
+use tnas::adapt::task_batch::{adapt_and_predict, task_mixings};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
-use tnas::checkpoint::Checkpoint;
-use tnas::cuda_graph::Replay;
-use tnas::device::{device_name, DeviceChoice};
-use tnas::metadata::{AdaptationDefaults, HeadSpec};
-use tnas::network::Network;
-use tnas::params::matrix_rows;
-use tnas::search_space::SearchSpace;
-use tnas::task_batch::{adapt_and_predict, task_mixings};
+use tnas::model::checkpoint::Checkpoint;
+use tnas::model::metadata::{AdaptationDefaults, HeadSpec};
+use tnas::nn::network::Network;
+use tnas::nn::params::matrix_rows;
+use tnas::nn::search_space::SearchSpace;
+use tnas::runtime::cuda_graph::Replay;
+use tnas::runtime::device::{device_name, DeviceChoice};
 
 const RUNS: usize = 20;
 const STEPS: usize = 10;
@@ -147,7 +147,7 @@ fn ours_replayed(
         let [logits, normal, reduce] =
             <[Tensor; 3]>::try_from(replay.run(&inputs).expect("the graph replays"))
                 .expect("three outputs");
-        let _mixings = task_mixings(&tnas::supernet::Alphas { normal, reduce }, 1);
+        let _mixings = task_mixings(&tnas::nn::supernet::Alphas { normal, reduce }, 1);
         let logits = logits.select(1, 0).to_device(Device::Cpu);
         let _rows = matrix_rows(&logits);
         logits

@@ -7,10 +7,10 @@ mod common;
 use common::random_supernet;
 use tch::Device;
 use tnas::adapt::BnMode;
-use tnas::checkpoint::{Checkpoint, SaveStep, META_FILE, TEMP_PREFIX, WEIGHTS_FILE};
 use tnas::meta::command::record_results;
-use tnas::metadata::{EvalResult, HeadSpec};
-use tnas::search_space::SearchSpace;
+use tnas::model::checkpoint::{Checkpoint, SaveStep, META_FILE, TEMP_PREFIX, WEIGHTS_FILE};
+use tnas::model::metadata::{EvalResult, HeadSpec};
+use tnas::nn::search_space::SearchSpace;
 
 fn saved() -> (tempfile::TempDir, Checkpoint) {
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +214,7 @@ fn a_directory_loads_after_two_saves_in_a_row_cut_short_at_every_step() {
             "{case}: holds checkpoint {} after holding {before}",
             which(&loaded)
         );
-        tnas::checkpoint::remove_interrupted_temp_files(dir.path());
+        tnas::model::checkpoint::remove_interrupted_temp_files(dir.path());
         assert_eq!(temp_files(dir.path()), 0, "{case}");
     }
 }
@@ -228,7 +228,7 @@ fn a_temp_file_still_being_written_is_not_removed() {
         .unwrap();
     writing.as_file().lock().unwrap();
     assert_eq!(
-        tnas::checkpoint::remove_interrupted_temp_files(dir.path()),
+        tnas::model::checkpoint::remove_interrupted_temp_files(dir.path()),
         0
     );
     assert!(writing.path().exists());

@@ -8,8 +8,8 @@ use common::{python, relative_error, repo_path, serve};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
-use tnas::checkpoint::Checkpoint;
-use tnas::genotype::Genotype;
+use tnas::model::checkpoint::Checkpoint;
+use tnas::nn::genotype::Genotype;
 
 /// As the reference parity tests: the same computation in float32 on both sides.
 const TOLERANCE: f64 = 1e-4;
@@ -123,7 +123,7 @@ fn imported_official_checkpoint_reproduces_official_logits() {
 fn png_task(count: usize, seed: u64) -> (Vec<Vec<u8>>, Tensor) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let spec = tnas::metadata::InputSpec {
+    let spec = tnas::model::metadata::InputSpec {
         channels: 3,
         size: 32,
         mean: vec![0.485, 0.456, 0.406],
@@ -143,8 +143,9 @@ fn png_task(count: usize, seed: u64) -> (Vec<Vec<u8>>, Tensor) {
             )
             .unwrap();
         let decoded =
-            tnas::imaging::decode(&bytes, &tnas::imaging::ImageLimits::default()).unwrap();
-        inputs.extend(tnas::imaging::to_input(&decoded, &spec));
+            tnas::data::imaging::decode(&bytes, &tnas::data::imaging::ImageLimits::default())
+                .unwrap();
+        inputs.extend(tnas::data::imaging::to_input(&decoded, &spec));
         pngs.push(bytes);
     }
     (

@@ -9,8 +9,8 @@ use common::omniglot_zips;
 use serde_json::Value;
 use std::sync::atomic::AtomicBool;
 use tch::Device;
-use tnas::checkpoint::Checkpoint;
 use tnas::meta::command::{eval, meta_train, EvalArgs, MetaTrainArgs};
+use tnas::model::checkpoint::Checkpoint;
 
 #[derive(Parser)]
 struct Train {

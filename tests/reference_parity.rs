@@ -9,15 +9,15 @@ use std::process::Command;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
-use tnas::checkpoint::task_tensors;
-use tnas::derived::DerivedNetwork;
-use tnas::genotype::Genotype;
-use tnas::head::LOGIT_SCALE;
-use tnas::learned_rates::LearnedRates;
 use tnas::meta::algorithm::{GradientRule, MetaTask, TaskContext};
-use tnas::metadata::HeadSpec;
-use tnas::relaxation::Relaxation;
-use tnas::search_space::SearchSpace;
+use tnas::model::checkpoint::task_tensors;
+use tnas::model::metadata::HeadSpec;
+use tnas::nn::derived::DerivedNetwork;
+use tnas::nn::genotype::Genotype;
+use tnas::nn::head::LOGIT_SCALE;
+use tnas::nn::learned_rates::LearnedRates;
+use tnas::nn::relaxation::Relaxation;
+use tnas::nn::search_space::SearchSpace;
 
 const TOLERANCE: f64 = 1e-4;
 const N_WAY: usize = 5;
@@ -123,7 +123,7 @@ fn variant_supernet(
     seed: i64,
     alpha_scale: f64,
     variant: Variant,
-) -> tnas::checkpoint::Checkpoint {
+) -> tnas::model::checkpoint::Checkpoint {
     let mut checkpoint = random_supernet(space, head, seed, alpha_scale);
     checkpoint.meta.relaxation = variant.relaxation;
     if let Some(log_scale) = variant.log_scale {
@@ -148,7 +148,7 @@ fn variant_supernet(
 /// `theta` (its θ rates, normal and reduce), each with a random rate in [0.02, 0.3] for every
 /// weight tensor of a task, so that a tensor read in the wrong column or row, or at the scalar
 /// `lr_w`, moves differently.
-fn with_learned_rates(checkpoint: &mut tnas::checkpoint::Checkpoint, theta: &[[f32; 2]]) {
+fn with_learned_rates(checkpoint: &mut tnas::model::checkpoint::Checkpoint, theta: &[[f32; 2]]) {
     let (rows, tensors) = (
         theta.len() as i64,
         task_tensors(&checkpoint.params, checkpoint.meta.head) as i64,
@@ -218,7 +218,7 @@ fn check_variant_with_rates(
     let (lr_w, lr_theta) = (0.01, 30.0);
     let (reference, report) = run_reference(dir.path(), &inputs, steps, lr_w, lr_theta, &[]);
 
-    let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
+    let loaded = tnas::model::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
     let network = loaded.network();
     // A proto head's classifier is built per task, not stored: the reference counts it.
     let built_head = if let HeadSpec::Proto { .. } = head {
@@ -470,7 +470,7 @@ fn check_meta_gradients_with_rates(
         &inputs,
     )
     .unwrap();
-    let loaded = tnas::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
+    let loaded = tnas::model::checkpoint::Checkpoint::load(dir.path(), Device::Cpu).unwrap();
     let network = loaded.network();
     let inner = InnerLoop {
         steps,
@@ -826,7 +826,7 @@ fn decoding_agrees_with_reference_on_ties_and_near_ties() {
     let expected: Vec<Genotype> = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let space = SearchSpace::tnas_official(1, 28, 8);
     for (i, want) in expected.iter().enumerate() {
-        let rows = |t: &Tensor| tnas::params::matrix_rows(&t.softmax(-1, Kind::Float));
+        let rows = |t: &Tensor| tnas::nn::params::matrix_rows(&t.softmax(-1, Kind::Float));
         let got = Genotype::decode(&space, &rows(&named[2 * i].1), &rows(&named[2 * i + 1].1));
         assert_eq!(&got, want, "alphas #{i}");
     }

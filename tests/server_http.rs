@@ -6,8 +6,8 @@ use common::{b64, omniglot_pngs, random_supernet, serve};
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
-use tnas::metadata::HeadSpec;
-use tnas::search_space::SearchSpace;
+use tnas::model::metadata::HeadSpec;
+use tnas::nn::search_space::SearchSpace;
 
 /// A server over a random proto-head fixture model, with its model directory kept alive.
 struct TestServer {

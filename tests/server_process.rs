@@ -337,7 +337,7 @@ fn a_model_that_fails_its_warm_up_is_reported_without_libtorch_text() {
 fn start_up_removes_the_temp_files_of_interrupted_saves_only() {
     let models = fixture_models();
     let dir = models.path().join("fixture");
-    let temp = |name: &str| dir.join(format!("{}{name}", tnas::checkpoint::TEMP_PREFIX));
+    let temp = |name: &str| dir.join(format!("{}{name}", tnas::model::checkpoint::TEMP_PREFIX));
     std::fs::write(temp("left-by-a-crash"), b"half a safetensors file").unwrap();
     // One still being written by a live writer (a training run saving into the folder): locked.
     let writing = std::fs::File::create(temp("being-written")).unwrap();

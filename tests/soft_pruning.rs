@@ -8,12 +8,12 @@ use common::{b64, omniglot_pngs, random_supernet, serve};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
-use tnas::checkpoint::task_tensors;
-use tnas::head::LOGIT_SCALE;
-use tnas::learned_rates::LearnedRates;
-use tnas::metadata::HeadSpec;
-use tnas::relaxation::Relaxation;
-use tnas::search_space::SearchSpace;
+use tnas::model::checkpoint::task_tensors;
+use tnas::model::metadata::HeadSpec;
+use tnas::nn::head::LOGIT_SCALE;
+use tnas::nn::learned_rates::LearnedRates;
+use tnas::nn::relaxation::Relaxation;
+use tnas::nn::search_space::SearchSpace;
 
 /// A T-NAS++-shaped fixture: annealed relaxation with pairwise inputs, a learned logit scale and
 /// learned inner rates (random weights: a fixture for the plumbing, not a trained model).

@@ -5,16 +5,16 @@
 mod common;
 
 use tch::{Device, Tensor};
+use tnas::adapt::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 use tnas::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
-use tnas::checkpoint::Checkpoint;
-use tnas::head::LOGIT_SCALE;
-use tnas::imaging::{decode, to_input, ImageLimits};
-use tnas::metadata::HeadSpec;
-use tnas::network::Network;
-use tnas::relaxation::Relaxation;
-use tnas::search_space::SearchSpace;
+use tnas::data::imaging::{decode, to_input, ImageLimits};
+use tnas::model::checkpoint::Checkpoint;
+use tnas::model::metadata::HeadSpec;
+use tnas::nn::head::LOGIT_SCALE;
+use tnas::nn::network::Network;
+use tnas::nn::relaxation::Relaxation;
+use tnas::nn::search_space::SearchSpace;
 use tnas::server::compute::{ResolvedOptions, TaskInput};
-use tnas::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 
 struct Task {
     support: Tensor,

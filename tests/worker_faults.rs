@@ -7,9 +7,9 @@ mod common;
 
 use common::random_supernet;
 use tnas::adapt::{BnMode, PredictWith};
-use tnas::metadata::HeadSpec;
-use tnas::params::ParamSet;
-use tnas::search_space::SearchSpace;
+use tnas::model::metadata::HeadSpec;
+use tnas::nn::params::ParamSet;
+use tnas::nn::search_space::SearchSpace;
 use tnas::server::compute::{ResolvedOptions, TaskInput, TaskOutput};
 use tnas::server::worker::{Readiness, Worker};
 use tnas::server::worker_error::WorkerError;

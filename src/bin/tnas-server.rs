@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     let checkpoints = server::load_models(&config.models).map_err(anyhow::Error::msg)?;
     let state = server::build_state(&config, checkpoints, device).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port)).await?;
-    tracing::info!(address = %listener.local_addr()?, device = %tnas::device::device_name(device), models = ?state.models.keys().collect::<Vec<_>>(), "serving");
+    tracing::info!(address = %listener.local_addr()?, device = %tnas::runtime::device::device_name(device), models = ?state.models.keys().collect::<Vec<_>>(), "serving");
     server::run(state, listener, shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())

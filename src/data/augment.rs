@@ -4,7 +4,7 @@
 //!
 //! The jitter of a task is drawn from the task's seed, so a resumed run sees the same images.
 
-use crate::metadata::Augmentation;
+use crate::model::metadata::Augmentation;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;

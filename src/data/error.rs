@@ -1,6 +1,6 @@
 //! Why a dataset could not be loaded, split or sampled.
 
-use crate::imaging::ImageError;
+use crate::data::imaging::ImageError;
 use std::path::PathBuf;
 use thiserror::Error;
 

@@ -3,7 +3,7 @@
 
 use super::preprocess::{decode_classes, EncodedClass, EncodedImage};
 use super::{DataError, Dataset};
-use crate::metadata::InputSpec;
+use crate::model::metadata::InputSpec;
 use std::path::{Path, PathBuf};
 
 /// What [`load`] expects, for error messages.

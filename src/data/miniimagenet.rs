@@ -5,7 +5,7 @@
 use super::preprocess::{decode_classes, EncodedClass, EncodedImage};
 use super::split::SplitClasses;
 use super::DataError;
-use crate::metadata::InputSpec;
+use crate::model::metadata::InputSpec;
 use std::collections::HashMap;
 use std::path::Path;
 

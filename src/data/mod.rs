@@ -4,16 +4,18 @@
 //!   rotation class augmentation.
 //! - [`augment`]: random shifts, scales and shears of meta-training images.
 //! - [`miniimagenet`]: Ravi & Larochelle's `images/` plus `{train,val,test}.csv`.
+//! - [`imaging`]: image bytes → network input, shared by training and serving.
 //! - [`folder`]: a generic `<class>/*.{png,jpg,jpeg}` layout.
 //! - [`split`]: train / validation / test by group, so test classes are never seen in training.
 //! - [`sampler`]: N-way K-shot episodes, deterministic and resumable.
 //!
-//! Every loader decodes and resizes each image once, with [`crate::imaging`], into a tensor kept
+//! Every loader decodes and resizes each image once, with [`crate::data::imaging`], into a tensor kept
 //! in memory: episodes only index those tensors.
 
 pub mod augment;
 mod error;
 pub mod folder;
+pub mod imaging;
 pub mod miniimagenet;
 pub mod omniglot;
 mod preprocess;
@@ -32,7 +34,7 @@ pub struct ClassImages {
     /// The unit a split assigns: the alphabet for Omniglot (characters of one alphabet look
     /// alike, so they must not straddle train and test), the class name itself otherwise.
     pub group: String,
-    /// `[n, C, S, S]` f32, already through [`crate::imaging::to_input`].
+    /// `[n, C, S, S]` f32, already through [`crate::data::imaging::to_input`].
     pub images: Tensor,
 }
 
@@ -87,7 +89,7 @@ pub(crate) mod fixtures {
     //! The two Omniglot zips, loaded once per test binary.
 
     use super::{omniglot, Dataset};
-    use crate::metadata::InputSpec;
+    use crate::model::metadata::InputSpec;
     use std::path::PathBuf;
     use std::sync::{Mutex, MutexGuard, OnceLock};
 

@@ -5,8 +5,8 @@
 use super::folder::{has_image_extension, image_files, subfolders};
 use super::preprocess::{decode_classes, EncodedClass, EncodedImage};
 use super::{ClassImages, DataError, Dataset};
-use crate::imaging::ImageLimits;
-use crate::metadata::InputSpec;
+use crate::data::imaging::ImageLimits;
+use crate::model::metadata::InputSpec;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -141,7 +141,7 @@ fn scan_zip(path: &Path) -> Result<Vec<EncodedClass>, DataError> {
 }
 
 /// An entry's bytes, read up to one byte past the image size limit: enough for
-/// [`crate::imaging::decode`] to refuse an oversized entry without reading all of it.
+/// [`crate::data::imaging::decode`] to refuse an oversized entry without reading all of it.
 fn read_entry(
     archive: &mut ZipArchive<BufReader<File>>,
     index: usize,

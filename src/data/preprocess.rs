@@ -1,8 +1,8 @@
 //! Where encoded image files become class tensors: decoded in parallel, once, at load time.
 
 use super::{ClassImages, DataError};
-use crate::imaging::{self, ImageLimits};
-use crate::metadata::InputSpec;
+use crate::data::imaging::{self, ImageLimits};
+use crate::model::metadata::InputSpec;
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::thread;

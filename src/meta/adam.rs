@@ -54,7 +54,7 @@ impl Adam {
         self.steps += 1;
         let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
         let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
-        crate::grad::no_grad(|| {
+        crate::runtime::grad::no_grad(|| {
             for (i, (p, g)) in params.iter().zip(grads).enumerate() {
                 let g = if c.weight_decay != 0.0 {
                     g + *p * c.weight_decay

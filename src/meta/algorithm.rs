@@ -1,11 +1,11 @@
 //! The meta-gradient of one task under each algorithm (`--algo`).
 
 use crate::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
-use crate::learned_rates::LearnedRates;
-use crate::metadata::HeadSpec;
-use crate::network::Network;
-use crate::params::ParamSet;
-use crate::supernet::Alphas;
+use crate::model::metadata::HeadSpec;
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
+use crate::nn::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -165,8 +165,10 @@ impl TaskContext<'_> {
         if let Some(noise) = &gumbel {
             // softmax(θ + g) is the Gumbel-softmax sample at temperature 1; adapting θ + g adapts θ.
             state.alphas = state.alphas.as_ref().map(|a| Alphas {
-                normal: crate::grad::no_grad(|| &a.normal + &noise.normal).set_requires_grad(true),
-                reduce: crate::grad::no_grad(|| &a.reduce + &noise.reduce).set_requires_grad(true),
+                normal: crate::runtime::grad::no_grad(|| &a.normal + &noise.normal)
+                    .set_requires_grad(true),
+                reduce: crate::runtime::grad::no_grad(|| &a.reduce + &noise.reduce)
+                    .set_requires_grad(true),
             });
             if let HeadSpec::Proto { .. } = self.head {
                 state.reset_proto_head(&task.support.on(self.network));
@@ -192,7 +194,7 @@ impl TaskContext<'_> {
         let (query_loss, query_accuracy) =
             (loss.double_value(&[]), accuracy(&logits, task.query_labels));
         let (w, theta, rates) = match self.rule {
-            GradientRule::Reptile => crate::grad::no_grad(|| {
+            GradientRule::Reptile => crate::runtime::grad::no_grad(|| {
                 let w = meta
                     .names()
                     .iter()
@@ -265,10 +267,10 @@ fn gumbel_noise(alphas: &Alphas, seed: u64) -> Alphas {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::task_tensors;
-    use crate::relaxation::Relaxation;
-    use crate::search_space::SearchSpace;
-    use crate::supernet::Supernet;
+    use crate::model::checkpoint::task_tensors;
+    use crate::nn::relaxation::Relaxation;
+    use crate::nn::search_space::SearchSpace;
+    use crate::nn::supernet::Supernet;
 
     /// With learned rates, a task's first-order meta-gradient is, for the weights and θ, the query
     /// loss's gradient at the adapted point (as without them), and for the rate of tensor i at
@@ -300,8 +302,10 @@ mod tests {
             learned_scale: true,
         };
         tch::manual_seed(2);
-        let meta =
-            ParamSet::initialise(&crate::checkpoint::param_specs(&network, head), Device::Cpu);
+        let meta = ParamSet::initialise(
+            &crate::model::checkpoint::param_specs(&network, head),
+            Device::Cpu,
+        );
         let alphas = Alphas::initialise(&space, Device::Cpu).map(|t| t * 300.0);
         let tensors = task_tensors(&meta, head);
         let rates = LearnedRates {
@@ -358,7 +362,7 @@ mod tests {
             let (g_w, g_theta) = state.gradients(&state.support_loss(&support.on(&network)), false);
             let (g_normal, g_reduce) = g_theta.unwrap();
             let (lr_normal, lr_reduce) = rates.for_theta(step);
-            let (weights, a) = crate::grad::no_grad(|| {
+            let (weights, a) = crate::runtime::grad::no_grad(|| {
                 let a = state.alphas.as_ref().unwrap();
                 (
                     state.params.flattened() - &g_w * rates.for_weights(step, &state.params),

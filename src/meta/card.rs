@@ -2,8 +2,8 @@
 //! exactly the recorded ones: data, split, the command that produced it, and results with 95%
 //! intervals, optionally beside a baseline model's.
 
-use crate::checkpoint::{write_atomically, CheckpointError};
-use crate::metadata::{EvalResult, ModelMeta};
+use crate::model::checkpoint::{write_atomically, CheckpointError};
+use crate::model::metadata::{EvalResult, ModelMeta};
 use std::fmt::Write;
 use std::path::Path;
 

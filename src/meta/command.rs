@@ -5,21 +5,21 @@ use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{BnMode, InnerLoop, PredictWith};
-use crate::checkpoint::{param_specs, Checkpoint};
 use crate::data::sampler::EpisodeSampler;
 use crate::data::split::SplitSpec;
 use crate::data::{self, ClassImages};
-use crate::derived::DerivedNetwork;
-use crate::device::DeviceChoice;
-use crate::genotype::Genotype;
-use crate::metadata::{
+use crate::model::checkpoint::{param_specs, Checkpoint};
+use crate::model::metadata::{
     AdaptationDefaults, Augmentation, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split,
     TrainingInfo, FORMAT_VERSION,
 };
-use crate::network::Network;
-use crate::params::ParamSet;
-use crate::relaxation::Relaxation;
-use crate::search_space::{SearchSpace, PRIMITIVES};
+use crate::nn::derived::DerivedNetwork;
+use crate::nn::genotype::Genotype;
+use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
+use crate::nn::relaxation::Relaxation;
+use crate::nn::search_space::{SearchSpace, PRIMITIVES};
+use crate::runtime::device::DeviceChoice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -751,7 +751,7 @@ fn genotype_variation(checkpoint: &Checkpoint, genotypes: &[Genotype]) -> String
                 .count()
         })
         .collect();
-    let mut distinct: Vec<Vec<crate::genotype::Edge>> = genotypes.iter().map(edges).collect();
+    let mut distinct: Vec<Vec<crate::nn::genotype::Edge>> = genotypes.iter().map(edges).collect();
     distinct.sort_by_key(|e| format!("{e:?}"));
     distinct.dedup();
     let (min, max) = (
@@ -841,8 +841,8 @@ pub struct CardArgs {
 
 /// Writes `<model>/README.md`.
 pub fn card(args: &CardArgs) -> Result<(), String> {
-    let read_meta = |dir: &Path| -> Result<crate::metadata::ModelMeta, String> {
-        let path = dir.join(crate::checkpoint::META_FILE);
+    let read_meta = |dir: &Path| -> Result<crate::model::metadata::ModelMeta, String> {
+        let path = dir.join(crate::model::checkpoint::META_FILE);
         let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     };
@@ -857,6 +857,6 @@ pub fn card(args: &CardArgs) -> Result<(), String> {
         None => String::new(),
     };
     let text = super::card::render(&meta, &baselines.iter().collect::<Vec<_>>(), &notes);
-    crate::checkpoint::write_atomically(&args.model.join("README.md"), text.as_bytes())
+    crate::model::checkpoint::write_atomically(&args.model.join("README.md"), text.as_bytes())
         .map_err(|e| e.to_string())
 }

@@ -3,12 +3,12 @@
 use super::algorithm::accuracy;
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::data::sampler::EpisodeSampler;
-use crate::genotype::Genotype;
-use crate::learned_rates::LearnedRates;
-use crate::metadata::HeadSpec;
-use crate::network::Network;
-use crate::params::ParamSet;
-use crate::supernet::Alphas;
+use crate::model::metadata::HeadSpec;
+use crate::nn::genotype::Genotype;
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
+use crate::nn::supernet::Alphas;
 use tch::Device;
 
 /// Mean and 95% half-interval (1.96 · sample std / √n), the form few-shot papers report.

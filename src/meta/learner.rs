@@ -2,9 +2,9 @@
 
 use super::adam::{Adam, AdamConfig};
 use super::algorithm::TaskGradient;
-use crate::learned_rates::LearnedRates;
-use crate::params::ParamSet;
-use crate::supernet::Alphas;
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::params::ParamSet;
+use crate::nn::supernet::Alphas;
 use tch::Tensor;
 
 /// Outer learning rates and the official θ optimiser settings.

@@ -7,20 +7,20 @@ use super::algorithm::{Algorithm, MetaTask, TaskContext};
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
-use crate::checkpoint::{
-    param_specs, safetensors_bytes, sha256_hex, task_tensors, tensors_of_safetensors,
-    write_atomically, Checkpoint, CheckpointError,
-};
 use crate::data::augment::jitter;
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
-use crate::learned_rates::LearnedRates;
-use crate::metadata::{Augmentation, EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
-use crate::network::Network;
-use crate::params::ParamSet;
-use crate::relaxation::Relaxation;
-use crate::search_space::SearchSpace;
-use crate::supernet::Alphas;
+use crate::model::checkpoint::{
+    param_specs, safetensors_bytes, sha256_hex, task_tensors, tensors_of_safetensors,
+    write_atomically, Checkpoint, CheckpointError,
+};
+use crate::model::metadata::{Augmentation, EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::network::Network;
+use crate::nn::params::ParamSet;
+use crate::nn::relaxation::Relaxation;
+use crate::nn::search_space::SearchSpace;
+use crate::nn::supernet::Alphas;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -216,7 +216,7 @@ impl<'a> Trainer<'a> {
         resume: bool,
     ) -> Result<Self, String> {
         config.meta.validate()?;
-        let network = crate::checkpoint::network_of(&config.meta)?;
+        let network = crate::model::checkpoint::network_of(&config.meta)?;
         tch::manual_seed(config.seed as i64);
         let params = ParamSet::initialise(&param_specs(&network, config.meta.head), config.device);
         let alphas = network.has_alphas().then(|| match network {
@@ -265,7 +265,7 @@ impl<'a> Trainer<'a> {
             state,
         };
         for dir in [trainer.config.out.clone(), resume_dir(&trainer.config.out)] {
-            crate::checkpoint::remove_interrupted_temp_files(&dir);
+            crate::model::checkpoint::remove_interrupted_temp_files(&dir);
         }
         if resume && resume_dir(&trainer.config.out).join("state.json").exists() {
             trainer.load_resume_state()?;
@@ -445,7 +445,7 @@ impl<'a> Trainer<'a> {
     /// Mean entropy of softmax(θ̃) rows (nats): how decided the architecture is.
     fn alpha_entropy(&self) -> Option<f64> {
         self.learner.alphas.as_ref().map(|a| {
-            crate::grad::no_grad(|| {
+            crate::runtime::grad::no_grad(|| {
                 let rows = Tensor::cat(&[&a.normal, &a.reduce], 0);
                 let p = rows.softmax(-1, tch::Kind::Float);
                 (-(&p * p.log()).sum_dim_intlist(1i64, false, tch::Kind::Float))

@@ -1,7 +1,7 @@
 //! Request and response bodies of the HTTP API (docs/HTTP_API.md), as plain serde types with OpenAPI schemas.
 
 use crate::adapt::{BnMode, PredictWith};
-use crate::genotype::Genotype;
+use crate::nn::genotype::Genotype;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

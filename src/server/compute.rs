@@ -6,14 +6,14 @@
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
+use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
-use crate::checkpoint::Checkpoint;
-use crate::genotype::Genotype;
-use crate::metadata::ModelMeta;
-use crate::network::Network;
-use crate::params::matrix_rows;
-use crate::supernet::{Alphas, MixingRows};
-use crate::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::metadata::ModelMeta;
+use crate::nn::genotype::Genotype;
+use crate::nn::network::Network;
+use crate::nn::params::matrix_rows;
+use crate::nn::supernet::{Alphas, MixingRows};
 use std::hash::Hash;
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -78,8 +78,8 @@ pub struct ResidentModel {
 pub fn warm_up(model: &ResidentModel, device: Device) {
     let meta = &model.checkpoint.meta;
     let n_way = match meta.head {
-        crate::metadata::HeadSpec::Fixed { n_way } => n_way,
-        crate::metadata::HeadSpec::Proto { .. } => 2,
+        crate::model::metadata::HeadSpec::Fixed { n_way } => n_way,
+        crate::model::metadata::HeadSpec::Proto { .. } => 2,
     };
     let pixels = meta.input.channels * meta.input.size * meta.input.size;
     let input = TaskInput {

@@ -2,8 +2,8 @@
 
 use super::connections::ConnectionLimits;
 use super::store::{StoreBounds, StoreLocation};
-use crate::device::DeviceChoice;
-use crate::imaging::ImageLimits;
+use crate::data::imaging::ImageLimits;
+use crate::runtime::device::DeviceChoice;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -28,7 +28,7 @@ pub mod task_request;
 pub mod worker;
 pub mod worker_error;
 
-use crate::checkpoint::{Checkpoint, META_FILE};
+use crate::model::checkpoint::{Checkpoint, META_FILE};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
@@ -91,7 +91,7 @@ pub fn load_models(dir: &Path) -> Result<Vec<Checkpoint>, String> {
         ));
     }
     for dir in &dirs {
-        crate::checkpoint::remove_interrupted_temp_files(dir);
+        crate::model::checkpoint::remove_interrupted_temp_files(dir);
     }
     let checkpoints: Vec<Checkpoint> = dirs
         .iter()

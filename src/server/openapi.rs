@@ -36,8 +36,8 @@ use utoipa_swagger_ui::SwaggerUi;
         ErrorBody,
         ErrorDetail,
         HealthStatus,
-        crate::genotype::Genotype,
-        crate::metadata::ModelMeta
+        crate::nn::genotype::Genotype,
+        crate::model::metadata::ModelMeta
     ))
 )]
 pub struct ApiDoc;

@@ -1,6 +1,6 @@
 //! The worker's recorded adaptations: on a GPU, each task shape (model, way, shots, queries, steps,
 //! learning rates, BN mode, tasks in the batch) is recorded as a CUDA graph
-//! ([`crate::cuda_graph`]) the second time it is seen, and every later batch of that shape replays
+//! ([`crate::runtime::cuda_graph`]) the second time it is seen, and every later batch of that shape replays
 //! it, which launches the whole adaptation at once instead of kernel by kernel from the host. A
 //! shape seen once adapts eagerly: steps and learning rates are request settings, and recording
 //! (about two eager adaptations) only pays off for a shape that comes back.
@@ -10,7 +10,7 @@
 //! reason): a failed capture can leave libtorch's allocator in a state where trying again shape
 //! after shape is not safe. The worker then adapts eagerly.
 
-use crate::cuda_graph::Replay;
+use crate::runtime::cuda_graph::Replay;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use tch::Tensor;

@@ -3,7 +3,7 @@
 use super::config::Limits;
 use super::store::GenotypeStore;
 use super::worker::Worker;
-use crate::metadata::ModelMeta;
+use crate::model::metadata::ModelMeta;
 use axum::http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::collections::BTreeMap;

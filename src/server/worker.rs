@@ -2,7 +2,7 @@
 //! adaptations, fed by a bounded queue. The async side only sends a [`Job`] and awaits its reply.
 //!
 //! Queued supernet tasks of the same shape and settings run together, up to `max_batch` at a time,
-//! as one pass over task-stacked weights ([`crate::task_batch`]): at few-shot sizes a step costs
+//! as one pass over task-stacked weights ([`crate::adapt::task_batch`]): at few-shot sizes a step costs
 //! kernel launches, so a batch costs little more than one task, and under load throughput grows
 //! with the batch while each answer stays what the task alone would get.
 //!
@@ -24,9 +24,9 @@ use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, Tas
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
 use crate::adapt::{BnMode, PredictWith};
-use crate::checkpoint::Checkpoint;
-use crate::learned_rates::LearnedRates;
-use crate::panics::caught;
+use crate::model::checkpoint::Checkpoint;
+use crate::nn::learned_rates::LearnedRates;
+use crate::runtime::panics::caught;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -112,7 +112,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!(
                 "tnas-worker-{}",
-                crate::device::device_name(device)
+                crate::runtime::device::device_name(device)
             ))
             .spawn(move || {
                 if threads > 0 {

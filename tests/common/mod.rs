@@ -11,14 +11,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::BnMode;
-use tnas::checkpoint::{param_specs, Checkpoint};
-use tnas::metadata::{
+use tnas::model::checkpoint::{param_specs, Checkpoint};
+use tnas::model::metadata::{
     AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION,
 };
-use tnas::network::Network;
-use tnas::params::ParamSet;
-use tnas::search_space::{SearchSpace, PRIMITIVES};
-use tnas::supernet::{Alphas, Supernet};
+use tnas::nn::network::Network;
+use tnas::nn::params::ParamSet;
+use tnas::nn::search_space::{SearchSpace, PRIMITIVES};
+use tnas::nn::supernet::{Alphas, Supernet};
 
 /// The interpreter with torch: `PYTHON_SYS_EXECUTABLE` (exported by the Makefile), else python3.
 pub fn python() -> String {

@@ -1,6 +1,6 @@
 //! `POST /adapt`: parse, validate, decode images, queue for the worker, answer.
 
-use crate::metadata::ModelMeta;
+use crate::model::metadata::ModelMeta;
 use crate::server::admission::CostKey;
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
 use crate::server::compute::{ResolvedOptions, TaskInput};
@@ -167,7 +167,7 @@ pub async fn adapt(
         alphas: output.alphas,
         predictions,
         steps: options.steps,
-        device: crate::device::device_name(state.worker.device),
+        device: crate::runtime::device::device_name(state.worker.device),
         cuda_graph: output.cuda_graph,
         timing_ms: TimingMs {
             decode_images: decode_ms,

@@ -75,7 +75,7 @@ pub async fn get_genotype_svg(
     let record = lookup(&state, &task_id).await?;
     Ok((
         [(header::CONTENT_TYPE, "image/svg+xml")],
-        crate::genotype_svg::render(&record.genotype),
+        crate::nn::genotype_svg::render(&record.genotype),
     )
         .into_response())
 }

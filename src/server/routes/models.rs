@@ -1,6 +1,6 @@
 //! `GET /models`, `GET /models/{name}`: the loaded models' metadata.
 
-use crate::metadata::ModelMeta;
+use crate::model::metadata::ModelMeta;
 use crate::server::api::ErrorBody;
 use crate::server::error::ApiError;
 use crate::server::extract::Path;

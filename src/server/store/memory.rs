@@ -82,7 +82,7 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::genotype::Genotype;
+    use crate::nn::genotype::Genotype;
 
     fn record(id: &str, label_bytes: usize) -> GenotypeRecord {
         let genotype = Genotype {

@@ -6,7 +6,7 @@
 //! between neighbouring columns are straight; longer ones arc (above for `c_{k-2}` and node-to-node
 //! edges, below for `c_{k-1}` and the edges into `c_{k}`) so that they pass around the boxes they skip.
 
-use crate::genotype::{Edge, Genotype, EDGES_PER_NODE};
+use crate::nn::genotype::{Edge, Genotype, EDGES_PER_NODE};
 use std::fmt::Write;
 
 const NODE_W: f64 = 72.0;

@@ -3,7 +3,7 @@
 //! the adapted supernet ends as the discrete network of its own genotype.
 //!
 //! Soft pruning differs from the softmax in three ways, each chosen so that as the temperature
-//! falls the mixing weights reach exactly what [`crate::genotype::Genotype::decode`] keeps:
+//! falls the mixing weights reach exactly what [`crate::nn::genotype::Genotype::decode`] keeps:
 //! - the op softmax is taken at temperature τ, over the ops other than `none` (DARTS never keeps
 //!   `none`), so each edge tends to its strongest op;
 //! - with `pairwise_inputs`, each node weighs its input edges by a softmax over input *pairs* at
@@ -23,8 +23,8 @@
 //! logits; saturated edges then tie (decoding keeps the lower index, the relaxation splits the
 //! weight). Meta-learned θ stays far from that (its softmax is close to uniform).
 
-use crate::index_cache::IndexCache;
-use crate::search_space::SearchSpace;
+use crate::nn::search_space::SearchSpace;
+use crate::runtime::index_cache::IndexCache;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 use utoipa::ToSchema;
@@ -130,7 +130,7 @@ impl Relaxation {
 
 /// The decoded genotype as mixing weights: 1 on each node's two strongest input edges' strongest
 /// op other than `none`, 0 elsewhere; [T·E, 8] → [T·E, 8], no gradient. Chosen as
-/// [`crate::genotype::Genotype::decode`] chooses, from the same softmax(θ) and with the same
+/// [`crate::nn::genotype::Genotype::decode`] chooses, from the same softmax(θ) and with the same
 /// ties (the lower index wins), so the network that answers is the genotype returned.
 fn genotype_weights(space: &SearchSpace, theta: &Tensor, tasks: i64) -> Tensor {
     tch::no_grad(|| {
@@ -225,9 +225,9 @@ fn pair_membership(space: &SearchSpace, device: tch::Device) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::genotype::{Edge, Genotype};
-    use crate::params::matrix_rows;
-    use crate::search_space::Primitive;
+    use crate::nn::genotype::{Edge, Genotype};
+    use crate::nn::params::matrix_rows;
+    use crate::nn::search_space::Primitive;
     use tch::Device;
 
     fn space() -> SearchSpace {

@@ -4,8 +4,8 @@
 //! a request's adapted copy, or a derived network. Every BatchNorm is the batch-statistics kind
 //! (T-NAS never uses running statistics); [`BnStats`] says which rows supply the statistics.
 
-pub use crate::conv::conv;
-use crate::depthwise::{depthwise, Kernel};
+pub use crate::nn::conv::conv;
+use crate::nn::fast::depthwise::{depthwise, Kernel};
 use tch::{Device, Tensor};
 
 /// BatchNorm epsilon, as PyTorch's default.

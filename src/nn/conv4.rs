@@ -2,8 +2,8 @@
 //! 4 × [conv3×3 (64 filters, padding 1), BatchNorm (affine, batch statistics), ReLU, maxpool 2], then
 //! a linear head on the flattened map.
 
-use crate::ops::{self, BnStats};
-use crate::params::{Init, ParamSet, ParamSpec};
+use crate::nn::ops::{self, BnStats};
+use crate::nn::params::{Init, ParamSet, ParamSpec};
 use tch::Tensor;
 
 /// Filters per block, as in MAML.

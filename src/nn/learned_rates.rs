@@ -5,8 +5,8 @@
 //! change little; learned rates let the outer loop decide which layers adapt, how far, and at
 //! which step. A task's steps past the learned ones reuse the last step's rates.
 
-use crate::index_cache::IndexCache;
-use crate::params::ParamSet;
+use crate::nn::params::ParamSet;
+use crate::runtime::index_cache::IndexCache;
 use tch::{Device, Kind, Tensor};
 
 /// Names of the rate tables in a checkpoint.

@@ -1,11 +1,11 @@
 //! Where a task's weights lie in the one flat tensor they are views of
-//! ([`crate::params::ParamSet::flattened`]).
+//! ([`crate::nn::params::ParamSet::flattened`]).
 
 use tch::Tensor;
 
 /// Where a set's tensors lie in its flat tensor: in blocks, each either one tensor or a run of
 /// tensors that the forward pass reads concatenated along dim 0 (one candidate's weights on every
-/// edge of a group, [`crate::fused_edges`]), so that the run is one view of the flat tensor instead
+/// edge of a group, [`crate::nn::fast::fused_edges`]), so that the run is one view of the flat tensor instead
 /// of a concatenation in every forward pass (and a split of its gradient in every backward pass).
 /// Blocks follow each other in the set order of their first tensors.
 #[derive(Clone, Debug)]

@@ -5,12 +5,12 @@
 //! op keeps the exact form it had inside the supernet (pooling followed by its non-affine BN), since
 //! that is the form its inherited weights were trained in.
 
-use crate::genotype::{Edge, Genotype, EDGES_PER_NODE};
-use crate::mixed_op::{edge_op, edge_stride, op_prefix, op_specs};
-use crate::ops::BnStats;
-use crate::params::{ParamSet, ParamSpec};
-use crate::search_space::{Primitive, SearchSpace};
-use crate::supernet::{global_average_pool, Supernet};
+use crate::nn::genotype::{Edge, Genotype, EDGES_PER_NODE};
+use crate::nn::mixed_op::{edge_op, edge_stride, op_prefix, op_specs};
+use crate::nn::ops::BnStats;
+use crate::nn::params::{ParamSet, ParamSpec};
+use crate::nn::search_space::{Primitive, SearchSpace};
+use crate::nn::supernet::{global_average_pool, Supernet};
 use tch::Tensor;
 
 /// A derived network: a search space plus a validated genotype.

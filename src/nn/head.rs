@@ -1,7 +1,7 @@
 //! The classifier head: a linear layer, either trained (`fixed`) or built per task from the
 //! support set's class prototypes (`proto`, Proto-MAML, Triantafillou et al. 2020).
 
-use crate::params::{Init, ParamSet, ParamSpec};
+use crate::nn::params::{Init, ParamSet, ParamSpec};
 use tch::{Kind, Tensor};
 
 /// Names of the classifier parameters in every checkpoint and task parameter set.

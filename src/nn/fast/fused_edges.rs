@@ -10,17 +10,17 @@
 //! parity tests compare against the PyTorch reference); what changes is many times fewer kernel
 //! launches, which dominate the cost at few-shot sizes.
 
-use crate::depthwise::{depthwise_blocks, depthwise_fanout, Kernel};
-use crate::index_cache::IndexCache;
-use crate::mixed_op::op_prefix;
-use crate::ops::{self, conv, BnStats};
-use crate::params::ParamSet;
-use crate::search_space::Primitive;
+use crate::nn::fast::depthwise::{depthwise_blocks, depthwise_fanout, Kernel};
+use crate::nn::mixed_op::op_prefix;
+use crate::nn::ops::{self, conv, BnStats};
+use crate::nn::params::ParamSet;
+use crate::nn::search_space::Primitive;
+use crate::runtime::index_cache::IndexCache;
 use tch::{Device, Kind, Tensor};
 
 /// The edges leaving S states of a cell, K' per state: cell index, edge indices (rows of α,
 /// state-major: the first K' read the first state), their common stride, and how many tasks'
-/// channels sit side by side in every state ([`crate::task_batch`]; 1 for a single task).
+/// channels sit side by side in every state ([`crate::adapt::task_batch`]; 1 for a single task).
 pub struct EdgeGroup<'a> {
     pub cell: usize,
     pub edges: &'a [usize],

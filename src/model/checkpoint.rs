@@ -7,14 +7,14 @@
 //! the next start ([`remove_interrupted_temp_files`]). Loading verifies the hash, then every
 //! tensor's name and shape against the network's spec.
 
-use crate::conv4::Conv4;
-use crate::derived::DerivedNetwork;
-use crate::head::{classifier_specs, logit_scale_specs};
-use crate::learned_rates::{LearnedRates, RATES_THETA, RATES_W};
-use crate::metadata::{HeadSpec, ModelKind, ModelMeta};
-use crate::network::Network;
-use crate::params::{ParamSet, ParamSpec};
-use crate::supernet::{Alphas, Supernet};
+use crate::model::metadata::{HeadSpec, ModelKind, ModelMeta};
+use crate::nn::conv4::Conv4;
+use crate::nn::derived::DerivedNetwork;
+use crate::nn::head::{classifier_specs, logit_scale_specs};
+use crate::nn::learned_rates::{LearnedRates, RATES_THETA, RATES_W};
+use crate::nn::network::Network;
+use crate::nn::params::{ParamSet, ParamSpec};
+use crate::nn::supernet::{Alphas, Supernet};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -117,12 +117,12 @@ pub fn param_specs(network: &Network, head: HeadSpec) -> Vec<ParamSpec> {
 impl Checkpoint {
     /// The meta-genotype: the genotype of the unadapted θ̃ (DARTS rule); `None` for a model
     /// without θ.
-    pub fn meta_genotype(&self) -> Option<crate::genotype::Genotype> {
+    pub fn meta_genotype(&self) -> Option<crate::nn::genotype::Genotype> {
         let (Network::Supernet(net), Some(alphas)) = (self.network(), &self.alphas) else {
             return None;
         };
         let (normal, reduce) = alphas.mixing_rows();
-        Some(crate::genotype::Genotype::decode(
+        Some(crate::nn::genotype::Genotype::decode(
             &net.space, &normal, &reduce,
         ))
     }

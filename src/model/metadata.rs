@@ -4,10 +4,10 @@
 //! made (training and evaluation); the loader reads it to rebuild the network and to check the
 //! weights' sha256.
 
-use crate::genotype::Genotype;
-use crate::relaxation::Relaxation;
-use crate::search_space::{SearchSpace, PRIMITIVES};
-use crate::settings::BnMode;
+use crate::model::settings::BnMode;
+use crate::nn::genotype::Genotype;
+use crate::nn::relaxation::Relaxation;
+use crate::nn::search_space::{SearchSpace, PRIMITIVES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

@@ -1,10 +1,10 @@
 //! DARTS's `MixedOp`: the candidate ops of one edge, their parameters, and the edge's output as
 //! the mixing-weighted sum of every candidate. The supernet's cells run the same computation fused
-//! ([`crate::fused_edges`]); [`mixed_op`] is its plain form, which the fused cell is tested against.
+//! ([`crate::nn::fast::fused_edges`]); [`mixed_op`] is its plain form, which the fused cell is tested against.
 
-use crate::ops::{self, BnStats};
-use crate::params::{Init, ParamSet, ParamSpec};
-use crate::search_space::Primitive;
+use crate::nn::ops::{self, BnStats};
+use crate::nn::params::{Init, ParamSet, ParamSpec};
+use crate::nn::search_space::Primitive;
 use tch::Tensor;
 
 /// Prefix of the parameters of op `primitive` on edge `edge` of cell `cell`.

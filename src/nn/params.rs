@@ -3,8 +3,8 @@
 //! Forward functions take a `ParamSet` explicitly instead of owning modules, so a request adapts a
 //! private copy while the meta-weights stay untouched (T-NAS Algorithm 2 works on copies of w̃, θ̃).
 
-use crate::flat_layout::Layout;
-use crate::index_cache::IndexCache;
+use crate::nn::fast::flat_layout::Layout;
+use crate::runtime::index_cache::IndexCache;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -100,7 +100,7 @@ impl ParamSet {
 
     /// Fresh parameters with PyTorch's default initialisation (seed with `tch::manual_seed`).
     pub fn initialise(specs: &[ParamSpec], device: Device) -> Self {
-        crate::grad::no_grad(|| {
+        crate::runtime::grad::no_grad(|| {
             ParamSet::from_pairs(
                 specs
                     .iter()
@@ -313,7 +313,7 @@ impl ParamSet {
 
     /// A task's starting point: an independent copy whose tensors are views of one new leaf of
     /// the autograd graph, laid out with `runs` as blocks ([`Layout`]), with `tasks` copies of
-    /// every tensor stacked along dim 0 for a task batch ([`crate::task_batch`]; 1 for a single
+    /// every tensor stacked along dim 0 for a task batch ([`crate::adapt::task_batch`]; 1 for a single
     /// task). One concatenation and, for a batch, one gather, whatever the number of tensors
     /// (copying them one by one takes two kernels each: 724 launches on a GPU for the shipped model).
     pub fn task_copy(&self, runs: &[Vec<String>], device: Device, tasks: i64) -> ParamSet {
@@ -326,7 +326,7 @@ impl ParamSet {
             flat: None,
             ..self.clone()
         };
-        let flat = crate::grad::no_grad(|| {
+        let flat = crate::runtime::grad::no_grad(|| {
             // Always a concatenation (never `join`'s lone-tensor view): the copy must not alias `self`.
             let flat = Tensor::cat(
                 &laid_out
@@ -566,7 +566,7 @@ mod tests {
             ),
         ]);
         let copy = set.task_copy(&[], Device::Cpu, 1);
-        crate::grad::no_grad(|| {
+        crate::runtime::grad::no_grad(|| {
             let _ = original.shallow_clone().fill_(5.0);
         });
         assert_eq!(copy.get("w").sum(Kind::Float).double_value(&[]), 3.0);

@@ -1,13 +1,13 @@
 //! `Network`: the three kinds of checkpoint network behind one interface, so adaptation,
 //! prediction and meta-training are written once.
 
-use crate::conv4::Conv4;
-use crate::derived::DerivedNetwork;
-use crate::head::classify;
-use crate::ops::BnStats;
-use crate::params::{ParamSet, ParamSpec};
-use crate::relaxation::Relaxation;
-use crate::supernet::{Alphas, Supernet};
+use crate::nn::conv4::Conv4;
+use crate::nn::derived::DerivedNetwork;
+use crate::nn::head::classify;
+use crate::nn::ops::BnStats;
+use crate::nn::params::{ParamSet, ParamSpec};
+use crate::nn::relaxation::Relaxation;
+use crate::nn::supernet::{Alphas, Supernet};
 use tch::Tensor;
 
 #[derive(Clone, Debug)]
@@ -35,7 +35,7 @@ impl Network {
     }
 
     /// The runs of weights the forward pass reads stacked, to lay out as blocks of a task's flat
-    /// weights ([`crate::flat_layout::Layout`]); none but the supernet's.
+    /// weights ([`crate::nn::fast::flat_layout::Layout`]); none but the supernet's.
     pub fn weight_runs(&self) -> Vec<Vec<String>> {
         match self {
             Network::Supernet(n) => n.weight_runs(),

@@ -10,7 +10,7 @@
 //! Recordable work reads nothing back to the host and takes no branch on tensor values: the shapes
 //! alone decide which kernels run.
 
-use crate::panics::caught;
+use crate::runtime::panics::caught;
 use tch::{Device, Tensor};
 
 /// Work recorded as a CUDA graph, with the tensors it reads and writes.

@@ -4,7 +4,7 @@ use tch::{Device, Tensor};
 
 /// A convolution whose grouping follows from the shapes: `x` [N, G·C_in, H, W] and `w`
 /// [G·C_out, C_in, k, k] make G groups. So a depthwise weight is depthwise, a dense weight is dense,
-/// and weights stacked for several tasks ([`crate::task_batch`]) convolve each task's own channels.
+/// and weights stacked for several tasks ([`crate::adapt::task_batch`]) convolve each task's own channels.
 pub fn conv(x: &Tensor, w: &Tensor, stride: i64, padding: i64, dilation: i64) -> Tensor {
     let groups = x.size()[1] / w.size()[1];
     if x.device() == Device::Cpu && w.size()[2..] == [1, 1] && stride == 1 && padding == 0 {

@@ -10,9 +10,9 @@
 //! channel that took a third of an adaptation step (docs/PERFORMANCE.md). Larger maps, where the
 //! matrices would outgrow the convolution, keep `conv2d`.
 
-use crate::conv::conv;
-use crate::index_cache::IndexCache;
-use crate::search_space::Primitive;
+use crate::nn::conv::conv;
+use crate::nn::search_space::Primitive;
+use crate::runtime::index_cache::IndexCache;
 use tch::{Device, Kind, Tensor};
 
 /// Largest (H·W)·(H'·W') computed as a product: 7×7 → 7×7 is, 8×8 → 8×8 is not (there the two

@@ -3,21 +3,23 @@
 //!
 //! Everything works on a task's own copies ([`TaskState`]); the meta-weights are only read. The
 //! inner loop and a proto head's start are written once, over a [`SupportPass`]: one task on its
-//! network ([`OneTask`]), or several tasks stacked into one pass ([`crate::task_batch`]).
+//! network ([`OneTask`]), or several tasks stacked into one pass ([`crate::adapt::task_batch`]).
 
-use crate::derived::DerivedNetwork;
-use crate::genotype::Genotype;
-use crate::head::{
+pub mod task_batch;
+
+use crate::model::metadata::HeadSpec;
+pub use crate::model::settings::{BnMode, PredictWith};
+use crate::nn::derived::DerivedNetwork;
+use crate::nn::genotype::Genotype;
+use crate::nn::head::{
     classify, prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE,
 };
-use crate::learned_rates::LearnedRates;
-use crate::metadata::HeadSpec;
-use crate::network::Network;
-use crate::ops::BnStats;
-use crate::params::ParamSet;
-use crate::relaxation::Relaxation;
-pub use crate::settings::{BnMode, PredictWith};
-use crate::supernet::Alphas;
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::network::Network;
+use crate::nn::ops::BnStats;
+use crate::nn::params::ParamSet;
+use crate::nn::relaxation::Relaxation;
+use crate::nn::supernet::Alphas;
 use tch::{Device, Tensor};
 
 /// A task's support set on the compute device.
@@ -104,7 +106,7 @@ pub struct InnerLoop {
 pub struct TaskState {
     pub params: ParamSet,
     pub alphas: Option<Alphas>,
-    /// The temperature θ is read at by the next forward pass ([`crate::relaxation::Relaxation::temperature`]).
+    /// The temperature θ is read at by the next forward pass ([`crate::nn::relaxation::Relaxation::temperature`]).
     pub temperature: f64,
     /// Meta-learned rates that replace the inner loop's `lr_w` and `lr_theta` when set.
     pub rates: Option<LearnedRates>,
@@ -184,7 +186,7 @@ impl TaskState {
     /// the next step takes instead of repeating the pass.
     pub fn reset_proto_head(&mut self, pass: &dyn SupportPass) {
         let features = pass.features(self);
-        let (w, b) = crate::grad::no_grad(|| pass.prototype_head(&features));
+        let (w, b) = crate::runtime::grad::no_grad(|| pass.prototype_head(&features));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
         // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as
@@ -329,7 +331,7 @@ impl TaskState {
             if inner.second_order || self.rates.as_ref().is_some_and(LearnedRates::requires_grad) {
                 stepped()
             } else {
-                let (weights, alphas) = crate::grad::no_grad(stepped);
+                let (weights, alphas) = crate::runtime::grad::no_grad(stepped);
                 (
                     weights.set_requires_grad(true),
                     alphas.map(|a| a.map(|t| t.set_requires_grad(true))),
@@ -387,7 +389,7 @@ impl TaskState {
         query: &Tensor,
         bn: BnMode,
     ) -> Tensor {
-        crate::grad::no_grad(|| {
+        crate::runtime::grad::no_grad(|| {
             query_logits(
                 network,
                 &self.params,
@@ -402,7 +404,7 @@ impl TaskState {
     /// The derived network of `genotype` with this task's weights on its kept edges: a task state
     /// holding only those weights and the classifier. A proto head's classifier is rebuilt from the
     /// derived network's prototypes, unless the supernet's annealed end state already is that
-    /// network ([`crate::relaxation::Relaxation::ends_discrete`]), whose adapted head it keeps.
+    /// network ([`crate::nn::relaxation::Relaxation::ends_discrete`]), whose adapted head it keeps.
     pub fn derive(
         &self,
         supernet: &Network,
@@ -494,8 +496,8 @@ pub fn logits_under(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search_space::SearchSpace;
-    use crate::supernet::Supernet;
+    use crate::nn::search_space::SearchSpace;
+    use crate::nn::supernet::Supernet;
     use tch::Kind;
 
     /// The support loss kept from building a proto head is the loss a step would compute, and a

@@ -3,7 +3,7 @@
 //! At few-shot sizes a step costs kernel launches, not arithmetic, so T tasks cost little more
 //! than one when they run as one: every weight and θ is stacked task by task along dim 0, image i
 //! of every task sits in row i with the tasks' channels side by side ([N, T·C, H, W]), and every
-//! convolution is grouped by task (its grouping follows from the shapes, [`crate::ops::conv`]).
+//! convolution is grouped by task (its grouping follows from the shapes, [`crate::nn::ops::conv`]).
 //! BatchNorm is per channel, hence per task; the loss is the sum of the tasks' losses, so each
 //! task's gradient is its own. Each task's logits and genotype equal those of adapting it alone
 //! (the task-batching tests compare them).
@@ -11,15 +11,15 @@
 //! Tasks batch together when they have the same shape: way, shots, queries and settings.
 
 use crate::adapt::{logits_under, BnMode, InnerLoop, Interrupted, SupportPass, TaskState};
-use crate::checkpoint::Checkpoint;
-use crate::genotype::Genotype;
-use crate::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
-use crate::learned_rates::LearnedRates;
-use crate::metadata::HeadSpec;
-use crate::ops::BnStats;
-use crate::params::ParamSet;
-use crate::relaxation::Relaxation;
-use crate::supernet::{Alphas, MixingRows, Supernet};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::metadata::HeadSpec;
+use crate::nn::genotype::Genotype;
+use crate::nn::head::{prototype_classifier, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, LOGIT_SCALE};
+use crate::nn::learned_rates::LearnedRates;
+use crate::nn::ops::BnStats;
+use crate::nn::params::ParamSet;
+use crate::nn::relaxation::Relaxation;
+use crate::nn::supernet::{Alphas, MixingRows, Supernet};
 use tch::Tensor;
 
 /// Images of T tasks side by side: T tensors [N, C, H, W] → [N, T·C, H, W].
@@ -196,7 +196,7 @@ impl TaskBatch {
         bn: BnMode,
     ) -> Tensor {
         let pass = StackedTasks { net, support };
-        crate::grad::no_grad(|| {
+        crate::runtime::grad::no_grad(|| {
             logits_under(bn, &support.images, query, |x, stats| {
                 pass.classify(&self.state, &pass.features_of(&self.state, x, stats))
             })

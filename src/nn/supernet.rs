@@ -4,12 +4,12 @@
 //! `cells.1._ops.3._ops.4.op.1.weight`, ...), so official checkpoints import by renaming nothing but
 //! the classifier, and the derived network finds an edge's weights by the same name.
 
-use crate::fused_edges::{self, EdgeGroup};
-use crate::mixed_op::{edge_stride, mixed_op, op_prefix, op_specs};
-use crate::ops::{self, BnStats};
-use crate::params::{matrix_rows, Init, ParamSet, ParamSpec};
-use crate::relaxation::Relaxation;
-use crate::search_space::{CellSpec, Primitive, SearchSpace};
+use crate::nn::fast::fused_edges::{self, EdgeGroup};
+use crate::nn::mixed_op::{edge_stride, mixed_op, op_prefix, op_specs};
+use crate::nn::ops::{self, BnStats};
+use crate::nn::params::{matrix_rows, Init, ParamSet, ParamSpec};
+use crate::nn::relaxation::Relaxation;
+use crate::nn::search_space::{CellSpec, Primitive, SearchSpace};
 use tch::{Kind, Tensor};
 
 /// softmax(θ) as host rows, (normal, reduce), each [num_edges][8] (see [`Alphas::mixing_rows`]).
@@ -64,7 +64,7 @@ impl Alphas {
     }
 
     /// Independent leaf copies for a task's adaptation, `tasks` copies stacked along dim 0 for a
-    /// task batch ([`crate::task_batch`]; 1 for a single task), like [`ParamSet::task_copy`].
+    /// task batch ([`crate::adapt::task_batch`]; 1 for a single task), like [`ParamSet::task_copy`].
     pub fn task_copy(&self, device: tch::Device, tasks: i64) -> Alphas {
         self.map(|t| {
             t.detach()
@@ -342,7 +342,7 @@ impl Supernet {
 
     /// Features of `tasks` tasks at once, each with its own weights and θ: every parameter and θ
     /// stacked task by task along dim 0, `x` [N, T·in_ch, S, S] (image i of every task in row i)
-    /// → [N, T·feature_dim]. See [`crate::task_batch`].
+    /// → [N, T·feature_dim]. See [`crate::adapt::task_batch`].
     pub fn task_features(
         &self,
         params: &ParamSet,

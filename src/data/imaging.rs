@@ -4,7 +4,7 @@
 //! corrupt inputs before they cost memory; [`to_input`] turns any decoded pixel format into the
 //! normalised CHW floats a model's [`InputSpec`] asks for.
 
-use crate::metadata::InputSpec;
+use crate::model::metadata::InputSpec;
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageBuffer, ImageFormat, ImageReader, Luma};
 use std::io::Cursor;

@@ -4,7 +4,7 @@
 //! (`{"normal": [["sep_conv_3x3", 0], ...], "normal_concat": [2, 3, 4, 5], ...}`) so users can paste
 //! it into DARTS or T-NAS code, and [`Genotype::to_python`] prints the namedtuple's repr.
 
-use crate::search_space::{Primitive, SearchSpace, NONE_INDEX, PRIMITIVES};
+use crate::nn::search_space::{Primitive, SearchSpace, NONE_INDEX, PRIMITIVES};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
