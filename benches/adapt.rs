@@ -15,7 +15,8 @@ use tch::{Device, Kind, Tensor};
 use tnas::adapt::task_batch::{adapt_and_predict, task_mixings};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::model::checkpoint::Checkpoint;
-use tnas::model::metadata::{AdaptationDefaults, HeadSpec};
+use tnas::model::metadata::HeadSpec;
+use tnas::model::settings::{Adaptation, PredictWith};
 use tnas::nn::network::Network;
 use tnas::nn::params::matrix_rows;
 use tnas::nn::search_space::SearchSpace;
@@ -36,12 +37,14 @@ fn miniimagenet_sized(dir: &Path) -> PathBuf {
         1e-3,
     );
     checkpoint.meta.name = "miniimagenet-sized".into();
-    checkpoint.meta.adaptation = AdaptationDefaults {
+    checkpoint.meta.adaptation = Adaptation {
         steps: STEPS,
         lr_w: 0.01,
         lr_theta: 30.0,
         bn: BnMode::Support,
         learned_rates: false,
+        predict_with: PredictWith::Supernet,
+        finetune_steps: 0,
     };
     let out = dir.join("miniimagenet-sized");
     checkpoint.save(&out).expect("temp dir is writable");
@@ -91,7 +94,7 @@ fn ours(
     };
     let inner = inner_loop(checkpoint);
     timed(|| {
-        let mut state = TaskState::start(
+        let (mut state, first_loss) = TaskState::start(
             &network,
             &checkpoint.params,
             checkpoint.alphas.as_ref(),
@@ -100,7 +103,7 @@ fn ours(
             device,
         );
         state
-            .adapt(&set.on(&network), &inner, &|| true)
+            .adapt(&set.on(&network), &inner, first_loss, &|| true)
             .expect("not interrupted");
         let _genotype = state.genotype(&network);
         let logits = state

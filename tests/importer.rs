@@ -88,7 +88,7 @@ fn imported_official_checkpoint_reproduces_official_logits() {
         labels: &labels,
         n_way: 5,
     };
-    let mut state = TaskState::start(
+    let (mut state, first_loss) = TaskState::start(
         &network,
         &checkpoint.params,
         checkpoint.alphas.as_ref(),
@@ -107,7 +107,7 @@ fn imported_official_checkpoint_reproduces_official_logits() {
         second_order: false,
     };
     state
-        .adapt(&support_set.on(&network), &inner, &|| true)
+        .adapt(&support_set.on(&network), &inner, first_loss, &|| true)
         .unwrap();
     let adapted = state.predict(&network, &support_set, &query, BnMode::Transductive);
     let err = relative_error(&adapted, &expected("adapted"));

@@ -236,7 +236,7 @@ fn check_variant_with_rates(
         labels: &labels,
         n_way: N_WAY,
     };
-    let mut state = TaskState::start(
+    let (mut state, mut first_loss) = TaskState::start(
         &network,
         &loaded.params,
         loaded.alphas.as_ref(),
@@ -259,7 +259,12 @@ fn check_variant_with_rates(
                 second_order: false,
             };
             let losses: Vec<f64> = state
-                .adapt(&support_set.on(&network), &inner, &|| true)
+                .adapt(
+                    &support_set.on(&network),
+                    &inner,
+                    first_loss.take(),
+                    &|| true,
+                )
                 .unwrap()
                 .iter()
                 .map(|l| l.double_value(&[]))
@@ -296,7 +301,8 @@ fn check_variant_with_rates(
             );
             eprintln!("{tag} supernet {mode}: relative error {err:.2e}");
             let derived = DerivedNetwork::new(space, genotype.clone()).unwrap();
-            let (derived_net, derived_state) = state.derive(&network, &derived, head, &support_set);
+            let (derived_net, derived_state, _) =
+                state.derive(&network, &derived, head, &support_set);
             let ours = tch::no_grad(|| {
                 query_logits(
                     &derived_net,

@@ -6,7 +6,7 @@ mod common;
 
 use tch::{Device, Tensor};
 use tnas::adapt::task_batch::{side_by_side, BatchedSupport, TaskBatch};
-use tnas::adapt::{BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use tnas::adapt::{Adaptation, BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
 use tnas::data::imaging::{decode, to_input, ImageLimits};
 use tnas::model::checkpoint::Checkpoint;
 use tnas::model::metadata::HeadSpec;
@@ -14,7 +14,7 @@ use tnas::nn::head::LOGIT_SCALE;
 use tnas::nn::network::Network;
 use tnas::nn::relaxation::Relaxation;
 use tnas::nn::search_space::SearchSpace;
-use tnas::server::compute::{ResolvedOptions, TaskInput};
+use tnas::server::compute::TaskInput;
 
 struct Task {
     support: Tensor,
@@ -90,14 +90,16 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
             .collect::<Vec<_>>(),
         5,
     );
-    let mut batch = TaskBatch::start(
+    let (mut batch, first_loss) = TaskBatch::start(
         net,
         &checkpoint.params,
         alphas,
         checkpoint.meta.head,
         &support,
     );
-    batch.adapt(net, &support, &inner, &|| true).unwrap();
+    batch
+        .adapt(net, &support, &inner, first_loss, &|| true)
+        .unwrap();
     let batched_logits = batch.predict(
         net,
         &support,
@@ -117,7 +119,7 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
             labels: &task.labels,
             n_way: 5,
         };
-        let mut alone = TaskState::start(
+        let (mut alone, first_loss) = TaskState::start(
             &network,
             &checkpoint.params,
             Some(alphas),
@@ -125,7 +127,9 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
             &set,
             Device::Cpu,
         );
-        alone.adapt(&set.on(&network), &inner, &|| true).unwrap();
+        alone
+            .adapt(&set.on(&network), &inner, first_loss, &|| true)
+            .unwrap();
         let logits = alone.predict(&network, &set, &task.query, bn);
         let error = common::relative_error(&batched_logits.select(1, t as i64), &logits);
         assert!(
@@ -210,7 +214,7 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
             .iter()
             .flat_map(|&c| pixels(&pngs[c][1]))
             .collect(),
-        options: ResolvedOptions {
+        options: Adaptation {
             steps,
             lr_w: a.lr_w,
             lr_theta: a.lr_theta,

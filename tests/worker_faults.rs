@@ -6,11 +6,11 @@
 mod common;
 
 use common::random_supernet;
-use tnas::adapt::{BnMode, PredictWith};
+use tnas::adapt::{Adaptation, BnMode, PredictWith};
 use tnas::model::metadata::HeadSpec;
 use tnas::nn::params::ParamSet;
 use tnas::nn::search_space::SearchSpace;
-use tnas::server::compute::{ResolvedOptions, TaskInput, TaskOutput};
+use tnas::server::compute::{TaskInput, TaskOutput};
 use tnas::server::worker::{Readiness, Worker};
 use tnas::server::worker_error::WorkerError;
 
@@ -23,7 +23,7 @@ fn task(support_labels: Vec<i64>, n_way: usize, support_pixels: usize) -> TaskIn
         support_labels,
         n_way,
         query: vec![0.25; 2 * PIXELS],
-        options: ResolvedOptions {
+        options: Adaptation {
             steps: 2,
             lr_w: 0.1,
             lr_theta: 1.0,

@@ -8,7 +8,7 @@
 pub mod task_batch;
 
 use crate::model::metadata::HeadSpec;
-pub use crate::model::settings::{BnMode, PredictWith};
+pub use crate::model::settings::{Adaptation, BnMode, PredictWith};
 use crate::nn::derived::DerivedNetwork;
 use crate::nn::genotype::Genotype;
 use crate::nn::head::{
@@ -41,8 +41,6 @@ pub trait SupportPass {
     /// The support loss of `features` under the state's classifier (with several tasks, the sum of
     /// their losses, so each task's gradient is its own).
     fn loss(&self, state: &TaskState, features: &Tensor) -> Tensor;
-    /// The support images and labels.
-    fn support(&self) -> [&Tensor; 2];
     /// How θ is relaxed, and annealed over the steps.
     fn relaxation(&self) -> Relaxation;
 }
@@ -71,10 +69,6 @@ impl SupportPass for OneTask<'_> {
         classify(&state.params, features).cross_entropy_for_logits(self.support.labels)
     }
 
-    fn support(&self) -> [&Tensor; 2] {
-        [self.support.images, self.support.labels]
-    }
-
     fn relaxation(&self) -> Relaxation {
         self.network.relaxation()
     }
@@ -100,6 +94,26 @@ pub struct InnerLoop {
     pub second_order: bool,
 }
 
+impl InnerLoop {
+    /// The adaptation steps `settings` ask for (first order, as served).
+    pub fn of(settings: &Adaptation) -> InnerLoop {
+        InnerLoop {
+            steps: settings.steps,
+            lr_w: settings.lr_w,
+            lr_theta: settings.lr_theta,
+            second_order: false,
+        }
+    }
+
+    /// The derived network's weight-only fine-tuning steps `settings` ask for.
+    pub fn finetuning(settings: &Adaptation) -> InnerLoop {
+        InnerLoop {
+            steps: settings.finetune_steps,
+            ..InnerLoop::of(settings)
+        }
+    }
+}
+
 /// A task's own weights and architecture logits, where this task's autograd graph starts (the
 /// weights are views of one flat leaf, see [`ParamSet::task_copy`]).
 #[derive(Debug)]
@@ -112,26 +126,6 @@ pub struct TaskState {
     pub rates: Option<LearnedRates>,
     /// Steps taken so far: which row of the learned rates the next step reads.
     pub step: usize,
-    /// The support loss of the forward pass that built a proto head, kept for the next step,
-    /// which would repeat that pass.
-    kept_loss: Option<KeptLoss>,
-}
-
-/// A support loss and every tensor it was computed from, so that it is used only at that point.
-#[derive(Debug)]
-struct KeptLoss {
-    loss: Tensor,
-    from: Vec<Tensor>,
-    temperature: f64,
-}
-
-/// How queries are predicted after adaptation.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PredictOptions {
-    pub bn: BnMode,
-    pub predict_with: PredictWith,
-    /// Weight-only steps of the derived network before it predicts.
-    pub finetune: InnerLoop,
 }
 
 /// Returned when the caller's `keep_going` says stop (deadline passed, client gone).
@@ -148,7 +142,6 @@ impl TaskState {
             temperature: 1.0,
             rates: None,
             step: 0,
-            kept_loss: None,
         }
     }
 
@@ -161,7 +154,8 @@ impl TaskState {
     }
 
     /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
-    /// from the support prototypes under the starting weights.
+    /// from the support prototypes under the starting weights. Also returns the support loss that
+    /// building the head computed: the first step's loss, for [`TaskState::adapt`].
     pub fn start(
         network: &Network,
         meta: &ParamSet,
@@ -169,73 +163,32 @@ impl TaskState {
         head: HeadSpec,
         support: &SupportSet,
         device: Device,
-    ) -> TaskState {
+    ) -> (TaskState, Option<Tensor>) {
         let mut state = TaskState::new(
             meta.task_copy(&network.weight_runs(), device, 1),
             meta_alphas.map(|a| a.task_copy(device, 1)),
         );
         state.temperature = network.relaxation().start_temperature();
-        if let HeadSpec::Proto { .. } = head {
-            state.reset_proto_head(&support.on(network));
-        }
-        state
+        let first_loss = match head {
+            HeadSpec::Proto { .. } => state.reset_proto_head(&support.on(network)),
+            HeadSpec::Fixed { .. } => None,
+        };
+        (state, first_loss)
     }
 
     /// Rebuilds the classifier from the support prototypes under the current weights. The forward
-    /// pass that gives the prototypes also gives the support loss with the new classifier, which
-    /// the next step takes instead of repeating the pass.
-    pub fn reset_proto_head(&mut self, pass: &dyn SupportPass) {
+    /// pass that gives the prototypes also gives the support loss with the new classifier: it is
+    /// returned, so that the next step (given it) need not repeat the pass. `None` when the loss
+    /// has no graph (under `no_grad`), or when replacing a classifier that lay in the weights' flat
+    /// tensor (after a step) left the weights as separate views, which the pass did not read.
+    pub fn reset_proto_head(&mut self, pass: &dyn SupportPass) -> Option<Tensor> {
         let features = pass.features(self);
         let (w, b) = crate::runtime::grad::no_grad(|| pass.prototype_head(&features));
         let was_flat = self.params.is_flat();
         self.set_classifier(w, b);
-        // Replacing a classifier that lay in the flat tensor (after a step) leaves the weights as
-        // separate views, which the pass above did not read: its loss could not reach them.
-        if self.params.is_flat() == was_flat {
-            let [images, labels] = pass.support();
-            self.keep_support_loss(pass.loss(self, &features), images, labels);
-        }
-    }
-
-    /// Every tensor a support loss at this point is computed from: the weights' flat parts, θ and
-    /// the support set (and, not a tensor, the temperature).
-    fn point(&self, images: &Tensor, labels: &Tensor) -> Vec<Tensor> {
-        let mut from: Vec<Tensor> = self
-            .params
-            .flat_parts()
-            .into_iter()
-            .map(Tensor::shallow_clone)
-            .collect();
-        from.extend(
-            self.alphas
-                .iter()
-                .flat_map(|a| [a.normal.shallow_clone(), a.reduce.shallow_clone()]),
-        );
-        from.extend([images.shallow_clone(), labels.shallow_clone()]);
-        from
-    }
-
-    /// Keeps `loss`, the loss of the support set (`images`, `labels`) at this point, for the next
-    /// step (unless it has no graph to differentiate, as under `no_grad`).
-    fn keep_support_loss(&mut self, loss: Tensor, images: &Tensor, labels: &Tensor) {
-        self.kept_loss = loss.requires_grad().then(|| KeptLoss {
-            loss,
-            from: self.point(images, labels),
-            temperature: self.temperature,
-        });
-    }
-
-    /// The kept support loss, if it was computed at this point from this support set: the same
-    /// tensors by `is_set_to` (storage, offset, sizes, strides), which holds for the state as
-    /// `reset_proto_head` left it. Whoever replaces the weights or θ with new tensors on the same
-    /// storage, or changes them in place, before the next step must not leave a loss kept.
-    fn take_support_loss(&mut self, images: &Tensor, labels: &Tensor) -> Option<Tensor> {
-        let kept = self.kept_loss.take()?;
-        let now = self.point(images, labels);
-        let same = kept.temperature == self.temperature
-            && kept.from.len() == now.len()
-            && kept.from.iter().zip(&now).all(|(a, b)| a.is_set_to(b));
-        same.then_some(kept.loss)
+        (self.params.is_flat() == was_flat)
+            .then(|| pass.loss(self, &features))
+            .filter(Tensor::requires_grad)
     }
 
     /// Sets the classifier (a proto head's, built for the task) as leaves of their own. Added
@@ -286,12 +239,15 @@ impl TaskState {
     }
 
     /// One step of T-NAS Algorithm 2: forward the support set with softmax(θ), cross-entropy, one
-    /// backward pass, then plain SGD. Returns the loss (detached).
-    pub fn sgd_step(&mut self, pass: &dyn SupportPass, inner: &InnerLoop) -> Tensor {
-        let [images, labels] = pass.support();
-        let loss = self
-            .take_support_loss(images, labels)
-            .unwrap_or_else(|| self.support_loss(pass));
+    /// backward pass, then plain SGD. `loss` is the support loss at this point when the caller
+    /// already has it ([`TaskState::reset_proto_head`]). Returns the loss (detached).
+    pub fn sgd_step(
+        &mut self,
+        pass: &dyn SupportPass,
+        inner: &InnerLoop,
+        loss: Option<Tensor>,
+    ) -> Tensor {
+        let loss = loss.unwrap_or_else(|| self.support_loss(pass));
         self.descend(&loss, inner);
         loss.detach()
     }
@@ -346,7 +302,8 @@ impl TaskState {
         };
     }
 
-    /// Runs `inner.steps` steps, asking `keep_going` before each so abandoned work stops early,
+    /// Runs `inner.steps` steps from the state as it is (`first_loss`: its support loss, if the
+    /// caller has it), asking `keep_going` before each so abandoned work stops early,
     /// each at its temperature on the annealing schedule, and leaves the state at the schedule's
     /// end, where queries are predicted. Returns the support loss of every step (detached) as
     /// tensors: on a GPU, reading each step's loss would make the host wait for the device every
@@ -355,10 +312,12 @@ impl TaskState {
         &mut self,
         pass: &dyn SupportPass,
         inner: &InnerLoop,
+        first_loss: Option<Tensor>,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<Vec<Tensor>, Interrupted> {
         let relaxation = pass.relaxation();
         let mut losses = Vec::with_capacity(inner.steps);
+        let mut known_loss = first_loss;
         for step in 0..inner.steps {
             if !keep_going() {
                 return Err(Interrupted {
@@ -366,7 +325,7 @@ impl TaskState {
                 });
             }
             self.temperature = relaxation.temperature(step, inner.steps);
-            losses.push(self.sgd_step(pass, inner));
+            losses.push(self.sgd_step(pass, inner, known_loss.take()));
         }
         self.temperature = relaxation.temperature(inner.steps, inner.steps);
         Ok(losses)
@@ -405,13 +364,14 @@ impl TaskState {
     /// holding only those weights and the classifier. A proto head's classifier is rebuilt from the
     /// derived network's prototypes, unless the supernet's annealed end state already is that
     /// network ([`crate::nn::relaxation::Relaxation::ends_discrete`]), whose adapted head it keeps.
+    /// Also returns the support loss a rebuilt head computed, for the fine-tuning steps.
     pub fn derive(
         &self,
         supernet: &Network,
         derived: &DerivedNetwork,
         head: HeadSpec,
         support: &SupportSet,
-    ) -> (Network, TaskState) {
+    ) -> (Network, TaskState, Option<Tensor>) {
         let network = Network::Derived(derived.clone());
         let mut names: Vec<String> = derived.body_specs().into_iter().map(|s| s.name).collect();
         names.extend(
@@ -425,14 +385,17 @@ impl TaskState {
             (n, t)
         }));
         let mut state = TaskState::new(params, None);
-        if matches!(head, HeadSpec::Proto { .. }) && !supernet.relaxation().ends_discrete() {
-            state.reset_proto_head(&support.on(&network));
-        }
-        (network, state)
+        let first_loss = match head {
+            HeadSpec::Proto { .. } if !supernet.relaxation().ends_discrete() => {
+                state.reset_proto_head(&support.on(&network))
+            }
+            _ => None,
+        };
+        (network, state, first_loss)
     }
 
     /// Query logits after adaptation: from the adapted supernet, or (`Derived`) from the decoded
-    /// genotype's network on the adapted weights, fine-tuned for `options.finetune.steps` weight-only
+    /// genotype's network on the adapted weights, fine-tuned for `settings.finetune_steps` weight-only
     /// steps. Networks without a genotype always predict with themselves.
     pub fn predict_queries(
         &self,
@@ -440,19 +403,24 @@ impl TaskState {
         head: HeadSpec,
         support: &SupportSet,
         query: &Tensor,
-        options: &PredictOptions,
+        settings: &Adaptation,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<Tensor, Interrupted> {
-        match (options.predict_with, self.genotype(network), network) {
+        match (settings.predict_with, self.genotype(network), network) {
             (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
                 let derived =
                     DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
-                let (derived_net, mut derived_state) =
+                let (derived_net, mut derived_state, first_loss) =
                     self.derive(network, &derived, head, support);
-                derived_state.adapt(&support.on(&derived_net), &options.finetune, keep_going)?;
-                Ok(derived_state.predict(&derived_net, support, query, options.bn))
+                derived_state.adapt(
+                    &support.on(&derived_net),
+                    &InnerLoop::finetuning(settings),
+                    first_loss,
+                    keep_going,
+                )?;
+                Ok(derived_state.predict(&derived_net, support, query, settings.bn))
             }
-            _ => Ok(self.predict(network, support, query, options.bn)),
+            _ => Ok(self.predict(network, support, query, settings.bn)),
         }
     }
 }
@@ -500,10 +468,11 @@ mod tests {
     use crate::nn::supernet::Supernet;
     use tch::Kind;
 
-    /// The support loss kept from building a proto head is the loss a step would compute, and a
-    /// step takes it only at the point it was computed at: once, with the same images, weights and θ.
+    /// The support loss that building a proto head returns is the loss a step would compute there,
+    /// and a step given it lands where a step that computes its own does; after a step, rebuilding
+    /// the head leaves the weights in another layout and returns no loss.
     #[test]
-    fn the_kept_support_loss_is_the_steps_own_and_only_at_its_point() {
+    fn the_first_loss_from_building_the_head_is_the_steps_own() {
         let space = SearchSpace {
             in_channels: 1,
             image_size: 8,
@@ -525,69 +494,36 @@ mod tests {
             labels: &labels,
             n_way: 2,
         };
-        let mut state = TaskState::start(
-            &network,
-            &meta,
-            Some(&alphas),
-            HeadSpec::Proto {
-                max_way: 5,
-                learned_scale: false,
-            },
-            &support,
-            Device::Cpu,
-        );
-        let kept = state
-            .take_support_loss(&images, &labels)
-            .expect("building the head keeps its loss");
+        let head = HeadSpec::Proto {
+            max_way: 5,
+            learned_scale: false,
+        };
+        let start =
+            || TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
+        let (mut given, first_loss) = start();
+        let first_loss = first_loss.expect("building the head computes the support loss");
         assert!(
-            kept.equal(&state.support_loss(&support.on(&network))),
+            first_loss.equal(&given.support_loss(&support.on(&network))),
             "the loss a step would compute"
         );
-        assert!(
-            state.take_support_loss(&images, &labels).is_none(),
-            "taken once"
-        );
-
-        state.reset_proto_head(&support.on(&network));
-        assert!(
-            state.take_support_loss(&images.copy(), &labels).is_none(),
-            "other images"
-        );
-        state.reset_proto_head(&support.on(&network));
-        assert!(
-            state
-                .take_support_loss(&images, &labels.flip([0]))
-                .is_none(),
-            "other labels"
-        );
-        state.reset_proto_head(&support.on(&network));
-        state.alphas = Some(alphas.task_copy(Device::Cpu, 1));
-        assert!(
-            state.take_support_loss(&images, &labels).is_none(),
-            "another θ"
-        );
-        state.reset_proto_head(&support.on(&network));
-        state.params = state
-            .params
-            .views_of(&state.params.flattened().detach().set_requires_grad(true));
-        assert!(
-            state.take_support_loss(&images, &labels).is_none(),
-            "other weights"
-        );
-
-        // After a step the classifier lies in the flat tensor; replacing it leaves no loss kept
-        // (the pass read the flat tensor's blocks, not the separate views left), and a step works.
         let inner = InnerLoop {
             steps: 1,
             lr_w: 0.1,
             lr_theta: 0.1,
             second_order: false,
         };
-        let _ = state.sgd_step(&support.on(&network), &inner);
-        state.reset_proto_head(&support.on(&network));
-        assert!(state.kept_loss.is_none());
-        assert!(state
-            .sgd_step(&support.on(&network), &inner)
+        let (mut computed, _) = start();
+        let _ = given.sgd_step(&support.on(&network), &inner, Some(first_loss));
+        let _ = computed.sgd_step(&support.on(&network), &inner, None);
+        assert!(given.params.flattened().equal(&computed.params.flattened()));
+        let (a, b) = (given.alphas.unwrap(), computed.alphas.as_ref().unwrap());
+        assert!(a.normal.equal(&b.normal) && a.reduce.equal(&b.reduce));
+
+        // After a step the classifier lies in the flat tensor; replacing it leaves separate views
+        // that the head's pass did not read, so no loss comes back, and the next step still works.
+        assert!(computed.reset_proto_head(&support.on(&network)).is_none());
+        assert!(computed
+            .sgd_step(&support.on(&network), &inner, None)
             .double_value(&[])
             .is_finite());
     }

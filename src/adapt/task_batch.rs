@@ -124,10 +124,6 @@ impl SupportPass for StackedTasks<'_> {
             * self.support.tasks() as f64
     }
 
-    fn support(&self) -> [&Tensor; 2] {
-        [&self.support.images, &self.support.labels]
-    }
-
     fn relaxation(&self) -> Relaxation {
         self.net.relaxation
     }
@@ -135,24 +131,26 @@ impl SupportPass for StackedTasks<'_> {
 
 impl TaskBatch {
     /// Every task starts from the meta-weights; a proto head is built per task from its own
-    /// support prototypes.
+    /// support prototypes. Also returns the support loss that building the heads computed: the
+    /// first step's, for [`TaskBatch::adapt`].
     pub fn start(
         net: &Supernet,
         meta: &ParamSet,
         meta_alphas: &Alphas,
         head: HeadSpec,
         support: &BatchedSupport,
-    ) -> TaskBatch {
+    ) -> (TaskBatch, Option<Tensor>) {
         let (tasks, device) = (support.tasks(), support.images.device());
         let mut state = TaskState::new(
             meta.task_copy(&net.weight_runs(), device, tasks),
             Some(meta_alphas.task_copy(device, tasks)),
         );
         state.temperature = net.relaxation.start_temperature();
-        if let HeadSpec::Proto { .. } = head {
-            state.reset_proto_head(&StackedTasks { net, support });
-        }
-        TaskBatch { state, tasks }
+        let first_loss = match head {
+            HeadSpec::Proto { .. } => state.reset_proto_head(&StackedTasks { net, support }),
+            HeadSpec::Fixed { .. } => None,
+        };
+        (TaskBatch { state, tasks }, first_loss)
     }
 
     /// `inner.steps` SGD steps for every task at once, asking `keep_going` before each, on the
@@ -162,10 +160,16 @@ impl TaskBatch {
         net: &Supernet,
         support: &BatchedSupport,
         inner: &InnerLoop,
+        first_loss: Option<Tensor>,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<(), Interrupted> {
         self.state
-            .adapt(&StackedTasks { net, support }, inner, keep_going)
+            .adapt(
+                &StackedTasks { net, support },
+                inner,
+                first_loss,
+                keep_going,
+            )
             .map(drop)
     }
 
@@ -232,7 +236,7 @@ pub fn adapt_and_predict(
         .alphas
         .as_ref()
         .expect("a supernet checkpoint holds θ");
-    let mut batch = TaskBatch::start(
+    let (mut batch, first_loss) = TaskBatch::start(
         net,
         &checkpoint.params,
         meta_alphas,
@@ -240,7 +244,7 @@ pub fn adapt_and_predict(
         &support,
     );
     batch.state.rates = rates.cloned();
-    batch.adapt(net, &support, inner, keep_going)?;
+    batch.adapt(net, &support, inner, first_loss, keep_going)?;
     let alphas = batch.alphas();
     Ok(vec![
         batch.predict(net, &support, query, bn),

@@ -135,18 +135,19 @@ impl TaskContext<'_> {
             second_order,
             ..self.inner
         };
-        let mut state = if second_order {
+        let (mut state, mut first_loss) = if second_order {
             // Leaves that share the meta-weights' storage: the graph runs from them through every step.
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState::new(params, alphas);
             state.temperature = self.network.relaxation().start_temperature();
-            if let HeadSpec::Proto { .. } = self.head {
+            let first_loss = match self.head {
                 // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
                 // the meta-gradient runs through every inner step, not through the head's start.
-                state.reset_proto_head(&task.support.on(self.network));
-            }
-            state
+                HeadSpec::Proto { .. } => state.reset_proto_head(&task.support.on(self.network)),
+                HeadSpec::Fixed { .. } => None,
+            };
+            (state, first_loss)
         } else {
             TaskState::start(
                 self.network,
@@ -170,9 +171,10 @@ impl TaskContext<'_> {
                 reduce: crate::runtime::grad::no_grad(|| &a.reduce + &noise.reduce)
                     .set_requires_grad(true),
             });
-            if let HeadSpec::Proto { .. } = self.head {
-                state.reset_proto_head(&task.support.on(self.network));
-            }
+            first_loss = match self.head {
+                HeadSpec::Proto { .. } => state.reset_proto_head(&task.support.on(self.network)),
+                HeadSpec::Fixed { .. } => None,
+            };
         }
         // With learned rates (first order too) the steps stay in the graph, their gradients
         // constants: the meta-gradient of the weights is still the adapted point's, and the
@@ -180,7 +182,7 @@ impl TaskContext<'_> {
         state.rates = self.rates.clone();
         let origin = TaskState::new(state.params.clone(), state.alphas.clone());
         state
-            .adapt(&task.support.on(self.network), &inner, &|| true)
+            .adapt(&task.support.on(self.network), &inner, first_loss, &|| true)
             .expect("never interrupted");
         let logits = query_logits(
             self.network,
@@ -354,7 +356,7 @@ mod tests {
         let ours = context.task_gradient(&meta, Some(&alphas), &task);
 
         // By hand: first-order steps from fresh leaves, each step's support gradients kept.
-        let mut state =
+        let (mut state, _) =
             TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
         let mut steps = Vec::new();
         for step in 0..2 {

@@ -4,14 +4,14 @@ use super::algorithm::Algorithm;
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
-use crate::adapt::{BnMode, InnerLoop, PredictWith};
+use crate::adapt::{Adaptation, BnMode, InnerLoop, PredictWith};
 use crate::data::sampler::EpisodeSampler;
 use crate::data::split::SplitSpec;
 use crate::data::{self, ClassImages};
 use crate::model::checkpoint::{param_specs, Checkpoint};
 use crate::model::metadata::{
-    AdaptationDefaults, Augmentation, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split,
-    TrainingInfo, FORMAT_VERSION,
+    Augmentation, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo,
+    FORMAT_VERSION,
 };
 use crate::nn::derived::DerivedNetwork;
 use crate::nn::genotype::Genotype;
@@ -310,12 +310,14 @@ impl MetaTrainArgs {
                     hard_end: self.hard_end,
                 },
             },
-            adaptation: AdaptationDefaults {
+            adaptation: Adaptation {
                 steps: self.serve_steps,
                 lr_w: self.lr_w,
                 lr_theta: if supernet { self.lr_theta } else { 0.0 },
                 bn: self.bn,
                 learned_rates: self.algo.is_maml_plus_plus(),
+                predict_with: PredictWith::Supernet,
+                finetune_steps: 0,
             },
             training: Some(TrainingInfo {
                 algorithm: self.algo.name().into(),
@@ -531,11 +533,12 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     } else {
         args.steps.clone()
     };
-    let inner_at = |steps| InnerLoop {
+    let settings_at = |steps, bn, predict_with| Adaptation {
         steps,
-        lr_w: defaults.lr_w,
-        lr_theta: defaults.lr_theta,
-        second_order: false,
+        bn,
+        predict_with,
+        finetune_steps: args.finetune_steps,
+        ..defaults
     };
     let mut modes: Vec<&str> = if network.has_alphas() {
         vec!["supernet", "derived"]
@@ -563,30 +566,30 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         .transpose()?;
     let mut results = Vec::new();
     for &steps in &all_steps {
-        let inner = inner_at(steps);
         for &mode in &modes {
             for &bn in &bn_modes {
+                let predict_with = match mode {
+                    "derived" => PredictWith::Derived,
+                    _ => PredictWith::Supernet,
+                };
+                let settings = settings_at(steps, bn, predict_with);
                 let evaluation = match (mode, &meta_genotype) {
                     ("meta-genotype", Some((net, params))) => {
-                        let own = evaluation_of(&checkpoint, &network, inner, bn, args, device);
+                        let own = evaluation_of(&checkpoint, &network, settings, device);
                         // Its weights adapt alone, at the hand-set rate (the learned ones are the supernet's).
                         Evaluation {
                             network: net,
                             params,
                             alphas: None,
-                            predict_with: PredictWith::Supernet,
+                            settings: Adaptation {
+                                learned_rates: false,
+                                ..settings
+                            },
                             rates: None,
                             ..own
                         }
                     }
-                    _ => Evaluation {
-                        predict_with: if mode == "derived" {
-                            PredictWith::Derived
-                        } else {
-                            PredictWith::Supernet
-                        },
-                        ..evaluation_of(&checkpoint, &network, inner, bn, args, device)
-                    },
+                    _ => evaluation_of(&checkpoint, &network, settings, device),
                 };
                 let mut accuracies = Vec::with_capacity(args.tasks);
                 for (mut sampler, count) in group_samplers(&groups, &task_counts, args)? {
@@ -596,7 +599,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                 let name = if mode == "meta-genotype" {
                     mode
                 } else {
-                    prediction_label(&network, evaluation.predict_with)
+                    prediction_label(&network, evaluation.settings.predict_with)
                 };
                 let within_groups: Vec<String> = if args.within_group {
                     groups.iter().map(|g| g[0].group.clone()).collect()
@@ -633,8 +636,12 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         }
     }
     if args.genotype_variation && network.has_alphas() {
-        let inner = inner_at(all_steps[all_steps.len() - 1]);
-        let evaluation = evaluation_of(&checkpoint, &network, inner, BnMode::Support, args, device);
+        let settings = settings_at(
+            all_steps[all_steps.len() - 1],
+            BnMode::Support,
+            PredictWith::Supernet,
+        );
+        let evaluation = evaluation_of(&checkpoint, &network, settings, device);
         let mut genotypes = Vec::with_capacity(args.tasks);
         for (mut sampler, count) in group_samplers(&groups, &task_counts, args)? {
             genotypes.extend(evaluation.genotypes(&mut sampler, count));
@@ -647,33 +654,20 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     Ok(results)
 }
 
-/// The evaluation of `checkpoint` as the arguments ask (the supernet's own predictions).
+/// The evaluation of `checkpoint` with `settings`, at its learned rates when `settings` ask.
 fn evaluation_of<'a>(
     checkpoint: &'a Checkpoint,
     network: &'a Network,
-    inner: InnerLoop,
-    bn: BnMode,
-    args: &EvalArgs,
+    settings: Adaptation,
     device: tch::Device,
 ) -> Evaluation<'a> {
-    let predict_with = PredictWith::Supernet;
-    let (params, alphas, head, finetune_steps) = (
-        &checkpoint.params,
-        checkpoint.alphas.as_ref(),
-        checkpoint.meta.head,
-        args.finetune_steps,
-    );
-    let rates = checkpoint.rates.clone();
     Evaluation {
         network,
-        params,
-        alphas,
-        head,
-        inner,
-        bn,
-        predict_with,
-        finetune_steps,
-        rates,
+        params: &checkpoint.params,
+        alphas: checkpoint.alphas.as_ref(),
+        head: checkpoint.meta.head,
+        settings,
+        rates: checkpoint.rates.clone().filter(|_| settings.learned_rates),
         device,
     }
 }

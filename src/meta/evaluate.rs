@@ -1,7 +1,7 @@
 //! Few-shot evaluation: mean accuracy over many tasks with a 95% confidence interval.
 
 use super::algorithm::accuracy;
-use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
+use crate::adapt::{Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
 use crate::data::sampler::EpisodeSampler;
 use crate::model::metadata::HeadSpec;
 use crate::nn::genotype::Genotype;
@@ -46,12 +46,9 @@ pub struct Evaluation<'a> {
     pub params: &'a ParamSet,
     pub alphas: Option<&'a Alphas>,
     pub head: HeadSpec,
-    pub inner: InnerLoop,
-    pub bn: BnMode,
-    pub predict_with: PredictWith,
-    /// Extra weight-only steps for derived predictions.
-    pub finetune_steps: usize,
-    /// Meta-learned inner rates, used instead of the inner loop's when set.
+    /// How each task adapts and predicts.
+    pub settings: Adaptation,
+    /// Meta-learned inner rates, used instead of the settings' when set.
     pub rates: Option<LearnedRates>,
     pub device: Device,
 }
@@ -79,7 +76,7 @@ impl Evaluation<'_> {
 
     /// A task's state after adaptation to `support`.
     fn adapted(&self, support: &SupportSet) -> TaskState {
-        let mut state = TaskState::start(
+        let (mut state, first_loss) = TaskState::start(
             self.network,
             self.params,
             self.alphas,
@@ -89,7 +86,12 @@ impl Evaluation<'_> {
         );
         state.rates = self.rates.as_ref().map(LearnedRates::detach);
         state
-            .adapt(&support.on(self.network), &self.inner, &|| true)
+            .adapt(
+                &support.on(self.network),
+                &InnerLoop::of(&self.settings),
+                first_loss,
+                &|| true,
+            )
             .expect("never interrupted");
         state
     }
@@ -102,21 +104,13 @@ impl Evaluation<'_> {
             n_way: sampler.way(),
         };
         let state = self.adapted(&support);
-        let options = PredictOptions {
-            bn: self.bn,
-            predict_with: self.predict_with,
-            finetune: InnerLoop {
-                steps: self.finetune_steps,
-                ..self.inner
-            },
-        };
         let logits = state
             .predict_queries(
                 self.network,
                 self.head,
                 &support,
                 &episode.query,
-                &options,
+                &self.settings,
                 &|| true,
             )
             .expect("never interrupted");

@@ -6,7 +6,7 @@ use super::adam::Adam;
 use super::algorithm::{Algorithm, MetaTask, TaskContext};
 use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::{MetaLearner, OuterConfig};
-use crate::adapt::{BnMode, InnerLoop, PredictWith, SupportSet};
+use crate::adapt::{Adaptation, BnMode, InnerLoop, PredictWith, SupportSet};
 use crate::data::augment::jitter;
 use crate::data::sampler::{EpisodeSampler, SamplerState};
 use crate::data::ClassImages;
@@ -470,13 +470,15 @@ impl<'a> Trainer<'a> {
             params: &self.learner.params,
             alphas: self.learner.alphas.as_ref(),
             head: self.config.meta.head,
-            inner: InnerLoop {
-                second_order: false,
-                ..self.config.inner
+            settings: Adaptation {
+                steps: self.config.inner.steps,
+                lr_w: self.config.inner.lr_w,
+                lr_theta: self.config.inner.lr_theta,
+                bn: self.config.bn,
+                learned_rates: self.learner.rates.is_some(),
+                predict_with: PredictWith::Supernet,
+                finetune_steps: 0,
             },
-            bn: self.config.bn,
-            predict_with: PredictWith::Supernet,
-            finetune_steps: 0,
             rates: self.learner.rates.clone(),
             device: self.config.device,
         };

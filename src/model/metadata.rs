@@ -4,7 +4,7 @@
 //! made (training and evaluation); the loader reads it to rebuild the network and to check the
 //! weights' sha256.
 
-use crate::model::settings::BnMode;
+use crate::model::settings::{Adaptation, BnMode};
 use crate::nn::genotype::Genotype;
 use crate::nn::relaxation::Relaxation;
 use crate::nn::search_space::{SearchSpace, PRIMITIVES};
@@ -70,20 +70,6 @@ impl HeadSpec {
             _ => Ok(()),
         }
     }
-}
-
-/// Adaptation defaults, overridable per request.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct AdaptationDefaults {
-    /// M: SGD steps on the support set.
-    pub steps: usize,
-    pub lr_w: f64,
-    pub lr_theta: f64,
-    pub bn: BnMode,
-    /// The steps use the checkpoint's meta-learned rates (`inner.lr_w`, `inner.lr_theta`) instead
-    /// of `lr_w` and `lr_theta`, unless a request sets either.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub learned_rates: bool,
 }
 
 /// How the checkpoint was produced.
@@ -194,7 +180,8 @@ pub struct ModelMeta {
     pub genotype: Option<Genotype>,
     pub input: InputSpec,
     pub head: HeadSpec,
-    pub adaptation: AdaptationDefaults,
+    /// The adaptation defaults, which a request may override.
+    pub adaptation: Adaptation,
     /// How a supernet's θ becomes mixing weights; absent (older and imported models): softmax.
     #[serde(default)]
     pub relaxation: Relaxation,

@@ -9,8 +9,8 @@
 //! (images × passes) that prices shapes not seen yet. Nothing is estimated before the first task
 //! of a model finishes: until then every task is admitted.
 
-use super::compute::{ResolvedOptions, TaskInput};
-use crate::adapt::PredictWith;
+use super::compute::TaskInput;
+use crate::adapt::{Adaptation, PredictWith};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ impl CostKey {
         n_way: usize,
         support_images: usize,
         query_images: usize,
-        options: &ResolvedOptions,
+        options: &Adaptation,
     ) -> CostKey {
         CostKey {
             model: model.to_string(),

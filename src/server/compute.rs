@@ -7,7 +7,7 @@ use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
-use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
+use crate::adapt::{Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::metadata::ModelMeta;
 use crate::nn::genotype::Genotype;
@@ -18,31 +18,6 @@ use std::hash::Hash;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-/// Adaptation settings after merging request overrides with the model's defaults.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ResolvedOptions {
-    pub steps: usize,
-    pub lr_w: f64,
-    pub lr_theta: f64,
-    pub bn: BnMode,
-    pub predict_with: PredictWith,
-    pub finetune_steps: usize,
-    /// Adapt with the model's meta-learned rates (its default unless a request sets a rate).
-    pub learned_rates: bool,
-}
-
-impl ResolvedOptions {
-    /// The adaptation steps these options ask for (first order, as served).
-    fn inner_loop(&self) -> InnerLoop {
-        InnerLoop {
-            steps: self.steps,
-            lr_w: self.lr_w,
-            lr_theta: self.lr_theta,
-            second_order: false,
-        }
-    }
-}
-
 /// A task in plain numbers: images already decoded and normalised (CHW, row-major).
 #[derive(Debug)]
 pub struct TaskInput {
@@ -51,7 +26,8 @@ pub struct TaskInput {
     pub support_labels: Vec<i64>,
     pub n_way: usize,
     pub query: Vec<f32>,
-    pub options: ResolvedOptions,
+    /// The model's defaults with the request's overrides.
+    pub options: Adaptation,
 }
 
 /// What the worker sends back.
@@ -88,14 +64,11 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
         support_labels: (0..n_way as i64).collect(),
         n_way,
         query: vec![0.5; pixels],
-        options: ResolvedOptions {
+        options: Adaptation {
             steps: 1,
-            lr_w: meta.adaptation.lr_w,
-            lr_theta: meta.adaptation.lr_theta,
-            bn: meta.adaptation.bn,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
-            learned_rates: meta.adaptation.learned_rates,
+            ..meta.adaptation
         },
     };
     run_task(model, &input, device, &|| true).expect("warm-up adaptation succeeds");
@@ -144,10 +117,10 @@ pub fn run_task(
         n_way: input.n_way,
     };
     let o = input.options;
-    let inner = o.inner_loop();
+    let inner = InnerLoop::of(&o);
     let started = Instant::now();
     let network = &model.network;
-    let mut state = TaskState::start(
+    let (mut state, first_loss) = TaskState::start(
         network,
         &model.checkpoint.params,
         model.checkpoint.alphas.as_ref(),
@@ -157,30 +130,15 @@ pub fn run_task(
     );
     state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);
     state
-        .adapt(&support_set.on(network), &inner, keep_going)
+        .adapt(&support_set.on(network), &inner, first_loss, keep_going)
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: i.completed_steps,
         })?;
     let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let options = PredictOptions {
-        bn: o.bn,
-        predict_with: o.predict_with,
-        finetune: InnerLoop {
-            steps: o.finetune_steps,
-            ..inner
-        },
-    };
     let logits = state
-        .predict_queries(
-            network,
-            meta.head,
-            &support_set,
-            &query,
-            &options,
-            keep_going,
-        )
+        .predict_queries(network, meta.head, &support_set, &query, &o, keep_going)
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: o.steps + i.completed_steps,
         })?;
@@ -245,7 +203,7 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
             rates,
             tensors,
             n_way,
-            &o.inner_loop(),
+            &InnerLoop::of(&o),
             o.bn,
             keep_going,
         )

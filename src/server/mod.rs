@@ -137,16 +137,18 @@ pub fn build_state(
     checkpoints: Vec<Checkpoint>,
     device: Device,
 ) -> Result<SharedState, String> {
-    if let Some(meta) = checkpoints
-        .iter()
-        .map(|c| &c.meta)
-        .find(|meta| meta.adaptation.steps > config.limits.max_steps)
-    {
-        return Err(format!(
-            "model '{}' adapts with adaptation.steps = {} by default, over --max-steps {}: \
-             every request that keeps the default would be refused; raise --max-steps",
-            meta.name, meta.adaptation.steps, config.limits.max_steps
-        ));
+    for meta in checkpoints.iter().map(|c| &c.meta) {
+        let a = meta.adaptation;
+        for (name, steps) in [("steps", a.steps), ("finetune_steps", a.finetune_steps)] {
+            if steps > config.limits.max_steps {
+                return Err(format!(
+                    "model '{}' adapts with adaptation.{name} = {steps} by default, over \
+                     --max-steps {}: every request that keeps the default would be refused; \
+                     raise --max-steps",
+                    meta.name, config.limits.max_steps
+                ));
+            }
+        }
     }
     let models: std::collections::BTreeMap<_, _> = checkpoints
         .iter()

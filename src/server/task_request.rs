@@ -2,9 +2,10 @@
 //! checked against the model and the limits, and its images decoded into network input.
 
 use super::api::{AdaptOptions, AdaptRequest};
-use super::compute::{ResolvedOptions, TaskInput};
+use super::compute::TaskInput;
 use super::config::Limits;
 use super::error::ApiError;
+use crate::adapt::Adaptation;
 use crate::data::imaging::{self, ImageLimits};
 use crate::model::metadata::{ModelMeta, MAX_LEARNING_RATE};
 use axum::body::Bytes;
@@ -180,7 +181,7 @@ impl TaskRequest {
     }
 
     /// Checks counts, ids and options against the model and limits; returns the merged options.
-    pub fn validate(&self, meta: &ModelMeta, limits: &Limits) -> Result<ResolvedOptions, ApiError> {
+    pub fn validate(&self, meta: &ModelMeta, limits: &Limits) -> Result<Adaptation, ApiError> {
         let invalid = |code: &'static str, message: String| ApiError::unprocessable(code, message);
         if self.support.is_empty() {
             return Err(invalid(
@@ -282,15 +283,11 @@ impl TaskRequest {
         )
     }
 
-    fn resolve_options(
-        &self,
-        meta: &ModelMeta,
-        limits: &Limits,
-    ) -> Result<ResolvedOptions, ApiError> {
+    fn resolve_options(&self, meta: &ModelMeta, limits: &Limits) -> Result<Adaptation, ApiError> {
         let o = &self.options;
         let d = meta.adaptation;
         let steps = o.steps.unwrap_or(d.steps);
-        let finetune_steps = o.finetune_steps.unwrap_or(0);
+        let finetune_steps = o.finetune_steps.unwrap_or(d.finetune_steps);
         for (name, value) in [("steps", steps), ("finetune_steps", finetune_steps)] {
             if value > limits.max_steps {
                 return Err(ApiError::unprocessable(
@@ -314,12 +311,12 @@ impl TaskRequest {
                 None => Ok(default),
             }
         };
-        Ok(ResolvedOptions {
+        Ok(Adaptation {
             steps,
             lr_w: rate("lr_w", o.lr_w, d.lr_w)?,
             lr_theta: rate("lr_theta", o.lr_theta, d.lr_theta)?,
             bn: o.bn.unwrap_or(d.bn),
-            predict_with: o.predict_with.unwrap_or_default(),
+            predict_with: o.predict_with.unwrap_or(d.predict_with),
             finetune_steps,
             learned_rates: d.learned_rates && o.lr_w.is_none() && o.lr_theta.is_none(),
         })
@@ -331,7 +328,7 @@ impl TaskRequest {
         self,
         meta: &ModelMeta,
         limits: &Limits,
-        options: ResolvedOptions,
+        options: Adaptation,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<TaskInput, ApiError> {
         let image_limits = image_limits(limits);

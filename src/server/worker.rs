@@ -23,7 +23,7 @@ use super::admission::{Admission, CostKey};
 use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
-use crate::adapt::{BnMode, PredictWith};
+use crate::adapt::{Adaptation, PredictWith};
 use crate::model::checkpoint::Checkpoint;
 use crate::nn::learned_rates::LearnedRates;
 use crate::runtime::panics::caught;
@@ -444,11 +444,7 @@ struct BatchKey {
     n_way: usize,
     support_images: usize,
     query_values: usize,
-    steps: usize,
-    lr_w: u64,
-    lr_theta: u64,
-    learned_rates: bool,
-    bn: BnMode,
+    settings: Adaptation,
 }
 
 /// What a batch is adapted as: `tasks` tasks (the batch, padded) with the same [`BatchKey`]; each
@@ -467,11 +463,11 @@ fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
         n_way: input.n_way,
         support_images: input.support_labels.len(),
         query_values: input.query.len(),
-        steps: o.steps,
-        lr_w: o.lr_w.to_bits(),
-        lr_theta: o.lr_theta.to_bits(),
-        learned_rates: o.learned_rates,
-        bn: o.bn,
+        // The supernet predicts: the derived network's fine-tuning steps play no part.
+        settings: Adaptation {
+            finetune_steps: 0,
+            ..o
+        },
     })
 }
 

@@ -10,11 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
-use tnas::adapt::BnMode;
+use tnas::adapt::{Adaptation, BnMode, PredictWith};
 use tnas::model::checkpoint::{param_specs, Checkpoint};
-use tnas::model::metadata::{
-    AdaptationDefaults, HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION,
-};
+use tnas::model::metadata::{HeadSpec, InputSpec, ModelKind, ModelMeta, FORMAT_VERSION};
 use tnas::nn::network::Network;
 use tnas::nn::params::ParamSet;
 use tnas::nn::search_space::{SearchSpace, PRIMITIVES};
@@ -56,12 +54,14 @@ pub fn metadata(
         genotype: None,
         input,
         head,
-        adaptation: AdaptationDefaults {
+        adaptation: Adaptation {
             steps: 3,
             lr_w: 0.01,
             lr_theta: 30.0,
             bn: BnMode::Support,
             learned_rates: false,
+            predict_with: PredictWith::Supernet,
+            finetune_steps: 0,
         },
         relaxation: Default::default(),
         training: None,

@@ -1,9 +1,10 @@
 //! `POST /adapt`: parse, validate, decode images, queue for the worker, answer.
 
+use crate::adapt::Adaptation;
 use crate::model::metadata::ModelMeta;
 use crate::server::admission::CostKey;
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
-use crate::server::compute::{ResolvedOptions, TaskInput};
+use crate::server::compute::TaskInput;
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
 use crate::server::task_request::TaskRequest;
@@ -200,7 +201,7 @@ async fn decode(
     state: &SharedState,
     task: TaskRequest,
     meta: ModelMeta,
-    options: ResolvedOptions,
+    options: Adaptation,
 ) -> Result<TaskInput, ApiError> {
     let slot = Arc::clone(&state.decoding_slots)
         .acquire_owned()
