@@ -7,14 +7,17 @@ use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
+use super::store::task_models::KeptTask;
+use crate::adapt::task_model::{TaskModel, SUPPORT_IMAGES};
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{safetensors_bytes, sha256_hex, tensors_of_safetensors, Checkpoint};
 use crate::model::metadata::ModelMeta;
 use crate::nn::genotype::Genotype;
 use crate::nn::network::Network;
 use crate::nn::params::matrix_rows;
 use crate::nn::supernet::{Alphas, MixingRows};
 use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -52,6 +55,8 @@ pub struct TaskInput {
     pub n_way: usize,
     pub query: Vec<f32>,
     pub options: ResolvedOptions,
+    /// Hand the adapted task model back, to be kept for later predictions.
+    pub keep: bool,
 }
 
 /// What the worker sends back.
@@ -66,6 +71,86 @@ pub struct TaskOutput {
     pub predict_ms: f64,
     /// Replayed from a recorded CUDA graph.
     pub cuda_graph: bool,
+    /// The task model, when the input asked to keep it.
+    pub task_model: Option<TaskModelBytes>,
+}
+
+/// A task model as bytes the async side can keep: its `model.safetensors` ([`TaskModel::weights`])
+/// with their sha256, and the `support.safetensors` holding its support images.
+#[derive(Debug)]
+pub struct TaskModelBytes {
+    pub weights: Vec<u8>,
+    pub sha256: String,
+    pub support: Vec<u8>,
+}
+
+impl TaskModelBytes {
+    fn of(model: &TaskModel) -> Result<TaskModelBytes, WorkerError> {
+        let weights = safetensors_bytes(&model.weights()).map_err(WorkerError::Failed)?;
+        let support = safetensors_bytes(&[(
+            SUPPORT_IMAGES.to_string(),
+            model.support_images.shallow_clone(),
+        )])
+        .map_err(WorkerError::Failed)?;
+        Ok(TaskModelBytes {
+            sha256: sha256_hex(&weights),
+            weights,
+            support,
+        })
+    }
+
+    /// The task model these bytes hold, as `meta` describes it, on `device`.
+    fn task_model(
+        meta: &ModelMeta,
+        weights: &[u8],
+        support: &[u8],
+        device: Device,
+    ) -> Result<TaskModel, String> {
+        let checkpoint = Checkpoint::from_bytes(meta.clone(), weights, device)?;
+        let support_images = tensors_of_safetensors(support, device)?
+            .into_iter()
+            .find_map(|(name, t)| (name == SUPPORT_IMAGES).then_some(t))
+            .ok_or_else(|| format!("support.safetensors holds no {SUPPORT_IMAGES}"))?;
+        Ok(TaskModel::from_checkpoint(checkpoint, support_images))
+    }
+}
+
+/// Later queries for a kept task model.
+#[derive(Debug)]
+pub struct PredictInput {
+    pub task: Arc<KeptTask>,
+    /// Decoded and normalised query images (CHW, row-major, one after another).
+    pub query: Vec<f32>,
+}
+
+/// What a prediction sends back.
+#[derive(Debug)]
+pub struct PredictOutput {
+    /// [n_query][n_way]
+    pub logits: Vec<Vec<f32>>,
+    pub queue_ms: f64,
+    /// Loading the kept weights onto the device.
+    pub load_ms: f64,
+    pub predict_ms: f64,
+}
+
+/// Classifies `input`'s queries with its kept task model: the weights onto the device, one
+/// forward pass.
+pub fn run_prediction(input: &PredictInput, device: Device) -> Result<PredictOutput, WorkerError> {
+    let started = Instant::now();
+    let task = &input.task;
+    let model = TaskModelBytes::task_model(&task.meta, &task.weights, &task.support, device)
+        .map_err(WorkerError::Failed)?;
+    let query = images(&input.query, &task.meta, device);
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let logits = matrix_rows(&model.predict(&query));
+    Ok(PredictOutput {
+        logits,
+        queue_ms: 0.0,
+        load_ms,
+        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 /// A model resident on the worker's device.
@@ -88,6 +173,7 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
         support_labels: (0..n_way as i64).collect(),
         n_way,
         query: vec![0.5; pixels],
+        keep: false,
         options: ResolvedOptions {
             steps: 1,
             lr_w: meta.adaptation.lr_w,
@@ -172,19 +258,17 @@ pub fn run_task(
             ..inner
         },
     };
-    let logits = state
-        .predict_queries(
-            network,
-            meta.head,
-            &support_set,
-            &query,
-            &options,
-            keep_going,
-        )
+    let task_model = state
+        .task_model(network, meta.head, &support_set, &options, keep_going)
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: o.steps + i.completed_steps,
         })?;
-    let logits = matrix_rows(&logits);
+    let logits = matrix_rows(&task_model.predict(&query));
+    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
+    let task_model = match input.keep && genotype.is_some() {
+        true => Some(TaskModelBytes::of(&task_model)?),
+        false => None,
+    };
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
     finite(TaskOutput {
         genotype,
@@ -192,8 +276,9 @@ pub fn run_task(
         logits,
         queue_ms: 0.0,
         adapt_ms,
-        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+        predict_ms,
         cuda_graph: false,
+        task_model,
     })
 }
 
@@ -298,6 +383,7 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
                 adapt_ms,
                 predict_ms,
                 cuda_graph,
+                task_model: None,
             })
         })
         .collect()

@@ -66,6 +66,7 @@ pub fn metadata(
         relaxation: Default::default(),
         training: None,
         evaluation: Vec::new(),
+        task: None,
         sha256: String::new(),
     }
 }

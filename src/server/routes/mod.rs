@@ -4,3 +4,4 @@ pub mod adapt;
 pub mod genotypes;
 pub mod health;
 pub mod models;
+pub mod tasks;
