@@ -232,9 +232,7 @@ impl Checkpoint {
             }
         }
         let specs = param_specs(&network, meta.head);
-        let params = params
-            .ordered_like(&specs)
-            ?;
+        let params = params.ordered_like(&specs)?;
         let alphas = match (network.has_alphas(), alphas) {
             (true, (Some(normal), Some(reduce))) => Some(Alphas { normal, reduce }),
             (true, _) => {

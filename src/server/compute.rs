@@ -5,9 +5,9 @@
 
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
+use super::store::task_models::{KeptTask, TaskModelBytes};
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
-use super::store::task_models::KeptTask;
 use crate::adapt::task_model::{TaskModel, SUPPORT_IMAGES};
 use crate::adapt::{BnMode, InnerLoop, PredictOptions, PredictWith, SupportSet, TaskState};
 use crate::model::checkpoint::{safetensors_bytes, sha256_hex, tensors_of_safetensors, Checkpoint};
@@ -75,44 +75,30 @@ pub struct TaskOutput {
     pub task_model: Option<TaskModelBytes>,
 }
 
-/// A task model as bytes the async side can keep: its `model.safetensors` ([`TaskModel::weights`])
-/// with their sha256, and the `support.safetensors` holding its support images.
-#[derive(Debug)]
-pub struct TaskModelBytes {
-    pub weights: Vec<u8>,
-    pub sha256: String,
-    pub support: Vec<u8>,
+/// `model`'s files as bytes the async side can keep: its `model.safetensors`
+/// ([`TaskModel::weights`]) with their sha256, and the `support.safetensors` of its support images.
+fn task_model_bytes(model: &TaskModel) -> Result<TaskModelBytes, WorkerError> {
+    let weights = safetensors_bytes(&model.weights()).map_err(WorkerError::Failed)?;
+    let support = safetensors_bytes(&[(
+        SUPPORT_IMAGES.to_string(),
+        model.support_images.shallow_clone(),
+    )])
+    .map_err(WorkerError::Failed)?;
+    Ok(TaskModelBytes {
+        sha256: sha256_hex(&weights),
+        weights,
+        support,
+    })
 }
 
-impl TaskModelBytes {
-    fn of(model: &TaskModel) -> Result<TaskModelBytes, WorkerError> {
-        let weights = safetensors_bytes(&model.weights()).map_err(WorkerError::Failed)?;
-        let support = safetensors_bytes(&[(
-            SUPPORT_IMAGES.to_string(),
-            model.support_images.shallow_clone(),
-        )])
-        .map_err(WorkerError::Failed)?;
-        Ok(TaskModelBytes {
-            sha256: sha256_hex(&weights),
-            weights,
-            support,
-        })
-    }
-
-    /// The task model these bytes hold, as `meta` describes it, on `device`.
-    fn task_model(
-        meta: &ModelMeta,
-        weights: &[u8],
-        support: &[u8],
-        device: Device,
-    ) -> Result<TaskModel, String> {
-        let checkpoint = Checkpoint::from_bytes(meta.clone(), weights, device)?;
-        let support_images = tensors_of_safetensors(support, device)?
-            .into_iter()
-            .find_map(|(name, t)| (name == SUPPORT_IMAGES).then_some(t))
-            .ok_or_else(|| format!("support.safetensors holds no {SUPPORT_IMAGES}"))?;
-        Ok(TaskModel::from_checkpoint(checkpoint, support_images))
-    }
+/// The task model a kept task's files hold, on `device`.
+fn load_task_model(task: &KeptTask, device: Device) -> Result<TaskModel, String> {
+    let checkpoint = Checkpoint::from_bytes(task.meta.clone(), &task.weights, device)?;
+    let support_images = tensors_of_safetensors(&task.support, device)?
+        .into_iter()
+        .find_map(|(name, t)| (name == SUPPORT_IMAGES).then_some(t))
+        .ok_or_else(|| format!("support.safetensors holds no {SUPPORT_IMAGES}"))?;
+    Ok(TaskModel::from_checkpoint(checkpoint, support_images))
 }
 
 /// Later queries for a kept task model.
@@ -139,8 +125,7 @@ pub struct PredictOutput {
 pub fn run_prediction(input: &PredictInput, device: Device) -> Result<PredictOutput, WorkerError> {
     let started = Instant::now();
     let task = &input.task;
-    let model = TaskModelBytes::task_model(&task.meta, &task.weights, &task.support, device)
-        .map_err(WorkerError::Failed)?;
+    let model = load_task_model(task, device).map_err(WorkerError::Failed)?;
     let query = images(&input.query, &task.meta, device);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
@@ -266,7 +251,7 @@ pub fn run_task(
     let logits = matrix_rows(&task_model.predict(&query));
     let predict_ms = started.elapsed().as_secs_f64() * 1e3;
     let task_model = match input.keep && genotype.is_some() {
-        true => Some(TaskModelBytes::of(&task_model)?),
+        true => Some(task_model_bytes(&task_model)?),
         false => None,
     };
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);

@@ -239,7 +239,14 @@ impl TaskRequest {
             return Err(ApiError::unprocessable("support_in_prediction", "a prediction takes query images only: the kept task model already holds its support set; POST /adapt to adapt to a new one"));
         }
         let o = &self.options;
-        if o.steps.is_some() || o.lr_w.is_some() || o.lr_theta.is_some() || o.bn.is_some() || o.predict_with.is_some() || o.finetune_steps.is_some() || o.keep.is_some() {
+        if o.steps.is_some()
+            || o.lr_w.is_some()
+            || o.lr_theta.is_some()
+            || o.bn.is_some()
+            || o.predict_with.is_some()
+            || o.finetune_steps.is_some()
+            || o.keep.is_some()
+        {
             return Err(ApiError::unprocessable("options_in_prediction", "a prediction adapts nothing, so its options may only name the model; the kept task model answers as it was adapted (POST /adapt again for other settings)"));
         }
         self.check_image_count(limits)?;

@@ -582,7 +582,9 @@ fn reply(job: Job, result: Result<TaskOutput, WorkerError>, started: Instant) {
 fn predict(job: PredictJob, device: Device) {
     let started = Instant::now();
     if job.reply.is_closed() || started >= job.deadline {
-        let _ = job.reply.send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
+        let _ = job
+            .reply
+            .send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
         return;
     }
     let result = caught(|| run_prediction(&job.input, device))

@@ -3,9 +3,9 @@
 use crate::model::metadata::TaskOrigin;
 use crate::server::admission::CostKey;
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
-use crate::server::store::task_models::KeptTask;
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
+use crate::server::store::task_models::KeptTask;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::{Job, Readiness};
 use crate::server::worker_error::WorkerError;
@@ -63,8 +63,8 @@ pub async fn adapt(
         deadline.into(),
         parse(&state, request, TaskRequest::from_json),
     )
-        .await
-        .map_err(|_| timed_out())??;
+    .await
+    .map_err(|_| timed_out())??;
     let name = task
         .options
         .model
@@ -167,7 +167,13 @@ pub async fn adapt(
                 adapted_from_sha256: meta.sha256.clone(),
                 labels: labels.clone(),
             };
-            let task = KeptTask::new(&meta, origin, &options, output.genotype.clone(), bytes);
+            let task = KeptTask::new(
+                &meta,
+                origin,
+                (options.predict_with, options.bn),
+                output.genotype.clone(),
+                bytes,
+            );
             keep(&state, task)
         }
         _ => false,

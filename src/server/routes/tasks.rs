@@ -38,7 +38,11 @@ fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin
              or it was evicted to make room for newer tasks; POST /adapt again with its support set"
         ))
     })?;
-    let origin = task.meta.task.clone().expect("kept task models record their task");
+    let origin = task
+        .meta
+        .task
+        .clone()
+        .expect("kept task models record their task");
     match state.models.get(&origin.adapted_from) {
         Some(model) if model.sha256 == origin.adapted_from_sha256 => Ok((task, origin)),
         Some(_) => Err(ApiError::unprocessable(
@@ -99,7 +103,12 @@ pub async fn predict(
         .await
         .map_err(|_| timed_out())??;
     request.validate_queries(&state.limits)?;
-    if let Some(model) = request.options.model.as_ref().filter(|m| **m != origin.adapted_from) {
+    if let Some(model) = request
+        .options
+        .model
+        .as_ref()
+        .filter(|m| **m != origin.adapted_from)
+    {
         return Err(ApiError::unprocessable(
             "wrong_model",
             format!("task {task_id} was adapted from model '{}', not '{model}'; name its own model or none", origin.adapted_from),

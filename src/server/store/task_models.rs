@@ -8,9 +8,9 @@
 //! One mutex guards the map and the use order: every operation is a few map updates.
 
 use crate::adapt::task_model::{task_model_kind, task_model_meta};
+use crate::adapt::{BnMode, PredictWith};
 use crate::model::metadata::{ModelMeta, TaskOrigin};
 use crate::nn::genotype::Genotype;
-use crate::server::compute::{ResolvedOptions, TaskModelBytes};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -29,13 +29,13 @@ impl KeptTask {
     pub fn new(
         source: &ModelMeta,
         origin: TaskOrigin,
-        options: &ResolvedOptions,
+        (predict_with, bn): (PredictWith, BnMode),
         genotype: Option<Genotype>,
         bytes: TaskModelBytes,
     ) -> KeptTask {
-        let kind = task_model_kind(source.kind, options.predict_with).unwrap_or(source.kind);
+        let kind = task_model_kind(source.kind, predict_with).unwrap_or(source.kind);
         KeptTask {
-            meta: task_model_meta(source, kind, genotype, options.bn, origin, bytes.sha256),
+            meta: task_model_meta(source, kind, genotype, bn, origin, bytes.sha256),
             weights: bytes.weights,
             support: bytes.support,
         }
@@ -51,6 +51,15 @@ impl KeptTask {
         let json = serde_json::to_vec(&self.meta).map_or(0, |j| j.len());
         self.weights.len() + self.support.len() + json
     }
+}
+
+/// A task model's files as the worker hands them out: `model.safetensors` with its sha256, and
+/// `support.safetensors`.
+#[derive(Debug)]
+pub struct TaskModelBytes {
+    pub weights: Vec<u8>,
+    pub sha256: String,
+    pub support: Vec<u8>,
 }
 
 /// Why a task model was not kept.
@@ -108,7 +117,9 @@ impl TaskModelStore {
         let id = task.task_id().to_string();
         lru.clock += 1;
         let used = lru.clock;
-        if let Some((_, old_use, old_size)) = lru.tasks.insert(id.clone(), (Arc::new(task), used, size)) {
+        if let Some((_, old_use, old_size)) =
+            lru.tasks.insert(id.clone(), (Arc::new(task), used, size))
+        {
             lru.by_use.remove(&old_use);
             lru.bytes -= old_size;
         }
@@ -142,11 +153,18 @@ impl TaskModelStore {
 
     /// The bytes the kept models take.
     pub fn bytes(&self) -> usize {
-        self.lru.lock().expect("task store lock is never poisoned").bytes
+        self.lru
+            .lock()
+            .expect("task store lock is never poisoned")
+            .bytes
     }
 
     pub fn len(&self) -> usize {
-        self.lru.lock().expect("task store lock is never poisoned").tasks.len()
+        self.lru
+            .lock()
+            .expect("task store lock is never poisoned")
+            .tasks
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -159,10 +177,9 @@ mod tests {
     use super::*;
 
     fn task(id: &str, bytes: usize) -> KeptTask {
-        let mut meta: ModelMeta = serde_json::from_str(include_str!(
-            "../../../models/omniglot-tnas/model.json"
-        ))
-        .expect("the shipped model.json parses");
+        let mut meta: ModelMeta =
+            serde_json::from_str(include_str!("../../../models/omniglot-tnas/model.json"))
+                .expect("the shipped model.json parses");
         meta.task = Some(TaskOrigin {
             task_id: id.into(),
             adapted_from: meta.name.clone(),
@@ -185,7 +202,10 @@ mod tests {
         }
         assert!(store.get("a").is_some(), "a is now the most recently used");
         store.insert(task("d", 10_000)).unwrap();
-        assert!(store.get("b").is_none(), "b, the least recently used, went first");
+        assert!(
+            store.get("b").is_none(),
+            "b, the least recently used, went first"
+        );
         for id in ["a", "c", "d"] {
             assert!(store.get(id).is_some(), "{id} kept");
         }
@@ -195,7 +215,10 @@ mod tests {
         store.insert(task("big", 25_000)).unwrap();
         assert!(store.bytes() <= 3 * size + size / 2, "{}", store.bytes());
         assert!(store.get("big").is_some());
-        assert!(store.get("a").is_none() && store.get("c").is_none(), "the two oldest made room");
+        assert!(
+            store.get("a").is_none() && store.get("c").is_none(),
+            "the two oldest made room"
+        );
     }
 
     #[test]
