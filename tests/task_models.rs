@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{b64, omniglot_pngs, repo_path, serve, ServerProcess};
+use common::{b64, metric, omniglot_pngs, repo_path, serve, ServerProcess};
 use reqwest::blocking::{multipart, Client};
 use serde_json::{json, Value};
 use std::io::Read;
@@ -281,19 +281,6 @@ fn a_kept_task_predicts_as_its_adaptation_did_and_its_download_answers_the_same_
 /// The bytes one kept task model of the shipped supernet takes: its weights and θ, its support
 /// images and its model.json (about 0.86 MB).
 const SUPERNET_TASK_BYTES: usize = 870_000;
-
-fn metric(url: &str, name: &str) -> f64 {
-    let text = Client::new()
-        .get(format!("{url}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[test]
 fn the_store_evicts_the_least_recently_used_and_stays_within_its_bytes() {

@@ -286,6 +286,19 @@ pub fn answers(
         .collect()
 }
 
+/// The sum of a Prometheus metric's samples on `url`'s `/metrics`.
+pub fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("{url}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
 }
