@@ -19,12 +19,13 @@
 //! and the thread keeps serving, unless the device itself no longer works: then the worker stops,
 //! `/readyz` says why, and every waiting job is refused.
 //!
-//! Predictions for kept task models ([`PredictJob`]) come on a queue of their own, which the worker
-//! serves first, before each adaptation or batch: a prediction is one forward pass, a small
-//! fraction of an adaptation, so taking it first delays the adaptations waiting by little, while
-//! queueing it behind them would make it wait for all of their steps. It waits at most for the
-//! adaptation running when it arrives. Predictions of different tasks have different weights, so
-//! they do not batch with each other or with adaptations.
+//! Predictions for kept task models ([`PredictJob`]) come on a queue of their own, and the worker
+//! takes turns: one waiting prediction, then one adaptation or batch. A prediction is one forward
+//! pass, a fraction of an adaptation, so it need not wait behind every adaptation queued (it
+//! waits for the predictions ahead of it and one adaptation each); and however many predictions
+//! wait, adaptations keep at least every other turn, so clients predicting back to back cannot
+//! starve them. With no adaptation waiting, predictions run back to back. Predictions of different
+//! tasks have different weights, so they do not batch with each other or with adaptations.
 
 use super::admission::{Admission, CostKey};
 use super::compute::{
@@ -296,7 +297,10 @@ fn serve(
     // Jobs taken off the channel but not started: the candidates for the next batch.
     let mut held: VecDeque<Job> = VecDeque::new();
     loop {
-        queue.run_predictions(device);
+        let waiting_prediction = queue.predictions.borrow_mut().try_recv();
+        if let Ok(job) = waiting_prediction {
+            predict(job, device);
+        }
         if held.is_empty() {
             match queue.next(receiver) {
                 Some(Next::Adapt(job)) => held.push_back(job),
@@ -464,29 +468,19 @@ struct Queue<'a> {
 }
 
 impl Queue<'_> {
-    /// Waits for the next job of either queue, a prediction first when both have one; `None` once
-    /// the adaptation queue is closed.
+    /// Waits for the next job of either queue, an adaptation first when both have one (the turn
+    /// of a waiting prediction comes at the top of the loop); `None` once the adaptation queue is
+    /// closed.
     fn next(&self, adaptations: &mut mpsc::Receiver<Job>) -> Option<Next> {
         let mut predictions = self.predictions.borrow_mut();
         let waiting = async {
             tokio::select! {
                 biased;
-                Some(job) = predictions.recv() => Some(Next::Predict(job)),
                 job = adaptations.recv() => job.map(Next::Adapt),
+                Some(job) = predictions.recv() => Some(Next::Predict(job)),
             }
         };
         self.waiter.block_on(waiting)
-    }
-
-    /// Runs every prediction waiting now.
-    fn run_predictions(&self, device: Device) {
-        loop {
-            let job = self.predictions.borrow_mut().try_recv();
-            match job {
-                Ok(job) => predict(job, device),
-                Err(_) => return,
-            }
-        }
     }
 
     /// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
