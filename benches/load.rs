@@ -3,13 +3,17 @@
 //! and after the run (the better of the two counts, so that a machine busier during one of them
 //! does not flatter the run). For 60 s, 32 clients send such tasks (JSON and multipart) beside
 //! hostile clients: invalid requests of every kind, requests over the per-request budgets (pixels,
-//! label length, listing size), and raw connections that send half a request head and hold it.
-//! Prints goodput (answers within the deadline) beside the single-client throughput, latency,
+//! label length, listing size), and raw connections that send half a request head and hold it,
+//! and clients that classify new queries of an adapted task with its kept model
+//! (`POST /tasks/{task_id}/predict`) while every adaptation keeps its own model in a 64 MiB store.
+//! Prints goodput (answers within the deadline) beside the single-client throughput (less the
+//! worker time the predictions take, from one prediction timed alone), latency,
 //! status counts and memory; exits non-zero on a 5xx other than 504, fewer than 90% of the valid
 //! requests not refused with 429 answered 200, goodput under 80% of the single client's
 //! throughput, a hostile request that got anything but its own 4xx, a half-open connection held
-//! past the header-read timeout, memory not back within 10% of its start after the run, or a
-//! server that is not ready at the end.
+//! past the header-read timeout, a prediction that got anything but 200, 429 or 504, kept task
+//! models over their budget, memory not back within 10% of its start (plus the task store's
+//! budget, which stays full) after the run, or a server that is not ready at the end.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,6 +35,10 @@ const PNG_BOMB: &str =
 const HOSTILE_PAUSE: Duration = Duration::from_millis(250);
 /// The server's header-read timeout in this run; half-open connections must be closed by then.
 const HEADER_READ_TIMEOUT_S: f64 = 10.0;
+/// What each predicting client waits before each request.
+const PREDICT_PAUSE: Duration = Duration::from_secs(1);
+/// `--task-store-bytes` in this run.
+const TASK_STORE_BYTES: usize = 64 << 20;
 
 /// What the hostile HTTP clients cycle through, each with the one status it must get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,11 +140,19 @@ fn main() {
     let clients: usize = env_or("TNAS_LOAD_CLIENTS", 32);
     let hostile_clients: usize = env_or("TNAS_LOAD_HOSTILE_CLIENTS", 4);
     let half_open: usize = env_or("TNAS_LOAD_HALF_OPEN", 64);
+    let predicting_clients: usize = env_or("TNAS_LOAD_PREDICT_CLIENTS", 2);
     let baseline_seconds: u64 = env_or("TNAS_LOAD_BASELINE_SECONDS", 30);
     let models = common::repo_path("models");
     let server = ServerProcess::start(
         &models,
-        &["--default-model", "omniglot-tnas", "--device", "cpu"],
+        &[
+            "--default-model",
+            "omniglot-tnas",
+            "--device",
+            "cpu",
+            "--task-store-bytes",
+            &TASK_STORE_BYTES.to_string(),
+        ],
     );
     let pngs = common::omniglot_pngs("Latin", 20, 4);
     // A 20-way 1-shot Latin task: drawer 0 as support, drawers 1..=3 as queries.
@@ -229,6 +245,42 @@ fn main() {
         .send()
     };
 
+    // One adapted 20-way task whose kept model the predicting clients ask about its 60 queries.
+    let kept: Value = Client::new()
+        .post(&adapt)
+        .header("content-type", "application/json")
+        .body(twenty_body)
+        .send()
+        .and_then(|r| r.json())
+        .expect("the first adaptation answers");
+    let predict_url = format!(
+        "{}/tasks/{}/predict",
+        server.url,
+        kept["task_id"].as_str().unwrap()
+    );
+    let predict_body = serialised(&json!({"query": twenty["query"]}));
+    let predicting = |client: &Client, _: usize, _: usize| {
+        // A client classifying new images as they come, not back to back.
+        std::thread::sleep(PREDICT_PAUSE);
+        client
+            .post(&predict_url)
+            .header("content-type", "application/json")
+            .body(predict_body)
+            .send()
+    };
+
+    // What one prediction costs the worker, alone: the adaptations' share of the run is what the
+    // predictions leave.
+    let mut alone_ms: Vec<f64> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            predicting(&Client::new(), 0, 0).expect("a prediction answers");
+            started.elapsed().as_secs_f64() * 1e3 - PREDICT_PAUSE.as_secs_f64() * 1e3
+        })
+        .collect();
+    alone_ms.sort_by(f64::total_cmp);
+    let prediction_ms = alone_ms[1];
+
     // One client alone: the throughput the server can give 20-way tasks.
     let alone = || {
         let answers = closed_loop(1, Duration::from_secs(baseline_seconds), &valid);
@@ -242,18 +294,32 @@ fn main() {
     let (rss_start, _) = server.memory_mib();
 
     let stop_half_open = AtomicBool::new(false);
-    let (answers, hostile_answers, held) = std::thread::scope(|scope| {
+    let (answers, hostile_answers, predictions, held) = std::thread::scope(|scope| {
         let holders = scope.spawn(|| half_open_clients(server.port, half_open, &stop_half_open));
         let hostile_run =
             scope.spawn(|| closed_loop(hostile_clients, Duration::from_secs(seconds), &hostile));
+        let predicting_run = scope.spawn(|| {
+            closed_loop(
+                predicting_clients,
+                Duration::from_secs(seconds),
+                &predicting,
+            )
+        });
         let answers = closed_loop(clients, Duration::from_secs(seconds), &valid);
         let hostile_answers = hostile_run.join().unwrap();
+        let predictions = predicting_run.join().unwrap();
         stop_half_open.store(true, Ordering::Relaxed);
-        (answers, hostile_answers, holders.join().unwrap())
+        (
+            answers,
+            hostile_answers,
+            predictions,
+            holders.join().unwrap(),
+        )
     });
     std::thread::sleep(Duration::from_secs(5));
     let (rss_end, peak) = server.memory_mib();
     let ready = server.ready();
+    let task_store_bytes = common::metric(&server.url, "tnas_task_store_bytes");
     let single_client = before.max(alone());
     let passed = report(Run {
         seconds,
@@ -263,6 +329,10 @@ fn main() {
         single_client,
         answers,
         hostile_answers,
+        predicting_clients,
+        predictions,
+        prediction_ms,
+        task_store_bytes,
         held,
         rss_start,
         rss_end,
@@ -285,6 +355,13 @@ struct Run {
     single_client: f64,
     answers: Vec<Answer>,
     hostile_answers: Vec<Answer>,
+    predicting_clients: usize,
+    /// Answers to later queries of one kept task model.
+    predictions: Vec<Answer>,
+    /// One prediction's latency with nothing else running.
+    prediction_ms: f64,
+    /// `tnas_task_store_bytes` at the end.
+    task_store_bytes: f64,
     /// Seconds each half-open connection was held before the server closed it.
     held: Vec<f64>,
     rss_start: f64,
@@ -360,6 +437,41 @@ fn report(run: Run) -> bool {
     for ((kind, status), n) in &hostile {
         println!("  hostile {:<15} {status}: {n}", format!("{kind:?}"));
     }
+    let mut predicted: BTreeMap<u16, usize> = BTreeMap::new();
+    for answer in &run.predictions {
+        *predicted.entry(answer.status).or_default() += 1;
+    }
+    let predicted_ms: Vec<f64> = run
+        .predictions
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| a.ms)
+        .collect();
+    println!(
+        "  {} clients predicting 60 queries with a kept task model: {}; 200 p50 {:.0} ms, p99 {:.0} ms",
+        run.predicting_clients,
+        predicted
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        percentile(&predicted_ms, 0.5),
+        percentile(&predicted_ms, 0.99)
+    );
+    // The worker's time the predictions took, which the adaptations could not have.
+    let predicting_share =
+        (predicted_ms.len() as f64 * run.prediction_ms / 1e3 / run.seconds as f64).min(1.0);
+    let adaptations_alone = run.single_client * (1.0 - predicting_share);
+    println!(
+        "  a prediction alone takes {:.0} ms: predictions took {:.0}% of the worker, leaving adaptations {adaptations_alone:.2} tasks/s",
+        run.prediction_ms,
+        100.0 * predicting_share
+    );
+    let store_mib = TASK_STORE_BYTES as f64 / (1 << 20) as f64;
+    println!(
+        "  kept task models: {:.1} MiB of the {store_mib:.0} MiB budget",
+        run.task_store_bytes / (1 << 20) as f64
+    );
     let longest_held = run.held.iter().copied().fold(0.0, f64::max);
     println!("  half-open connections closed by the server: {}, held p50 {:.1} s, at most {longest_held:.1} s", run.held.len(), percentile(&run.held, 0.5));
     println!(
@@ -386,10 +498,9 @@ fn report(run: Run) -> bool {
             100.0 * served_share
         ));
     }
-    if goodput < 0.8 * run.single_client {
+    if goodput < 0.8 * adaptations_alone {
         failures.push(format!(
-            "goodput {goodput:.2}/s is under 80% of one client's {:.2}/s",
-            run.single_client
+            "goodput {goodput:.2}/s is under 80% of the {adaptations_alone:.2}/s that one client gets in the worker's time the predictions leave"
         ));
     }
     for ((kind, status), n) in &hostile {
@@ -402,9 +513,21 @@ fn report(run: Run) -> bool {
             "a half-open connection was held {longest_held:.1} s"
         ));
     }
-    if run.rss_end > 1.1 * run.rss_start {
+    if let Some((status, n)) = predicted
+        .iter()
+        .find(|(s, _)| ![200, 429, 504].contains(*s))
+    {
+        failures.push(format!("{n} predictions got {status}"));
+    }
+    if run.task_store_bytes > TASK_STORE_BYTES as f64 {
         failures.push(format!(
-            "memory did not come back: {:.0} MiB after against {:.0} MiB before",
+            "kept task models take {:.0} bytes, over their budget of {TASK_STORE_BYTES}",
+            run.task_store_bytes
+        ));
+    }
+    if run.rss_end > 1.1 * run.rss_start + store_mib {
+        failures.push(format!(
+            "memory did not come back: {:.0} MiB after against {:.0} MiB before and {store_mib:.0} MiB of kept task models",
             run.rss_end, run.rss_start
         ));
     }

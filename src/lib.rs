@@ -13,7 +13,7 @@
 //!   mixing weights and where a genotype is decoded; `nn::fast` holds the fused kernels.
 //! - [`model`]: a model on disk: `model.json`, the shared adaptation settings, checkpoints.
 //! - [`adapt`]: T-NAS Algorithm 2 (where θ is updated for a task) and query prediction; one task or
-//!   several stacked as one pass.
+//!   several stacked as one pass; the task model that predicts, kept and written as a model folder.
 //! - [`data`]: where images become tensors (for requests and datasets alike), few-shot datasets
 //!   and episode sampling.
 //!

@@ -223,6 +223,7 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
             finetune_steps: 0,
             learned_rates: false,
         },
+        keep: false,
     }
 }
 

@@ -32,6 +32,7 @@ fn task(support_labels: Vec<i64>, n_way: usize, support_pixels: usize) -> TaskIn
             finetune_steps: 0,
             learned_rates: false,
         },
+        keep: false,
     }
 }
 

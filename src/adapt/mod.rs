@@ -6,6 +6,7 @@
 //! network ([`OneTask`]), or several tasks stacked into one pass ([`crate::adapt::task_batch`]).
 
 pub mod task_batch;
+pub mod task_model;
 
 use crate::model::metadata::HeadSpec;
 pub use crate::model::settings::{Adaptation, BnMode, PredictWith};
@@ -20,6 +21,7 @@ use crate::nn::ops::BnStats;
 use crate::nn::params::ParamSet;
 use crate::nn::relaxation::Relaxation;
 use crate::nn::supernet::Alphas;
+use task_model::TaskModel;
 use tch::{Device, Tensor};
 
 /// A task's support set on the compute device.
@@ -406,7 +408,22 @@ impl TaskState {
         settings: &Adaptation,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<Tensor, Interrupted> {
-        match (settings.predict_with, self.genotype(network), network) {
+        Ok(self
+            .task_model(network, head, support, settings, keep_going)?
+            .predict(query))
+    }
+
+    /// The network that answers this task's queries ([`TaskState::predict_queries`]), with its
+    /// weights: this state's own (shared, not copied) or the derived network's, fine-tuned.
+    pub fn task_model(
+        &self,
+        network: &Network,
+        head: HeadSpec,
+        support: &SupportSet,
+        settings: &Adaptation,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<TaskModel, Interrupted> {
+        let (network, state) = match (settings.predict_with, self.genotype(network), network) {
             (PredictWith::Derived, Some(genotype), Network::Supernet(net)) => {
                 let derived =
                     DerivedNetwork::new(net.space, genotype).expect("decoded genotypes are valid");
@@ -418,10 +435,23 @@ impl TaskState {
                     first_loss,
                     keep_going,
                 )?;
-                Ok(derived_state.predict(&derived_net, support, query, settings.bn))
+                (derived_net, derived_state)
             }
-            _ => Ok(self.predict(network, support, query, settings.bn)),
-        }
+            _ => {
+                let alphas = self.alphas.as_ref().map(|a| a.map(|t| t.shallow_clone()));
+                let mut state = TaskState::new(self.params.clone(), alphas);
+                state.temperature = self.temperature;
+                (network.clone(), state)
+            }
+        };
+        Ok(TaskModel {
+            network,
+            params: state.params,
+            alphas: state.alphas,
+            temperature: state.temperature,
+            bn: settings.bn,
+            support_images: support.images.shallow_clone(),
+        })
     }
 }
 

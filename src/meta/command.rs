@@ -349,6 +349,7 @@ impl MetaTrainArgs {
                 .filter(|a| !a.is_off()),
             }),
             evaluation: Vec::new(),
+            task: None,
             sha256: String::new(),
         }
     }

@@ -179,7 +179,8 @@ impl Checkpoint {
         Ok(steps)
     }
 
-    fn weights_bytes(&self) -> Result<Vec<u8>, String> {
+    /// The bytes of this checkpoint's `model.safetensors`.
+    pub fn weights_bytes(&self) -> Result<Vec<u8>, String> {
         let mut named: Vec<(String, Tensor)> = self
             .params
             .iter()
@@ -210,9 +211,15 @@ impl Checkpoint {
         };
         meta.validate().map_err(|m| invalid(&meta_path, m))?;
         let (weights_path, bytes) = described_weights(dir, &meta.sha256)?;
-        let tensors =
-            tensors_of_safetensors(&bytes, device).map_err(|m| invalid(&weights_path, m))?;
-        let network = network_of(&meta).map_err(|m| invalid(&meta_path, m))?;
+        Checkpoint::from_bytes(meta, &bytes, device).map_err(|m| invalid(&weights_path, m))
+    }
+
+    /// The checkpoint `meta` (already validated) describes, from the bytes of its
+    /// `model.safetensors` (whose hash the caller has checked, or produced), on `device`: every
+    /// tensor checked against the network's spec.
+    pub fn from_bytes(meta: ModelMeta, bytes: &[u8], device: Device) -> Result<Checkpoint, String> {
+        let tensors = tensors_of_safetensors(bytes, device)?;
+        let network = network_of(&meta)?;
         let mut params = ParamSet::from_pairs(Vec::new());
         let (mut alphas, mut rates) = ((None, None), (None, None));
         for (name, tensor) in tensors {
@@ -225,15 +232,12 @@ impl Checkpoint {
             }
         }
         let specs = param_specs(&network, meta.head);
-        let params = params
-            .ordered_like(&specs)
-            .map_err(|m| invalid(&weights_path, m))?;
+        let params = params.ordered_like(&specs)?;
         let alphas = match (network.has_alphas(), alphas) {
             (true, (Some(normal), Some(reduce))) => Some(Alphas { normal, reduce }),
             (true, _) => {
-                return Err(invalid(
-                    &weights_path,
-                    format!("a supernet checkpoint needs {ALPHAS_NORMAL} and {ALPHAS_REDUCE}"),
+                return Err(format!(
+                    "a supernet checkpoint needs {ALPHAS_NORMAL} and {ALPHAS_REDUCE}"
                 ))
             }
             (false, _) => None,
@@ -242,9 +246,9 @@ impl Checkpoint {
             let expected = vec![net.space.num_edges() as i64, 8];
             for (name, t) in [(ALPHAS_NORMAL, &a.normal), (ALPHAS_REDUCE, &a.reduce)] {
                 if t.size() != expected {
-                    return Err(invalid(
-                        &weights_path,
-                        format!("{name} has shape {:?}, expected {expected:?}", t.size()),
+                    return Err(format!(
+                        "{name} has shape {:?}, expected {expected:?}",
+                        t.size()
                     ));
                 }
             }
@@ -253,11 +257,11 @@ impl Checkpoint {
             (false, (None, None)) => None,
             (true, (Some(w), Some(theta))) => {
                 let rates = LearnedRates { w, theta };
-                rates.check(task_tensors(&params, meta.head)).map_err(|m| invalid(&weights_path, m))?;
+                rates.check(task_tensors(&params, meta.head))?;
                 Some(rates)
             }
-            (true, _) => return Err(invalid(&weights_path, format!("adaptation.learned_rates needs {RATES_W} and {RATES_THETA}"))),
-            (false, _) => return Err(invalid(&weights_path, format!("{RATES_W}/{RATES_THETA} present but model.json's adaptation.learned_rates is not set"))),
+            (true, _) => return Err(format!("adaptation.learned_rates needs {RATES_W} and {RATES_THETA}")),
+            (false, _) => return Err(format!("{RATES_W}/{RATES_THETA} present but model.json's adaptation.learned_rates is not set")),
         };
         Ok(Checkpoint {
             meta,

@@ -189,8 +189,23 @@ pub struct ModelMeta {
     pub training: Option<TrainingInfo>,
     #[serde(default)]
     pub evaluation: Vec<EvalResult>,
+    /// Set on a task model (`GET /tasks/{task_id}/model`): the task it was adapted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskOrigin>,
     /// sha256 of `model.safetensors`, lowercase hex.
     pub sha256: String,
+}
+
+/// Where a task model came from: the task, the model adapted to it, and its class names, so that
+/// whoever runs the model alone knows what its logits' columns mean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskOrigin {
+    pub task_id: String,
+    /// The model the task was adapted from, and the sha256 of its weights.
+    pub adapted_from: String,
+    pub adapted_from_sha256: String,
+    /// Class i's name, in the order of the logits.
+    pub labels: Vec<String>,
 }
 
 impl ModelMeta {

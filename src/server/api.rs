@@ -37,6 +37,9 @@ pub struct AdaptOptions {
     pub predict_with: Option<PredictWith>,
     /// Extra weight-only steps for the derived network.
     pub finetune_steps: Option<usize>,
+    /// Keep the adapted task model for `POST /tasks/{task_id}/predict` and
+    /// `GET /tasks/{task_id}/model` (default true, while `--task-store-bytes` allows).
+    pub keep: Option<bool>,
 }
 
 /// `POST /adapt` as JSON.
@@ -94,6 +97,10 @@ pub struct AdaptResponse {
     /// has no architecture, the store was unreachable or slow (`/readyz` says why), or the record
     /// was over `--genotype-store-bytes`; the genotype above is the task's all the same.
     pub genotype_stored: bool,
+    /// Whether the adapted task model was kept for `POST /tasks/{task_id}/predict` and
+    /// `GET /tasks/{task_id}/model`. False when the request said `"keep": false`, the model has no
+    /// architecture, or the task model alone is over `--task-store-bytes`.
+    pub task_model_kept: bool,
     pub alphas: Option<AlphaWeights>,
     pub predictions: Vec<Prediction>,
     pub steps: usize,
@@ -102,6 +109,41 @@ pub struct AdaptResponse {
     /// predictions of a task shape seen before; the task that records a shape waits for that too).
     pub cuda_graph: bool,
     pub timing_ms: TimingMs,
+}
+
+/// `POST /tasks/{task_id}/predict` as JSON: only query images; the kept task model answers.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    pub query: Vec<QueryImage>,
+    /// The model the task was adapted from, if the client wants that checked.
+    pub model: Option<String>,
+}
+
+/// `POST /tasks/{task_id}/predict` response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PredictResponse {
+    pub task_id: String,
+    /// The model the task was adapted from.
+    pub model: String,
+    pub labels: Vec<String>,
+    /// `supernet` or `derived`: which network the kept model is.
+    pub predict_with: PredictWith,
+    pub predictions: Vec<Prediction>,
+    pub device: String,
+    pub timing_ms: PredictTimingMs,
+}
+
+/// Where a prediction's time went, in milliseconds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PredictTimingMs {
+    pub decode_images: f64,
+    pub queue: f64,
+    /// Loading the kept weights onto the device.
+    pub load: f64,
+    /// The queries' forward pass.
+    pub predict: f64,
+    pub total: f64,
 }
 
 /// A stored genotype with its task's metadata (`GET /genotypes/{task_id}`); kept in this JSON

@@ -5,16 +5,19 @@
 
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
+use super::store::task_models::{KeptTask, TaskModelBytes};
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
+use crate::adapt::task_model::{TaskModel, SUPPORT_IMAGES};
 use crate::adapt::{Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{safetensors_bytes, sha256_hex, tensors_of_safetensors, Checkpoint};
 use crate::model::metadata::ModelMeta;
 use crate::nn::genotype::Genotype;
 use crate::nn::network::Network;
 use crate::nn::params::matrix_rows;
 use crate::nn::supernet::{Alphas, MixingRows};
 use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -28,6 +31,8 @@ pub struct TaskInput {
     pub query: Vec<f32>,
     /// The model's defaults with the request's overrides.
     pub options: Adaptation,
+    /// Hand the adapted task model back, to be kept for later predictions.
+    pub keep: bool,
 }
 
 /// What the worker sends back.
@@ -42,6 +47,71 @@ pub struct TaskOutput {
     pub predict_ms: f64,
     /// Replayed from a recorded CUDA graph.
     pub cuda_graph: bool,
+    /// The task model, when the input asked to keep it.
+    pub task_model: Option<TaskModelBytes>,
+}
+
+/// `model`'s files as bytes the async side can keep: its `model.safetensors`
+/// ([`TaskModel::weights`]) with their sha256, and the `support.safetensors` of its support images.
+fn task_model_bytes(model: &TaskModel) -> Result<TaskModelBytes, WorkerError> {
+    let weights = safetensors_bytes(&model.weights()).map_err(WorkerError::Failed)?;
+    let support = safetensors_bytes(&[(
+        SUPPORT_IMAGES.to_string(),
+        model.support_images.shallow_clone(),
+    )])
+    .map_err(WorkerError::Failed)?;
+    Ok(TaskModelBytes {
+        sha256: sha256_hex(&weights),
+        weights,
+        support,
+    })
+}
+
+/// The task model a kept task's files hold, on `device`.
+fn load_task_model(task: &KeptTask, device: Device) -> Result<TaskModel, String> {
+    let checkpoint = Checkpoint::from_bytes(task.meta.clone(), &task.weights, device)?;
+    let support_images = tensors_of_safetensors(&task.support, device)?
+        .into_iter()
+        .find_map(|(name, t)| (name == SUPPORT_IMAGES).then_some(t))
+        .ok_or_else(|| format!("support.safetensors holds no {SUPPORT_IMAGES}"))?;
+    Ok(TaskModel::from_checkpoint(checkpoint, support_images))
+}
+
+/// Later queries for a kept task model.
+#[derive(Debug)]
+pub struct PredictInput {
+    pub task: Arc<KeptTask>,
+    /// Decoded and normalised query images (CHW, row-major, one after another).
+    pub query: Vec<f32>,
+}
+
+/// What a prediction sends back.
+#[derive(Debug)]
+pub struct PredictOutput {
+    /// [n_query][n_way]
+    pub logits: Vec<Vec<f32>>,
+    pub queue_ms: f64,
+    /// Loading the kept weights onto the device.
+    pub load_ms: f64,
+    pub predict_ms: f64,
+}
+
+/// Classifies `input`'s queries with its kept task model: the weights onto the device, one
+/// forward pass.
+pub fn run_prediction(input: &PredictInput, device: Device) -> Result<PredictOutput, WorkerError> {
+    let started = Instant::now();
+    let task = &input.task;
+    let model = load_task_model(task, device).map_err(WorkerError::Failed)?;
+    let query = images(&input.query, &task.meta, device);
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let logits = matrix_rows(&model.predict(&query));
+    Ok(PredictOutput {
+        logits,
+        queue_ms: 0.0,
+        load_ms,
+        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 /// A model resident on the worker's device.
@@ -64,6 +134,7 @@ pub fn warm_up(model: &ResidentModel, device: Device) {
         support_labels: (0..n_way as i64).collect(),
         n_way,
         query: vec![0.5; pixels],
+        keep: false,
         options: Adaptation {
             steps: 1,
             predict_with: PredictWith::Supernet,
@@ -137,12 +208,17 @@ pub fn run_task(
     let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    let logits = state
-        .predict_queries(network, meta.head, &support_set, &query, &o, keep_going)
+    let task_model = state
+        .task_model(network, meta.head, &support_set, &o, keep_going)
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: o.steps + i.completed_steps,
         })?;
-    let logits = matrix_rows(&logits);
+    let logits = matrix_rows(&task_model.predict(&query));
+    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
+    let task_model = match input.keep && genotype.is_some() {
+        true => Some(task_model_bytes(&task_model)?),
+        false => None,
+    };
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
     finite(TaskOutput {
         genotype,
@@ -150,8 +226,9 @@ pub fn run_task(
         logits,
         queue_ms: 0.0,
         adapt_ms,
-        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+        predict_ms,
         cuda_graph: false,
+        task_model,
     })
 }
 
@@ -256,6 +333,7 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
                 adapt_ms,
                 predict_ms,
                 cuda_graph,
+                task_model: None,
             })
         })
         .collect()

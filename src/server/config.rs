@@ -68,6 +68,11 @@ pub struct Limits {
     /// With Redis, a record over it is not kept, and Redis's own `maxmemory` bounds the total.
     #[arg(long, env = "TNAS_GENOTYPE_STORE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub genotype_store_bytes: usize,
+    /// Bytes the task models kept after `/adapt` may take (for `POST /tasks/{id}/predict` and
+    /// `GET /tasks/{id}/model`), in this process; the least recently used are evicted, and a model
+    /// larger than the whole budget is not kept.
+    #[arg(long, env = "TNAS_TASK_STORE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub task_store_bytes: usize,
 }
 
 impl Limits {

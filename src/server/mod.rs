@@ -37,6 +37,7 @@ use state::{AppState, SharedState};
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use store::task_models::TaskModelStore;
 use store::GenotypeStore;
 use tch::Device;
 use worker::Worker;
@@ -51,6 +52,8 @@ pub fn router(state: SharedState) -> Router {
             "/genotypes/{task_id}/svg",
             get(routes::genotypes::get_genotype_svg),
         )
+        .route("/tasks/{task_id}/predict", post(routes::tasks::predict))
+        .route("/tasks/{task_id}/model", get(routes::tasks::download_model))
         .route("/models", get(routes::models::list_models))
         .route("/models/{name}", get(routes::models::get_model))
         .merge(openapi::docs())
@@ -186,6 +189,7 @@ pub fn build_state(
         )),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
         store: GenotypeStore::open(&config.store.store, config.store.bounds(&config.limits))?,
+        task_models: TaskModelStore::new(config.limits.task_store_bytes),
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),

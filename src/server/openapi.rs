@@ -11,10 +11,12 @@ use utoipa_swagger_ui::SwaggerUi;
 #[openapi(
     info(
         title = "tnas",
-        description = "Fast adaptation of neural architectures (T-NAS): POST a few-shot task, get its DARTS genotype and query predictions."
+        description = "Fast adaptation of neural architectures (T-NAS): POST a few-shot task, get its DARTS genotype and query predictions; classify later queries with the kept task model, or download it."
     ),
     paths(
         routes::adapt::adapt,
+        routes::tasks::predict,
+        routes::tasks::download_model,
         routes::genotypes::get_genotype,
         routes::genotypes::get_genotype_svg,
         routes::genotypes::list_genotypes,
@@ -33,6 +35,9 @@ use utoipa_swagger_ui::SwaggerUi;
         TimingMs,
         AlphaWeights,
         GenotypeRecord,
+        PredictRequest,
+        PredictResponse,
+        PredictTimingMs,
         ErrorBody,
         ErrorDetail,
         HealthStatus,

@@ -1,6 +1,7 @@
 //! `AppState`: what every handler shares. Plain data and handles only; tensors stay on the worker.
 
 use super::config::Limits;
+use super::store::task_models::TaskModelStore;
 use super::store::GenotypeStore;
 use super::worker::Worker;
 use crate::model::metadata::ModelMeta;
@@ -20,6 +21,8 @@ pub struct AppState {
     /// `/adapt` requests in the server at once, at most `limits.max_in_flight`.
     pub in_flight: Semaphore,
     pub store: GenotypeStore,
+    /// Task models kept after `/adapt`, bounded by `limits.task_store_bytes`.
+    pub task_models: TaskModelStore,
     pub limits: Limits,
     pub metrics: PrometheusHandle,
     pub api_key: Option<String>,

@@ -1,13 +1,13 @@
 //! Where an HTTP request becomes a task: JSON or multipart bodies parsed into a [`TaskRequest`],
 //! checked against the model and the limits, and its images decoded into network input.
 
-use super::api::{AdaptOptions, AdaptRequest};
+use super::api::{AdaptOptions, AdaptRequest, PredictRequest, QueryImage};
 use super::compute::TaskInput;
 use super::config::Limits;
 use super::error::ApiError;
 use crate::adapt::Adaptation;
 use crate::data::imaging::{self, ImageLimits};
-use crate::model::metadata::{ModelMeta, MAX_LEARNING_RATE};
+use crate::model::metadata::{InputSpec, ModelMeta, MAX_LEARNING_RATE};
 use axum::body::Bytes;
 use axum::extract::Multipart;
 use base64::Engine;
@@ -47,6 +47,20 @@ fn decode_base64(what: &str, text: &str) -> Result<Bytes, ApiError> {
         })
 }
 
+/// The query images of a JSON body, base64-decoded, with their ids.
+fn queries(query: &[QueryImage]) -> Result<Vec<(String, Bytes)>, ApiError> {
+    query
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            Ok((
+                q.id.clone(),
+                decode_base64(&format!("query[{i}] ({})", q.id), &q.image)?,
+            ))
+        })
+        .collect()
+}
+
 fn image_limits(limits: &Limits) -> ImageLimits {
     ImageLimits {
         max_bytes: limits.max_image_bytes,
@@ -64,20 +78,25 @@ fn image_error(what: &str, error: imaging::ImageError) -> ApiError {
     }
 }
 
+/// A JSON body as `T`, or a 400 that says what is wrong with it as a `what` request.
+fn from_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_field"
+        } else {
+            "invalid_json"
+        };
+        ApiError::bad_request(
+            code,
+            format!("request body is not a valid {what} request: {e}"),
+        )
+    })
+}
+
 impl TaskRequest {
     /// Parses a JSON body (docs/HTTP_API.md). Unknown fields are refused so typos do not pass silently.
     pub fn from_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
-        let request: AdaptRequest = serde_json::from_slice(body).map_err(|e| {
-            let code = if e.is_data() {
-                "invalid_field"
-            } else {
-                "invalid_json"
-            };
-            ApiError::bad_request(
-                code,
-                format!("request body is not a valid adapt request: {e}"),
-            )
-        })?;
+        let request: AdaptRequest = from_json(body, "adapt")?;
         let support = request
             .support
             .iter()
@@ -89,21 +108,23 @@ impl TaskRequest {
                 ))
             })
             .collect::<Result<_, ApiError>>()?;
-        let query = request
-            .query
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                Ok((
-                    q.id.clone(),
-                    decode_base64(&format!("query[{i}] ({})", q.id), &q.image)?,
-                ))
-            })
-            .collect::<Result<_, ApiError>>()?;
         Ok(TaskRequest {
             support,
-            query,
+            query: queries(&request.query)?,
             options: request.options,
+        })
+    }
+
+    /// Parses a JSON prediction body (query images only, and optionally the model to check).
+    pub fn from_predict_json(body: &[u8]) -> Result<TaskRequest, ApiError> {
+        let request: PredictRequest = from_json(body, "predict")?;
+        Ok(TaskRequest {
+            support: Vec::new(),
+            query: queries(&request.query)?,
+            options: AdaptOptions {
+                model: request.model,
+                ..AdaptOptions::default()
+            },
         })
     }
 
@@ -189,19 +210,7 @@ impl TaskRequest {
                 "the support set is empty; send at least one labelled image per class".into(),
             ));
         }
-        if self.query.is_empty() {
-            return Err(invalid(
-                "empty_query",
-                "no query images; send at least one image to classify".into(),
-            ));
-        }
-        let images = self.support.len() + self.query.len();
-        if images > limits.max_images {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "{images} images in one request, over the limit of {}; split the request",
-                limits.max_images
-            )));
-        }
+        self.check_image_count(limits)?;
         if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
             return Err(invalid(
                 "invalid_label",
@@ -213,16 +222,62 @@ impl TaskRequest {
         meta.head
             .accepts(labels.len())
             .map_err(|m| invalid("wrong_class_count", m))?;
-        let mut ids = std::collections::HashSet::new();
-        if let Some((id, _)) = self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
-            return Err(invalid(
-                "duplicate_query_id",
-                format!("query id '{id}' appears twice; query ids must be unique"),
-            ));
-        }
+        self.check_unique_ids()?;
         let options = self.resolve_options(meta, limits)?;
         self.check_declared_pixels(limits)?;
         Ok(options)
+    }
+
+    /// Checks a prediction's queries against the limits as [`TaskRequest::validate`] checks an
+    /// adaptation's: it has queries only, and its options name at most the model.
+    pub fn validate_queries(&self, limits: &Limits) -> Result<(), ApiError> {
+        if !self.support.is_empty() {
+            return Err(ApiError::unprocessable("support_in_prediction", "a prediction takes query images only: the kept task model already holds its support set; POST /adapt to adapt to a new one"));
+        }
+        let o = &self.options;
+        if o.steps.is_some()
+            || o.lr_w.is_some()
+            || o.lr_theta.is_some()
+            || o.bn.is_some()
+            || o.predict_with.is_some()
+            || o.finetune_steps.is_some()
+            || o.keep.is_some()
+        {
+            return Err(ApiError::unprocessable("options_in_prediction", "a prediction adapts nothing, so its options may only name the model; the kept task model answers as it was adapted (POST /adapt again for other settings)"));
+        }
+        self.check_image_count(limits)?;
+        self.check_name_lengths(limits)?;
+        self.check_unique_ids()?;
+        self.check_declared_pixels(limits)
+    }
+
+    /// At least one query, and at most `--max-images` images in all.
+    fn check_image_count(&self, limits: &Limits) -> Result<(), ApiError> {
+        if self.query.is_empty() {
+            return Err(ApiError::unprocessable(
+                "empty_query",
+                "no query images; send at least one image to classify",
+            ));
+        }
+        let images = self.support.len() + self.query.len();
+        if images > limits.max_images {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "{images} images in one request, over the limit of {}; split the request",
+                limits.max_images
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_unique_ids(&self) -> Result<(), ApiError> {
+        let mut ids = std::collections::HashSet::new();
+        match self.query.iter().find(|(id, _)| !ids.insert(id.as_str())) {
+            Some((id, _)) => Err(ApiError::unprocessable(
+                "duplicate_query_id",
+                format!("query id '{id}' appears twice; query ids must be unique"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Labels and ids within `--max-label-bytes`: they are echoed back, and labels are kept in the
@@ -331,22 +386,12 @@ impl TaskRequest {
         options: Adaptation,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<TaskInput, ApiError> {
-        let image_limits = image_limits(limits);
-        let mut values = Vec::new();
-        for (what, bytes) in self.images() {
-            if !keep_going() {
-                return Err(ApiError::Timeout(limits.request_timeout_ms));
-            }
-            let image = imaging::decode(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
-            values.extend(imaging::to_input(&image, &meta.input));
-        }
+        let mut values = self.decoded(&meta.input, limits, keep_going)?;
         let (labels, support_labels) = self.classes();
         let query = values.split_off(
             self.support.len() * meta.input.channels * meta.input.size * meta.input.size,
         );
         let support = values;
-        metrics::counter!("tnas_images_decoded_total")
-            .increment((self.support.len() + self.query.len()) as u64);
         Ok(TaskInput {
             model: meta.name.clone(),
             support,
@@ -354,6 +399,30 @@ impl TaskRequest {
             n_way: labels.len(),
             query,
             options,
+            keep: self.options.keep.unwrap_or(true),
         })
+    }
+
+    /// Every image, support first, decoded into network input as `input` describes it (CPU work,
+    /// run off the async runtime), stopping between images with a 504 once `keep_going` says the
+    /// request's time is up or it was abandoned.
+    pub fn decoded(
+        &self,
+        input: &InputSpec,
+        limits: &Limits,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>, ApiError> {
+        let image_limits = image_limits(limits);
+        let mut values = Vec::new();
+        for (what, bytes) in self.images() {
+            if !keep_going() {
+                return Err(ApiError::Timeout(limits.request_timeout_ms));
+            }
+            let image = imaging::decode(bytes, &image_limits).map_err(|e| image_error(&what, e))?;
+            values.extend(imaging::to_input(&image, input));
+        }
+        metrics::counter!("tnas_images_decoded_total")
+            .increment((self.support.len() + self.query.len()) as u64);
+        Ok(values)
     }
 }

@@ -18,9 +18,20 @@
 //! what tasks cost). A panic inside a job (a libtorch error, out of memory) fails that job only
 //! and the thread keeps serving, unless the device itself no longer works: then the worker stops,
 //! `/readyz` says why, and every waiting job is refused.
+//!
+//! Predictions for kept task models ([`PredictJob`]) come on a queue of their own, and the worker
+//! takes turns: one waiting prediction, then one adaptation or batch. A prediction is one forward
+//! pass, a fraction of an adaptation, so it need not wait behind every adaptation queued (it
+//! waits for the predictions ahead of it and one adaptation each); and however many predictions
+//! wait, adaptations keep at least every other turn, so clients predicting back to back cannot
+//! starve them. With no adaptation waiting, predictions run back to back. Predictions of different
+//! tasks have different weights, so they do not batch with each other or with adaptations.
 
 use super::admission::{Admission, CostKey};
-use super::compute::{run_batch, run_task, warm_up, ResidentModel, TaskInput, TaskOutput};
+use super::compute::{
+    run_batch, run_prediction, run_task, warm_up, PredictInput, PredictOutput, ResidentModel,
+    TaskInput, TaskOutput,
+};
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
 use crate::adapt::{Adaptation, PredictWith};
@@ -40,6 +51,20 @@ pub struct Job {
     pub deadline: Instant,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<TaskOutput, WorkerError>>,
+}
+
+/// One queued prediction for a kept task model.
+pub struct PredictJob {
+    pub input: PredictInput,
+    pub deadline: Instant,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<PredictOutput, WorkerError>>,
+}
+
+/// What the worker takes next.
+enum Next {
+    Predict(PredictJob),
+    Adapt(Job),
 }
 
 /// Worker readiness, published on a watch channel (`/readyz`).
@@ -79,6 +104,8 @@ impl WorkerFault {
 /// Handle to the worker thread; dropping it closes the queue and joins the thread.
 pub struct Worker {
     sender: Option<mpsc::Sender<Job>>,
+    /// Predictions, served before the adaptations waiting (at most `queue_depth` of them wait).
+    predictions: Option<mpsc::Sender<PredictJob>>,
     /// Jobs submitted and not yet started: in the channel or held by the worker while it forms a
     /// batch. `queue_depth` bounds this count, so holding jobs back to batch them admits no more.
     waiting: Arc<AtomicUsize>,
@@ -104,6 +131,7 @@ impl Worker {
     ) -> Worker {
         let queue_depth = queue_depth.max(1);
         let (sender, receiver) = mpsc::channel(queue_depth);
+        let (predictions, prediction_receiver) = mpsc::channel(queue_depth);
         let waiting = Arc::new(AtomicUsize::new(0));
         let (ready_tx, readiness) = watch::channel(Readiness::Loading);
         let worker_waiting = Arc::clone(&waiting);
@@ -122,6 +150,10 @@ impl Worker {
                 let queue = Queue {
                     waiting: &worker_waiting,
                     admission: &worker_admission,
+                    predictions: std::cell::RefCell::new(prediction_receiver),
+                    waiter: tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .expect("a current-thread runtime starts"),
                 };
                 let models = match caught(|| load_and_warm_up(checkpoints, device)) {
                     Ok(models) => models,
@@ -158,6 +190,7 @@ impl Worker {
             .expect("the OS can start a thread");
         Worker {
             sender: Some(sender),
+            predictions: Some(predictions),
             waiting,
             queue_depth,
             admission,
@@ -193,6 +226,16 @@ impl Worker {
         }
     }
 
+    /// Queues a prediction without waiting; a full prediction queue is an immediate
+    /// [`WorkerError::QueueFull`].
+    pub fn submit_prediction(&self, job: PredictJob) -> Result<(), WorkerError> {
+        let sender = self.predictions.as_ref().ok_or(WorkerError::Stopped)?;
+        sender.try_send(job).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => WorkerError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => WorkerError::Stopped,
+        })
+    }
+
     /// Jobs submitted and not yet started.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
@@ -207,6 +250,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.sender.take();
+        self.predictions.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -253,9 +297,17 @@ fn serve(
     // Jobs taken off the channel but not started: the candidates for the next batch.
     let mut held: VecDeque<Job> = VecDeque::new();
     loop {
+        let waiting_prediction = queue.predictions.borrow_mut().try_recv();
+        if let Ok(job) = waiting_prediction {
+            predict(job, device);
+        }
         if held.is_empty() {
-            match receiver.blocking_recv() {
-                Some(job) => held.push_back(job),
+            match queue.next(receiver) {
+                Some(Next::Adapt(job)) => held.push_back(job),
+                Some(Next::Predict(job)) => {
+                    predict(job, device);
+                    continue;
+                }
                 None => return Ok(()),
             }
         }
@@ -410,9 +462,27 @@ fn stop_serving(
 struct Queue<'a> {
     waiting: &'a AtomicUsize,
     admission: &'a Admission,
+    predictions: std::cell::RefCell<mpsc::Receiver<PredictJob>>,
+    /// Waits on both queues at once ([`Queue::next`]); it runs nothing else.
+    waiter: tokio::runtime::Runtime,
 }
 
 impl Queue<'_> {
+    /// Waits for the next job of either queue, an adaptation first when both have one (the turn
+    /// of a waiting prediction comes at the top of the loop); `None` once the adaptation queue is
+    /// closed.
+    fn next(&self, adaptations: &mut mpsc::Receiver<Job>) -> Option<Next> {
+        let mut predictions = self.predictions.borrow_mut();
+        let waiting = async {
+            tokio::select! {
+                biased;
+                job = adaptations.recv() => job.map(Next::Adapt),
+                Some(job) = predictions.recv() => Some(Next::Predict(job)),
+            }
+        };
+        self.waiter.block_on(waiting)
+    }
+
     /// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
     fn leave(&self, job: Job) -> Job {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -455,10 +525,12 @@ struct TaskShape {
     tasks: usize,
 }
 
-/// `None` when the task runs alone: networks without θ, derived-network predictions.
+/// `None` when the task runs alone: networks without θ, derived-network predictions, and tasks
+/// whose model is to be kept (a batch hands out only its logits and θ, not each task's weights).
 fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
     let o = input.options;
-    (model.network.has_alphas() && o.predict_with == PredictWith::Supernet).then(|| BatchKey {
+    let batches = model.network.has_alphas() && o.predict_with == PredictWith::Supernet;
+    (batches && !input.keep).then(|| BatchKey {
         model: input.model.clone(),
         n_way: input.n_way,
         support_images: input.support_labels.len(),
@@ -493,6 +565,28 @@ fn reply(job: Job, result: Result<TaskOutput, WorkerError>, started: Instant) {
             "failed"
         }
     });
+    let _ = job.reply.send(result);
+}
+
+/// Runs one prediction, unless its client has gone or its deadline has passed, and answers it.
+fn predict(job: PredictJob, device: Device) {
+    let started = Instant::now();
+    if job.reply.is_closed() || started >= job.deadline {
+        let _ = job
+            .reply
+            .send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
+        return;
+    }
+    let result = caught(|| run_prediction(&job.input, device))
+        .unwrap_or_else(|message| Err(WorkerError::raised(message)))
+        .map(|mut out| {
+            out.queue_ms = started.duration_since(job.enqueued).as_secs_f64() * 1e3;
+            out
+        });
+    if let Err(error) = &result {
+        tracing::error!(%error, "a prediction failed inside the worker; the worker goes on");
+    }
+    metrics::histogram!("tnas_predict_seconds").record(started.elapsed().as_secs_f64());
     let _ = job.reply.send(result);
 }
 

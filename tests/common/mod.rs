@@ -66,6 +66,7 @@ pub fn metadata(
         relaxation: Default::default(),
         training: None,
         evaluation: Vec::new(),
+        task: None,
         sha256: String::new(),
     }
 }
@@ -283,6 +284,19 @@ pub fn answers(
         .into_iter()
         .map(|r| r.blocking_recv().expect("the worker always answers"))
         .collect()
+}
+
+/// The sum of a Prometheus metric's samples on `url`'s `/metrics`.
+pub fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("{url}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 pub fn b64(bytes: &[u8]) -> String {

@@ -1,14 +1,13 @@
 //! `POST /adapt`: parse, validate, decode images, queue for the worker, answer.
 
-use crate::adapt::Adaptation;
-use crate::model::metadata::ModelMeta;
+use crate::model::metadata::TaskOrigin;
 use crate::server::admission::CostKey;
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
-use crate::server::compute::TaskInput;
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
+use crate::server::store::task_models::KeptTask;
 use crate::server::task_request::TaskRequest;
-use crate::server::worker::{Job, Readiness};
+use crate::server::worker::Job;
 use crate::server::worker_error::WorkerError;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -47,22 +46,13 @@ pub async fn adapt(
     let arrived = Instant::now();
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
     let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
-    // A stopped worker, or as many requests in the server as it takes, refuses a request before
-    // its body is read. A full queue does not: a malformed request still hears what is wrong with
-    // it, not to retry.
-    if let Readiness::Failed(fault) = state.worker.readiness() {
-        return Err(ApiError::NotReady(format!(
-            "the compute worker stopped ({}); check /readyz",
-            fault.summary
-        )));
-    }
-    let _in_flight = state
-        .in_flight
-        .try_acquire()
-        .map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))?;
-    let task = tokio::time::timeout_at(deadline.into(), parse(&state, request))
-        .await
-        .map_err(|_| timed_out())??;
+    let _in_flight = super::enter(&state)?;
+    let task = tokio::time::timeout_at(
+        deadline.into(),
+        parse(&state, request, TaskRequest::from_json),
+    )
+    .await
+    .map_err(|_| timed_out())??;
     let name = task
         .options
         .model
@@ -103,7 +93,11 @@ pub async fn adapt(
         .admit(&cost, remaining, timeout)
         .map_err(refused)?;
     let decode_started = Instant::now();
-    let input = tokio::time::timeout_at(deadline.into(), decode(&state, task, meta, options))
+    let (limits, source) = (state.limits.clone(), meta.clone());
+    let decoding = decode(&state, move |keep_going| {
+        task.into_task_input(&source, &limits, options, keep_going)
+    });
+    let input = tokio::time::timeout_at(deadline.into(), decoding)
         .await
         .map_err(|_| timed_out())??;
     let decode_ms = decode_started.elapsed().as_secs_f64() * 1e3;
@@ -153,6 +147,25 @@ pub async fn adapt(
         }
         None => (None, false),
     };
+    let task_model_kept = match (&task_id, output.task_model) {
+        (Some(task_id), Some(bytes)) => {
+            let origin = TaskOrigin {
+                task_id: task_id.clone(),
+                adapted_from: name.clone(),
+                adapted_from_sha256: meta.sha256.clone(),
+                labels: labels.clone(),
+            };
+            let task = KeptTask::new(
+                &meta,
+                origin,
+                (options.predict_with, options.bn),
+                output.genotype.clone(),
+                bytes,
+            );
+            keep(&state, task)
+        }
+        _ => false,
+    };
     let predictions = ids
         .into_iter()
         .zip(output.logits)
@@ -165,6 +178,7 @@ pub async fn adapt(
         labels,
         genotype: output.genotype,
         genotype_stored,
+        task_model_kept,
         alphas: output.alphas,
         predictions,
         steps: options.steps,
@@ -193,27 +207,37 @@ async fn store(state: &SharedState, record: GenotypeRecord) -> bool {
     }
 }
 
-/// Decodes the task's images off the async runtime, at most one request per decoding slot (one
-/// per core) at a time, so that a burst of large pictures queues here instead of taking every
-/// blocking thread and its memory. Decoding stops between images once this future is dropped: the
-/// client has gone, or the deadline the caller holds it to has passed.
-async fn decode(
+/// Keeps the task model for later predictions and downloads, and says whether it could: one larger
+/// than the whole `--task-store-bytes` is not kept.
+fn keep(state: &SharedState, task: KeptTask) -> bool {
+    let task_id = task.task_id().to_string();
+    match state.task_models.insert(task) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%task_id, %error, "task model not kept");
+            false
+        }
+    }
+}
+
+/// Decodes a request's images (`work`, given whether to keep going) off the async runtime, at
+/// most one request per decoding slot (one per core) at a time, so that a burst of large pictures
+/// queues here instead of taking every blocking thread and its memory. Decoding stops between
+/// images once this future is dropped: the client has gone, or the deadline the caller holds it
+/// to has passed.
+pub(super) async fn decode<T: Send + 'static>(
     state: &SharedState,
-    task: TaskRequest,
-    meta: ModelMeta,
-    options: Adaptation,
-) -> Result<TaskInput, ApiError> {
+    work: impl FnOnce(&dyn Fn() -> bool) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     let slot = Arc::clone(&state.decoding_slots)
         .acquire_owned()
         .await
         .map_err(|e| ApiError::Internal(format!("decoding slots closed: {e}")))?;
     let abandoned = Arc::new(AtomicBool::new(false));
     let _on_drop = AbandonOnDrop(Arc::clone(&abandoned));
-    let limits = state.limits.clone();
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        let keep_going = || !abandoned.load(Ordering::Relaxed);
-        task.into_task_input(&meta, &limits, options, &keep_going)
+        work(&|| !abandoned.load(Ordering::Relaxed))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("image decoding task failed: {e}")))?
@@ -228,8 +252,13 @@ impl Drop for AbandonOnDrop {
     }
 }
 
-/// Reads the body by content type, refusing oversized bodies before reading them.
-async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, ApiError> {
+/// Reads the body by content type, refusing oversized bodies before reading them; a JSON body is
+/// parsed by `from_json`.
+pub(super) async fn parse(
+    state: &SharedState,
+    request: Request,
+    from_json: fn(&[u8]) -> Result<TaskRequest, ApiError>,
+) -> Result<TaskRequest, ApiError> {
     let max = state.limits.max_body_bytes;
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
@@ -271,7 +300,7 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
                     )
                 }
             })?;
-        TaskRequest::from_json(&body)
+        from_json(&body)
     } else if essence == "multipart/form-data" {
         let multipart = axum::extract::Multipart::from_request(request, &())
             .await
@@ -289,7 +318,7 @@ async fn parse(state: &SharedState, request: Request) -> Result<TaskRequest, Api
     }
 }
 
-fn prediction(id: String, logits: Vec<f32>, labels: &[String]) -> Prediction {
+pub(super) fn prediction(id: String, logits: Vec<f32>, labels: &[String]) -> Prediction {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
     let sum: f32 = exp.iter().sum();

@@ -7,11 +7,11 @@
 //! Handlers see one enum with the same bounds either way. A store is a convenience next to the
 //! answer, never a condition of it: `/adapt` answers with its genotype whether or not the store
 //! kept it, reads answer 503 while Redis is unreachable, and `/readyz` says why.
-//! Another kind of record (kept task models, say) takes its own key namespace in Redis beside
-//! the genotypes' and its own bounds, behind the same [`StoreLocation`].
+//! Kept task models have a store of their own beside it ([`task_models`]), bounded in bytes.
 
 pub mod memory;
 pub mod redis_store;
+pub mod task_models;
 
 use crate::server::api::GenotypeRecord;
 use memory::MemoryStore;
