@@ -313,27 +313,14 @@ mod tests {
                 relative_error(&ours, &reference) < 1e-5,
                 "{side}×{side} stride {stride}"
             );
-            let upstream = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
             let mut inputs = vec![&x];
             inputs.extend(&weights);
-            let expected = Tensor::run_backward(
-                &[(&reference * &upstream).sum(Kind::Float)],
+            assert_same_gradients(
+                &ours,
+                &reference,
                 &inputs,
-                false,
-                false,
+                &format!("{side}×{side} stride {stride}"),
             );
-            let got = Tensor::run_backward(
-                &[(&ours * &upstream).sum(Kind::Float)],
-                &inputs,
-                false,
-                false,
-            );
-            for (g, e) in got.iter().zip(&expected) {
-                assert!(
-                    relative_error(g, e) < 1e-5,
-                    "{side}×{side} stride {stride} gradient"
-                );
-            }
 
             // Two states of 3 channels, each feeding 2 edges with their own weights.
             let edge_weights: Vec<Tensor> = [3, 5, 3, 5]
@@ -381,26 +368,24 @@ mod tests {
                 relative_error(&ours, &expected) < 1e-5,
                 "{side}×{side} stride {stride} widened"
             );
-            let upstream = Tensor::randn(expected.size(), (Kind::Float, Device::Cpu));
-            let inputs = [&x, &weights[0], &weights[1]];
-            let want = Tensor::run_backward(
-                &[(&expected * &upstream).sum(Kind::Float)],
-                &inputs,
-                false,
-                false,
+            assert_same_gradients(
+                &ours,
+                &expected,
+                &[&x, &weights[0], &weights[1]],
+                &format!("{side}×{side} stride {stride} widened"),
             );
-            let got = Tensor::run_backward(
-                &[(&ours * &upstream).sum(Kind::Float)],
-                &inputs,
-                false,
-                false,
-            );
-            for (g, e) in got.iter().zip(&want) {
-                assert!(
-                    relative_error(g, e) < 1e-5,
-                    "{side}×{side} stride {stride} widened gradient"
-                );
-            }
+        }
+    }
+
+    /// The gradients of `ours` and `reference` with respect to `inputs`, under one random
+    /// upstream gradient, agree.
+    fn assert_same_gradients(ours: &Tensor, reference: &Tensor, inputs: &[&Tensor], what: &str) {
+        let upstream = Tensor::randn(reference.size(), (Kind::Float, Device::Cpu));
+        let backward = |out: &Tensor| {
+            Tensor::run_backward(&[(out * &upstream).sum(Kind::Float)], inputs, false, false)
+        };
+        for (g, e) in backward(ours).iter().zip(&backward(reference)) {
+            assert!(relative_error(g, e) < 1e-5, "{what} gradient");
         }
     }
 }
