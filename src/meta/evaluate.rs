@@ -22,13 +22,13 @@ pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
     (mean, 1.96 * (var / n).sqrt())
 }
 
-/// How a results row names its predictions: `supernet` or `derived`, or `conv4` for a network
-/// without a genotype, which always predicts with itself.
+/// How a results row names its predictions: `supernet` or `derived` for a supernet, else the
+/// network that always predicts with itself: `genotype` (a fixed cell network) or `conv4`.
 pub fn prediction_label(network: &Network, predict_with: PredictWith) -> &'static str {
-    if network.has_alphas() {
-        predict_name(predict_with)
-    } else {
-        "conv4"
+    match network {
+        Network::Supernet(_) => predict_name(predict_with),
+        Network::Derived(_) => "genotype",
+        Network::Conv4(_) => "conv4",
     }
 }
 

@@ -106,6 +106,9 @@ pub fn run_prediction(input: &PredictInput, device: Device) -> Result<PredictOut
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     let logits = matrix_rows(&model.predict(&query));
+    if !logits.iter().flatten().all(|v| v.is_finite()) {
+        return Err(WorkerError::Diverged);
+    }
     Ok(PredictOutput {
         logits,
         queue_ms: 0.0,

@@ -399,7 +399,8 @@ impl TaskRequest {
             n_way: labels.len(),
             query,
             options,
-            keep: self.options.keep.unwrap_or(true),
+            // No store, nothing to keep: the task batches (and, on a GPU, replays) as any other.
+            keep: self.options.keep.unwrap_or(true) && limits.task_store_bytes > 0,
         })
     }
 

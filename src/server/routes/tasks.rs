@@ -186,6 +186,8 @@ pub async fn download_model(
     State(state): State<SharedState>,
     Path(task_id): Path<String>,
 ) -> Result<Response, ApiError> {
+    // Each download zips a copy of its model in memory: it counts as a request in flight.
+    let _in_flight = super::enter(&state)?;
     let (task, _) = kept(&state, &task_id)?;
     let folder = task.meta.name.clone();
     let archive = tokio::task::spawn_blocking(move || zipped(&task))
