@@ -503,16 +503,7 @@ mod tests {
     /// the head leaves the weights in another layout and returns no loss.
     #[test]
     fn the_first_loss_from_building_the_head_is_the_steps_own() {
-        let space = SearchSpace {
-            in_channels: 1,
-            image_size: 8,
-            init_channels: 4,
-            layers: 2,
-            steps: 2,
-            multiplier: 2,
-            stem_multiplier: 2,
-            stem_pools: 1,
-        };
+        let space = SearchSpace::tiny();
         let network = Network::Supernet(Supernet::new(space));
         tch::manual_seed(0);
         let meta = ParamSet::initialise(&network.body_specs(), Device::Cpu);

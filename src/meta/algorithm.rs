@@ -280,16 +280,7 @@ mod tests {
     /// recomputed by adapting by hand.
     #[test]
     fn learned_rates_get_their_first_order_gradient() {
-        let space = SearchSpace {
-            in_channels: 1,
-            image_size: 8,
-            init_channels: 4,
-            layers: 2,
-            steps: 2,
-            multiplier: 2,
-            stem_multiplier: 2,
-            stem_pools: 1,
-        };
+        let space = SearchSpace::tiny();
         let network = Network::Supernet(Supernet::relaxed(
             space,
             Relaxation::Annealed {

@@ -223,6 +223,23 @@ impl SearchSpace {
 }
 
 #[cfg(test)]
+impl SearchSpace {
+    /// A supernet small enough for unit tests to adapt and differentiate in milliseconds.
+    pub(crate) fn tiny() -> SearchSpace {
+        SearchSpace {
+            in_channels: 1,
+            image_size: 8,
+            init_channels: 4,
+            layers: 2,
+            steps: 2,
+            multiplier: 2,
+            stem_multiplier: 2,
+            stem_pools: 1,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
