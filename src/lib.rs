@@ -21,7 +21,7 @@
 //! - [`meta`]: meta-training (where the meta-update happens: T-NAS Algorithm 1 and baselines),
 //!   evaluation, model cards.
 //! - [`server`]: the HTTP adaptation server: router, handlers, where a request becomes tensors,
-//!   the compute worker and its queue.
+//!   which queued tasks batch together, the compute worker and its queue.
 
 pub mod adapt;
 pub mod data;

@@ -156,6 +156,54 @@ fn images(values: &[f32], meta: &ModelMeta, device: Device) -> Tensor {
         .to_device(device)
 }
 
+/// A task's numbers as tensors on the worker's device.
+struct TaskTensors {
+    /// [N, C, S, S]
+    support: Tensor,
+    /// [N] class indices.
+    labels: Tensor,
+    /// [N_q, C, S, S]
+    query: Tensor,
+}
+
+impl TaskTensors {
+    fn of(input: &TaskInput, meta: &ModelMeta, device: Device) -> TaskTensors {
+        TaskTensors {
+            support: images(&input.support, meta, device),
+            labels: Tensor::from_slice(&input.support_labels).to_device(device),
+            query: images(&input.query, meta, device),
+        }
+    }
+}
+
+/// How long a task's answer took, and how it was computed.
+#[derive(Clone, Copy)]
+struct Timing {
+    adapt_ms: f64,
+    predict_ms: f64,
+    cuda_graph: bool,
+}
+
+/// One task's answer: its architecture (from its softmax(θ) `mixing`, [`architecture`]) and
+/// query `logits`, unless they diverged.
+fn answer(
+    (genotype, alphas): (Option<Genotype>, Option<AlphaWeights>),
+    logits: Vec<Vec<f32>>,
+    timing: Timing,
+    task_model: Option<TaskModelBytes>,
+) -> Result<TaskOutput, WorkerError> {
+    finite(TaskOutput {
+        genotype,
+        alphas,
+        logits,
+        queue_ms: 0.0,
+        adapt_ms: timing.adapt_ms,
+        predict_ms: timing.predict_ms,
+        cuda_graph: timing.cuda_graph,
+        task_model,
+    })
+}
+
 /// The architecture a response shows: the task's softmax(θ) when the model adapts θ, and the
 /// genotype decoded from it (or, for a model without θ, the genotype it was built from, if any).
 fn architecture(
@@ -182,12 +230,10 @@ pub fn run_task(
     keep_going: &dyn Fn() -> bool,
 ) -> Result<TaskOutput, WorkerError> {
     let meta = &model.checkpoint.meta;
-    let support = images(&input.support, meta, device);
-    let labels = Tensor::from_slice(&input.support_labels).to_device(device);
-    let query = images(&input.query, meta, device);
+    let task = TaskTensors::of(input, meta, device);
     let support_set = SupportSet {
-        images: &support,
-        labels: &labels,
+        images: &task.support,
+        labels: &task.labels,
         n_way: input.n_way,
     };
     let o = input.options;
@@ -208,7 +254,7 @@ pub fn run_task(
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: i.completed_steps,
         })?;
-    let (genotype, alphas) = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
+    let architecture = architecture(model, state.alphas.as_ref().map(Alphas::mixing_rows));
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
     let task_model = state
@@ -216,23 +262,18 @@ pub fn run_task(
         .map_err(|i| WorkerError::DeadlinePassed {
             completed_steps: o.steps + i.completed_steps,
         })?;
-    let logits = matrix_rows(&task_model.predict(&query));
-    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
-    let task_model = match input.keep && genotype.is_some() {
+    let logits = matrix_rows(&task_model.predict(&task.query));
+    let timing = Timing {
+        adapt_ms,
+        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+        cuda_graph: false,
+    };
+    let task_model = match input.keep && architecture.0.is_some() {
         true => Some(task_model_bytes(&task_model)?),
         false => None,
     };
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
-    finite(TaskOutput {
-        genotype,
-        alphas,
-        logits,
-        queue_ms: 0.0,
-        adapt_ms,
-        predict_ms,
-        cuda_graph: false,
-        task_model,
-    })
+    answer(architecture, logits, timing, task_model)
 }
 
 /// Adapts same-shaped supernet tasks as one batch of `tasks` (the last task repeated to fill it)
@@ -253,27 +294,20 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
     let meta = &model.checkpoint.meta;
     let (n_way, o) = (inputs[0].n_way, inputs[0].options);
     let padding = std::iter::repeat_n(inputs[inputs.len() - 1], tasks - inputs.len());
-    let tasks: Vec<&TaskInput> = inputs.iter().copied().chain(padding).collect();
-    let support = BatchedSupport::new(
-        &tasks
-            .iter()
-            .map(|i| images(&i.support, meta, device))
-            .collect::<Vec<_>>(),
-        &tasks
-            .iter()
-            .map(|i| Tensor::from_slice(&i.support_labels).to_device(device))
-            .collect::<Vec<_>>(),
-        n_way,
-    );
+    let tasks: Vec<TaskTensors> = inputs
+        .iter()
+        .copied()
+        .chain(padding)
+        .map(|input| TaskTensors::of(input, meta, device))
+        .collect();
+    let each = |part: fn(&TaskTensors) -> &Tensor| -> Vec<Tensor> {
+        tasks.iter().map(|t| part(t).shallow_clone()).collect()
+    };
+    let support = BatchedSupport::new(&each(|t| &t.support), &each(|t| &t.labels), n_way);
     let batch_inputs = [
         support.images,
         support.labels,
-        side_by_side(
-            &tasks
-                .iter()
-                .map(|i| images(&i.query, meta, device))
-                .collect::<Vec<_>>(),
-        ),
+        side_by_side(&each(|t| &t.query)),
     ];
     let rates = model.checkpoint.rates.as_ref().filter(|_| o.learned_rates);
     let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
@@ -320,24 +354,23 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
     let logits = logits.transpose(0, 1);
     let queries = logits.size()[1] as usize;
     let rows = matrix_rows(&logits.reshape([-1, logits.size()[2]]));
-    let predict_ms = started.elapsed().as_secs_f64() * 1e3;
+    let timing = Timing {
+        adapt_ms,
+        predict_ms: started.elapsed().as_secs_f64() * 1e3,
+        cuda_graph,
+    };
     metrics::histogram!("tnas_adapt_seconds").record(adapt_ms / 1e3);
     mixings
         .into_iter()
         .zip(rows.chunks(queries))
         .take(inputs.len())
         .map(|(mixing, logits)| {
-            let (genotype, alphas) = architecture(model, Some(mixing));
-            finite(TaskOutput {
-                genotype,
-                alphas,
-                logits: logits.to_vec(),
-                queue_ms: 0.0,
-                adapt_ms,
-                predict_ms,
-                cuda_graph,
-                task_model: None,
-            })
+            answer(
+                architecture(model, Some(mixing)),
+                logits.to_vec(),
+                timing,
+                None,
+            )
         })
         .collect()
 }

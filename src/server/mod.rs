@@ -3,9 +3,10 @@
 //! - [`config`]: flags and limits. [`api`]: request/response bodies. [`error`]: `ApiError` → status + JSON;
 //!   [`extract`]: query and path extractors that reject with it.
 //! - [`task_request`]: where a request becomes a task (parsing, validation, image decoding).
-//! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`compute`]:
-//!   what it computes for a task or a batch; [`admission`]: what queued tasks will cost, to refuse
-//!   those that would miss their deadline; [`worker_error`]: how a job can fail.
+//! - [`worker`]: the compute thread that owns the tensors, behind a bounded queue; [`batcher`]:
+//!   which waiting tasks run together (no tensors); [`compute`]: what the worker computes for a
+//!   task or a batch; [`admission`]: what queued tasks will cost, to refuse those that would miss
+//!   their deadline; [`worker_error`]: how a job can fail.
 //! - [`store`]: recent genotypes, in memory or in Redis shared by replicas. [`routes`]: handlers.
 //!   [`middleware`]: auth, metrics, request ids.
 //! - [`connections`]: the accept loop; what a connection may cost, and how it ends at shutdown.
@@ -13,6 +14,7 @@
 
 pub mod admission;
 pub mod api;
+mod batcher;
 pub mod compute;
 pub mod config;
 pub mod connections;

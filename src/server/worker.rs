@@ -6,10 +6,11 @@
 //! kernel launches, so a batch costs little more than one task, and under load throughput grows
 //! with the batch while each answer stays what the task alone would get.
 //!
+//! Which jobs run together is [`super::batcher`]'s; this module runs them and handles faults.
+//!
 //! On a GPU each task shape's batch is recorded once as a CUDA graph and replayed after that
-//! ([`super::recorded`]); single tasks go that way too, as batches of one. Recorded batches are
-//! padded to a power of two (repeating the last task), so a shape needs at most five recordings
-//! at the default `max_batch` of 16, not sixteen.
+//! ([`super::recorded`]); single tasks go that way too, as batches of one, padded to a power of
+//! two ([`TaskShape::of`]).
 //!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
@@ -28,30 +29,24 @@
 //! tasks have different weights, so they do not batch with each other or with adaptations.
 
 use super::admission::{Admission, CostKey};
+use super::batcher::{BatchKey, Held, TaskShape};
 use super::compute::{
     run_batch, run_prediction, run_task, warm_up, PredictInput, PredictOutput, ResidentModel,
     TaskInput, TaskOutput,
 };
 use super::recorded::RecordedAdaptations;
 use super::worker_error::WorkerError;
-use crate::adapt::{Adaptation, PredictWith};
 use crate::model::checkpoint::Checkpoint;
 use crate::nn::learned_rates::LearnedRates;
 use crate::runtime::panics::caught;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// One queued request.
-pub struct Job {
-    pub input: TaskInput,
-    pub deadline: Instant,
-    pub enqueued: Instant,
-    pub reply: oneshot::Sender<Result<TaskOutput, WorkerError>>,
-}
+pub use super::batcher::Job;
 
 /// One queued prediction for a kept task model.
 pub struct PredictJob {
@@ -162,7 +157,7 @@ impl Worker {
                             &ready_tx,
                             WorkerFault::warm_up(message),
                             &mut receiver,
-                            VecDeque::new(),
+                            Held::default(),
                             &queue,
                         )
                     }
@@ -293,9 +288,9 @@ fn serve(
     device: Device,
     max_batch: usize,
     mut recorded: RecordedAdaptations<TaskShape>,
-) -> Result<(), (String, VecDeque<Job>)> {
+) -> Result<(), (String, Held)> {
     // Jobs taken off the channel but not started: the candidates for the next batch.
-    let mut held: VecDeque<Job> = VecDeque::new();
+    let mut held = Held::default();
     loop {
         let waiting_prediction = queue.predictions.borrow_mut().try_recv();
         if let Ok(job) = waiting_prediction {
@@ -303,7 +298,7 @@ fn serve(
         }
         if held.is_empty() {
             match queue.next(receiver) {
-                Some(Next::Adapt(job)) => held.push_back(job),
+                Some(Next::Adapt(job)) => held.push(job),
                 Some(Next::Predict(job)) => {
                     predict(job, device);
                     continue;
@@ -313,12 +308,13 @@ fn serve(
         }
         while held.len() < max_batch {
             match receiver.try_recv() {
-                Ok(job) => held.push_back(job),
+                Ok(job) => held.push(job),
                 Err(_) => break,
             }
         }
-        let first = queue.leave(held.pop_front().expect("a job is held"));
-        if let Some(outcome) = queue.unstartable(&first) {
+        let first = held.pop().expect("a job is held");
+        queue.leaves(&first);
+        if let Some(outcome) = first.unstartable(Instant::now()) {
             count_job(outcome);
             let _ = first
                 .reply
@@ -332,7 +328,23 @@ fn serve(
             ))));
             continue;
         };
-        let (key, batch) = take_batch(first, &mut held, model, max_batch, queue);
+        let batches = model.network.has_alphas();
+        let key = BatchKey::of(&first.input, batches);
+        let per_task = queue
+            .admission
+            .cost(&CostKey::of(&first.input))
+            .unwrap_or_default();
+        let batch = held.take_batch(
+            first,
+            key.as_ref(),
+            |input| BatchKey::of(input, batches),
+            per_task,
+            max_batch,
+            Instant::now(),
+        );
+        for joined in &batch[1..] {
+            queue.leaves(joined);
+        }
         metrics::histogram!("tnas_batch_size").record(batch.len() as f64);
         let costs: Vec<CostKey> = batch.iter().map(|job| CostKey::of(&job.input)).collect();
         queue.admission.started(&costs);
@@ -343,7 +355,7 @@ fn serve(
                 .unwrap_or_else(|message| Err(WorkerError::raised(message)))
         };
         // A batch that fails runs again task by task, so a faulty task fails alone.
-        let results = match &key {
+        let results = match key {
             Some(key) if batch.len() > 1 || recorded.is_on() => {
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
                 let keep_going = || {
@@ -351,16 +363,9 @@ fn serve(
                         .iter()
                         .any(|job| Instant::now() < job.deadline && !job.reply.is_closed())
                 };
-                let tasks = if recorded.is_on() {
-                    batch.len().next_power_of_two().min(max_batch)
-                } else {
-                    batch.len()
-                };
-                let shape = TaskShape {
-                    key: key.clone(),
-                    tasks,
-                };
+                let shape = TaskShape::of(key, batch.len(), max_batch, recorded.is_on());
                 caught(|| {
+                    let tasks = shape.tasks;
                     run_batch(
                         model,
                         &inputs,
@@ -391,44 +396,6 @@ fn serve(
     }
 }
 
-/// `first` and the held jobs that can run with it as one batch (up to `max_batch`), with the key
-/// they share; `None` when `first` runs alone. Every task of a batch is answered when the whole
-/// batch is done, so a job joins only if the batch, at the measured cost of its shape per task,
-/// still ends before the earliest deadline among its tasks, this job's included.
-fn take_batch(
-    first: Job,
-    held: &mut VecDeque<Job>,
-    model: &ResidentModel,
-    max_batch: usize,
-    queue: &Queue,
-) -> (Option<BatchKey>, Vec<Job>) {
-    let key = batch_key(model, &first.input);
-    let per_task = queue
-        .admission
-        .cost(&CostKey::of(&first.input))
-        .unwrap_or_default();
-    let mut earliest = first.deadline;
-    let mut batch = vec![first];
-    if let Some(key) = &key {
-        let mut index = 0;
-        while batch.len() < max_batch && index < held.len() {
-            let candidate = &held[index];
-            let deadline = earliest.min(candidate.deadline);
-            let in_time = Instant::now() + per_task * (batch.len() as u32 + 1) <= deadline;
-            if in_time
-                && queue.unstartable(candidate).is_none()
-                && batch_key(model, &candidate.input).as_ref() == Some(key)
-            {
-                earliest = deadline;
-                batch.push(queue.leave(held.remove(index).expect("index is in range")));
-            } else {
-                index += 1;
-            }
-        }
-    }
-    (key, batch)
-}
-
 /// Whether `device` still runs work after a job failed on it. Most faults are the job's own, but
 /// some (an illegal memory access on a GPU) poison the device's context for good, and then no
 /// later job can succeed: the worker must say so on `/readyz` instead of failing every request.
@@ -443,15 +410,15 @@ fn stop_serving(
     ready: &watch::Sender<Readiness>,
     fault: WorkerFault,
     receiver: &mut mpsc::Receiver<Job>,
-    held: VecDeque<Job>,
+    mut held: Held,
     queue: &Queue,
 ) {
     tracing::error!(summary = fault.summary, detail = %fault.detail, "the compute worker stopped; /readyz reports it");
     let _ = ready.send(Readiness::Failed(fault));
     receiver.close();
     let queued = std::iter::from_fn(|| receiver.blocking_recv());
-    for job in held.into_iter().chain(queued) {
-        let job = queue.leave(job);
+    for job in held.drain().chain(queued) {
+        queue.leaves(&job);
         count_job("refused");
         let _ = job.reply.send(Err(WorkerError::Stopped));
     }
@@ -484,63 +451,12 @@ impl Queue<'_> {
     }
 
     /// Bookkeeping when a job stops waiting: it starts, or is dropped unstarted.
-    fn leave(&self, job: Job) -> Job {
+    fn leaves(&self, job: &Job) {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.admission.dequeued(&CostKey::of(&job.input));
         metrics::gauge!("tnas_queue_depth").decrement(1.0);
         metrics::histogram!("tnas_queue_wait_seconds").record(job.enqueued.elapsed().as_secs_f64());
-        job
     }
-
-    /// Why `job` should not start, if it should not: its client went away, or its deadline has
-    /// passed, so running it would spend the worker on an answer nobody receives. (Not dropped on
-    /// an estimate: one too high would then drop every task of its shape, and with none run, no
-    /// measurement would ever lower it.)
-    fn unstartable(&self, job: &Job) -> Option<&'static str> {
-        if job.reply.is_closed() {
-            Some("cancelled")
-        } else if Instant::now() >= job.deadline {
-            Some("expired")
-        } else {
-            None
-        }
-    }
-}
-
-/// What must match for tasks to run as one batch: their model, shapes and settings.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct BatchKey {
-    model: String,
-    n_way: usize,
-    support_images: usize,
-    query_values: usize,
-    settings: Adaptation,
-}
-
-/// What a batch is adapted as: `tasks` tasks (the batch, padded) with the same [`BatchKey`]; each
-/// recorded adaptation is recorded for one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct TaskShape {
-    key: BatchKey,
-    tasks: usize,
-}
-
-/// `None` when the task runs alone: networks without θ, derived-network predictions, and tasks
-/// whose model is to be kept (a batch hands out only its logits and θ, not each task's weights).
-fn batch_key(model: &ResidentModel, input: &TaskInput) -> Option<BatchKey> {
-    let o = input.options;
-    let batches = model.network.has_alphas() && o.predict_with == PredictWith::Supernet;
-    (batches && !input.keep).then(|| BatchKey {
-        model: input.model.clone(),
-        n_way: input.n_way,
-        support_images: input.support_labels.len(),
-        query_values: input.query.len(),
-        // The supernet predicts: the derived network's fine-tuning steps play no part.
-        settings: Adaptation {
-            finetune_steps: 0,
-            ..o
-        },
-    })
 }
 
 /// Sends a job's answer, with its time in the queue until the worker `started` it, and counts the
