@@ -422,3 +422,60 @@ fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
     .unwrap_err();
     assert!(refused.contains("--augment-scale 1.5"), "{refused}");
 }
+
+/// `--within-group` trains on episodes whose classes share an alphabet (other tasks than a plain
+/// run's), is recorded in model.json, resumes with the same episodes, and refuses a resume
+/// without it.
+#[test]
+fn within_group_episodes_are_recorded_and_resume_identically() {
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let common = ["--validate-every", "2", "--save-every", "1"];
+        meta_train(
+            &train_args(out, &[&common[..], extra].concat()),
+            "t".into(),
+            &AtomicBool::new(false),
+        )
+    };
+    let (plain, within, resumed) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    run(plain.path(), &["--iterations", "2"]).unwrap();
+    run(within.path(), &["--within-group", "--iterations", "2"]).unwrap();
+    run(resumed.path(), &["--within-group", "--iterations", "1"]).unwrap();
+    let other = run(resumed.path(), &["--iterations", "2", "--resume"]).unwrap_err();
+    assert!(other.contains("within_group"), "{other}");
+    run(
+        resumed.path(),
+        &["--within-group", "--iterations", "2", "--resume"],
+    )
+    .unwrap();
+
+    let loss = |dir: &tempfile::TempDir| -> Vec<Value> {
+        metrics(dir.path())
+            .iter()
+            .map(|l| l["query_loss"].clone())
+            .collect()
+    };
+    assert_ne!(loss(&plain)[0], loss(&within)[0], "the same episodes");
+    assert_eq!(
+        loss(&within),
+        loss(&resumed),
+        "a resumed run saw other tasks"
+    );
+    let training = |dir: &tempfile::TempDir| {
+        Checkpoint::load(dir.path(), Device::Cpu)
+            .unwrap()
+            .meta
+            .training
+            .unwrap()
+    };
+    assert!(training(&within).within_group);
+    assert!(!training(&plain).within_group);
+    let json = std::fs::read_to_string(plain.path().join("model.json")).unwrap();
+    assert!(
+        !json.contains("within_group"),
+        "old readers see no new field"
+    );
+}

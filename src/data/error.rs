@@ -61,6 +61,8 @@ pub enum DataError {
     EmptyEpisode { way: usize, shot: usize },
     #[error("{way}-way episodes need {way} classes but only {available} are available; lower --way or add classes")]
     NotEnoughClasses { way: usize, available: usize },
+    #[error("{way}-way episodes within one group need a group of {way} classes, and the largest has {largest}; lower --way or drop --within-group")]
+    NoGroupLargeEnough { way: usize, largest: usize },
     #[error(
         "class {class} has {available} images but episodes need {needed} (shot + query); lower --shot/--query"
     )]

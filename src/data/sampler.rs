@@ -4,7 +4,7 @@
 
 use super::{ClassImages, DataError};
 use rand::seq::index;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -46,10 +46,12 @@ pub struct SamplerState {
     pub episodes: u64,
 }
 
-/// Draws episodes from `classes`: `way` classes uniformly without replacement, then `shot +
-/// query` distinct images of each.
+/// Draws episodes from `classes`: `way` classes uniformly without replacement (from one group
+/// when [`EpisodeSampler::within_groups`] says so), then `shot + query` distinct images of each.
 pub struct EpisodeSampler<'a> {
     classes: &'a [ClassImages],
+    /// Within groups: each group's class indices, for the groups with at least `way` classes.
+    groups: Option<Vec<Vec<usize>>>,
     way: usize,
     shot: usize,
     query: usize,
@@ -77,6 +79,7 @@ impl<'a> EpisodeSampler<'a> {
         let rng = ChaCha8Rng::seed_from_u64(seed);
         Ok(EpisodeSampler {
             classes,
+            groups: None,
             way,
             shot,
             query,
@@ -86,20 +89,44 @@ impl<'a> EpisodeSampler<'a> {
         })
     }
 
-    /// The sampler that produced `state`, continuing exactly where it stopped; `classes` must be
-    /// the same classes in the same order (loaders sort them, so reloading the data suffices).
-    pub fn restore(
-        classes: &'a [ClassImages],
-        way: usize,
-        shot: usize,
-        query: usize,
-        state: &SamplerState,
-    ) -> Result<Self, DataError> {
-        let mut sampler = Self::new(classes, way, shot, query, state.seed)?;
-        for _ in 0..state.episodes {
-            sampler.draw();
+    /// This sampler with every episode's classes from one group (an Omniglot alphabet: the hard
+    /// protocol, where classes look alike): a group drawn uniformly among those with at least
+    /// `way` classes, then `way` of its classes.
+    pub fn within_groups(mut self) -> Result<Self, DataError> {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (index, class) in self.classes.iter().enumerate() {
+            match groups.iter_mut().find(|(name, _)| *name == class.group) {
+                Some((_, members)) => members.push(index),
+                None => groups.push((&class.group, vec![index])),
+            }
         }
-        Ok(sampler)
+        let largest = groups.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
+        let groups: Vec<Vec<usize>> = groups
+            .into_iter()
+            .map(|(_, members)| members)
+            .filter(|members| members.len() >= self.way)
+            .collect();
+        if groups.is_empty() {
+            return Err(DataError::NoGroupLargeEnough {
+                way: self.way,
+                largest,
+            });
+        }
+        self.groups = Some(groups);
+        Ok(self)
+    }
+
+    /// This sampler continued from `state`, exactly where the sampler that saved it stopped; its
+    /// classes must be the same in the same order (loaders sort them, so reloading the data
+    /// suffices), and its shape the same.
+    pub fn continued(mut self, state: &SamplerState) -> Self {
+        self.seed = state.seed;
+        self.rng = ChaCha8Rng::seed_from_u64(state.seed);
+        self.episodes = 0;
+        for _ in 0..state.episodes {
+            self.draw();
+        }
+        self
     }
 
     pub fn way(&self) -> usize {
@@ -138,7 +165,14 @@ impl<'a> EpisodeSampler<'a> {
     /// [`EpisodeSampler::restore`] can fast-forward cheaply.
     fn draw(&mut self) -> Draw {
         self.episodes += 1;
-        let classes = index::sample(&mut self.rng, self.classes.len(), self.way).into_vec();
+        let classes = match &self.groups {
+            None => index::sample(&mut self.rng, self.classes.len(), self.way).into_vec(),
+            Some(groups) => {
+                let group = &groups[self.rng.gen_range(0..groups.len())];
+                let members = index::sample(&mut self.rng, group.len(), self.way);
+                members.into_iter().map(|m| group[m]).collect()
+            }
+        };
         classes
             .into_iter()
             .map(|class| {
@@ -280,7 +314,9 @@ mod tests {
                 episodes: 3
             }
         );
-        let mut restored = EpisodeSampler::restore(&classes, 5, 1, 2, &state).unwrap();
+        let mut restored = EpisodeSampler::new(&classes, 5, 1, 2, 0)
+            .unwrap()
+            .continued(&state);
         for _ in 0..3 {
             let (x, y) = (a.sample(), restored.sample());
             assert_eq!(x.class_indices, y.class_indices);
@@ -294,6 +330,66 @@ mod tests {
                 .sample()
                 .class_indices
         );
+    }
+
+    #[test]
+    fn within_group_episodes_draw_every_class_from_one_group_and_continue_identically() {
+        let classes = split_test_classes();
+        let group_of = |e: &Episode| -> Vec<String> {
+            let mut groups: Vec<String> = e
+                .class_indices
+                .iter()
+                .map(|&c| classes[c].group.clone())
+                .collect();
+            groups.dedup();
+            groups
+        };
+        let within = || {
+            EpisodeSampler::new(&classes, 5, 1, 2, 9)
+                .unwrap()
+                .within_groups()
+                .unwrap()
+        };
+        let mut sampler = within();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            let groups = group_of(&sampler.sample());
+            assert_eq!(groups.len(), 1, "one group per episode: {groups:?}");
+            seen.insert(groups[0].clone());
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["Latin", "Tagalog"],
+            "every group large enough is drawn"
+        );
+        // Across groups, 40 episodes of 5 classes would almost surely mix alphabets.
+        let mut plain = EpisodeSampler::new(&classes, 5, 1, 2, 9).unwrap();
+        assert!((0..40).any(|_| group_of(&plain.sample()).len() > 1));
+
+        let mut a = within();
+        for _ in 0..3 {
+            a.sample();
+        }
+        let mut continued = within().continued(&a.state());
+        for _ in 0..3 {
+            assert_eq!(a.sample().class_indices, continued.sample().class_indices);
+        }
+        // 18 classes: Tagalog (17) is too small, so every 18-way episode is Latin's.
+        let mut latin = EpisodeSampler::new(&classes, 18, 1, 2, 9)
+            .unwrap()
+            .within_groups()
+            .unwrap();
+        assert_eq!(group_of(&latin.sample()), ["Latin"]);
+        let too_many = EpisodeSampler::new(&classes, 40, 1, 2, 9)
+            .unwrap()
+            .within_groups();
+        assert!(matches!(
+            too_many,
+            Err(DataError::NoGroupLargeEnough {
+                way: 40,
+                largest: 26
+            })
+        ));
     }
 
     #[test]

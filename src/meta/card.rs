@@ -93,8 +93,15 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
         let _ = writeln!(out, "## Training\n");
         let _ = writeln!(
             out,
-            "- algorithm: `{}`; episodes {}-way {}-shot, {} queries per class",
-            t.algorithm, t.way, t.shot, t.query
+            "- algorithm: `{}`; episodes {}-way {}-shot, {} queries per class{}",
+            t.algorithm,
+            t.way,
+            t.shot,
+            t.query,
+            match t.within_group {
+                true => ", all classes of an episode from one group (alphabet)",
+                false => "",
+            }
         );
         let _ = writeln!(out, "- data: {}", t.data);
         if let Some(a) = &t.augmentation {

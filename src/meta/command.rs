@@ -137,6 +137,11 @@ pub struct EpisodeArgs {
     /// Query images per class.
     #[arg(long, default_value_t = 15)]
     pub query: usize,
+    /// Draw all of a task's classes from one group (alphabet), the hard Omniglot protocol:
+    /// `eval` spreads its tasks evenly over the groups that have at least --way classes;
+    /// `meta-train` draws such a group at random for each episode, in validation too.
+    #[arg(long)]
+    pub within_group: bool,
 }
 
 /// `tnas-train meta-train`.
@@ -341,6 +346,7 @@ impl MetaTrainArgs {
                 way: self.episode.way,
                 shot: self.episode.shot,
                 query: self.episode.query,
+                within_group: self.episode.within_group,
                 augmentation: Some(Augmentation {
                     shift_px: self.augment_shift,
                     scale: self.augment_scale,
@@ -416,6 +422,7 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         way: args.episode.way,
         shot: args.episode.shot,
         query: args.episode.query,
+        within_group: args.episode.within_group,
         meta_batch: args.meta_batch,
         iterations: args.iterations,
         inner: InnerLoop {
@@ -498,10 +505,6 @@ pub struct EvalArgs {
     /// Evaluate only these BN modes (default: both).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub bn: Vec<BnMode>,
-    /// Draw all of a task's classes from one group (alphabet), the hard Omniglot protocol; tasks
-    /// are spread evenly over the groups that have at least --way classes.
-    #[arg(long)]
-    pub within_group: bool,
     /// Also report how much the task-specific genotypes vary: over the evaluated tasks, how many
     /// are distinct and how many of their edges differ from the meta-genotype's.
     #[arg(long)]
@@ -559,8 +562,12 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     } else {
         args.bn.clone()
     };
-    let (groups, task_counts) =
-        task_groups(classes, args.episode.way, args.within_group, args.tasks)?;
+    let (groups, task_counts) = task_groups(
+        classes,
+        args.episode.way,
+        args.episode.within_group,
+        args.tasks,
+    )?;
     let meta_genotype = modes
         .contains(&"meta-genotype")
         .then(|| meta_genotype_model(&checkpoint))
@@ -602,7 +609,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                 } else {
                     prediction_label(&network, evaluation.settings.predict_with)
                 };
-                let within_groups: Vec<String> = if args.within_group {
+                let within_groups: Vec<String> = if args.episode.within_group {
                     groups.iter().map(|g| g[0].group.clone()).collect()
                 } else {
                     Vec::new()

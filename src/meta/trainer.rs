@@ -9,7 +9,7 @@ use super::learner::{MetaLearner, OuterConfig};
 use crate::adapt::{Adaptation, BnMode, InnerLoop, PredictWith, SupportSet};
 use crate::data::augment::jitter;
 use crate::data::sampler::{EpisodeSampler, SamplerState};
-use crate::data::ClassImages;
+use crate::data::{ClassImages, DataError};
 use crate::model::checkpoint::{
     param_specs, safetensors_bytes, sha256_hex, task_tensors, tensors_of_safetensors,
     write_atomically, Checkpoint, CheckpointError,
@@ -35,6 +35,8 @@ pub struct TrainConfig {
     pub way: usize,
     pub shot: usize,
     pub query: usize,
+    /// Every episode's classes from one group (the hard protocol), in training and validation.
+    pub within_group: bool,
     pub meta_batch: usize,
     pub iterations: usize,
     pub inner: InnerLoop,
@@ -59,6 +61,8 @@ struct RunSettings {
     way: usize,
     shot: usize,
     query: usize,
+    #[serde(default)]
+    within_group: bool,
     meta_batch: usize,
     seed: u64,
     inner_steps: usize,
@@ -98,6 +102,7 @@ impl RunSettings {
             way: config.way,
             shot: config.shot,
             query: config.query,
+            within_group: config.within_group,
             meta_batch: config.meta_batch,
             seed: config.seed,
             inner_steps: config.inner.steps,
@@ -202,6 +207,22 @@ pub struct Trainer<'a> {
     state: ResumeState,
 }
 
+/// Validation draws the same tasks at every validation, from this seed.
+const VALIDATION_SEED: u64 = 1;
+
+/// The run's episodes from `classes`, starting at `seed`.
+fn episodes<'c>(
+    config: &TrainConfig,
+    classes: &'c [ClassImages],
+    seed: u64,
+) -> Result<EpisodeSampler<'c>, DataError> {
+    let sampler = EpisodeSampler::new(classes, config.way, config.shot, config.query, seed)?;
+    match config.within_group {
+        true => sampler.within_groups(),
+        false => Ok(sampler),
+    }
+}
+
 fn resume_dir(out: &Path) -> PathBuf {
     out.join("resume")
 }
@@ -235,10 +256,9 @@ impl<'a> Trainer<'a> {
         });
         let learner = MetaLearner::new(params, alphas, rates, config.outer);
         let sampler =
-            EpisodeSampler::new(train, config.way, config.shot, config.query, config.seed)
-                .map_err(|e| format!("training split: {e}"))?;
+            episodes(&config, train, config.seed).map_err(|e| format!("training split: {e}"))?;
         // Checked now, not at the first validation after hours of training.
-        EpisodeSampler::new(validation, config.way, config.shot, config.query, 1)
+        episodes(&config, validation, VALIDATION_SEED)
             .map_err(|e| format!("validation split: {e}"))?;
         if config.validation_tasks == 0 {
             return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
@@ -457,14 +477,8 @@ impl<'a> Trainer<'a> {
 
     /// Accuracy on the validation classes, on the same tasks every time (a fixed sampler seed).
     fn validate(&self) -> (f64, f64) {
-        let mut sampler = EpisodeSampler::new(
-            self.validation,
-            self.config.way,
-            self.config.shot,
-            self.config.query,
-            1,
-        )
-        .expect("validation split large enough");
+        let mut sampler = episodes(&self.config, self.validation, VALIDATION_SEED)
+            .expect("validation split large enough");
         let evaluation = Evaluation {
             network: &self.network,
             params: &self.learner.params,
@@ -683,14 +697,9 @@ impl<'a> Trainer<'a> {
                 theta: theta.set_requires_grad(true),
             });
         }
-        self.sampler = EpisodeSampler::restore(
-            self.train,
-            self.config.way,
-            self.config.shot,
-            self.config.query,
-            &saved.sampler,
-        )
-        .map_err(|e| e.to_string())?;
+        self.sampler = episodes(&self.config, self.train, saved.sampler.seed)
+            .map_err(|e| e.to_string())?
+            .continued(&saved.sampler);
         self.state = saved;
         Ok(())
     }

@@ -93,6 +93,9 @@ pub struct TrainingInfo {
     pub shot: usize,
     #[serde(default)]
     pub query: usize,
+    /// Every episode's classes came from one group (alphabet): the hard protocol.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub within_group: bool,
     /// Random jitter of the training images; absent when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augmentation: Option<Augmentation>,
