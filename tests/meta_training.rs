@@ -72,6 +72,25 @@ fn metrics(out: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// A short run into `out` that validates every 2 iterations and saves its resumable state after
+/// every one.
+fn run(out: &std::path::Path, extra: &[&str]) -> Result<(), String> {
+    let common = ["--validate-every", "2", "--save-every", "1"];
+    meta_train(
+        &train_args(out, &[&common[..], extra].concat()),
+        "t".into(),
+        &AtomicBool::new(false),
+    )
+}
+
+/// Each iteration's query loss.
+fn loss(dir: &tempfile::TempDir) -> Vec<Value> {
+    metrics(dir.path())
+        .iter()
+        .map(|l| l["query_loss"].clone())
+        .collect()
+}
+
 #[test]
 fn every_algorithm_writes_a_loadable_checkpoint() {
     for algo in ["tnas", "tnas-2nd", "maml", "reptile", "base"] {
@@ -346,14 +365,6 @@ fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
         "--augment-shear",
         "0.1",
     ];
-    let run = |out: &std::path::Path, extra: &[&str]| {
-        let common = ["--validate-every", "2", "--save-every", "1"];
-        meta_train(
-            &train_args(out, &[&common[..], extra].concat()),
-            "t".into(),
-            &AtomicBool::new(false),
-        )
-    };
     let (plain, jittered, resumed) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
@@ -382,12 +393,6 @@ fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
     )
     .unwrap();
 
-    let loss = |dir: &tempfile::TempDir| -> Vec<Value> {
-        metrics(dir.path())
-            .iter()
-            .map(|l| l["query_loss"].clone())
-            .collect()
-    };
     assert_ne!(
         loss(&plain)[0],
         loss(&jittered)[0],
@@ -428,14 +433,6 @@ fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
 /// without it.
 #[test]
 fn within_group_episodes_are_recorded_and_resume_identically() {
-    let run = |out: &std::path::Path, extra: &[&str]| {
-        let common = ["--validate-every", "2", "--save-every", "1"];
-        meta_train(
-            &train_args(out, &[&common[..], extra].concat()),
-            "t".into(),
-            &AtomicBool::new(false),
-        )
-    };
     let (plain, within, resumed) = (
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
@@ -452,12 +449,6 @@ fn within_group_episodes_are_recorded_and_resume_identically() {
     )
     .unwrap();
 
-    let loss = |dir: &tempfile::TempDir| -> Vec<Value> {
-        metrics(dir.path())
-            .iter()
-            .map(|l| l["query_loss"].clone())
-            .collect()
-    };
     assert_ne!(loss(&plain)[0], loss(&within)[0], "the same episodes");
     assert_eq!(
         loss(&within),
