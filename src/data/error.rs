@@ -61,8 +61,10 @@ pub enum DataError {
     EmptyEpisode { way: usize, shot: usize },
     #[error("{way}-way episodes need {way} classes but only {available} are available; lower --way or add classes")]
     NotEnoughClasses { way: usize, available: usize },
-    #[error("{way}-way episodes within one group need a group of {way} classes, and the largest has {largest}; lower --way or drop --within-group")]
+    #[error("{way}-way tasks within one group need a group of {way} classes, and the largest has {largest}; lower --way")]
     NoGroupLargeEnough { way: usize, largest: usize },
+    #[error("tasks within one group need groups of several classes (Omniglot's alphabets), and each class of this data is a group of its own; drop --within-group")]
+    NoGroups,
     #[error(
         "class {class} has {available} images but episodes need {needed} (shot + query); lower --shot/--query"
     )]

@@ -7,6 +7,7 @@ use rand::seq::index;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use tch::{Device, Tensor};
 
 /// One few-shot task. Labels are `0..way` in the order the classes were drawn; support and query
@@ -50,8 +51,9 @@ pub struct SamplerState {
 /// when [`EpisodeSampler::within_groups`] says so), then `shot + query` distinct images of each.
 pub struct EpisodeSampler<'a> {
     classes: &'a [ClassImages],
-    /// Within groups: each group's class indices, for the groups with at least `way` classes.
-    groups: Option<Vec<Vec<usize>>>,
+    /// Within groups: each group's classes (indices into `classes`), for the groups with at
+    /// least `way` classes.
+    groups: Option<Vec<Range<usize>>>,
     way: usize,
     shot: usize,
     query: usize,
@@ -91,28 +93,9 @@ impl<'a> EpisodeSampler<'a> {
 
     /// This sampler with every episode's classes from one group (an Omniglot alphabet: the hard
     /// protocol, where classes look alike): a group drawn uniformly among those with at least
-    /// `way` classes, then `way` of its classes.
+    /// `way` classes ([`groups_of`]), then `way` of its classes.
     pub fn within_groups(mut self) -> Result<Self, DataError> {
-        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (index, class) in self.classes.iter().enumerate() {
-            match groups.iter_mut().find(|(name, _)| *name == class.group) {
-                Some((_, members)) => members.push(index),
-                None => groups.push((&class.group, vec![index])),
-            }
-        }
-        let largest = groups.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
-        let groups: Vec<Vec<usize>> = groups
-            .into_iter()
-            .map(|(_, members)| members)
-            .filter(|members| members.len() >= self.way)
-            .collect();
-        if groups.is_empty() {
-            return Err(DataError::NoGroupLargeEnough {
-                way: self.way,
-                largest,
-            });
-        }
-        self.groups = Some(groups);
+        self.groups = Some(groups_of(self.classes, self.way)?);
         Ok(self)
     }
 
@@ -162,7 +145,7 @@ impl<'a> EpisodeSampler<'a> {
     }
 
     /// Advances the random sequence by one episode; kept apart from building tensors so that
-    /// [`EpisodeSampler::restore`] can fast-forward cheaply.
+    /// [`EpisodeSampler::continued`] can fast-forward cheaply.
     fn draw(&mut self) -> Draw {
         self.episodes += 1;
         let classes = match &self.groups {
@@ -170,7 +153,7 @@ impl<'a> EpisodeSampler<'a> {
             Some(groups) => {
                 let group = &groups[self.rng.gen_range(0..groups.len())];
                 let members = index::sample(&mut self.rng, group.len(), self.way);
-                members.into_iter().map(|m| group[m]).collect()
+                members.into_iter().map(|m| group.start + m).collect()
             }
         };
         classes
@@ -184,6 +167,25 @@ impl<'a> EpisodeSampler<'a> {
                 (class, rows.into_vec())
             })
             .collect()
+    }
+}
+
+/// The groups of `classes` (their places in it) that have at least `way` classes each, for
+/// tasks within one group. A group's classes are adjacent: loaders sort classes by name, and a
+/// name starts with its group.
+pub fn groups_of(classes: &[ClassImages], way: usize) -> Result<Vec<Range<usize>>, DataError> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for group in classes.chunk_by(|a, b| a.group == b.group) {
+        groups.push(start..start + group.len());
+        start += group.len();
+    }
+    let largest = groups.iter().map(ExactSizeIterator::len).max().unwrap_or(0);
+    groups.retain(|g| g.len() >= way);
+    match (groups.is_empty(), largest) {
+        (false, _) => Ok(groups),
+        (true, 0 | 1) => Err(DataError::NoGroups),
+        (true, _) => Err(DataError::NoGroupLargeEnough { way, largest }),
     }
 }
 
@@ -389,6 +391,19 @@ mod tests {
                 way: 40,
                 largest: 26
             })
+        ));
+        // Data whose every class is its own group (folders, mini-ImageNet) has nothing to draw.
+        let singletons: Vec<ClassImages> = classes
+            .iter()
+            .map(|c| ClassImages {
+                name: c.name.clone(),
+                group: c.name.clone(),
+                images: c.images.shallow_clone(),
+            })
+            .collect();
+        assert!(matches!(
+            groups_of(&singletons, 2),
+            Err(DataError::NoGroups)
         ));
     }
 

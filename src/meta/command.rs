@@ -5,7 +5,7 @@ use super::evaluate::{mean_and_ci95, prediction_label, Evaluation};
 use super::learner::OuterConfig;
 use super::trainer::{TrainConfig, Trainer};
 use crate::adapt::{Adaptation, BnMode, InnerLoop, PredictWith};
-use crate::data::sampler::EpisodeSampler;
+use crate::data::sampler::{groups_of, EpisodeSampler};
 use crate::data::split::SplitSpec;
 use crate::data::{self, ClassImages};
 use crate::model::checkpoint::{param_specs, Checkpoint};
@@ -680,8 +680,6 @@ fn evaluation_of<'a>(
     }
 }
 
-/// The classes each task draws from and how many tasks each gives: all `classes` for every
-/// task, or (`within_group`) each group with at least `way` classes, the tasks spread evenly.
 /// Each group's episode sampler (seeded by the group's place, so every setting draws the same
 /// tasks) with the number of tasks to draw from it.
 fn group_samplers<'a>(
@@ -707,6 +705,8 @@ fn group_samplers<'a>(
         .collect()
 }
 
+/// The classes each task draws from and how many tasks each gives: all `classes` for every
+/// task, or (`within_group`) each group with at least `way` classes, the tasks spread evenly.
 fn task_groups(
     classes: &[ClassImages],
     way: usize,
@@ -716,15 +716,11 @@ fn task_groups(
     if !within_group {
         return Ok((vec![classes], vec![tasks]));
     }
-    let groups: Vec<&[ClassImages]> = classes
-        .chunk_by(|a, b| a.group == b.group)
-        .filter(|g| g.len() >= way)
+    let groups: Vec<&[ClassImages]> = groups_of(classes, way)
+        .map_err(|e| format!("--within-group: {e}"))?
+        .into_iter()
+        .map(|range| &classes[range])
         .collect();
-    if groups.is_empty() {
-        return Err(format!(
-            "--within-group: no group of the split has {way} classes; ask for fewer ways"
-        ));
-    }
     let counts = (0..groups.len())
         .map(|g| tasks / groups.len() + usize::from(g < tasks % groups.len()))
         .collect();

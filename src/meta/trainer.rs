@@ -697,7 +697,7 @@ impl<'a> Trainer<'a> {
                 theta: theta.set_requires_grad(true),
             });
         }
-        self.sampler = episodes(&self.config, self.train, saved.sampler.seed)
+        self.sampler = episodes(&self.config, self.train, self.config.seed)
             .map_err(|e| e.to_string())?
             .continued(&saved.sampler);
         self.state = saved;

@@ -218,15 +218,23 @@ mod tests {
         let now = Instant::now();
         let mut held = Held::default();
         let mut receivers = Vec::new();
-        for steps in [1, 1, 1, 1, 1] {
-            let (job, receiver) = job("a", steps, now, 10 * SECOND);
+        // Each job told apart by its deadline: 10 s plus its place in the queue, in ms.
+        let due = |place: u64| 10 * SECOND + Duration::from_millis(place);
+        for place in 0..5 {
+            let (job, receiver) = job("a", 1, now, due(place));
             held.push(job);
             receivers.push(receiver);
         }
+        let deadlines =
+            |jobs: Vec<Job>| -> Vec<Instant> { jobs.iter().map(|j| j.deadline).collect() };
         let batch = batch_of_first(&mut held, Duration::from_millis(10), 3, now);
-        assert_eq!(batch.len(), 3);
-        assert!(batch.windows(2).all(|w| w[0].enqueued <= w[1].enqueued));
-        assert_eq!(held.len(), 2, "the rest stay held for the next batch");
+        assert_eq!(deadlines(batch), [0, 1, 2].map(|p| now + due(p)));
+        let rest = deadlines(held.drain().collect());
+        assert_eq!(
+            rest,
+            [3, 4].map(|p| now + due(p)),
+            "the rest stay held, in order"
+        );
     }
 
     #[test]
