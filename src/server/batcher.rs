@@ -110,24 +110,25 @@ impl Held {
         self.jobs.pop_front()
     }
 
-    /// `first` (whose key is `key`) and the held jobs that can run with it as one batch, in the
-    /// order they came, up to `max_batch`; `first` alone when `key` is `None`. `key_of` gives a
-    /// held job's key. Every task of a batch is answered when the whole batch is done, so a job
-    /// joins only if the batch, at `per_task` each, still ends before the earliest deadline among
-    /// its tasks, this job's included; jobs that should not start stay held, for the worker to
-    /// answer in turn.
+    /// `first` and the held jobs that can run with it as one batch, in the order they came, up
+    /// to `max_batch`, with the key they share (`key_of`); `first` alone when its key is `None`.
+    /// Every task of a batch is answered when the whole batch is done, so a job joins only if the
+    /// batch, at `per_task` each, still ends before the earliest deadline among its tasks, this
+    /// job's included; jobs that should not start stay held, for the worker to answer in turn.
     pub fn take_batch(
         &mut self,
         first: Job,
-        key: Option<&BatchKey>,
         key_of: impl Fn(&TaskInput) -> Option<BatchKey>,
         per_task: Duration,
         max_batch: usize,
         now: Instant,
-    ) -> Vec<Job> {
+    ) -> (Option<BatchKey>, Vec<Job>) {
+        let key = key_of(&first.input);
         let mut earliest = first.deadline;
         let mut batch = vec![first];
-        let Some(key) = key else { return batch };
+        let Some(shared) = &key else {
+            return (key, batch);
+        };
         let mut index = 0;
         while batch.len() < max_batch && index < self.jobs.len() {
             let candidate = &self.jobs[index];
@@ -135,7 +136,7 @@ impl Held {
             let in_time = now + per_task * (batch.len() as u32 + 1) <= deadline;
             if in_time
                 && candidate.unstartable(now).is_none()
-                && key_of(&candidate.input).as_ref() == Some(key)
+                && key_of(&candidate.input).as_ref() == Some(shared)
             {
                 earliest = deadline;
                 batch.push(self.jobs.remove(index).expect("index is in range"));
@@ -143,7 +144,7 @@ impl Held {
                 index += 1;
             }
         }
-        batch
+        (key, batch)
     }
 
     /// Every held job, oldest first, leaving none.
@@ -205,8 +206,8 @@ mod tests {
         now: Instant,
     ) -> Vec<Job> {
         let first = held.pop().expect("a job is held");
-        let key = supernet_key(&first.input);
-        held.take_batch(first, key.as_ref(), supernet_key, per_task, max_batch, now)
+        held.take_batch(first, supernet_key, per_task, max_batch, now)
+            .1
     }
 
     fn steps(batch: &[Job]) -> Vec<usize> {
@@ -317,7 +318,8 @@ mod tests {
         let mut held = Held::default();
         let (same, _r) = job("a", 1, now, 10 * SECOND);
         held.push(same);
-        let batch = held.take_batch(kept, None, supernet_key, Duration::ZERO, 8, now);
+        let (key, batch) = held.take_batch(kept, supernet_key, Duration::ZERO, 8, now);
+        assert_eq!(key, None);
         assert_eq!(batch.len(), 1);
         assert_eq!(held.len(), 1);
     }

@@ -184,8 +184,8 @@ struct Timing {
     cuda_graph: bool,
 }
 
-/// One task's answer: its architecture (from its softmax(θ) `mixing`, [`architecture`]) and
-/// query `logits`, unless they diverged.
+/// One task's answer from its architecture ([`architecture`]), query `logits` and `timing`;
+/// an error if any of its numbers is not finite.
 fn answer(
     (genotype, alphas): (Option<Genotype>, Option<AlphaWeights>),
     logits: Vec<Vec<f32>>,

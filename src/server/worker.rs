@@ -9,8 +9,8 @@
 //! Which jobs run together is [`super::batcher`]'s; this module runs them and handles faults.
 //!
 //! On a GPU each task shape's batch is recorded once as a CUDA graph and replayed after that
-//! ([`super::recorded`]); single tasks go that way too, as batches of one, padded to a power of
-//! two ([`TaskShape::of`]).
+//! ([`super::recorded`]); single tasks go that way too, as batches of one. Recorded batches are
+//! padded to a power of two, repeating the last task (`TaskShape::of`).
 //!
 //! Backpressure is explicit: a full queue is refused at once (429). Each job carries its deadline
 //! and reply channel, and the worker checks both between SGD steps, so a timed-out or abandoned
@@ -329,14 +329,12 @@ fn serve(
             continue;
         };
         let batches = model.network.has_alphas();
-        let key = BatchKey::of(&first.input, batches);
         let per_task = queue
             .admission
             .cost(&CostKey::of(&first.input))
             .unwrap_or_default();
-        let batch = held.take_batch(
+        let (key, batch) = held.take_batch(
             first,
-            key.as_ref(),
             |input| BatchKey::of(input, batches),
             per_task,
             max_batch,
@@ -365,13 +363,12 @@ fn serve(
                 };
                 let shape = TaskShape::of(key, batch.len(), max_batch, recorded.is_on());
                 caught(|| {
-                    let tasks = shape.tasks;
                     run_batch(
                         model,
                         &inputs,
                         device,
                         &keep_going,
-                        tasks,
+                        shape.tasks,
                         &shape,
                         &mut recorded,
                     )
