@@ -18,5 +18,7 @@ RUN touch $TNAS_CACHE/venv/.tnas-setup-2 && make release TNAS_CACHE=$TNAS_CACHE
 FROM base
 COPY --from=build /src/target/release/tnas-server /src/target/release/tnas-train /usr/local/bin/
 COPY models /models
+# The model for requests that name none; the deployments inherit it (override to serve another).
+ENV TNAS_DEFAULT_MODEL=omniglot-tnas-wg
 EXPOSE 8080
 ENTRYPOINT ["tnas-server", "--models", "/models", "--host", "0.0.0.0", "--port", "8080", "--device", "auto"]
