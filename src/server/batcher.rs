@@ -19,7 +19,7 @@ pub struct Job {
 }
 
 impl Job {
-    /// Why this job should not start at `now`, if it should not: its client went away, or its
+    /// Why this job should not start (or go on) at `now`, if so: its client went away, or its
     /// deadline has passed, so running it would spend the worker on an answer nobody receives.
     /// (Not dropped on an estimate: one too high would then drop every task of its shape, and with
     /// none run, no measurement would ever lower it.)

@@ -348,7 +348,7 @@ fn serve(
         queue.admission.started(&costs);
         let started = Instant::now();
         let alone = |job: &Job| {
-            let keep_going = || Instant::now() < job.deadline && !job.reply.is_closed();
+            let keep_going = || job.unstartable(Instant::now()).is_none();
             caught(|| run_task(model, &job.input, device, &keep_going))
                 .unwrap_or_else(|message| Err(WorkerError::raised(message)))
         };
@@ -357,9 +357,8 @@ fn serve(
             Some(key) if batch.len() > 1 || recorded.is_on() => {
                 let inputs: Vec<&TaskInput> = batch.iter().map(|job| &job.input).collect();
                 let keep_going = || {
-                    batch
-                        .iter()
-                        .any(|job| Instant::now() < job.deadline && !job.reply.is_closed())
+                    let now = Instant::now();
+                    batch.iter().any(|job| job.unstartable(now).is_none())
                 };
                 let shape = TaskShape::of(key, batch.len(), max_batch, recorded.is_on());
                 caught(|| {
