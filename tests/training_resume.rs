@@ -56,10 +56,14 @@ fn resume_refuses_another_split_or_augmentation_and_lists_the_difference() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    let changes: [(&[&str], &str); 3] = [
+    let changes: [(&[&str], &str); 4] = [
         (&["--test-groups", "Latin,Greek"], "\"Greek\""),
         (&["--validation-groups", "Greek"], "\"Greek\""),
         (&["--no-rotations"], "rotations: false (saved: true)"),
+        (
+            &["--rotation-groups"],
+            "rotation_groups: true (saved: false)",
+        ),
     ];
     for (change, named) in changes {
         let refused = meta_train(

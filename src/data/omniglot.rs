@@ -39,20 +39,39 @@ pub fn load(sources: &[PathBuf], spec: &InputSpec) -> Result<Dataset, DataError>
 
 /// The rotation class augmentation (Santoro et al. 2016, as in MAML and T-NAS): each character
 /// rotated by 90°, 180° and 270° becomes a new class, so every class yields four. The original
-/// keeps its name, the others are suffixed `/rot90`, `/rot180`, `/rot270`; all keep the alphabet
-/// as group, so a split still holds whole alphabets. Meant for the training classes only.
-pub fn with_rotations(classes: Vec<ClassImages>) -> Vec<ClassImages> {
-    classes
-        .into_iter()
-        .flat_map(|class| {
-            let rotated = [1, 2, 3].map(|quarter_turns| ClassImages {
-                name: format!("{}/rot{}", class.name, 90 * quarter_turns),
-                group: class.group.clone(),
-                images: class.images.rot90(quarter_turns, [2, 3]).contiguous(),
-            });
-            std::iter::once(class).chain(rotated)
-        })
-        .collect()
+/// keeps its name, the others are suffixed `/rot90`, `/rot180`, `/rot270`. Meant for the training
+/// classes only.
+///
+/// A rotated class keeps its alphabet as group, so a split still holds whole alphabets, and each
+/// class is followed by its rotations. With `orientation_groups`, each rotation of an alphabet is
+/// a group of its own (`Greek/rot90`), listed after the alphabet's originals: within-group
+/// episodes then hold one alphabet in one orientation, as held-out tasks do, instead of mixing
+/// orientations, which are easier to tell apart than the characters.
+pub fn with_rotations(classes: Vec<ClassImages>, orientation_groups: bool) -> Vec<ClassImages> {
+    let rotate = |class: &ClassImages, quarter_turns: i64| ClassImages {
+        name: format!("{}/rot{}", class.name, 90 * quarter_turns),
+        group: match orientation_groups {
+            true => format!("{}/rot{}", class.group, 90 * quarter_turns),
+            false => class.group.clone(),
+        },
+        images: class.images.rot90(quarter_turns, [2, 3]).contiguous(),
+    };
+    let mut rotated = Vec::with_capacity(4 * classes.len());
+    let mut classes = classes.into_iter().peekable();
+    while let Some(first) = classes.next() {
+        // What a rotation follows: its class, or with orientation groups its alphabet.
+        let mut unit = vec![first];
+        while let Some(class) = classes.next_if(|c| orientation_groups && c.group == unit[0].group)
+        {
+            unit.push(class);
+        }
+        let turned: Vec<ClassImages> = (1..=3)
+            .flat_map(|quarter_turns| unit.iter().map(move |c| rotate(c, quarter_turns)))
+            .collect();
+        rotated.extend(unit);
+        rotated.extend(turned);
+    }
+    rotated
 }
 
 /// The still-encoded classes of one source.
@@ -225,7 +244,7 @@ mod tests {
     fn rotations_make_four_classes_per_character() {
         let classes: Vec<ClassImages> = omniglot_copy().classes.into_iter().take(2).collect();
         let original = classes[0].images.shallow_clone();
-        let rotated = with_rotations(classes);
+        let rotated = with_rotations(classes, false);
         let names: Vec<&str> = rotated.iter().take(5).map(|c| c.name.as_str()).collect();
         let base = "Balinese/character01";
         assert_eq!(
@@ -244,6 +263,37 @@ mod tests {
         assert!(!rotated[1].images.equal(&original));
         assert!(rotated[1].images.rot90(1, [2, 3]).equal(&rotated[2].images));
         assert!(rotated[3].images.rot90(1, [2, 3]).equal(&original));
+    }
+
+    /// With orientation groups, an alphabet's originals come first and each rotation follows as
+    /// a contiguous group of its own, so within-group sampling never mixes orientations.
+    #[test]
+    fn orientation_groups_keep_each_rotation_of_an_alphabet_together() {
+        let classes: Vec<ClassImages> = omniglot_copy().classes.into_iter().take(2).collect();
+        let rotated = with_rotations(classes, true);
+        let (base1, base2) = ("Balinese/character01", "Balinese/character02");
+        let named: Vec<(&str, &str)> = rotated
+            .iter()
+            .map(|c| (c.name.as_str(), c.group.as_str()))
+            .collect();
+        let mut expected = vec![(base1.to_string(), "Balinese".to_string())];
+        expected.push((base2.into(), "Balinese".into()));
+        for degrees in [90, 180, 270] {
+            for base in [base1, base2] {
+                expected.push((
+                    format!("{base}/rot{degrees}"),
+                    format!("Balinese/rot{degrees}"),
+                ));
+            }
+        }
+        let expected: Vec<(&str, &str)> = expected
+            .iter()
+            .map(|(n, g)| (n.as_str(), g.as_str()))
+            .collect();
+        assert_eq!(named, expected);
+        assert!(rotated[3].images.equal(&rotated[1].images.rot90(1, [2, 3])));
+        let groups = crate::data::sampler::groups_of(&rotated, 2).unwrap();
+        assert_eq!(groups, [0..2, 2..4, 4..6, 6..8]);
     }
 
     /// A zip holding `entries`, deflated.

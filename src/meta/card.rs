@@ -98,9 +98,12 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
             t.way,
             t.shot,
             t.query,
-            match t.within_group {
-                true => ", all classes of an episode from one group (alphabet)",
-                false => "",
+            match (t.within_group, t.rotation_groups) {
+                (true, false) => ", all classes of an episode from one group (alphabet)",
+                (true, true) => {
+                    ", all classes of an episode from one group (alphabet, in one orientation)"
+                }
+                (false, _) => "",
             }
         );
         let _ = writeln!(out, "- data: {}", t.data);

@@ -51,6 +51,10 @@ pub struct DataArgs {
     /// Skip the 90° rotation class augmentation of the training classes (Omniglot).
     #[arg(long)]
     pub no_rotations: bool,
+    /// Make each rotation of a training alphabet a group of its own, so that `--within-group`
+    /// episodes hold one alphabet in one orientation, as held-out tasks do (Omniglot).
+    #[arg(long, conflicts_with = "no_rotations")]
+    pub rotation_groups: bool,
 }
 
 /// The three splits, loaded and preprocessed once.
@@ -106,7 +110,7 @@ impl DataArgs {
             test: group_names(&test),
         };
         let train = if self.dataset == DatasetKind::Omniglot && !self.no_rotations {
-            data::omniglot::with_rotations(train)
+            data::omniglot::with_rotations(train, self.rotation_groups)
         } else {
             train
         };
@@ -347,6 +351,7 @@ impl MetaTrainArgs {
                 shot: self.episode.shot,
                 query: self.episode.query,
                 within_group: self.episode.within_group,
+                rotation_groups: self.data.rotation_groups,
                 augmentation: Some(Augmentation {
                     shift_px: self.augment_shift,
                     scale: self.augment_scale,

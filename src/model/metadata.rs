@@ -96,6 +96,9 @@ pub struct TrainingInfo {
     /// Every episode's classes came from one group (alphabet): the hard protocol.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub within_group: bool,
+    /// Each rotation of a training alphabet was a group of its own (`--rotation-groups`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotation_groups: bool,
     /// Random jitter of the training images; absent when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augmentation: Option<Augmentation>,
