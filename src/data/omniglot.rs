@@ -42,11 +42,12 @@ pub fn load(sources: &[PathBuf], spec: &InputSpec) -> Result<Dataset, DataError>
 /// keeps its name, the others are suffixed `/rot90`, `/rot180`, `/rot270`. Meant for the training
 /// classes only.
 ///
-/// A rotated class keeps its alphabet as group, so a split still holds whole alphabets, and each
-/// class is followed by its rotations. With `orientation_groups`, each rotation of an alphabet is
-/// a group of its own (`Greek/rot90`), listed after the alphabet's originals: within-group
-/// episodes then hold one alphabet in one orientation, as held-out tasks do, instead of mixing
-/// orientations, which are easier to tell apart than the characters.
+/// Without `orientation_groups`, a rotated class keeps its alphabet as group, so a split still
+/// holds whole alphabets, and each class is followed by its rotations. With it, each rotation of
+/// an alphabet is a group of its own (`Greek/rot90`), listed after the alphabet's originals (each
+/// alphabet's classes must come together, as loaders list them): within-group episodes then hold
+/// one alphabet in one orientation, as held-out tasks do, instead of mixing orientations, which
+/// are easier to tell apart than the characters.
 pub fn with_rotations(classes: Vec<ClassImages>, orientation_groups: bool) -> Vec<ClassImages> {
     let rotate = |class: &ClassImages, quarter_turns: i64| ClassImages {
         name: format!("{}/rot{}", class.name, 90 * quarter_turns),
@@ -265,35 +266,52 @@ mod tests {
         assert!(rotated[3].images.rot90(1, [2, 3]).equal(&original));
     }
 
-    /// With orientation groups, an alphabet's originals come first and each rotation follows as
-    /// a contiguous group of its own, so within-group sampling never mixes orientations.
+    /// With orientation groups, each alphabet's originals come first and each of its rotations
+    /// follows as a contiguous group of its own, before the next alphabet begins, so within-group
+    /// sampling never mixes orientations or alphabets.
     #[test]
     fn orientation_groups_keep_each_rotation_of_an_alphabet_together() {
-        let classes: Vec<ClassImages> = omniglot_copy().classes.into_iter().take(2).collect();
-        let rotated = with_rotations(classes, true);
-        let (base1, base2) = ("Balinese/character01", "Balinese/character02");
-        let named: Vec<(&str, &str)> = rotated
-            .iter()
-            .map(|c| (c.name.as_str(), c.group.as_str()))
+        let mut classes = omniglot_copy().classes;
+        let second_alphabet = classes.iter().position(|c| c.group != classes[0].group);
+        let second = classes.split_off(second_alphabet.unwrap());
+        let two_of_each: Vec<ClassImages> = classes
+            .into_iter()
+            .take(2)
+            .chain(second.into_iter().take(2))
             .collect();
-        let mut expected = vec![(base1.to_string(), "Balinese".to_string())];
-        expected.push((base2.into(), "Balinese".into()));
-        for degrees in [90, 180, 270] {
-            for base in [base1, base2] {
-                expected.push((
-                    format!("{base}/rot{degrees}"),
-                    format!("Balinese/rot{degrees}"),
-                ));
+        let first_of = |i: usize| two_of_each[i].images.shallow_clone();
+        let (kept, turned_once) = (first_of(2), first_of(0).rot90(1, [2, 3]));
+        let alphabets: Vec<(String, [String; 2])> = two_of_each
+            .chunks(2)
+            .map(|pair| (pair[0].group.clone(), [0, 1].map(|i| pair[i].name.clone())))
+            .collect();
+        let rotated = with_rotations(two_of_each, true);
+
+        let mut expected = Vec::new();
+        for (alphabet, names) in &alphabets {
+            expected.extend(names.iter().map(|n| (n.clone(), alphabet.clone())));
+            for degrees in [90, 180, 270] {
+                expected.extend(names.iter().map(|n| {
+                    (
+                        format!("{n}/rot{degrees}"),
+                        format!("{alphabet}/rot{degrees}"),
+                    )
+                }));
             }
         }
-        let expected: Vec<(&str, &str)> = expected
+        let named: Vec<(String, String)> = rotated
             .iter()
-            .map(|(n, g)| (n.as_str(), g.as_str()))
+            .map(|c| (c.name.clone(), c.group.clone()))
             .collect();
         assert_eq!(named, expected);
-        assert!(rotated[3].images.equal(&rotated[1].images.rot90(1, [2, 3])));
+        assert_ne!(alphabets[0].0, alphabets[1].0);
+        assert!(rotated[2].images.equal(&turned_once), "first class, 90°");
+        assert!(
+            rotated[8].images.equal(&kept),
+            "second alphabet's first class"
+        );
         let groups = crate::data::sampler::groups_of(&rotated, 2).unwrap();
-        assert_eq!(groups, [0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(groups, (0..8).map(|g| 2 * g..2 * g + 2).collect::<Vec<_>>());
     }
 
     /// A zip holding `entries`, deflated.

@@ -52,7 +52,8 @@ pub struct DataArgs {
     #[arg(long)]
     pub no_rotations: bool,
     /// Make each rotation of a training alphabet a group of its own, so that `--within-group`
-    /// episodes hold one alphabet in one orientation, as held-out tasks do (Omniglot).
+    /// episodes hold one alphabet in one orientation, as held-out tasks do (Omniglot). An
+    /// alphabet with fewer than --way characters then has no group large enough for them.
     #[arg(long, conflicts_with = "no_rotations")]
     pub rotation_groups: bool,
 }
@@ -67,6 +68,13 @@ pub struct LoadedData {
 
 impl DataArgs {
     pub fn load(&self, input: &InputSpec) -> Result<LoadedData, String> {
+        if self.rotation_groups && self.dataset != DatasetKind::Omniglot {
+            return Err(
+                "--rotation-groups groups the rotations of Omniglot alphabets; \
+                 other datasets have no rotations: leave it out"
+                    .into(),
+            );
+        }
         let err = |e: data::DataError| e.to_string();
         let (train, validation, test) = match self.dataset {
             DatasetKind::Miniimagenet => {

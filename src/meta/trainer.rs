@@ -90,9 +90,10 @@ struct RunSettings {
     /// Whether the training classes include their 90° rotations (Omniglot's augmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotations: Option<bool>,
-    /// Whether each rotation of an alphabet was a group of its own (`--rotation-groups`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rotation_groups: Option<bool>,
+    /// Whether each rotation of an alphabet was a group of its own (`--rotation-groups`); states
+    /// saved before the option existed were made without it.
+    #[serde(default)]
+    rotation_groups: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     augmentation: Option<Augmentation>,
 }
@@ -124,7 +125,7 @@ impl RunSettings {
             data: training.map(|t| t.data.clone()),
             split: training.map(|t| t.split.clone()),
             rotations: Some(train.iter().any(|class| class.name.ends_with("/rot90"))),
-            rotation_groups: training.map(|t| t.rotation_groups),
+            rotation_groups: training.is_some_and(|t| t.rotation_groups),
             augmentation: training.and_then(|t| t.augmentation),
         }
     }
