@@ -1,6 +1,6 @@
 //! The pieces around several `tnas-server` replicas, as real processes on loopback: a
 //! `redis-server` that keeps its data across restarts, and an HAProxy load balancer (round robin)
-//! in front of the replicas. `make setup` installs both from Debian's packages.
+//! in front of the replicas. `make replica-setup` (which `make test` runs) installs both from Debian's packages.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,7 +25,7 @@ fn spawn(program: &str, args: &[String]) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("{program} does not start ({e}); `make setup` installs redis-server and haproxy")
+            panic!("{program} does not start ({e}); `make replica-setup` installs redis-server and haproxy")
         })
 }
 
@@ -232,7 +232,7 @@ fn check_config(path: &Path) {
         .args(["-c", "-q", "-f"])
         .arg(PathBuf::from(path))
         .output()
-        .expect("haproxy is installed (`make setup` installs it)");
+        .expect("haproxy is installed (`make replica-setup` installs it)");
     assert!(
         output.status.success(),
         "the HAProxy configuration is refused: {}",
