@@ -1,6 +1,7 @@
 //! The pieces around several `tnas-server` replicas, as real processes on loopback: a
 //! `redis-server` that keeps its data across restarts, and an HAProxy load balancer (round robin)
-//! in front of the replicas. `make replica-setup` (which `make test` runs) installs both from Debian's packages.
+//! in front of the replicas. `make replica-setup` (which `make test` runs) installs both from
+//! Debian's packages.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
