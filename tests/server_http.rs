@@ -540,8 +540,8 @@ fn tasks_that_would_miss_their_deadline_get_a_fast_429_not_a_504() {
             .unwrap()
     };
     // Steps for a task of about a quarter of a second here; one task of that shape measures its
-    // cost. The server admits work of up to half a task's time (2 s), so about eight; short tasks
-    // keep at least three admitted when a test beside this one slows the machine twofold.
+    // cost. The server admits work ahead of a task up to half its remaining time (2 s of the 4 s
+    // timeout), so about eight; at a twofold slowdown from a test beside this one, still four.
     let probe: Value = post(10).json().unwrap();
     let steps =
         ((250.0 / (probe["timing_ms"]["adapt"].as_f64().unwrap() / 10.0)) as usize).clamp(1, 1000);
