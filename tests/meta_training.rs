@@ -470,3 +470,37 @@ fn within_group_episodes_are_recorded_and_resume_identically() {
         "old readers see no new field"
     );
 }
+
+/// `--no-validation` trains on the validation alphabet too, records an empty validation split,
+/// keeps the checkpoint at the end of the schedule (not one picked by validation), and `eval`
+/// then refuses that alphabet as held out.
+#[test]
+fn no_validation_trains_on_the_validation_alphabet_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &["--no-validation", "--iterations", "3"]).unwrap();
+
+    let meta = Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta;
+    let training = meta.training.unwrap();
+    assert_eq!(training.iterations, 3, "the end of the schedule");
+    assert!(training.split.validation.is_empty());
+    assert!(training.split.train.contains(&"Early_Aramaic".to_string()));
+    assert!(meta.evaluation.is_empty(), "{:?}", meta.evaluation);
+    assert!(metrics(dir.path())
+        .iter()
+        .all(|l| l["validation_accuracy"].is_null()));
+    let card = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
+    assert!(
+        card.contains("(the end of its schedule, no validation split): 3"),
+        "{card}"
+    );
+
+    let mut argv: Vec<String> = vec!["e".into(), "--data".into()];
+    argv.extend(zips());
+    let model = dir.path().to_str().unwrap();
+    for a in ["--model", model, "--split", "validation", "--way", "3"] {
+        argv.push(a.into());
+    }
+    argv.extend(["--tasks", "2", "--threads", "1", "--device", "cpu"].map(String::from));
+    let refused = eval(&Eval::parse_from(argv).args).unwrap_err();
+    assert!(refused.contains("Early_Aramaic"), "{refused}");
+}

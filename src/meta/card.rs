@@ -123,7 +123,11 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
         );
         let _ = writeln!(
             out,
-            "- iterations at this checkpoint (best validation): {}; wall time {:.1} h; seed {}",
+            "- iterations at this checkpoint ({}): {}; wall time {:.1} h; seed {}",
+            match t.split.validation.is_empty() {
+                true => "the end of its schedule, no validation split",
+                false => "best validation",
+            },
             t.iterations,
             t.wall_time_s / 3600.0,
             t.seed

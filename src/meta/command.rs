@@ -48,6 +48,11 @@ pub struct DataArgs {
     /// Groups held out for testing, comma-separated; never seen in training.
     #[arg(long, value_delimiter = ',', default_value = "Latin,Tagalog")]
     pub test_groups: Vec<String>,
+    /// Hold out no validation groups: `meta-train` trains on them too, and, with nothing to
+    /// select by, keeps the checkpoint at the end of its schedule (saved at each
+    /// --validate-every, so an interrupted run still leaves its latest model).
+    #[arg(long)]
+    pub no_validation: bool,
     /// Skip the 90° rotation class augmentation of the training classes (Omniglot).
     #[arg(long)]
     pub no_rotations: bool,
@@ -75,6 +80,13 @@ impl DataArgs {
                     .into(),
             );
         }
+        if self.no_validation && self.dataset == DatasetKind::Miniimagenet {
+            return Err(
+                "--no-validation trains on the validation groups of a group split; \
+                 mini-ImageNet's validation classes are a split of their own: leave it out"
+                    .into(),
+            );
+        }
         let err = |e: data::DataError| e.to_string();
         let (train, validation, test) = match self.dataset {
             DatasetKind::Miniimagenet => {
@@ -95,18 +107,19 @@ impl DataArgs {
                     }
                 };
                 let groups = dataset.groups();
-                let held_out: Vec<&String> = self
-                    .validation_groups
-                    .iter()
-                    .chain(&self.test_groups)
-                    .collect();
+                let validation_groups = match self.no_validation {
+                    true => Vec::new(),
+                    false => self.validation_groups.clone(),
+                };
+                let held_out: Vec<&String> =
+                    validation_groups.iter().chain(&self.test_groups).collect();
                 let train_groups = groups
                     .into_iter()
                     .filter(|g| !held_out.contains(&g))
                     .collect();
                 let spec = SplitSpec {
                     train: train_groups,
-                    validation: self.validation_groups.clone(),
+                    validation: validation_groups,
                     test: self.test_groups.clone(),
                 };
                 spec.apply(dataset).map_err(err)?

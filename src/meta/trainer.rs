@@ -262,11 +262,13 @@ impl<'a> Trainer<'a> {
         let learner = MetaLearner::new(params, alphas, rates, config.outer);
         let sampler =
             episodes(&config, train, config.seed).map_err(|e| format!("training split: {e}"))?;
-        // Checked now, not at the first validation after hours of training.
-        episodes(&config, validation, VALIDATION_SEED)
-            .map_err(|e| format!("validation split: {e}"))?;
-        if config.validation_tasks == 0 {
-            return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
+        if !validation.is_empty() {
+            // Checked now, not at the first validation after hours of training.
+            episodes(&config, validation, VALIDATION_SEED)
+                .map_err(|e| format!("validation split: {e}"))?;
+            if config.validation_tasks == 0 {
+                return Err("--validation-tasks must be at least 1: the saved model is the one with the best validation accuracy".into());
+            }
         }
         let state = ResumeState {
             run: RunSettings::of(&config, train),
@@ -383,11 +385,16 @@ impl<'a> Trainer<'a> {
                 wall_time_s: self.state.wall_time_s,
             };
             if it.is_multiple_of(self.config.validate_every) || it == self.config.iterations {
-                let (mean, ci) = self.validate();
-                (line.validation_accuracy, line.validation_ci95) = (Some(mean), Some(ci));
-                if self.state.best_validation.is_none_or(|best| mean > best) {
-                    self.state.best_validation = Some(mean);
-                    self.save_model(mean, ci).map_err(|e| e.to_string())?;
+                if self.validation.is_empty() {
+                    self.save_model(None).map_err(|e| e.to_string())?;
+                } else {
+                    let (mean, ci) = self.validate();
+                    (line.validation_accuracy, line.validation_ci95) = (Some(mean), Some(ci));
+                    if self.state.best_validation.is_none_or(|best| mean > best) {
+                        self.state.best_validation = Some(mean);
+                        self.save_model(Some((mean, ci)))
+                            .map_err(|e| e.to_string())?;
+                    }
                 }
             }
             self.append_metrics(&line)?;
@@ -395,9 +402,10 @@ impl<'a> Trainer<'a> {
                 self.save_resume_state()?;
             }
             progress.set_position(it as u64);
+            let best = self.state.best_validation;
             progress.set_message(format!(
-                "loss {loss:.3} acc {acc:.3} best val {:.3}",
-                self.state.best_validation.unwrap_or(0.0)
+                "loss {loss:.3} acc {acc:.3}{}",
+                best.map_or(String::new(), |v| format!(" best val {v:.3}"))
             ));
         }
         progress.finish();
@@ -504,25 +512,29 @@ impl<'a> Trainer<'a> {
         mean_and_ci95(&evaluation.accuracies(&mut sampler, self.config.validation_tasks))
     }
 
-    fn save_model(&mut self, validation: f64, ci95: f64) -> Result<(), CheckpointError> {
+    /// Saves the model with its validation accuracy and interval, if it has a validation split.
+    fn save_model(&mut self, validation: Option<(f64, f64)>) -> Result<(), CheckpointError> {
         let mut meta = self.config.meta.clone();
         if let Some(training) = meta.training.as_mut() {
             training.iterations = self.state.iteration;
             training.wall_time_s = self.state.wall_time_s;
         }
-        meta.evaluation = vec![EvalResult {
-            split: "validation".into(),
-            way: self.config.way,
-            shot: self.config.shot,
-            tasks: self.config.validation_tasks,
-            predict_with: prediction_label(&self.network, PredictWith::Supernet).into(),
-            bn: self.config.bn,
-            steps: self.config.inner.steps,
-            finetune_steps: 0,
-            within_groups: Vec::new(),
-            accuracy: validation,
-            ci95,
-        }];
+        meta.evaluation = validation
+            .map(|(accuracy, ci95)| EvalResult {
+                split: "validation".into(),
+                way: self.config.way,
+                shot: self.config.shot,
+                tasks: self.config.validation_tasks,
+                predict_with: prediction_label(&self.network, PredictWith::Supernet).into(),
+                bn: self.config.bn,
+                steps: self.config.inner.steps,
+                finetune_steps: 0,
+                within_groups: Vec::new(),
+                accuracy,
+                ci95,
+            })
+            .into_iter()
+            .collect();
         let rates = self.learner.rates.as_ref().map(LearnedRates::detach);
         let mut checkpoint = Checkpoint {
             meta,
