@@ -490,7 +490,8 @@ fn no_validation_trains_on_the_validation_alphabet_and_keeps_the_last_checkpoint
         .all(|l| l["validation_accuracy"].is_null()));
     let card = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
     assert!(
-        card.contains("(the end of its schedule, no validation split): 3"),
+        card.contains("; validation: none; test:")
+            && card.contains("(the end of its schedule, no validation split): 3"),
         "{card}"
     );
 

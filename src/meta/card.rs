@@ -118,7 +118,10 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
             out,
             "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}",
             t.split.train.join(", "),
-            t.split.validation.join(", "),
+            match t.split.validation.is_empty() {
+                true => "none".to_string(),
+                false => t.split.validation.join(", "),
+            },
             t.split.test.join(", ")
         );
         let _ = writeln!(
