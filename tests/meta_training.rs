@@ -472,8 +472,8 @@ fn within_group_episodes_are_recorded_and_resume_identically() {
 }
 
 /// `--no-validation` trains on the validation alphabet too, records an empty validation split,
-/// keeps the checkpoint at the end of the schedule (not one picked by validation), and `eval`
-/// then refuses that alphabet as held out.
+/// keeps the latest checkpoint (not one picked by validation), resumes only with the flag, and
+/// `eval` then refuses that alphabet as held out.
 #[test]
 fn no_validation_trains_on_the_validation_alphabet_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,9 +491,19 @@ fn no_validation_trains_on_the_validation_alphabet_and_keeps_the_last_checkpoint
     let card = std::fs::read_to_string(dir.path().join("README.md")).unwrap();
     assert!(
         card.contains("; validation: none; test:")
-            && card.contains("(the end of its schedule, no validation split): 3"),
+            && card.contains("(its latest save, no validation split): 3"),
         "{card}"
     );
+
+    let without = run(dir.path(), &["--iterations", "4", "--resume"]).unwrap_err();
+    assert!(without.contains("split"), "{without}");
+    run(
+        dir.path(),
+        &["--no-validation", "--iterations", "4", "--resume"],
+    )
+    .unwrap();
+    let resumed = Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta;
+    assert_eq!(resumed.training.unwrap().iterations, 4);
 
     let mut argv: Vec<String> = vec!["e".into(), "--data".into()];
     argv.extend(zips());
@@ -503,5 +513,10 @@ fn no_validation_trains_on_the_validation_alphabet_and_keeps_the_last_checkpoint
     }
     argv.extend(["--tasks", "2", "--threads", "1", "--device", "cpu"].map(String::from));
     let refused = eval(&Eval::parse_from(argv).args).unwrap_err();
-    assert!(refused.contains("Early_Aramaic"), "{refused}");
+    assert!(
+        refused.contains("Early_Aramaic")
+            && refused.contains("--no-validation")
+            && refused.contains("--split test --test-groups Latin,Tagalog"),
+        "{refused}"
+    );
 }

@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Meta-train and write models/<name>/ (best checkpoint by validation accuracy, resumable).
+    /// Meta-train and write models/<name>/ (the best checkpoint by validation accuracy, or the
+    /// latest with --no-validation; resumable).
     MetaTrain(MetaTrainArgs),
     /// N-way K-shot accuracy ± 95% interval on held-out classes.
     Eval(EvalArgs),

@@ -52,7 +52,7 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
     }
 }
 
-/// The note of the card a training run writes beside each best checkpoint; a card without it was
+/// The note of the card a training run writes beside each checkpoint it saves; a card without it was
 /// written with `tnas-train card` (curated notes, baselines) and a run leaves it alone.
 const RUN_CARD_NOTE: &str = "Written by `tnas-train meta-train` with this checkpoint; `tnas-train card --model <dir> --notes <file>` replaces it with a card that has notes and baselines.";
 
@@ -128,7 +128,7 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
             out,
             "- iterations at this checkpoint ({}): {}; wall time {:.1} h; seed {}",
             match t.split.validation.is_empty() {
-                true => "the end of its schedule, no validation split",
+                true => "its latest save, no validation split",
                 false => "best validation",
             },
             t.iterations,

@@ -48,10 +48,10 @@ pub struct DataArgs {
     /// Groups held out for testing, comma-separated; never seen in training.
     #[arg(long, value_delimiter = ',', default_value = "Latin,Tagalog")]
     pub test_groups: Vec<String>,
-    /// Hold out no validation groups: `meta-train` trains on them too, and, with nothing to
-    /// select by, keeps the checkpoint at the end of its schedule (saved at each
-    /// --validate-every, so an interrupted run still leaves its latest model).
-    #[arg(long)]
+    /// Hold out no validation groups: `meta-train` trains on them too and, with nothing to
+    /// select by, keeps its latest model, saved at each --validate-every and at the end of its
+    /// schedule.
+    #[arg(long, conflicts_with = "validation_groups")]
     pub no_validation: bool,
     /// Skip the 90° rotation class augmentation of the training classes (Omniglot).
     #[arg(long)]
@@ -467,6 +467,7 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         seed: args.seed,
         validate_every: args.validate_every.max(1),
         validation_tasks: args.validation_tasks,
+        no_validation: args.data.no_validation,
         save_every: args.save_every.max(1),
         out: args.out.clone(),
         device,
@@ -546,6 +547,9 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
     tch::set_num_threads(args.threads);
     let device = args.device.resolve()?;
     let checkpoint = Checkpoint::load(&args.model, device).map_err(|e| e.to_string())?;
+    if args.split == "validation" && args.data.no_validation {
+        return Err("--split validation evaluates the validation groups, which --no-validation leaves out: drop one of the two".into());
+    }
     let loaded = args.data.load(&checkpoint.meta.input)?;
     let classes = if args.split == "test" {
         &loaded.test
@@ -823,11 +827,16 @@ fn never_trained_on(classes: &[ClassImages], split: &Split) -> Result<(), String
     if seen.is_empty() {
         return Ok(());
     }
-    Err(format!(
-        "the evaluated groups include {seen:?}, which this model was trained on; pass the held-out groups its model.json records: --validation-groups {} --test-groups {}",
-        split.validation.join(","),
-        split.test.join(",")
-    ))
+    let test = split.test.join(",");
+    Err(match split.validation.is_empty() {
+        true => format!(
+            "the evaluated groups include {seen:?}, which this model was trained on; it has no validation split (meta-trained with --no-validation): evaluate its test groups, --split test --test-groups {test}"
+        ),
+        false => format!(
+            "the evaluated groups include {seen:?}, which this model was trained on; pass the held-out groups its model.json records: --validation-groups {} --test-groups {test}",
+            split.validation.join(","),
+        ),
+    })
 }
 
 /// Merges `results` into the model's `model.json` as it is on disk now, so evaluations that ran

@@ -1,6 +1,6 @@
 //! The meta-training loop (T-NAS Algorithm 1): episodes → task gradients → outer Adam step, with
 //! JSONL metrics, periodic validation on held-out classes, the best checkpoint kept by validation
-//! accuracy, and a resumable state saved on interval and on request (Ctrl-C, SIGTERM).
+//! accuracy (or, without a validation split, the latest), and a resumable state saved on interval and on request (Ctrl-C, SIGTERM).
 
 use super::adam::Adam;
 use super::algorithm::{Algorithm, MetaTask, TaskContext};
@@ -46,6 +46,8 @@ pub struct TrainConfig {
     pub seed: u64,
     pub validate_every: usize,
     pub validation_tasks: usize,
+    /// No validation split: keep the latest model instead of the best by validation accuracy.
+    pub no_validation: bool,
     pub save_every: usize,
     pub out: PathBuf,
     pub device: Device,
@@ -201,7 +203,8 @@ fn augmented(
     (both.narrow(0, 0, n), both.narrow(0, n, queries))
 }
 
-/// A meta-training run over `train` classes, validated on `validation` classes.
+/// A meta-training run over `train` classes, validated on `validation` classes (none with
+/// `no_validation`).
 pub struct Trainer<'a> {
     config: TrainConfig,
     network: Network,
@@ -262,7 +265,7 @@ impl<'a> Trainer<'a> {
         let learner = MetaLearner::new(params, alphas, rates, config.outer);
         let sampler =
             episodes(&config, train, config.seed).map_err(|e| format!("training split: {e}"))?;
-        if !validation.is_empty() {
+        if !config.no_validation {
             // Checked now, not at the first validation after hours of training.
             episodes(&config, validation, VALIDATION_SEED)
                 .map_err(|e| format!("validation split: {e}"))?;
@@ -385,7 +388,7 @@ impl<'a> Trainer<'a> {
                 wall_time_s: self.state.wall_time_s,
             };
             if it.is_multiple_of(self.config.validate_every) || it == self.config.iterations {
-                if self.validation.is_empty() {
+                if self.config.no_validation {
                     self.save_model(None).map_err(|e| e.to_string())?;
                 } else {
                     let (mean, ci) = self.validate();
