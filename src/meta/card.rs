@@ -90,6 +90,7 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
         a.steps, a.lr_w, a.lr_theta, a.bn
     );
     if let Some(t) = &meta.training {
+        let validated = !t.split.validation.is_empty();
         let _ = writeln!(out, "## Training\n");
         let _ = writeln!(
             out,
@@ -118,18 +119,18 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
             out,
             "- split by group (Omniglot alphabet, or class) — train: {}; validation: {}; test: {}",
             t.split.train.join(", "),
-            match t.split.validation.is_empty() {
-                true => "none".to_string(),
-                false => t.split.validation.join(", "),
+            match validated {
+                true => t.split.validation.join(", "),
+                false => "none".to_string(),
             },
             t.split.test.join(", ")
         );
         let _ = writeln!(
             out,
             "- iterations at this checkpoint ({}): {}; wall time {:.1} h; seed {}",
-            match t.split.validation.is_empty() {
-                true => "its latest save, no validation split",
-                false => "best validation",
+            match validated {
+                true => "best validation",
+                false => "its latest save, no validation split",
             },
             t.iterations,
             t.wall_time_s / 3600.0,

@@ -107,9 +107,9 @@ impl DataArgs {
                     }
                 };
                 let groups = dataset.groups();
-                let validation_groups = match self.no_validation {
-                    true => Vec::new(),
-                    false => self.validation_groups.clone(),
+                let validation_groups: &[String] = match self.no_validation {
+                    true => &[],
+                    false => &self.validation_groups,
                 };
                 let held_out: Vec<&String> =
                     validation_groups.iter().chain(&self.test_groups).collect();
@@ -119,7 +119,7 @@ impl DataArgs {
                     .collect();
                 let spec = SplitSpec {
                     train: train_groups,
-                    validation: validation_groups,
+                    validation: validation_groups.to_vec(),
                     test: self.test_groups.clone(),
                 };
                 spec.apply(dataset).map_err(err)?
@@ -828,15 +828,13 @@ fn never_trained_on(classes: &[ClassImages], split: &Split) -> Result<(), String
         return Ok(());
     }
     let test = split.test.join(",");
-    Err(match split.validation.is_empty() {
-        true => format!(
-            "the evaluated groups include {seen:?}, which this model was trained on; it has no validation split (meta-trained with --no-validation): evaluate its test groups, --split test --test-groups {test}"
-        ),
-        false => format!(
-            "the evaluated groups include {seen:?}, which this model was trained on; pass the held-out groups its model.json records: --validation-groups {} --test-groups {test}",
-            split.validation.join(","),
-        ),
-    })
+    let fix = match split.validation.is_empty() {
+        true => format!("it has no validation split (meta-trained with --no-validation): evaluate its test groups, --split test --test-groups {test}"),
+        false => format!("pass the held-out groups its model.json records: --validation-groups {} --test-groups {test}", split.validation.join(",")),
+    };
+    Err(format!(
+        "the evaluated groups include {seen:?}, which this model was trained on; {fix}"
+    ))
 }
 
 /// Merges `results` into the model's `model.json` as it is on disk now, so evaluations that ran

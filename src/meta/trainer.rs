@@ -1,6 +1,7 @@
 //! The meta-training loop (T-NAS Algorithm 1): episodes → task gradients → outer Adam step, with
 //! JSONL metrics, periodic validation on held-out classes, the best checkpoint kept by validation
-//! accuracy (or, without a validation split, the latest), and a resumable state saved on interval and on request (Ctrl-C, SIGTERM).
+//! accuracy (or, without a validation split, the latest), and a resumable state saved on interval
+//! and on request (Ctrl-C, SIGTERM).
 
 use super::adam::Adam;
 use super::algorithm::{Algorithm, MetaTask, TaskContext};
