@@ -1,6 +1,7 @@
-//! `tnas-train` end to end on the real Omniglot zips: every algorithm writes a loadable checkpoint,
-//! a short run learns, resume continues the same run exactly (and only the same run, from a whole
-//! state), and `eval` reports an interval on classes the model never trained on.
+//! `tnas-train` end to end on the real Omniglot zips: every algorithm writes a loadable checkpoint
+//! (for a fixed genotype too), a short run learns, resume continues the same run exactly (and only
+//! the same run, from a whole state), and `eval` reports an interval on classes the model never
+//! trained on.
 
 mod common;
 
@@ -110,6 +111,58 @@ fn every_algorithm_writes_a_loadable_checkpoint() {
             card.contains(&format!("algorithm: `{algo}`")) && card.contains("accuracy (95% CI)"),
             "{algo}: {card}"
         );
+    }
+}
+
+/// Auto-MAML: a supernet's meta-genotype meta-trained as a fixed network, with second-order MAML
+/// and with T-NAS++'s learned rates (whose θ rates the fixed network never uses, so they stay put).
+#[test]
+fn a_fixed_genotype_meta_trains_with_maml_and_tnas_plus_plus() {
+    let supernet = tempfile::tempdir().unwrap();
+    run(supernet.path(), &["--algo", "tnas", "--iterations", "1"]).unwrap();
+    let genotype = Checkpoint::load(supernet.path(), Device::Cpu)
+        .unwrap()
+        .meta_genotype()
+        .unwrap();
+    for algo in ["maml", "tnas++"] {
+        let dir = tempfile::tempdir().unwrap();
+        let from = supernet.path().to_str().unwrap();
+        run(
+            dir.path(),
+            &[
+                "--algo",
+                algo,
+                "--genotype",
+                from,
+                "--lr-theta",
+                "7",
+                "--iterations",
+                "2",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{algo}: {e}"));
+        let checkpoint = Checkpoint::load(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(checkpoint.meta.genotype.as_ref(), Some(&genotype), "{algo}");
+        assert!(checkpoint.alphas.is_none(), "{algo}");
+        assert!(
+            metrics(dir.path())
+                .iter()
+                .all(|m| m["query_loss"].as_f64().unwrap().is_finite()),
+            "{algo}"
+        );
+        if let Some(rates) = &checkpoint.rates {
+            let set = &checkpoint.meta.adaptation;
+            assert!(
+                rates.theta.eq(7.0).all().int64_value(&[]) == 1,
+                "{algo}: θ rates moved: {}",
+                rates.theta
+            );
+            assert!(
+                rates.w.ne(set.lr_w).any().int64_value(&[]) == 1,
+                "{algo}: w rates never learned"
+            );
+        }
+        assert_eq!(checkpoint.rates.is_some(), algo == "tnas++");
     }
 }
 

@@ -231,7 +231,17 @@ impl TaskState {
         }
         inputs.extend(extra);
         let mut grads = Tensor::run_backward(&[loss], &inputs, keep_graph, keep_graph);
-        let extra = grads.split_off(inputs.len() - extra.len());
+        // An extra the loss does not reach (a fixed genotype's θ rates) has a zero gradient;
+        // autograd leaves it undefined.
+        let extra = grads
+            .split_off(inputs.len() - extra.len())
+            .into_iter()
+            .zip(extra)
+            .map(|(grad, input)| match grad.defined() {
+                true => grad,
+                false => input.zeros_like(),
+            })
+            .collect();
         let theta = self
             .alphas
             .as_ref()
