@@ -217,7 +217,8 @@ impl TaskState {
         (weights, theta)
     }
 
-    /// [`TaskState::gradients`], and in the same backward pass those of `extra` tensors.
+    /// [`TaskState::gradients`], and in the same backward pass those of `extra` tensors (zeros for
+    /// one the loss does not reach).
     pub fn gradients_with(
         &self,
         loss: &Tensor,
