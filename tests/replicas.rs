@@ -187,19 +187,6 @@ fn fetch_all(client: &Client, base: &str, tasks: &[(String, Value)], phase: &str
     tally.assert_all_ok(phase, 3 * tasks.len());
 }
 
-/// Waits until the balancer routes to `replica` again: its health check marks a restarted replica
-/// up only at its next interval, and until then every request goes to the other one.
-fn wait_until_routed_to(client: &Client, base: &str, replica: &str) {
-    let started = Instant::now();
-    while get(client, &format!("{base}/healthz")).served_by.as_deref() != Some(replica) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the balancer did not route to the restarted {replica} within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn readiness(client: &Client, server: &ServerProcess) -> Value {
     let answer = get(client, &format!("{}/readyz", server.url));
     assert_eq!(
@@ -229,7 +216,7 @@ fn replicas_share_genotypes_across_a_replica_kill_and_a_redis_restart() {
 
     // The killed replica comes back empty-handed; through the balancer, either one serves any id.
     replicas[0] = Some(replica(models.path(), ports[0], &store, "2000"));
-    wait_until_routed_to(&client, &balancer.url, "replica-0");
+    balancer.wait_until_routed_to("replica-0");
     fetch_all(&client, &balancer.url, &tasks, "fetches after the kill");
     let listing = get(&client, &format!("{}/genotypes?limit=1000", balancer.url)).json();
     let listed: BTreeSet<&str> = listing

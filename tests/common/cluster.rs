@@ -186,20 +186,34 @@ impl Balancer {
             url: format!("http://127.0.0.1:{port}"),
             _config: config,
         };
+        balancer.poll_healthz("HAProxy did not forward /healthz to a replica", |r| {
+            r.status() == 200
+        });
+        balancer
+    }
+
+    /// Waits until the balancer routes to `replica` again: its health check marks a restarted
+    /// replica up only at its next interval, and until then every request goes to the others.
+    pub fn wait_until_routed_to(&self, replica: &str) {
+        let failure = format!("the balancer did not route to the restarted {replica} within 20 s");
+        self.poll_healthz(&failure, |r| {
+            r.headers().get("x-served-by").and_then(|v| v.to_str().ok()) == Some(replica)
+        });
+    }
+
+    /// Asks for `/healthz` through the balancer every 50 ms until an answer is `accepted`; fails
+    /// the test with `failure` after 20 s.
+    fn poll_healthz(&self, failure: &str, accepted: impl Fn(&reqwest::blocking::Response) -> bool) {
         let client = reqwest::blocking::Client::new();
         let started = Instant::now();
         while !client
-            .get(format!("{}/healthz", balancer.url))
+            .get(format!("{}/healthz", self.url))
             .send()
-            .is_ok_and(|r| r.status() == 200)
+            .is_ok_and(|r| accepted(&r))
         {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "HAProxy did not forward /healthz to a replica"
-            );
+            assert!(started.elapsed() < Duration::from_secs(20), "{failure}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        balancer
     }
 }
 
