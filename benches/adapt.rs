@@ -45,6 +45,7 @@ fn miniimagenet_sized(dir: &Path) -> PathBuf {
         learned_rates: false,
         predict_with: PredictWith::Supernet,
         finetune_steps: 0,
+        views: 1,
     };
     let out = dir.join("miniimagenet-sized");
     checkpoint.save(&out).expect("temp dir is writable");

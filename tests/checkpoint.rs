@@ -244,6 +244,7 @@ fn result(way: usize, accuracy: f64) -> EvalResult {
         bn: BnMode::Support,
         steps: 10,
         finetune_steps: 0,
+        views: 1,
         within_groups: Vec::new(),
         accuracy,
         ci95: 0.01,

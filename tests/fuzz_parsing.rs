@@ -63,13 +63,14 @@ proptest! {
         finetune_steps in proptest::option::of(0usize..300),
         lr_w in proptest::option::of(prop_oneof![any::<f64>(), Just(f64::NAN), Just(f64::INFINITY), Just(-1.0), Just(0.1)]),
         lr_theta in proptest::option::of(any::<f64>()),
+        views in proptest::option::of(0usize..20),
     ) {
         let input = InputSpec { channels: 1, size: 28, mean: vec![0.0], std: vec![1.0], invert: true };
         let meta = common::metadata("fixture", ModelKind::Supernet, None, input, HeadSpec::Proto { max_way: 2, learned_scale: false });
         let limits = ServerConfig::parse_from(["tnas-server"]).limits;
         let support: Vec<(String, Bytes)> = labels.iter().zip(images.iter().cycle()).map(|(l, &k)| (l.to_string(), image_bytes(k))).collect();
         let query: Vec<(String, Bytes)> = queries.iter().map(|(id, k)| (id.to_string(), image_bytes(*k))).collect();
-        let options = AdaptOptions { steps, finetune_steps, lr_w, lr_theta, ..AdaptOptions::default() };
+        let options = AdaptOptions { steps, finetune_steps, lr_w, lr_theta, views, ..AdaptOptions::default() };
         let request = TaskRequest { support, query, options };
         if let Ok(resolved) = request.validate(&meta, &limits) {
             let (support_images, query_images) = (request.support.len(), request.query.len());
@@ -77,6 +78,7 @@ proptest! {
                 prop_assert_eq!(task.support.len(), support_images * 28 * 28);
                 prop_assert_eq!(task.query.len(), query_images * 28 * 28);
                 prop_assert!(task.support_labels.iter().all(|&l| (0..task.n_way as i64).contains(&l)));
+                prop_assert!((1..=9).contains(&task.options.views));
             }
         }
     }

@@ -403,6 +403,8 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("one class", client.post(format!("{url}/adapt")).json(&with("support", json!([valid["support"][0]]))), 422, "wrong_class_count"),
         ("steps over limit", client.post(format!("{url}/adapt")).json(&with("steps", json!(1000))), 422, "steps_over_limit"),
         ("finetune steps over limit", client.post(format!("{url}/adapt")).json(&with("finetune_steps", json!(21))), 422, "steps_over_limit"),
+        ("no views", client.post(format!("{url}/adapt")).json(&with("views", json!(0))), 422, "invalid_views"),
+        ("more views than shifts", client.post(format!("{url}/adapt")).json(&with("views", json!(10))), 422, "invalid_views"),
         ("negative steps", client.post(format!("{url}/adapt")).json(&with("steps", json!(-1))), 400, "invalid_field"),
         ("negative lr", client.post(format!("{url}/adapt")).json(&with("lr_w", json!(-1.0))), 422, "invalid_learning_rate"),
         ("huge lr", client.post(format!("{url}/adapt")).json(&with("lr_theta", json!(1e300))), 422, "invalid_learning_rate"),

@@ -222,6 +222,7 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
             learned_rates: false,
+            views: 1,
         },
         keep: false,
     }
@@ -229,6 +230,17 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
 
 #[test]
 fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
+    assert_the_worker_batches_as_alone(1);
+}
+
+/// Test-time views batch too: each task's support views adapt it and its queries' views merge
+/// into its own answer, as when it runs alone.
+#[test]
+fn tasks_with_test_time_views_batch_and_answer_as_if_alone() {
+    assert_the_worker_batches_as_alone(3);
+}
+
+fn assert_the_worker_batches_as_alone(views: usize) {
     tch::set_num_threads(2);
     let load = || {
         Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu)
@@ -237,9 +249,14 @@ fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
     let checkpoint = load();
     let alphabets = ["Latin", "Greek", "Korean"];
     // A 4-step task first keeps the worker busy while the three 2-step tasks queue up behind it.
+    let with_views = |mut input: TaskInput| {
+        input.options.views = views;
+        input
+    };
     let inputs = || {
         std::iter::once(worker_input(&checkpoint, "Greek", 4))
             .chain(alphabets.iter().map(|a| worker_input(&checkpoint, a, 2)))
+            .map(with_views)
             .collect::<Vec<_>>()
     };
     let outputs = |max_batch| {

@@ -178,6 +178,10 @@ fn a_kept_task_predicts_as_its_adaptation_did_and_its_download_answers_the_same_
         ("omniglot-tnas", json!({"predict_with": "supernet"})),
         (
             "omniglot-tnas",
+            json!({"predict_with": "supernet", "views": 5}),
+        ),
+        (
+            "omniglot-tnas",
             json!({"predict_with": "derived", "finetune_steps": 3}),
         ),
         ("omniglot-tnas-hard", json!({"predict_with": "derived"})),
@@ -239,18 +243,32 @@ fn a_kept_task_predicts_as_its_adaptation_did_and_its_download_answers_the_same_
         assert_eq!(archive.status(), 200);
         assert_eq!(archive.headers()["content-type"], "application/zip");
         let folder = unzip(&archive.bytes().unwrap(), downloads.path());
-        kept.push((folder, adapted, expected));
+        kept.push((folder, adapted, expected, options));
     }
+    let (one_view, five_views) = (&kept[0].2, &kept[1].2);
+    assert!(
+        one_view
+            .iter()
+            .flatten()
+            .zip(five_views.iter().flatten())
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "test-time views change the answer"
+    );
 
     let elsewhere = ServerProcess::start(downloads.path(), &["--device", "cpu"]);
     let queries = downloads.path().join("queries.safetensors");
-    for (folder, adapted, expected) in &kept {
+    for (folder, adapted, expected, options) in &kept {
         let dir = downloads.path().join(folder);
         let checkpoint = Checkpoint::load(&dir, tch::Device::Cpu).expect("the download loads");
         let meta = checkpoint.meta;
         assert_eq!(
             meta.task.as_ref().unwrap().labels,
             serde_json::from_value::<Vec<String>>(adapted["labels"].clone()).unwrap()
+        );
+        // The download answers with the views it was adapted with, as its own default.
+        assert_eq!(
+            meta.adaptation.views as u64,
+            options["views"].as_u64().unwrap_or(1)
         );
         let options = json!({"model": meta.name, "steps": 0, "bn": meta.adaptation.bn});
         let (status, served) = post(

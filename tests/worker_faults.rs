@@ -31,6 +31,7 @@ fn task(support_labels: Vec<i64>, n_way: usize, support_pixels: usize) -> TaskIn
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
             learned_rates: false,
+            views: 1,
         },
         keep: false,
     }

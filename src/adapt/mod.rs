@@ -7,6 +7,7 @@
 
 pub mod task_batch;
 pub mod task_model;
+pub mod views;
 
 use crate::model::metadata::HeadSpec;
 pub use crate::model::settings::{Adaptation, BnMode, PredictWith};
@@ -462,6 +463,7 @@ impl TaskState {
             temperature: state.temperature,
             bn: settings.bn,
             support_images: support.images.shallow_clone(),
+            views: settings.views,
         })
     }
 }

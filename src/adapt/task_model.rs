@@ -10,7 +10,7 @@
 //! `genotype` model with a fixed head of the task's way: a server that loads it and adapts for
 //! 0 steps on the same support set answers as the kept model does.
 
-use crate::adapt::{logits_under, Adaptation, BnMode, PredictWith};
+use crate::adapt::{logits_under, views, Adaptation, BnMode, PredictWith};
 use crate::model::checkpoint::{Checkpoint, ALPHAS_NORMAL, ALPHAS_REDUCE};
 use crate::model::metadata::{HeadSpec, ModelKind, ModelMeta, TaskOrigin};
 use crate::nn::genotype::Genotype;
@@ -34,22 +34,28 @@ pub struct TaskModel {
     /// The temperature θ is read at (the end of the annealing schedule).
     pub temperature: f64,
     pub bn: BnMode,
-    /// [N_s, C, S, S]: the support set whose statistics every BN layer uses in `support` mode.
+    /// [N_s, C, S, S]: the support set whose statistics every BN layer uses in `support` mode
+    /// (with its test-time views, when the task asked for them).
     pub support_images: Tensor,
+    /// Test-time views of each query, whose log-probabilities its prediction averages.
+    pub views: usize,
 }
 
 impl TaskModel {
-    /// Query logits [N_q, n_way] without gradients. `query`: [N_q, C, S, S].
+    /// Query logits [N_q, n_way] without gradients (with several views, the mean of their
+    /// log-probabilities). `query`: [N_q, C, S, S].
     pub fn predict(&self, query: &Tensor) -> Tensor {
         let mixing = match (&self.network, &self.alphas) {
             (Network::Supernet(net), Some(alphas)) => Some(net.mixing(alphas, self.temperature)),
             _ => None,
         };
-        crate::runtime::grad::no_grad(|| {
-            logits_under(self.bn, &self.support_images, query, |x, stats| {
+        let query = views::of_images(query, self.views);
+        let logits = crate::runtime::grad::no_grad(|| {
+            logits_under(self.bn, &self.support_images, &query, |x, stats| {
                 self.network.logits(&self.params, mixing.as_ref(), x, stats)
             })
-        })
+        });
+        views::merged(&logits, self.views)
     }
 
     /// The tensors of its `model.safetensors`: the weights, with a learned logit scale folded into
@@ -90,6 +96,7 @@ impl TaskModel {
             params: checkpoint.params,
             alphas: checkpoint.alphas,
             bn: checkpoint.meta.adaptation.bn,
+            views: checkpoint.meta.adaptation.views,
             support_images,
         }
     }
@@ -108,12 +115,13 @@ pub fn task_model_kind(source: ModelKind, predict_with: PredictWith) -> Option<M
 
 /// The `model.json` of a task model: `source`'s search space, input and adaptation rates, with
 /// `kind` ([`task_model_kind`]), the task's `genotype` for a genotype model, a fixed head of the
-/// task's way, its BN mode, its origin, and `sha256` of its weights.
+/// task's way, the BN mode and views its `options` asked for, its origin, and `sha256` of its
+/// weights.
 pub fn task_model_meta(
     source: &ModelMeta,
     kind: ModelKind,
     genotype: Option<Genotype>,
-    bn: BnMode,
+    options: &Adaptation,
     origin: TaskOrigin,
     sha256: String,
 ) -> ModelMeta {
@@ -126,7 +134,8 @@ pub fn task_model_meta(
         },
         // The task's network already is what its adaptation and fine-tuning made it.
         adaptation: Adaptation {
-            bn,
+            bn: options.bn,
+            views: options.views,
             learned_rates: false,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,

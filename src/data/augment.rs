@@ -36,6 +36,14 @@ pub fn jitter(images: &Tensor, how: &Augmentation, seed: u64) -> Tensor {
     warp(images, &maps)
 }
 
+/// `images` (`[n, C, S, S]`) moved by `dx`, `dy` whole pixels (a positive `dx` moves the picture
+/// left), the uncovered edge repeating the border.
+pub fn shifted(images: &Tensor, dx: f64, dy: f64) -> Tensor {
+    let size = images.size();
+    let map = pixel_map(1.0, 0.0, dx, dy, size[3] as f64);
+    warp(images, &vec![map; size[0] as usize])
+}
+
 /// The affine map (output grid point → input point, in the [−1, 1] coordinates of
 /// `affine_grid_generator`) that scales, shears and then shifts by `dx`, `dy` pixels; a
 /// positive `dx` moves the picture left.

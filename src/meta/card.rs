@@ -40,9 +40,12 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
                 },
                 r.predict_with,
                 r.bn,
-                match r.finetune_steps {
-                    0 => r.steps.to_string(),
-                    finetune => format!("{} + {finetune} fine-tuning", r.steps),
+                match (r.finetune_steps, r.views) {
+                    (0, 1) => r.steps.to_string(),
+                    (0, views) => format!("{}, {views} views", r.steps),
+                    (finetune, 1) => format!("{} + {finetune} fine-tuning", r.steps),
+                    (finetune, views) =>
+                        format!("{} + {finetune} fine-tuning, {views} views", r.steps),
                 },
                 r.tasks,
                 r.accuracy * 100.0,

@@ -348,6 +348,7 @@ impl MetaTrainArgs {
                 learned_rates: self.algo.is_maml_plus_plus(),
                 predict_with: PredictWith::Supernet,
                 finetune_steps: 0,
+                views: 1,
             },
             training: Some(TrainingInfo {
                 algorithm: self.algo.name().into(),
@@ -516,6 +517,11 @@ pub struct EvalArgs {
     /// Fine-tuning steps of derived predictions.
     #[arg(long, default_value_t = 0)]
     pub finetune_steps: usize,
+    /// Test-time views (default: the model's): 1 for the images as sent; up to 9 adds each
+    /// image's one-pixel shifts, the support's as more examples of their classes, the queries'
+    /// averaged into one prediction.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+    pub views: Option<u8>,
     /// Which held-out split to evaluate on.
     #[arg(long, default_value = "test", value_parser = ["test", "validation"])]
     pub split: String,
@@ -572,6 +578,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         bn,
         predict_with,
         finetune_steps: args.finetune_steps,
+        views: args.views.map_or(defaults.views, usize::from),
         ..defaults
     };
     let mut modes: Vec<&str> = if network.has_alphas() {
@@ -649,7 +656,11 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                 } else {
                     format!(" within {}", within_groups.join(" or "))
                 };
-                eprintln!("{}-way {}-shot{within} {name} bn={bn:?} steps={steps}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
+                let views = match settings.views {
+                    1 => String::new(),
+                    v => format!(" views={v}"),
+                };
+                eprintln!("{}-way {}-shot{within} {name} bn={bn:?} steps={steps}{views}: {:.2}% ± {:.2}% ({} tasks)", args.episode.way, args.episode.shot, accuracy * 100.0, ci95 * 100.0, args.tasks);
                 let (split, way, shot, tasks, finetune_steps) = (
                     args.split.clone(),
                     args.episode.way,
@@ -666,6 +677,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                     bn,
                     steps,
                     finetune_steps,
+                    views: settings.views,
                     within_groups,
                     accuracy,
                     ci95,

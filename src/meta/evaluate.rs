@@ -1,15 +1,15 @@
 //! Few-shot evaluation: mean accuracy over many tasks with a 95% confidence interval.
 
 use super::algorithm::accuracy;
-use crate::adapt::{Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
-use crate::data::sampler::EpisodeSampler;
+use crate::adapt::{views, Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::data::sampler::{Episode, EpisodeSampler};
 use crate::model::metadata::HeadSpec;
 use crate::nn::genotype::Genotype;
 use crate::nn::learned_rates::LearnedRates;
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;
 use crate::nn::supernet::Alphas;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Mean and 95% half-interval (1.96 · sample std / √n), the form few-shot papers report.
 pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
@@ -64,14 +64,24 @@ impl Evaluation<'_> {
         (0..tasks)
             .filter_map(|_| {
                 let episode = sampler.sample().to_device(self.device);
+                let (images, labels) = self.support_views(&episode);
                 let support = SupportSet {
-                    images: &episode.support,
-                    labels: &episode.support_labels,
+                    images: &images,
+                    labels: &labels,
                     n_way: sampler.way(),
                 };
                 self.adapted(&support).genotype(self.network)
             })
             .collect()
+    }
+
+    /// The episode's support images and labels with the test-time views the settings ask for.
+    fn support_views(&self, episode: &Episode) -> (Tensor, Tensor) {
+        views::of_support(
+            &episode.support,
+            &episode.support_labels,
+            self.settings.views,
+        )
     }
 
     /// A task's state after adaptation to `support`.
@@ -98,9 +108,10 @@ impl Evaluation<'_> {
 
     fn task_accuracy(&self, sampler: &mut EpisodeSampler) -> f64 {
         let episode = sampler.sample().to_device(self.device);
+        let (images, labels) = self.support_views(&episode);
         let support = SupportSet {
-            images: &episode.support,
-            labels: &episode.support_labels,
+            images: &images,
+            labels: &labels,
             n_way: sampler.way(),
         };
         let state = self.adapted(&support);

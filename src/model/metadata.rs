@@ -4,7 +4,7 @@
 //! made (training and evaluation); the loader reads it to rebuild the network and to check the
 //! weights' sha256.
 
-use crate::model::settings::{Adaptation, BnMode};
+use crate::model::settings::{is_one_view, one_view, Adaptation, BnMode, MAX_VIEWS};
 use crate::nn::genotype::Genotype;
 use crate::nn::relaxation::Relaxation;
 use crate::nn::search_space::{SearchSpace, PRIMITIVES};
@@ -143,6 +143,9 @@ pub struct EvalResult {
     /// Weight-only steps of the derived network before it predicts (0: none).
     #[serde(default)]
     pub finetune_steps: usize,
+    /// Test-time views of each image (1: the images as drawn).
+    #[serde(default = "one_view", skip_serializing_if = "is_one_view")]
+    pub views: usize,
     /// The groups (alphabets) whose tasks each drew all their classes from one group; empty when
     /// tasks drew their classes across the split's groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -164,6 +167,7 @@ impl EvalResult {
                 r.bn,
                 r.steps,
                 r.finetune_steps,
+                r.views,
                 r.within_groups.clone(),
             )
         };
@@ -305,6 +309,12 @@ impl ModelMeta {
         }
         if !a.lr_theta.is_finite() || a.lr_theta < 0.0 || a.lr_theta > MAX_LEARNING_RATE {
             return Err(format!("adaptation.lr_theta must be in [0, {MAX_LEARNING_RATE}] (0: the architecture does not adapt), got {}", a.lr_theta));
+        }
+        if !(1..=MAX_VIEWS).contains(&a.views) {
+            return Err(format!(
+                "adaptation.views must be in 1..={MAX_VIEWS} (1: no test-time views), got {}",
+                a.views
+            ));
         }
         Ok(())
     }

@@ -55,10 +55,25 @@ pub struct Adaptation {
     /// Weight-only steps of the derived network before it predicts.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub finetune_steps: usize,
+    /// Test-time views (1 to 9): each image also seen shifted by one pixel, the four edge
+    /// neighbours first, then the diagonals ([`crate::adapt::views`]). 1: the task as sent.
+    #[serde(default = "one_view", skip_serializing_if = "is_one_view")]
+    pub views: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+/// The most test-time views a task can ask for: the image and its eight neighbouring shifts.
+pub const MAX_VIEWS: usize = 9;
+
+pub(crate) fn one_view() -> usize {
+    1
+}
+
+pub(crate) fn is_one_view(n: &usize) -> bool {
+    *n == 1
 }
 
 impl PredictWith {
@@ -77,5 +92,6 @@ impl std::hash::Hash for Adaptation {
         let bits = |rate: f64| (rate + 0.0).to_bits();
         (self.steps, bits(self.lr_w), bits(self.lr_theta), self.bn).hash(state);
         (self.learned_rates, self.predict_with, self.finetune_steps).hash(state);
+        self.views.hash(state);
     }
 }

@@ -26,6 +26,8 @@ pub struct CostKey {
     pub steps: usize,
     pub finetune_steps: usize,
     pub derived: bool,
+    /// Test-time views: each image is forwarded this many times.
+    pub views: usize,
 }
 
 impl CostKey {
@@ -45,6 +47,7 @@ impl CostKey {
             steps: options.steps,
             finetune_steps: options.finetune_steps,
             derived: options.predict_with == PredictWith::Derived,
+            views: options.views,
         }
     }
 
@@ -63,7 +66,8 @@ impl CostKey {
 
     /// Images × passes over them: the work a task's cost grows with, to price unseen shapes.
     fn units(&self) -> f64 {
-        ((self.steps + self.finetune_steps + 1) * (self.support_images + self.query_images)) as f64
+        let images = self.views * (self.support_images + self.query_images);
+        ((self.steps + self.finetune_steps + 1) * images) as f64
     }
 }
 
@@ -270,6 +274,7 @@ mod tests {
             steps,
             finetune_steps: 0,
             derived: false,
+            views: 1,
         }
     }
 

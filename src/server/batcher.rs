@@ -182,6 +182,7 @@ mod tests {
                 learned_rates: false,
                 predict_with: PredictWith::Supernet,
                 finetune_steps: 0,
+                views: 1,
             },
             keep: false,
         };

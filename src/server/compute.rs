@@ -9,7 +9,7 @@ use super::store::task_models::{KeptTask, TaskModelBytes};
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
 use crate::adapt::task_model::{TaskModel, SUPPORT_IMAGES};
-use crate::adapt::{Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
+use crate::adapt::{views, Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
 use crate::model::checkpoint::{safetensors_bytes, sha256_hex, tensors_of_safetensors, Checkpoint};
 use crate::model::metadata::ModelMeta;
 use crate::nn::genotype::Genotype;
@@ -158,19 +158,24 @@ fn images(values: &[f32], meta: &ModelMeta, device: Device) -> Tensor {
 
 /// A task's numbers as tensors on the worker's device.
 struct TaskTensors {
-    /// [N, C, S, S]
+    /// [N, C, S, S], with the test-time views the task asked for ([`views::of_support`]).
     support: Tensor,
     /// [N] class indices.
     labels: Tensor,
-    /// [N_q, C, S, S]
+    /// [N_q, C, S, S], as sent: the task model that predicts them takes their views.
     query: Tensor,
 }
 
 impl TaskTensors {
     fn of(input: &TaskInput, meta: &ModelMeta, device: Device) -> TaskTensors {
+        let (support, labels) = views::of_support(
+            &images(&input.support, meta, device),
+            &Tensor::from_slice(&input.support_labels).to_device(device),
+            input.options.views,
+        );
         TaskTensors {
-            support: images(&input.support, meta, device),
-            labels: Tensor::from_slice(&input.support_labels).to_device(device),
+            support,
+            labels,
             query: images(&input.query, meta, device),
         }
     }
@@ -304,11 +309,11 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
         tasks.iter().map(|t| part(t).shallow_clone()).collect()
     };
     let support = BatchedSupport::new(&each(|t| &t.support), &each(|t| &t.labels), n_way);
-    let batch_inputs = [
-        support.images,
-        support.labels,
-        side_by_side(&each(|t| &t.query)),
-    ];
+    let query_views: Vec<Tensor> = tasks
+        .iter()
+        .map(|t| views::of_images(&t.query, o.views))
+        .collect();
+    let batch_inputs = [support.images, support.labels, side_by_side(&query_views)];
     let rates = model.checkpoint.rates.as_ref().filter(|_| o.learned_rates);
     let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
         adapt_and_predict(
@@ -350,8 +355,8 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
     let mixings = task_mixings(&Alphas { normal, reduce }, tasks.len() as i64);
     let adapt_ms = started.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
-    // [N_q, T, n_way] → one copy to the host, task-major rows.
-    let logits = logits.transpose(0, 1);
+    // [N_q, T, n_way] (its views merged) → one copy to the host, task-major rows.
+    let logits = views::merged(&logits, o.views).transpose(0, 1);
     let queries = logits.size()[1] as usize;
     let rows = matrix_rows(&logits.reshape([-1, logits.size()[2]]));
     let timing = Timing {

@@ -5,6 +5,7 @@ use super::api::{AdaptOptions, AdaptRequest, PredictRequest, QueryImage};
 use super::compute::TaskInput;
 use super::config::Limits;
 use super::error::ApiError;
+use crate::adapt::views::MAX_VIEWS;
 use crate::adapt::Adaptation;
 use crate::data::imaging::{self, ImageLimits};
 use crate::model::metadata::{InputSpec, ModelMeta, MAX_LEARNING_RATE};
@@ -241,6 +242,7 @@ impl TaskRequest {
             || o.bn.is_some()
             || o.predict_with.is_some()
             || o.finetune_steps.is_some()
+            || o.views.is_some()
             || o.keep.is_some()
         {
             return Err(ApiError::unprocessable("options_in_prediction", "a prediction adapts nothing, so its options may only name the model; the kept task model answers as it was adapted (POST /adapt again for other settings)"));
@@ -366,7 +368,15 @@ impl TaskRequest {
                 None => Ok(default),
             }
         };
+        let views = o.views.unwrap_or(d.views);
+        if !(1..=MAX_VIEWS).contains(&views) {
+            return Err(ApiError::unprocessable(
+                "invalid_views",
+                format!("views = {views} must be in 1..={MAX_VIEWS}: 1 for the images as sent, up to {MAX_VIEWS} for them and their one-pixel shifts"),
+            ));
+        }
         Ok(Adaptation {
+            views,
             steps,
             lr_w: rate("lr_w", o.lr_w, d.lr_w)?,
             lr_theta: rate("lr_theta", o.lr_theta, d.lr_theta)?,

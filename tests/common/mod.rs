@@ -62,6 +62,7 @@ pub fn metadata(
             learned_rates: false,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
+            views: 1,
         },
         relaxation: Default::default(),
         training: None,

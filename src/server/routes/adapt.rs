@@ -155,13 +155,7 @@ pub async fn adapt(
                 adapted_from_sha256: meta.sha256.clone(),
                 labels: labels.clone(),
             };
-            let task = KeptTask::new(
-                &meta,
-                origin,
-                (options.predict_with, options.bn),
-                output.genotype.clone(),
-                bytes,
-            );
+            let task = KeptTask::new(&meta, origin, &options, output.genotype.clone(), bytes);
             keep(&state, task)
         }
         _ => false,

@@ -8,7 +8,7 @@
 //! One mutex guards the map and the use order: every operation is a few map updates.
 
 use crate::adapt::task_model::{task_model_kind, task_model_meta};
-use crate::adapt::{BnMode, PredictWith};
+use crate::adapt::Adaptation;
 use crate::model::metadata::{ModelMeta, TaskOrigin};
 use crate::nn::genotype::Genotype;
 use std::collections::{BTreeMap, HashMap};
@@ -29,13 +29,13 @@ impl KeptTask {
     pub fn new(
         source: &ModelMeta,
         origin: TaskOrigin,
-        (predict_with, bn): (PredictWith, BnMode),
+        options: &Adaptation,
         genotype: Option<Genotype>,
         bytes: TaskModelBytes,
     ) -> KeptTask {
-        let kind = task_model_kind(source.kind, predict_with).unwrap_or(source.kind);
+        let kind = task_model_kind(source.kind, options.predict_with).unwrap_or(source.kind);
         KeptTask {
-            meta: task_model_meta(source, kind, genotype, bn, origin, bytes.sha256),
+            meta: task_model_meta(source, kind, genotype, options, origin, bytes.sha256),
             weights: bytes.weights,
             support: bytes.support,
         }
