@@ -10,6 +10,7 @@ use clap::Parser;
 use proptest::prelude::*;
 use tnas::data::imaging::{decode, ImageLimits};
 use tnas::model::metadata::{HeadSpec, InputSpec, ModelKind};
+use tnas::model::settings::MAX_VIEWS;
 use tnas::server::api::AdaptOptions;
 use tnas::server::config::ServerConfig;
 use tnas::server::task_request::TaskRequest;
@@ -78,7 +79,7 @@ proptest! {
                 prop_assert_eq!(task.support.len(), support_images * 28 * 28);
                 prop_assert_eq!(task.query.len(), query_images * 28 * 28);
                 prop_assert!(task.support_labels.iter().all(|&l| (0..task.n_way as i64).contains(&l)));
-                prop_assert!((1..=9).contains(&task.options.views));
+                prop_assert!((1..=MAX_VIEWS).contains(&task.options.views));
             }
         }
     }

@@ -103,6 +103,21 @@ fn json_adaptation_returns_genotype_and_predictions() {
     );
 }
 
+/// The most test-time views a request may ask for answer a real task, with probabilities.
+#[test]
+fn nine_test_time_views_answer() {
+    let mut body = task_json(1);
+    body["views"] = json!(9);
+    let response = post_json(&body);
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().unwrap();
+    for p in body["predictions"].as_array().unwrap() {
+        let probs = p["probabilities"].as_array().unwrap();
+        let sum: f64 = probs.iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{p}");
+    }
+}
+
 #[test]
 fn multipart_adaptation_matches_json() {
     let pngs = omniglot_pngs("Greek", 3, 2);
@@ -353,6 +368,9 @@ fn errors_are_specific_and_the_server_keeps_serving() {
     let too_many: Vec<Value> = (0..600)
         .map(|i| json!({"id": format!("q{i}"), "image": png}))
         .collect();
+    // With the 3 support images, 60 images: 540 forwarded at 9 views, over the limit of 512.
+    let mut fifty_seven_at_nine_views = with("query", json!(too_many[..57]));
+    fifty_seven_at_nine_views["views"] = json!(9);
     let multipart = |body: Vec<u8>| {
         client
             .post(format!("{url}/adapt"))
@@ -405,6 +423,7 @@ fn errors_are_specific_and_the_server_keeps_serving() {
         ("finetune steps over limit", client.post(format!("{url}/adapt")).json(&with("finetune_steps", json!(21))), 422, "steps_over_limit"),
         ("no views", client.post(format!("{url}/adapt")).json(&with("views", json!(0))), 422, "invalid_views"),
         ("more views than shifts", client.post(format!("{url}/adapt")).json(&with("views", json!(10))), 422, "invalid_views"),
+        ("images × views over the image limit", client.post(format!("{url}/adapt")).json(&fifty_seven_at_nine_views), 413, "payload_too_large"),
         ("negative steps", client.post(format!("{url}/adapt")).json(&with("steps", json!(-1))), 400, "invalid_field"),
         ("negative lr", client.post(format!("{url}/adapt")).json(&with("lr_w", json!(-1.0))), 422, "invalid_learning_rate"),
         ("huge lr", client.post(format!("{url}/adapt")).json(&with("lr_theta", json!(1e300))), 422, "invalid_learning_rate"),

@@ -185,6 +185,10 @@ fn a_kept_task_predicts_as_its_adaptation_did_and_its_download_answers_the_same_
             json!({"predict_with": "derived", "finetune_steps": 3}),
         ),
         ("omniglot-tnas-hard", json!({"predict_with": "derived"})),
+        (
+            "omniglot-tnas-hard",
+            json!({"predict_with": "derived", "views": 3}),
+        ),
     ];
     let mut kept = Vec::new();
     for (model, options) in cases {

@@ -13,7 +13,9 @@ Images are prepared as the server prepares them: resized to `input.size`, scaled
 inverted when `input.invert`, then normalised by `input.mean` and `input.std`. Every BatchNorm
 uses batch statistics, as in the server: in `support` mode those of the task's support images
 (kept in `support.safetensors`), so a query's logits do not depend on the other queries; in
-`transductive` mode those of the query batch.
+`transductive` mode those of the query batch. A task adapted with test-time views
+(`adaptation.views` > 1) answers each query with the mean log-probability of its one-pixel shifts,
+as the server does.
 
 Run as a script, it prints the logits of the tensor `query` in a safetensors file as JSON:
 
@@ -64,6 +66,19 @@ def cells(space):
     return out
 
 
+# The test-time views' shifts (dx, dy) in pixels, in the server's order; a positive dx moves the
+# picture left.
+SHIFTS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1)]
+
+
+def shifted(images, dx, dy):
+    """`images` moved by whole pixels, the uncovered edge repeating the border (the server's warp)."""
+    n, side = images.shape[0], images.shape[-1]
+    theta = torch.tensor([[1.0, 0.0, dx * 2.0 / side], [0.0, 1.0, dy * 2.0 / side]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 PRIMITIVES = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
 
@@ -78,6 +93,7 @@ class TaskModel(torch.nn.Module):
         self.meta, self.w = meta, weights
         self.space, self.genotype = meta["search_space"], meta["genotype"]
         self.support_bn = meta["adaptation"]["bn"] == "support"
+        self.views = meta["adaptation"].get("views", 1)
         self.support_images = support_images
         self.labels = meta["task"]["labels"] if meta.get("task") else None
 
@@ -90,7 +106,16 @@ class TaskModel(torch.nn.Module):
         return cls(meta, read_safetensors(folder / "model.safetensors"), support_images)
 
     def forward(self, query):
-        """Logits [N, n_way] of `query` [N, C, S, S]."""
+        """Logits [N, n_way] of `query` [N, C, S, S]: with test-time views, the mean of its views'
+        log-probabilities."""
+        if self.views == 1:
+            return self.forward_views(query)
+        views = torch.cat([shifted(query, dx, dy) for dx, dy in SHIFTS[: self.views]])
+        log_p = F.log_softmax(self.forward_views(views), dim=-1)
+        return log_p.view(self.views, query.shape[0], -1).mean(0)
+
+    def forward_views(self, query):
+        """Logits of every row of `query`, BatchNorm reading the support set or the batch."""
         if not self.support_bn:
             self.n_stats = query.shape[0]
             return self.logits(query)

@@ -20,7 +20,8 @@ use crate::nn::params::ParamSet;
 use crate::nn::supernet::Alphas;
 use tch::Tensor;
 
-/// The name of the support images [N_s, C, S, S] in a task model's `support.safetensors`.
+/// The name of the support images [N_s, C, S, S] in a task model's `support.safetensors` (with
+/// test-time views, [views · N_s, C, S, S], view after view).
 pub const SUPPORT_IMAGES: &str = "support_images";
 
 /// A task's adapted network, ready to predict.

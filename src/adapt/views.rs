@@ -6,7 +6,7 @@
 //! One view is the task as sent, untouched.
 
 use crate::data::augment::shifted;
-pub use crate::model::settings::MAX_VIEWS;
+use crate::model::settings::MAX_VIEWS;
 use tch::{Kind, Tensor};
 
 /// The shifts (dx, dy) in pixels, in the order views take them: none, the four edge neighbours,
@@ -24,18 +24,17 @@ const SHIFTS: [(f64, f64); MAX_VIEWS] = [
 ];
 
 /// `images` ([N, C, S, S]) under each of the first `views` shifts, view after view:
-/// [views · N, C, S, S], the first N the images themselves.
+/// [views · N, C, S, S], the first N the images themselves. `views` is from 1 to [`MAX_VIEWS`].
 pub fn of_images(images: &Tensor, views: usize) -> Tensor {
-    if views <= 1 {
+    if views == 1 {
         return images.shallow_clone();
     }
-    let each: Vec<Tensor> = SHIFTS[..views.min(MAX_VIEWS)]
-        .iter()
-        .map(|&(dx, dy)| match (dx, dy) {
-            (0.0, 0.0) => images.shallow_clone(),
-            _ => shifted(images, dx, dy),
-        })
-        .collect();
+    let mut each = vec![images.shallow_clone()];
+    each.extend(
+        SHIFTS[1..views]
+            .iter()
+            .map(|&(dx, dy)| shifted(images, dx, dy)),
+    );
     Tensor::cat(&each, 0)
 }
 
@@ -43,8 +42,8 @@ pub fn of_images(images: &Tensor, views: usize) -> Tensor {
 /// ([`of_images`]) and their labels ([N] → [views · N]).
 pub fn of_support(images: &Tensor, labels: &Tensor, views: usize) -> (Tensor, Tensor) {
     let labels = match views {
-        0 | 1 => labels.shallow_clone(),
-        _ => labels.repeat([views.min(MAX_VIEWS) as i64]),
+        1 => labels.shallow_clone(),
+        _ => labels.repeat([views as i64]),
     };
     (of_images(images, views), labels)
 }
@@ -53,10 +52,11 @@ pub fn of_support(images: &Tensor, labels: &Tensor, views: usize) -> (Tensor, Te
 /// views out): the mean of the views' log-probabilities, [N_q, …, n_way]. One view's logits come
 /// back as they are.
 pub fn merged(logits: &Tensor, views: usize) -> Tensor {
-    if views <= 1 {
+    if views == 1 {
         return logits.shallow_clone();
     }
     let mut shape = logits.size();
+    assert_eq!(shape[0] % views as i64, 0, "every query has {views} views");
     shape[0] /= views as i64;
     shape.insert(0, views as i64);
     logits

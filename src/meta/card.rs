@@ -24,6 +24,8 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
                 r.predict_with.clone(),
                 format!("{:?}", r.bn),
                 r.steps,
+                r.finetune_steps,
+                r.views,
             )
         });
         for r in rows {
@@ -89,8 +91,15 @@ pub fn render(meta: &ModelMeta, baselines: &[&ModelMeta], notes: &str) -> String
     let a = meta.adaptation;
     let _ = writeln!(
         out,
-        "Adaptation defaults: {} steps, lr_w {}, lr_theta {}, bn {:?}.\n",
-        a.steps, a.lr_w, a.lr_theta, a.bn
+        "Adaptation defaults: {} steps, lr_w {}, lr_theta {}, bn {:?}{}.\n",
+        a.steps,
+        a.lr_w,
+        a.lr_theta,
+        a.bn,
+        match a.views {
+            1 => String::new(),
+            views => format!(", {views} test-time views"),
+        }
     );
     if let Some(t) = &meta.training {
         let validated = !t.split.validation.is_empty();

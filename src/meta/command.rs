@@ -13,6 +13,7 @@ use crate::model::metadata::{
     Augmentation, EvalResult, HeadSpec, InputSpec, ModelKind, ModelMeta, Split, TrainingInfo,
     FORMAT_VERSION,
 };
+use crate::model::settings::MAX_VIEWS;
 use crate::nn::derived::DerivedNetwork;
 use crate::nn::genotype::Genotype;
 use crate::nn::network::Network;
@@ -520,7 +521,7 @@ pub struct EvalArgs {
     /// Test-time views (default: the model's): 1 for the images as sent; up to 9 adds each
     /// image's one-pixel shifts, the support's as more examples of their classes, the queries'
     /// averaged into one prediction.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=MAX_VIEWS as i64))]
     pub views: Option<u8>,
     /// Which held-out split to evaluate on.
     #[arg(long, default_value = "test", value_parser = ["test", "validation"])]

@@ -312,7 +312,7 @@ impl ModelMeta {
         }
         if !(1..=MAX_VIEWS).contains(&a.views) {
             return Err(format!(
-                "adaptation.views must be in 1..={MAX_VIEWS} (1: no test-time views), got {}",
+                "adaptation.views must be from 1 to {MAX_VIEWS} (1: no test-time views), got {}",
                 a.views
             ));
         }

@@ -56,8 +56,9 @@ pub struct Adaptation {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub finetune_steps: usize,
     /// Test-time views (1 to 9): each image also seen shifted by one pixel, the four edge
-    /// neighbours first, then the diagonals ([`crate::adapt::views`]). 1: the task as sent.
+    /// neighbours first, then the diagonals. 1: the task as sent.
     #[serde(default = "one_view", skip_serializing_if = "is_one_view")]
+    #[schema(minimum = 1, maximum = 9)]
     pub views: usize,
 }
 

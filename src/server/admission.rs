@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What a task's cost depends on: its model, sizes, steps and prediction mode (not its pixels:
+/// What a task's cost depends on: its model, sizes, steps, prediction mode and test-time views (not its pixels:
 /// images are resized to the model's input before they reach the worker).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CostKey {

@@ -40,6 +40,7 @@ pub struct AdaptOptions {
     /// Test-time views, 1 to 9: each support image joins its class again shifted by one pixel
     /// (the four edge neighbours first, then the diagonals), and each query's prediction averages
     /// its views' log-probabilities. Costs about `views` times the compute of one view.
+    #[schema(minimum = 1, maximum = 9)]
     pub views: Option<usize>,
     /// Keep the adapted task model for `POST /tasks/{task_id}/predict` and
     /// `GET /tasks/{task_id}/model` (default true, while `--task-store-bytes` allows).

@@ -335,6 +335,15 @@ mod tests {
     }
 
     #[test]
+    fn tasks_with_other_test_time_views_never_share_a_batch() {
+        let now = Instant::now();
+        let (a, _r) = job("a", 1, now, SECOND);
+        let (mut b, _r) = job("a", 1, now, SECOND);
+        b.input.options.views = 5;
+        assert_ne!(BatchKey::of(&a.input, true), BatchKey::of(&b.input, true));
+    }
+
+    #[test]
     fn recorded_batches_pad_to_a_power_of_two_within_max_batch() {
         let (job, _r) = job("a", 1, Instant::now(), SECOND);
         let key = BatchKey::of(&job.input, true).unwrap();

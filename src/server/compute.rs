@@ -162,7 +162,8 @@ struct TaskTensors {
     support: Tensor,
     /// [N] class indices.
     labels: Tensor,
-    /// [N_q, C, S, S], as sent: the task model that predicts them takes their views.
+    /// [N_q, C, S, S], as sent: their views are taken where they are predicted (by the task
+    /// model, or side by side for a batch).
     query: Tensor,
 }
 

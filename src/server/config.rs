@@ -13,7 +13,7 @@ pub struct Limits {
     /// Largest request body in bytes (JSON or multipart).
     #[arg(long, env = "TNAS_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Most images (support + query) in one request.
+    /// Most images (support + query) in one request, each counted once per test-time view.
     #[arg(long, env = "TNAS_MAX_IMAGES", default_value_t = 512)]
     pub max_images: usize,
     /// Largest single encoded image in bytes.

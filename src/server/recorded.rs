@@ -1,5 +1,5 @@
 //! The worker's recorded adaptations: on a GPU, each task shape (model, way, shots, queries, steps,
-//! learning rates, BN mode, tasks in the batch) is recorded as a CUDA graph
+//! learning rates, BN mode, test-time views, tasks in the batch) is recorded as a CUDA graph
 //! ([`crate::runtime::cuda_graph`]) the second time it is seen, and every later batch of that shape replays
 //! it, which launches the whole adaptation at once instead of kernel by kernel from the host. A
 //! shape seen once adapts eagerly: steps and learning rates are request settings, and recording

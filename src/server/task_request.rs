@@ -5,10 +5,10 @@ use super::api::{AdaptOptions, AdaptRequest, PredictRequest, QueryImage};
 use super::compute::TaskInput;
 use super::config::Limits;
 use super::error::ApiError;
-use crate::adapt::views::MAX_VIEWS;
 use crate::adapt::Adaptation;
 use crate::data::imaging::{self, ImageLimits};
 use crate::model::metadata::{InputSpec, ModelMeta, MAX_LEARNING_RATE};
+use crate::model::settings::MAX_VIEWS;
 use axum::body::Bytes;
 use axum::extract::Multipart;
 use base64::Engine;
@@ -211,7 +211,7 @@ impl TaskRequest {
                 "the support set is empty; send at least one labelled image per class".into(),
             ));
         }
-        self.check_image_count(limits)?;
+        self.check_image_count(limits, 1)?;
         if let Some((label, _)) = self.support.iter().find(|(l, _)| l.trim().is_empty()) {
             return Err(invalid(
                 "invalid_label",
@@ -230,8 +230,9 @@ impl TaskRequest {
     }
 
     /// Checks a prediction's queries against the limits as [`TaskRequest::validate`] checks an
-    /// adaptation's: it has queries only, and its options name at most the model.
-    pub fn validate_queries(&self, limits: &Limits) -> Result<(), ApiError> {
+    /// adaptation's: it has queries only, and its options name at most the model. `views`: the
+    /// kept task model's, each a forward pass of every query.
+    pub fn validate_queries(&self, limits: &Limits, views: usize) -> Result<(), ApiError> {
         if !self.support.is_empty() {
             return Err(ApiError::unprocessable("support_in_prediction", "a prediction takes query images only: the kept task model already holds its support set; POST /adapt to adapt to a new one"));
         }
@@ -247,14 +248,15 @@ impl TaskRequest {
         {
             return Err(ApiError::unprocessable("options_in_prediction", "a prediction adapts nothing, so its options may only name the model; the kept task model answers as it was adapted (POST /adapt again for other settings)"));
         }
-        self.check_image_count(limits)?;
+        self.check_image_count(limits, views)?;
         self.check_name_lengths(limits)?;
         self.check_unique_ids()?;
         self.check_declared_pixels(limits)
     }
 
-    /// At least one query, and at most `--max-images` images in all.
-    fn check_image_count(&self, limits: &Limits) -> Result<(), ApiError> {
+    /// At least one query, and at most `--max-images` images in all, each counted once per
+    /// test-time view (each view is an image forwarded).
+    fn check_image_count(&self, limits: &Limits, views: usize) -> Result<(), ApiError> {
         if self.query.is_empty() {
             return Err(ApiError::unprocessable(
                 "empty_query",
@@ -262,10 +264,19 @@ impl TaskRequest {
             ));
         }
         let images = self.support.len() + self.query.len();
-        if images > limits.max_images {
+        if images * views > limits.max_images {
+            let counted = match views {
+                1 => format!("{images} images"),
+                _ => format!("{images} images × {views} views"),
+            };
             return Err(ApiError::PayloadTooLarge(format!(
-                "{images} images in one request, over the limit of {}; split the request",
-                limits.max_images
+                "{counted} in one request, over the limit of {}; split the request{}",
+                limits.max_images,
+                if views > 1 {
+                    " or ask for fewer views"
+                } else {
+                    ""
+                }
             )));
         }
         Ok(())
@@ -372,9 +383,10 @@ impl TaskRequest {
         if !(1..=MAX_VIEWS).contains(&views) {
             return Err(ApiError::unprocessable(
                 "invalid_views",
-                format!("views = {views} must be in 1..={MAX_VIEWS}: 1 for the images as sent, up to {MAX_VIEWS} for them and their one-pixel shifts"),
+                format!("views = {views} must be from 1 to {MAX_VIEWS}: 1 for the images as sent, more for them and their one-pixel shifts"),
             ));
         }
+        self.check_image_count(limits, views)?;
         Ok(Adaptation {
             views,
             steps,

@@ -93,7 +93,7 @@ pub async fn predict(
     let request = tokio::time::timeout_at(deadline.into(), request)
         .await
         .map_err(|_| timed_out())??;
-    request.validate_queries(&state.limits)?;
+    request.validate_queries(&state.limits, task.meta.adaptation.views)?;
     if let Some(model) = request
         .options
         .model
