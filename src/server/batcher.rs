@@ -325,20 +325,14 @@ mod tests {
         assert_eq!(held.len(), 1);
     }
 
+    /// Fine-tuning steps play no part in a supernet's batch; test-time views change its shapes.
     #[test]
-    fn fine_tuning_steps_do_not_split_supernet_batches() {
+    fn fine_tuning_steps_do_not_split_supernet_batches_and_views_do() {
         let now = Instant::now();
         let (a, _r) = job("a", 1, now, SECOND);
         let (mut b, _r) = job("a", 1, now, SECOND);
         b.input.options.finetune_steps = 7;
         assert_eq!(BatchKey::of(&a.input, true), BatchKey::of(&b.input, true));
-    }
-
-    #[test]
-    fn tasks_with_other_test_time_views_never_share_a_batch() {
-        let now = Instant::now();
-        let (a, _r) = job("a", 1, now, SECOND);
-        let (mut b, _r) = job("a", 1, now, SECOND);
         b.input.options.views = 5;
         assert_ne!(BatchKey::of(&a.input, true), BatchKey::of(&b.input, true));
     }
