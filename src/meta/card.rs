@@ -42,19 +42,25 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
                 },
                 r.predict_with,
                 r.bn,
-                match (r.finetune_steps, r.views) {
-                    (0, 1) => r.steps.to_string(),
-                    (0, views) => format!("{}, {views} views", r.steps),
-                    (finetune, 1) => format!("{} + {finetune} fine-tuning", r.steps),
-                    (finetune, views) =>
-                        format!("{} + {finetune} fine-tuning, {views} views", r.steps),
-                },
+                steps_cell(r),
                 r.tasks,
                 r.accuracy * 100.0,
                 r.ci95 * 100.0
             );
         }
     }
+}
+
+/// A results row's steps: `5`, `5 + 3 fine-tuning`, `5, 9 views`.
+fn steps_cell(r: &EvalResult) -> String {
+    let mut cell = r.steps.to_string();
+    if r.finetune_steps > 0 {
+        cell += &format!(" + {} fine-tuning", r.finetune_steps);
+    }
+    if r.views > 1 {
+        cell += &format!(", {} views", r.views);
+    }
+    cell
 }
 
 /// The note of the card a training run writes beside each checkpoint it saves; a card without it was
