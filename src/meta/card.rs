@@ -55,10 +55,10 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
 fn steps_cell(r: &EvalResult) -> String {
     let mut cell = r.steps.to_string();
     if r.finetune_steps > 0 {
-        cell += &format!(" + {} fine-tuning", r.finetune_steps);
+        let _ = write!(cell, " + {} fine-tuning", r.finetune_steps);
     }
     if r.views > 1 {
-        cell += &format!(", {} views", r.views);
+        let _ = write!(cell, ", {} views", r.views);
     }
     cell
 }
