@@ -19,6 +19,6 @@ FROM base
 COPY --from=build /src/target/release/tnas-server /src/target/release/tnas-train /usr/local/bin/
 COPY models /models
 # The model for requests that name none; the deployments inherit it (override to serve another).
-ENV TNAS_DEFAULT_MODEL=omniglot-tnas-six-clean
+ENV TNAS_DEFAULT_MODEL=omniglot-tnas-six-clean2
 EXPOSE 8080
 ENTRYPOINT ["tnas-server", "--models", "/models", "--host", "0.0.0.0", "--port", "8080", "--device", "auto"]

@@ -13,7 +13,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 export PYTHON_SYS_EXECUTABLE := $(PYTHON)
 
-DEFAULT_MODEL ?= omniglot-tnas-six-clean
+DEFAULT_MODEL ?= omniglot-tnas-six-clean2
 HOST ?= 127.0.0.1
 PORT ?= 8080
 TEST_THREADS ?= 2
