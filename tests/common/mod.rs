@@ -72,6 +72,10 @@ pub fn metadata(
     }
 }
 
+/// Held from seeding libtorch's one random generator to the last draw, so that tests running in
+/// parallel threads do not interleave their draws: the same seed always gives the same fixture.
+static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A supernet checkpoint with PyTorch-default weights and θ = `alpha_scale` · N(0, 1).
 /// Random weights are fixtures for numerics and plumbing, never a shipped model.
 pub fn random_supernet(
@@ -80,6 +84,9 @@ pub fn random_supernet(
     seed: i64,
     alpha_scale: f64,
 ) -> Checkpoint {
+    let _draws = SEEDED_DRAWS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(seed);
     let input = InputSpec {
         channels: space.in_channels,
