@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{python, relative_error, repo_path, serve};
+use common::{python, relative_error, repo_path, seeded, serve};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
@@ -26,11 +26,12 @@ fn run(args: &[&str]) {
 fn imported_official_checkpoint_reproduces_official_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    tch::manual_seed(5);
-    let support = Tensor::randn([10, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let (support, query) = seeded(5, || {
+        let image = |n: i64| Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+        (image(10), image(6))
+    });
     let labels =
         Tensor::arange(5, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(2, None, None);
-    let query = Tensor::randn([6, 3, 32, 32], (Kind::Float, Device::Cpu));
     Tensor::write_safetensors(
         &[
             ("support", &support),

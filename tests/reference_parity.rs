@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::{python, random_supernet, relative_error, repo_path};
+use common::{draw_random_supernet, python, relative_error, repo_path, seeded};
 use serde_json::Value;
 use std::process::Command;
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use tnas::adapt::{query_logits, BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::meta::algorithm::{GradientRule, MetaTask, TaskContext};
@@ -21,18 +20,6 @@ use tnas::nn::search_space::SearchSpace;
 
 const TOLERANCE: f64 = 1e-4;
 const N_WAY: usize = 5;
-
-/// Runs `draw` right after seeding libtorch's global generator, with no other test drawing in
-/// between: the tests run in parallel and share the generator, so without this a test's weights and
-/// inputs would depend on the interleaving, and a failure could not be reproduced.
-fn seeded<T>(seed: i64, draw: impl FnOnce() -> T) -> T {
-    static GENERATOR: Mutex<()> = Mutex::new(());
-    let _alone = GENERATOR
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    tch::manual_seed(seed);
-    draw()
-}
 
 struct Case {
     space: SearchSpace,
@@ -116,7 +103,7 @@ const PLAIN: Variant = Variant {
     log_scale: None,
 };
 
-/// `random_supernet` with `variant`'s relaxation and logit scale.
+/// `draw_random_supernet` with `variant`'s relaxation and logit scale; call inside `seeded`.
 fn variant_supernet(
     space: SearchSpace,
     head: HeadSpec,
@@ -124,7 +111,7 @@ fn variant_supernet(
     alpha_scale: f64,
     variant: Variant,
 ) -> tnas::model::checkpoint::Checkpoint {
-    let mut checkpoint = random_supernet(space, head, seed, alpha_scale);
+    let mut checkpoint = draw_random_supernet(space, head, seed, alpha_scale);
     checkpoint.meta.relaxation = variant.relaxation;
     if let Some(log_scale) = variant.log_scale {
         assert!(

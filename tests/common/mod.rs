@@ -72,22 +72,39 @@ pub fn metadata(
     }
 }
 
-/// Held from seeding libtorch's one random generator to the last draw, so that tests running in
-/// parallel threads do not interleave their draws: the same seed always gives the same fixture.
-static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Runs `draw` right after seeding libtorch's one random generator, with no other seeded draw in
+/// between: the tests of a binary run in parallel threads and share the generator, so without this
+/// a fixture would depend on the interleaving, and the same seed could give two different ones.
+pub fn seeded<T>(seed: i64, draw: impl FnOnce() -> T) -> T {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed);
+    draw()
+}
 
-/// A supernet checkpoint with PyTorch-default weights and θ = `alpha_scale` · N(0, 1).
-/// Random weights are fixtures for numerics and plumbing, never a shipped model.
+/// A supernet checkpoint with PyTorch-default weights and θ = `alpha_scale` · N(0, 1), drawn
+/// from `seed`. Random weights are fixtures for numerics and plumbing, never a shipped model.
 pub fn random_supernet(
     space: SearchSpace,
     head: HeadSpec,
     seed: i64,
     alpha_scale: f64,
 ) -> Checkpoint {
-    let _draws = SEEDED_DRAWS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    tch::manual_seed(seed);
+    seeded(seed, || {
+        draw_random_supernet(space, head, seed, alpha_scale)
+    })
+}
+
+/// [`random_supernet`] drawn from the generator as it stands: for use inside [`seeded`] when a
+/// test draws its inputs after the checkpoint under the same seed.
+pub fn draw_random_supernet(
+    space: SearchSpace,
+    head: HeadSpec,
+    seed: i64,
+    alpha_scale: f64,
+) -> Checkpoint {
     let input = InputSpec {
         channels: space.in_channels,
         size: space.image_size,
