@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{closed_loop, percentile};
 use tch::{Device, Kind, Tensor};
-use tnas::adapt::task_batch::{adapt_and_predict, task_mixings};
+use tnas::adapt::task_batch::{adapt_and_predict, task_mixings, BatchSource};
 use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
 use tnas::model::checkpoint::Checkpoint;
 use tnas::model::metadata::HeadSpec;
@@ -135,9 +135,11 @@ fn ours_replayed(
     ];
     let replay = Replay::record(&inputs, |tensors| {
         adapt_and_predict(
-            &net,
-            checkpoint,
-            None,
+            &BatchSource {
+                net: &net,
+                checkpoint,
+                rates: None,
+            },
             tensors,
             WAY,
             &inner,
@@ -269,7 +271,7 @@ fn latency(
 }
 
 /// Tasks per second through real HTTP: `clients` closed-loop clients POST 5-way 1-shot tasks (75
-/// queries) on Latin characters to the release server for `seconds`, with cross-task batching off
+/// queries, `"keep": false`) on Latin characters to the release server for `seconds`, with cross-task batching off
 /// (`--max-batch 1`) and on (16), and on a GPU also with batching on and CUDA graphs off; answers
 /// that arrive later are not counted. Each server first serves 16 clients for 5 s untimed, so a GPU
 /// server has recorded its batch shapes' graphs before the timed rows.
@@ -281,6 +283,8 @@ fn throughput(threads: i32, device: Device, seconds: u64) {
     let device = device_name(device);
     let mut task = common::task_json(&common::omniglot_pngs("Latin", WAY, 1 + QUERIES / WAY));
     task["steps"] = STEPS.into();
+    // A task whose model is kept runs alone: a batch hands back only each task's logits and θ.
+    task["keep"] = false.into();
     println!("\nthroughput: release tnas-server, {device}, {threads} threads, 5-way 1-shot, {QUERIES} queries, {STEPS} steps, {seconds} s per row");
     println!("| max batch | `--cuda-graphs` | concurrent clients | tasks/s | p50 ms | p95 ms | non-200 |");
     println!("|---|---|---|---|---|---|---|");
@@ -345,11 +349,11 @@ fn main() {
     // lr_θ = 30 keep those roundings small on the trained model but amplify them on random weights
     // (one step agrees to 1e-6 there), so equality is asserted for the trained model on the CPU
     // and reported otherwise.
-    let shipped = common::repo_path("models/omniglot-tnas");
-    if shipped.join("model.json").exists() {
+    let trained = common::repo_path("models/omniglot-tnas");
+    if trained.join("model.json").exists() {
         latency(
-            &shipped,
-            "omniglot-tnas (shipped)",
+            &trained,
+            "omniglot-tnas (trained)",
             !device.is_cuda(),
             threads,
             device,

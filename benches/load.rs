@@ -1,4 +1,4 @@
-//! `make load`: the release server on loopback with the shipped model and real Omniglot PNGs from a
+//! `make load`: the release server on loopback with `models/omniglot-tnas` and real Omniglot PNGs from a
 //! test alphabet. One client alone measures the server's throughput on 20-way 1-shot tasks, before
 //! and after the run (the better of the two counts, so that a machine busier during one of them
 //! does not flatter the run). For 60 s, 32 clients send such tasks (JSON and multipart) beside

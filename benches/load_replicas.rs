@@ -1,4 +1,4 @@
-//! `make load`, second part: two release replicas of the shipped model sharing a real Redis
+//! `make load`, second part: two release replicas of `models/omniglot-tnas` sharing a real Redis
 //! (`--store redis://…`) behind HAProxy (round robin), on loopback. Clients send 5-way 1-shot
 //! Omniglot tasks through the balancer for a while; then genotypes of the run are fetched by id
 //! from each replica directly. Prints throughput overall and for each replica (from its

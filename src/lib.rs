@@ -12,10 +12,10 @@
 //! - [`nn`]: the search space and the networks (supernet, derived, Conv-4, heads), where θ becomes
 //!   mixing weights and where a genotype is decoded; `nn::fast` holds the fused kernels.
 //! - [`model`]: a model on disk: `model.json`, the shared adaptation settings, checkpoints.
+//! - [`data`]: where images become tensors (for requests and datasets alike), few-shot datasets
+//!   and episode sampling, augmentation (shifts that test-time views reuse).
 //! - [`adapt`]: T-NAS Algorithm 2 (where θ is updated for a task) and query prediction; one task or
 //!   several stacked as one pass; the task model that predicts, kept and written as a model folder.
-//! - [`data`]: where images become tensors (for requests and datasets alike), few-shot datasets
-//!   and episode sampling.
 //!
 //! Programs (the binaries in `src/bin/` only parse arguments and call these):
 //! - [`meta`]: meta-training (where the meta-update happens: T-NAS Algorithm 1 and baselines),

@@ -8,7 +8,9 @@ use common::random_supernet;
 use tch::Device;
 use tnas::adapt::BnMode;
 use tnas::meta::command::record_results;
-use tnas::model::checkpoint::{Checkpoint, SaveStep, META_FILE, TEMP_PREFIX, WEIGHTS_FILE};
+use tnas::model::checkpoint::{
+    Checkpoint, SaveStep, META_FILE, PENDING_WEIGHTS_FILE, TEMP_PREFIX, WEIGHTS_FILE,
+};
 use tnas::model::metadata::{EvalResult, HeadSpec};
 use tnas::nn::search_space::SearchSpace;
 
@@ -113,7 +115,7 @@ fn a_save_cut_short_leaves_a_checkpoint_that_loads() {
     let elsewhere = tempfile::tempdir().unwrap();
     new.save(elsewhere.path()).unwrap();
     let first_weight = |c: &Checkpoint| c.params.tensors()[0].shallow_clone();
-    let pending = dir.path().join("model.safetensors.new");
+    let pending = dir.path().join(PENDING_WEIGHTS_FILE);
 
     // Cut before model.json: only the pending file (here, its first half) was written.
     let new_weights = std::fs::read(elsewhere.path().join(WEIGHTS_FILE)).unwrap();

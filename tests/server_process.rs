@@ -154,6 +154,56 @@ fn connections_are_bounded_in_number_and_in_time() {
     drop(holders);
 }
 
+/// A flood of connections past the limit costs a bounded number of sockets: the first ones over it
+/// are answered 503 (each holds its socket up to a second), and while those answers are under way
+/// the rest are closed unanswered; the server serves as before afterwards.
+#[test]
+fn a_flood_of_connections_over_the_limit_is_answered_only_in_part() {
+    let models = fixture_models();
+    let server = ServerProcess::start(
+        models.path(),
+        &[
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--max-connections",
+            "1",
+            "--header-read-timeout-ms",
+            "20000",
+        ],
+    );
+    let holder = sent(server.port, b"GET ");
+    std::thread::sleep(Duration::from_millis(100));
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Sent within well under a second, before the first answers' sockets are let go.
+    let mut flood: Vec<TcpStream> = (0..200).map(|_| sent(server.port, request)).collect();
+    let texts: Vec<String> = flood.iter_mut().map(|s| until_closed(s).0).collect();
+    let answered = texts.iter().filter(|t| !t.is_empty()).count();
+    assert!(
+        texts
+            .iter()
+            .filter(|t| !t.is_empty())
+            .all(|t| t.starts_with("HTTP/1.1 503") && t.contains("too_many_connections")),
+        "every answer is a 503"
+    );
+    assert!(
+        texts[..10].iter().all(|t| !t.is_empty()),
+        "the first connections over the limit are answered"
+    );
+    assert!(answered < texts.len(), "all {answered} were answered");
+    drop((holder, flood));
+    let client = reqwest::blocking::Client::new();
+    let healthy = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        client
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+    });
+    assert!(healthy, "the server serves once the flood is gone");
+}
+
 #[test]
 fn a_damaged_model_stops_start_up_with_the_file_named() {
     let models = fixture_models();
@@ -235,7 +285,7 @@ fn a_model_json_without_sense_stops_start_up_naming_the_field() {
         ("adaptation.lr_theta", |m| {
             m["adaptation"]["lr_theta"] = json!(1e300)
         }),
-        ("adaptation.steps", |m| m["adaptation"]["steps"] = json!(0)),
+        ("adaptation.views", |m| m["adaptation"]["views"] = json!(0)),
         ("head.max_way", |m| m["head"]["max_way"] = json!(1)),
     ];
     for (field, edit) in cases {

@@ -150,10 +150,10 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
 }
 
 #[test]
-fn batched_tasks_of_the_shipped_model_match_adapting_each_alone() {
+fn batched_tasks_of_a_trained_model_match_adapting_each_alone() {
     tch::set_num_threads(2);
     let checkpoint = Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu)
-        .expect("the shipped model loads");
+        .expect("the trained model loads");
     assert_batch_equals_alone(&checkpoint, &["Latin", "Greek", "Korean"], BnMode::Support);
 }
 
@@ -221,7 +221,7 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
             bn: BnMode::Support,
             predict_with: PredictWith::Supernet,
             finetune_steps: 0,
-            learned_rates: false,
+            learned_rates: a.learned_rates,
             views: 1,
         },
         keep: false,
@@ -230,21 +230,30 @@ fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskIn
 
 #[test]
 fn the_worker_batches_queued_tasks_and_answers_each_as_if_alone() {
-    assert_the_worker_batches_as_alone(1);
+    assert_the_worker_batches_as_alone("omniglot-tnas", 1);
+}
+
+/// The default model adapts with meta-learned per-step rates and a learned logit scale, and anneals
+/// θ to a hard end: its tasks batch and answer as each alone, too.
+#[test]
+fn tasks_of_a_model_with_learned_rates_and_a_hard_end_batch_as_if_alone() {
+    assert_the_worker_batches_as_alone("omniglot-tnas-six-clean2", 1);
 }
 
 /// Test-time views batch too: each task's support views adapt it and its queries' views merge
 /// into its own answer, as when it runs alone.
 #[test]
 fn tasks_with_test_time_views_batch_and_answer_as_if_alone() {
-    assert_the_worker_batches_as_alone(3);
+    assert_the_worker_batches_as_alone("omniglot-tnas", 3);
 }
 
-fn assert_the_worker_batches_as_alone(views: usize) {
+/// Queued tasks for `model` (a folder in `models/`), `views` views each, give the same answers
+/// from a worker that batches them as from one that runs them one by one.
+fn assert_the_worker_batches_as_alone(model: &str, views: usize) {
     tch::set_num_threads(2);
     let load = || {
-        Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu)
-            .expect("the shipped model loads")
+        Checkpoint::load(&common::repo_path(&format!("models/{model}")), Device::Cpu)
+            .expect("the trained model loads")
     };
     let checkpoint = load();
     let alphabets = ["Latin", "Greek", "Korean"];
@@ -300,18 +309,18 @@ fn assert_the_worker_batches_as_alone(views: usize) {
 #[test]
 fn tasks_for_different_models_never_share_a_batch() {
     tch::set_num_threads(2);
-    let shipped = || {
+    let trained = || {
         Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu)
-            .expect("the shipped model loads")
+            .expect("the trained model loads")
     };
-    // A second model of the same shape: the shipped weights with θ negated, so it decodes differently.
+    // A second model of the same shape: the trained weights with θ negated, so it decodes differently.
     let flipped = || {
-        let mut checkpoint = shipped();
+        let mut checkpoint = trained();
         checkpoint.meta.name = "flipped".into();
         checkpoint.alphas = checkpoint.alphas.map(|a| a.map(|t| -t));
         checkpoint
     };
-    let checkpoint = shipped();
+    let checkpoint = trained();
     let inputs = || {
         let mut other = worker_input(&checkpoint, "Latin", 2);
         other.model = "flipped".into();
@@ -324,7 +333,7 @@ fn tasks_for_different_models_never_share_a_batch() {
     };
     let outputs = |max_batch| {
         let worker =
-            common::ready_worker_on(Device::Cpu, vec![shipped(), flipped()], 16, max_batch, 0);
+            common::ready_worker_on(Device::Cpu, vec![trained(), flipped()], 16, max_batch, 0);
         common::answers(&worker, inputs())
             .into_iter()
             .map(|r| r.expect("the task succeeds"))
@@ -358,7 +367,7 @@ fn recorded_adaptations_answer_like_eager_ones_on_a_gpu() {
     }
     let load = || {
         Checkpoint::load(&common::repo_path("models/omniglot-tnas"), Device::Cpu)
-            .expect("the shipped model loads")
+            .expect("the trained model loads")
     };
     let checkpoint = load();
     let alphabets = ["Latin", "Greek", "Korean", "Latin"];

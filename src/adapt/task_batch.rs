@@ -208,22 +208,32 @@ impl TaskBatch {
     }
 }
 
+/// What every task of a batch adapts from: the supernet, the checkpoint's meta-weights and θ, and
+/// its learned inner rates when the tasks ask for them.
+pub struct BatchSource<'a> {
+    pub net: &'a Supernet,
+    pub checkpoint: &'a Checkpoint,
+    pub rates: Option<&'a LearnedRates>,
+}
+
 /// A batch's whole adaptation in the form a CUDA graph records, tensors in and out: from
 /// [support images [N, T·C, H, W], labels [T, N], query images [N_q, T·C, H, W]], every task adapts
-/// from `checkpoint`'s meta-weights (`inner.steps` steps, at the learned `rates` if given, asking
-/// `keep_going` before each) and predicts its queries → [query logits [N_q, T, n_way], θ normal,
-/// θ reduce] (θ stacked by task). Reads nothing back to the host.
-#[allow(clippy::too_many_arguments)]
+/// from `source` (`inner.steps` steps, asking `keep_going` before each) and predicts its queries →
+/// [query logits [N_q, T, n_way], θ normal, θ reduce] (θ stacked by task). Reads nothing back to
+/// the host.
 pub fn adapt_and_predict(
-    net: &Supernet,
-    checkpoint: &Checkpoint,
-    rates: Option<&LearnedRates>,
+    source: &BatchSource,
     tensors: &[Tensor],
     n_way: usize,
     inner: &InnerLoop,
     bn: BnMode,
     keep_going: &dyn Fn() -> bool,
 ) -> Result<Vec<Tensor>, Interrupted> {
+    let BatchSource {
+        net,
+        checkpoint,
+        rates,
+    } = *source;
     let [images, labels, query] = tensors else {
         panic!("three input tensors: support images, labels, query images")
     };

@@ -116,8 +116,8 @@ pub fn task_model_kind(source: ModelKind, predict_with: PredictWith) -> Option<M
 
 /// The `model.json` of a task model: `source`'s search space, input and adaptation rates, with
 /// `kind` ([`task_model_kind`]), the task's `genotype` for a genotype model, a fixed head of the
-/// task's way, the BN mode and views its `options` asked for, its origin, and `sha256` of its
-/// weights.
+/// task's way, the BN mode and views its `options` asked for, no default steps, its origin, and
+/// `sha256` of its weights.
 pub fn task_model_meta(
     source: &ModelMeta,
     kind: ModelKind,
@@ -133,8 +133,10 @@ pub fn task_model_meta(
         head: HeadSpec::Fixed {
             n_way: origin.labels.len(),
         },
-        // The task's network already is what its adaptation and fine-tuning made it.
+        // The task's network already is what its adaptation and fine-tuning made it: served at
+        // its defaults, it answers as kept; a request's `steps` adapt it further.
         adaptation: Adaptation {
+            steps: 0,
             bn: options.bn,
             views: options.views,
             learned_rates: false,

@@ -297,10 +297,8 @@ impl ModelMeta {
             }
             _ => {}
         }
+        // `steps` may be 0: a task model is adapted already and answers as it was kept.
         let a = &self.adaptation;
-        if a.steps == 0 {
-            return Err("adaptation.steps must be at least 1".into());
-        }
         if !a.lr_w.is_finite() || a.lr_w <= 0.0 || a.lr_w > MAX_LEARNING_RATE {
             return Err(format!(
                 "adaptation.lr_w must be positive and at most {MAX_LEARNING_RATE}, got {}",

@@ -7,7 +7,9 @@ use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
 use super::store::task_models::{KeptTask, TaskModelBytes};
 use super::worker_error::WorkerError;
-use crate::adapt::task_batch::{adapt_and_predict, side_by_side, task_mixings, BatchedSupport};
+use crate::adapt::task_batch::{
+    adapt_and_predict, side_by_side, task_mixings, BatchSource, BatchedSupport,
+};
 use crate::adapt::task_model::{TaskModel, SUPPORT_IMAGES};
 use crate::adapt::{views, Adaptation, InnerLoop, PredictWith, SupportSet, TaskState};
 use crate::model::checkpoint::{safetensors_bytes, sha256_hex, tensors_of_safetensors, Checkpoint};
@@ -123,7 +125,7 @@ pub struct ResidentModel {
     pub checkpoint: Checkpoint,
 }
 
-/// One full adaptation on random images, so the first user request does not pay for lazy init.
+/// One full adaptation on blank images, so the first user request does not pay for lazy init.
 pub fn warm_up(model: &ResidentModel, device: Device) {
     let meta = &model.checkpoint.meta;
     let n_way = match meta.head {
@@ -315,12 +317,14 @@ pub fn run_batch<K: Clone + Eq + Hash + std::fmt::Debug>(
         .map(|t| views::of_images(&t.query, o.views))
         .collect();
     let batch_inputs = [support.images, support.labels, side_by_side(&query_views)];
-    let rates = model.checkpoint.rates.as_ref().filter(|_| o.learned_rates);
+    let source = BatchSource {
+        net,
+        checkpoint: &model.checkpoint,
+        rates: model.checkpoint.rates.as_ref().filter(|_| o.learned_rates),
+    };
     let adapt = |tensors: &[Tensor], keep_going: &dyn Fn() -> bool| {
         adapt_and_predict(
-            net,
-            &model.checkpoint,
-            rates,
+            &source,
             tensors,
             n_way,
             &InnerLoop::of(&o),

@@ -3,7 +3,8 @@
 //! sends half a request line, or goes quiet between requests, holds a socket (and, at shutdown,
 //! the whole process) indefinitely. Here every connection is watched:
 //!
-//! - at most `max_connections` are open; past that, a new one gets a 503 and is closed at once;
+//! - at most `max_connections` are open; past that, a new one gets a 503 and is closed at once,
+//!   or, while [`MAX_REFUSING`] such answers are under way, is closed unanswered;
 //! - a request head must arrive whole within `header_read_timeout` of its first byte;
 //! - between requests, a kept-alive connection may sit idle for `idle_timeout`;
 //! - on shutdown, idle and half-read connections close at once, and a connection with a request in
@@ -38,6 +39,11 @@ pub struct ConnectionLimits {
     pub drain_timeout: Duration,
 }
 
+/// Connections over the limit that are answered at once; each holds its socket for up to a
+/// second. Past these a new one is closed unanswered, so a flood of connections holds at most this
+/// many sockets beyond `max_connections`.
+pub const MAX_REFUSING: usize = 64;
+
 /// Serves `app` on `listener` until `shutdown` resolves, then closes every connection as the
 /// module documentation says and returns once all are closed.
 pub async fn serve(
@@ -47,6 +53,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -73,7 +80,13 @@ pub async fn serve(
                 stopped.clone(),
                 permit,
             )),
-            Err(_) => connections.spawn(refuse(stream, limits.max_connections)),
+            Err(_) => match Arc::clone(&refusing).try_acquire_owned() {
+                Ok(permit) => connections.spawn(refuse(stream, limits.max_connections, permit)),
+                Err(_) => {
+                    metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit_unanswered").increment(1);
+                    continue;
+                }
+            },
         };
         while connections.try_join_next().is_some() {}
     }
@@ -85,8 +98,9 @@ pub async fn serve(
 
 /// Answers a connection over the limit with a 503 and closes it. Its request is not served: it is
 /// read only to be dropped (for at most a second), as closing a socket with unread bytes resets the
-/// connection, and a client might lose the answer to the reset.
-async fn refuse(mut stream: TcpStream, max_connections: usize) {
+/// connection, and a client might lose the answer to the reset. The permit keeps its place among
+/// the refusals under way.
+async fn refuse(mut stream: TcpStream, max_connections: usize, _permit: OwnedSemaphorePermit) {
     metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit").increment(1);
     let message = format!("the server has its limit of {max_connections} connections open; retry after a second, or reuse a connection");
     let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}})

@@ -22,9 +22,10 @@ pub enum ApiError {
     /// Well-formed but unusable: label count, empty support, steps over the limit…
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
-    #[error("the adaptation queue is full ({0} tasks waiting); retry after a second")]
-    QueueFull(usize),
-    #[error("the server is handling its limit of {0} adaptation requests; retry after a second")]
+    /// The worker's `queue` of jobs (adaptations or predictions) holds as many as it takes.
+    #[error("the {queue} queue is full ({waiting} waiting); retry after a second")]
+    QueueFull { queue: &'static str, waiting: usize },
+    #[error("the server is handling its limit of {0} requests at once (adaptations, predictions and task model downloads); retry after a second")]
     Overloaded(usize),
     /// Admitting the task would have it miss its deadline (see [`super::admission`]).
     #[error(
@@ -70,7 +71,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::QueueFull(_)
+            ApiError::QueueFull { .. }
             | ApiError::Overloaded(_)
             | ApiError::WouldMissDeadline { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -89,7 +90,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::QueueFull(_) => "queue_full",
+            ApiError::QueueFull { .. } => "queue_full",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::WouldMissDeadline { .. } => "would_miss_deadline",
             ApiError::Unauthorized(_) => "unauthorized",
@@ -127,7 +128,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         match self {
-            ApiError::QueueFull(_)
+            ApiError::QueueFull { .. }
             | ApiError::Overloaded(_)
             | ApiError::NotReady(_)
             | ApiError::StoreUnavailable(_) => {

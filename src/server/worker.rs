@@ -294,15 +294,17 @@ fn serve(
     loop {
         let waiting_prediction = queue.predictions.borrow_mut().try_recv();
         if let Ok(job) = waiting_prediction {
-            predict(job, device);
+            if let Some(fault) = lasting(predict(job, device), device) {
+                return Err((fault, held));
+            }
         }
         if held.is_empty() {
             match queue.next(receiver) {
                 Some(Next::Adapt(job)) => held.push(job),
-                Some(Next::Predict(job)) => {
-                    predict(job, device);
-                    continue;
-                }
+                Some(Next::Predict(job)) => match lasting(predict(job, device), device) {
+                    Some(fault) => return Err((fault, held)),
+                    None => continue,
+                },
                 None => return Ok(()),
             }
         }
@@ -386,10 +388,15 @@ fn serve(
         for (job, result) in batch.into_iter().zip(results) {
             reply(job, result, started);
         }
-        if let Some(fault) = fault.filter(|_| !device_works(device)) {
+        if let Some(fault) = lasting(fault, device) {
             return Err((fault, held));
         }
     }
+}
+
+/// A job's `fault`, kept only when it outlasted the job: the device no longer runs anything.
+fn lasting(fault: Option<String>, device: Device) -> Option<String> {
+    fault.filter(|_| !device_works(device))
 }
 
 /// Whether `device` still runs work after a job failed on it. Most faults are the job's own, but
@@ -480,14 +487,15 @@ fn reply(job: Job, result: Result<TaskOutput, WorkerError>, started: Instant) {
     let _ = job.reply.send(result);
 }
 
-/// Runs one prediction, unless its client has gone or its deadline has passed, and answers it.
-fn predict(job: PredictJob, device: Device) {
+/// Runs one prediction, unless its client has gone or its deadline has passed, and answers it;
+/// returns the fault when it failed on our side, for the worker to check the device.
+fn predict(job: PredictJob, device: Device) -> Option<String> {
     let started = Instant::now();
     if job.reply.is_closed() || started >= job.deadline {
         let _ = job
             .reply
             .send(Err(WorkerError::DeadlinePassed { completed_steps: 0 }));
-        return;
+        return None;
     }
     let result = caught(|| run_prediction(&job.input, device))
         .unwrap_or_else(|message| Err(WorkerError::raised(message)))
@@ -499,7 +507,12 @@ fn predict(job: PredictJob, device: Device) {
         tracing::error!(%error, "a prediction failed inside the worker; the worker goes on");
     }
     metrics::histogram!("tnas_predict_seconds").record(started.elapsed().as_secs_f64());
+    let fault = match &result {
+        Err(WorkerError::Failed(message)) => Some(message.clone()),
+        _ => None,
+    };
     let _ = job.reply.send(result);
+    fault
 }
 
 /// `tnas_jobs_total{outcome}`: what became of each job the worker took off the queue.

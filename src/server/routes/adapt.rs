@@ -8,7 +8,6 @@ use crate::server::state::SharedState;
 use crate::server::store::task_models::KeptTask;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::Job;
-use crate::server::worker_error::WorkerError;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::Json;
@@ -111,25 +110,9 @@ pub async fn adapt(
             enqueued: Instant::now(),
             reply,
         })
-        .map_err(|e| match e {
-            WorkerError::QueueFull => ApiError::QueueFull(state.worker.queued()),
-            other => ApiError::NotReady(format!(
-                "the compute worker is unavailable ({other}); check /readyz"
-            )),
-        })?;
+        .map_err(|e| super::not_queued(e, "adaptation", state.worker.queued()))?;
     reservation.hand_over();
-    let output = match tokio::time::timeout_at(deadline.into(), response).await {
-        Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => return Err(timed_out()),
-        Ok(Err(_) | Ok(Err(WorkerError::Stopped))) => return Err(ApiError::NotReady("the compute worker stopped before this task ran; check /readyz".into())),
-        Ok(Ok(Err(WorkerError::Diverged))) => {
-            return Err(ApiError::unprocessable("adaptation_diverged", "the adaptation diverged (its logits or architecture weights became infinite or NaN); lower lr_w or lr_theta, or leave them at the model's defaults"))
-        }
-        Ok(Ok(Err(WorkerError::OutOfMemory(_)))) => {
-            return Err(ApiError::PayloadTooLarge("the task needs more memory than the device has free; send fewer query images per request".into()))
-        }
-        Ok(Ok(Err(e))) => return Err(ApiError::Internal(e.to_string())),
-        Ok(Ok(Ok(output))) => output,
-    };
+    let output = super::worker_output(&state, response, deadline, "task").await?;
 
     let (task_id, genotype_stored) = match &output.genotype {
         Some(genotype) => {
@@ -214,7 +197,7 @@ fn keep(state: &SharedState, task: KeptTask) -> bool {
     }
 }
 
-/// Decodes a request's images (`work`, given whether to keep going) off the async runtime, at
+/// Decodes a request's body or images (`work`, given whether to keep going) off the async runtime, at
 /// most one request per decoding slot (one per core) at a time, so that a burst of large pictures
 /// queues here instead of taking every blocking thread and its memory. Decoding stops between
 /// images once this future is dropped: the client has gone, or the deadline the caller holds it
@@ -234,7 +217,7 @@ pub(super) async fn decode<T: Send + 'static>(
         work(&|| !abandoned.load(Ordering::Relaxed))
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("image decoding task failed: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("a decoding task failed: {e}")))?
 }
 
 /// Marks a request's decoding abandoned when its handler is dropped (the client went away).
@@ -247,7 +230,7 @@ impl Drop for AbandonOnDrop {
 }
 
 /// Reads the body by content type, refusing oversized bodies before reading them; a JSON body is
-/// parsed by `from_json`.
+/// parsed by `from_json`, off the async runtime.
 pub(super) async fn parse(
     state: &SharedState,
     request: Request,
@@ -294,7 +277,9 @@ pub(super) async fn parse(
                     )
                 }
             })?;
-        from_json(&body)
+        // Parsing and base64-decoding up to the whole body limit is CPU work: off the runtime, in
+        // a decoding slot, as decoding the images is.
+        decode(state, move |_| from_json(&body)).await
     } else if essence == "multipart/form-data" {
         let multipart = axum::extract::Multipart::from_request(request, &())
             .await

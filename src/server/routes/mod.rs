@@ -9,7 +9,9 @@ pub mod tasks;
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
 use crate::server::worker::Readiness;
-use tokio::sync::SemaphorePermit;
+use crate::server::worker_error::WorkerError;
+use std::time::Instant;
+use tokio::sync::{oneshot, SemaphorePermit};
 
 /// A compute request's place in the server, taken before its body is read: refused when the
 /// compute worker has stopped, or when as many requests as the server takes are in flight. A
@@ -25,4 +27,46 @@ fn enter(state: &SharedState) -> Result<SemaphorePermit<'_>, ApiError> {
         .in_flight
         .try_acquire()
         .map_err(|_| ApiError::Overloaded(state.limits.max_in_flight))
+}
+
+/// Why the compute worker would not take a job (a full `queue`, of jobs of the kind it names, or a
+/// stopped worker), in the words every route that hands it jobs uses.
+fn not_queued(error: WorkerError, queue: &'static str, waiting: usize) -> ApiError {
+    match error {
+        WorkerError::QueueFull => ApiError::QueueFull { queue, waiting },
+        other => ApiError::NotReady(format!(
+            "the compute worker is unavailable ({other}); check /readyz"
+        )),
+    }
+}
+
+/// The worker's answer to a job, awaited until `deadline`, or what went wrong in the words every
+/// route that hands it jobs uses: the client's own task (diverged, too big for the device) is a
+/// 4xx, a stopped worker a 503, and only a fault on our side a 500. `job` names the job in messages.
+async fn worker_output<T>(
+    state: &SharedState,
+    response: oneshot::Receiver<Result<T, WorkerError>>,
+    deadline: Instant,
+    job: &str,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout_at(deadline.into(), response).await {
+        Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => {
+            Err(ApiError::Timeout(state.limits.request_timeout_ms))
+        }
+        Ok(Err(_) | Ok(Err(WorkerError::Stopped))) => Err(ApiError::NotReady(format!(
+            "the compute worker stopped before this {job} ran; check /readyz"
+        ))),
+        Ok(Ok(Err(WorkerError::Diverged))) => Err(ApiError::unprocessable(
+            "adaptation_diverged",
+            "the adaptation diverged (its logits or architecture weights became infinite or NaN); \
+             adapt the task again with lower lr_w or lr_theta, or leave them at the model's defaults",
+        )),
+        Ok(Ok(Err(WorkerError::OutOfMemory(_)))) => Err(ApiError::PayloadTooLarge(format!(
+            "the {job} needs more memory than the device has free; send fewer query images per request"
+        ))),
+        Ok(Ok(Err(error @ (WorkerError::QueueFull | WorkerError::Failed(_))))) => {
+            Err(ApiError::Internal(error.to_string()))
+        }
+        Ok(Ok(Ok(output))) => Ok(output),
+    }
 }

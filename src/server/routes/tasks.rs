@@ -12,7 +12,6 @@ use crate::server::state::SharedState;
 use crate::server::store::task_models::KeptTask;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::PredictJob;
-use crate::server::worker_error::WorkerError;
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -70,9 +69,9 @@ fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin
         (status = 400, description = "Malformed JSON, multipart, base64 or image", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown or evicted task, or its model no longer served", body = ErrorBody),
-        (status = 413, description = "Body, image or image count over the limit", body = ErrorBody),
+        (status = 413, description = "Body, image or image count over the limit, or the queries need more memory than the device has free", body = ErrorBody),
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
-        (status = 422, description = "No queries, support images or adaptation options sent, another model named, or the model's weights replaced", body = ErrorBody),
+        (status = 422, description = "No queries, support images or adaptation options sent, another model named, the model's weights replaced, or the kept model's logits not finite (adapt again with lower rates)", body = ErrorBody),
         (status = 429, description = "Prediction queue full, or the server at its limit of requests in flight; see Retry-After", body = ErrorBody),
         (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
@@ -126,24 +125,11 @@ pub async fn predict(
         enqueued: Instant::now(),
         reply,
     };
-    state.worker.submit_prediction(job).map_err(|e| match e {
-        WorkerError::QueueFull => ApiError::QueueFull(state.limits.queue_depth),
-        other => ApiError::NotReady(format!(
-            "the compute worker is unavailable ({other}); check /readyz"
-        )),
-    })?;
-    let output = match tokio::time::timeout_at(deadline.into(), response).await {
-        Err(_) | Ok(Ok(Err(WorkerError::DeadlinePassed { .. } | WorkerError::Cancelled))) => {
-            return Err(timed_out())
-        }
-        Ok(Err(_) | Ok(Err(WorkerError::Stopped))) => {
-            return Err(ApiError::NotReady(
-                "the compute worker stopped before this prediction ran; check /readyz".into(),
-            ))
-        }
-        Ok(Ok(Err(e))) => return Err(ApiError::Internal(e.to_string())),
-        Ok(Ok(Ok(output))) => output,
-    };
+    state
+        .worker
+        .submit_prediction(job)
+        .map_err(|e| super::not_queued(e, "prediction", state.limits.queue_depth))?;
+    let output = super::worker_output(&state, response, deadline, "prediction").await?;
     let predictions = ids
         .into_iter()
         .zip(output.logits)
