@@ -42,7 +42,8 @@ def convert_weights(state_dict_w):
 
 def atomic_write(path, data):
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    # The prefix tnas-server cleans up at start-up after an interrupted write.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tnas-tmp-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -106,8 +107,18 @@ def main():
         "evaluation": [],
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    atomic_write(os.path.join(args.out, "model.safetensors"), payload)
-    atomic_write(os.path.join(args.out, "model.json"), json.dumps(meta, indent=2).encode())
+    # The model format's save order: the pending weights, then model.json naming their hash, then
+    # the weights into place, so an interrupted re-import leaves the old model or the new one.
+    # Pending weights that model.json already names (an earlier save cut short) move in first.
+    pending = os.path.join(args.out, "model.safetensors.new")
+    meta_path = os.path.join(args.out, "model.json")
+    if os.path.exists(pending) and os.path.exists(meta_path):
+        with open(pending, "rb") as f, open(meta_path) as m:
+            if hashlib.sha256(f.read()).hexdigest() == json.load(m).get("sha256"):
+                os.replace(pending, os.path.join(args.out, "model.safetensors"))
+    atomic_write(pending, payload)
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    os.replace(pending, os.path.join(args.out, "model.safetensors"))
     print(f"wrote {args.out}: {len(weights) - 2} weight tensors, sha256 {meta['sha256'][:12]}…")
 
 

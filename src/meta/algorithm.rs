@@ -24,7 +24,7 @@ pub enum Algorithm {
     #[value(name = "tnas-2nd")]
     #[serde(rename = "tnas-2nd")]
     Tnas2nd,
-    /// MAML (second order) on the fixed Conv-4 network.
+    /// MAML (second order) on a fixed network: Conv-4, or the cell network of `--genotype`.
     Maml,
     /// Reptile outer update (w̃ − w_task) on the supernet, as Auto-Meta and MetaNAS.
     Reptile,
@@ -60,7 +60,8 @@ impl Algorithm {
         self == Algorithm::TnasPlusPlus
     }
 
-    /// Whether the network is the DARTS supernet (else Conv-4).
+    /// Whether the algorithm trains the DARTS supernet; MAML trains a fixed network (Conv-4). With
+    /// `--genotype`, every algorithm trains that fixed cell network instead.
     pub fn uses_supernet(self) -> bool {
         self != Algorithm::Maml
     }

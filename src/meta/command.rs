@@ -510,7 +510,8 @@ pub struct EvalArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub episode: EpisodeArgs,
-    #[arg(long, default_value_t = 600)]
+    /// Tasks to evaluate, at least 1.
+    #[arg(long, default_value_t = 600, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub tasks: usize,
     /// Adaptation steps, comma-separated to evaluate several side by side (default: the model's).
     #[arg(long, value_delimiter = ',')]

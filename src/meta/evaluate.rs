@@ -11,8 +11,10 @@ use crate::nn::params::ParamSet;
 use crate::nn::supernet::Alphas;
 use tch::{Device, Tensor};
 
-/// Mean and 95% half-interval (1.96 · sample std / √n), the form few-shot papers report.
+/// Mean and 95% half-interval (1.96 · sample std / √n), the form few-shot papers report, of at
+/// least one value.
 pub fn mean_and_ci95(values: &[f64]) -> (f64, f64) {
+    assert!(!values.is_empty(), "a mean of no values");
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
     if values.len() < 2 {

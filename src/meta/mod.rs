@@ -6,6 +6,7 @@
 //! - [`evaluate`]: N-way K-shot accuracy over many held-out tasks with a 95% interval.
 //! - [`card`]: the model card rendered from `model.json`.
 //! - [`trainer`]: the training loop: logging, validation, best-checkpoint keeping, resume.
+//! - [`command`]: the `tnas-train` subcommands (`meta-train`, `eval`, `card`) and their options.
 
 pub mod adam;
 pub mod algorithm;

@@ -16,6 +16,7 @@ use crate::model::checkpoint::{
     write_atomically, Checkpoint, CheckpointError,
 };
 use crate::model::metadata::{Augmentation, EvalResult, HeadSpec, InputSpec, ModelMeta, Split};
+use crate::nn::genotype::Genotype;
 use crate::nn::learned_rates::LearnedRates;
 use crate::nn::network::Network;
 use crate::nn::params::ParamSet;
@@ -99,6 +100,10 @@ struct RunSettings {
     rotation_groups: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     augmentation: Option<Augmentation>,
+    /// The fixed architecture of a `--genotype` run: another one may have the same weights (pools
+    /// and skips have none) and would go on silently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    genotype: Option<Genotype>,
 }
 
 impl RunSettings {
@@ -130,6 +135,7 @@ impl RunSettings {
             rotations: Some(train.iter().any(|class| class.name.ends_with("/rot90"))),
             rotation_groups: training.is_some_and(|t| t.rotation_groups),
             augmentation: training.and_then(|t| t.augmentation),
+            genotype: config.meta.genotype.clone(),
         }
     }
 

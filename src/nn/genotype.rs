@@ -95,8 +95,23 @@ impl Genotype {
         )
     }
 
-    /// Checks that every op is a known non-`none` primitive and every input index is reachable.
+    /// Checks that every op is a known non-`none` primitive, every input index is reachable, and
+    /// each cell concatenates `multiplier` of its node states (the width the next cell expects).
     pub fn validate(&self, space: &SearchSpace) -> Result<(), String> {
+        let nodes = 2..space.steps + 2;
+        for (name, concat) in [
+            ("normal_concat", &self.normal_concat),
+            ("reduce_concat", &self.reduce_concat),
+        ] {
+            if concat.len() != space.multiplier || concat.iter().any(|s| !nodes.contains(s)) {
+                return Err(format!(
+                    "{name} {concat:?}: expected {} of the node states {} to {}",
+                    space.multiplier,
+                    nodes.start,
+                    nodes.end - 1
+                ));
+            }
+        }
         for (name, cell) in [("normal", &self.normal), ("reduce", &self.reduce)] {
             if cell.len() != space.steps * EDGES_PER_NODE {
                 return Err(format!(
@@ -189,5 +204,11 @@ mod tests {
         assert!(g.validate(&space).unwrap_err().contains("none"));
         g.normal[3] = Edge("sep_conv_3x3".into(), 3);
         assert!(g.validate(&space).unwrap_err().contains("cannot read"));
+        g.normal[3] = Edge("sep_conv_3x3".into(), 0);
+        assert!(g.validate(&space).is_ok());
+        g.reduce_concat = vec![2, 3, 4, 6];
+        assert!(g.validate(&space).unwrap_err().contains("reduce_concat"));
+        g.reduce_concat = vec![2, 3, 4];
+        assert!(g.validate(&space).unwrap_err().contains("reduce_concat"));
     }
 }
