@@ -397,6 +397,17 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
         .evaluation
         .iter()
         .any(|r| r.split == "test" && r.way == 3));
+    // No tasks is no evaluation: refused as the arguments are read.
+    let no_tasks: Vec<String> = argv
+        .iter()
+        .map(|a| if a == "20" { "0".into() } else { a.clone() })
+        .collect();
+    assert!(Eval::try_parse_from(no_tasks).is_err(), "--tasks 0 parsed");
+    // A fixed network has no architecture to derive: asking for one is an error, not silence.
+    let mut derived = argv.clone();
+    derived.extend(["--predict-with".to_string(), "derived".to_string()]);
+    let refused = eval(&Eval::parse_from(derived).args).unwrap_err();
+    assert!(refused.contains("--predict-with derived"), "{refused}");
     // Held-out groups that include an alphabet the model trained on are refused.
     argv.extend(["--test-groups".to_string(), "Latin,Greek".to_string()]);
     let refused = eval(&Eval::parse_from(argv).args).unwrap_err();
@@ -404,6 +415,15 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
         refused.contains("Greek") && refused.contains("--test-groups Latin,Tagalog"),
         "{refused}"
     );
+}
+
+/// tnas++ learns one rate per inner step: a run without inner steps is refused before it starts.
+#[test]
+fn tnas_plus_plus_without_inner_steps_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = run(dir.path(), &["--algo", "tnas++", "--inner-steps", "0"]).unwrap_err();
+    assert!(refused.contains("--inner-steps 0"), "{refused}");
+    assert!(!dir.path().join("model.json").exists());
 }
 
 /// `--augment-*` jitters the training images (the same run without it sees other losses), is

@@ -435,6 +435,9 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
              largest jitter, at least 0, and the scale below 1 (try 2, 0.1 and 0.1)"
         ));
     }
+    if args.algo.is_maml_plus_plus() && args.inner_steps == 0 {
+        return Err("--algo tnas++ --inner-steps 0: tnas++ learns one rate per inner step, so it needs at least one (try 5)".into());
+    }
     tch::set_num_threads(args.threads);
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);
@@ -579,7 +582,11 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         steps,
         bn,
         predict_with,
-        finetune_steps: args.finetune_steps,
+        // Only derived predictions fine-tune: other rows record none.
+        finetune_steps: match predict_with {
+            PredictWith::Derived => args.finetune_steps,
+            PredictWith::Supernet => 0,
+        },
         views: args.views.map_or(defaults.views, usize::from),
         ..defaults
     };
@@ -589,12 +596,14 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         vec!["supernet"]
     };
     if !args.predict_with.is_empty() {
-        modes = args
+        if let Some(mode) = args
             .predict_with
             .iter()
-            .map(String::as_str)
-            .filter(|m| network.has_alphas() || *m == "supernet")
-            .collect();
+            .find(|m| !network.has_alphas() && *m != "supernet")
+        {
+            return Err(format!("--predict-with {mode}: {} is a fixed network without architecture weights, so it always predicts with itself; leave --predict-with out", args.model.display()));
+        }
+        modes = args.predict_with.iter().map(String::as_str).collect();
     }
     let bn_modes: Vec<BnMode> = if args.bn.is_empty() {
         vec![BnMode::Support, BnMode::Transductive]
@@ -668,7 +677,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                     args.episode.way,
                     args.episode.shot,
                     args.tasks,
-                    args.finetune_steps,
+                    settings.finetune_steps,
                 );
                 results.push(EvalResult {
                     split,
