@@ -72,22 +72,25 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        match Arc::clone(&open).try_acquire_owned() {
-            Ok(permit) => connections.spawn(watched(
-                stream,
-                app.clone(),
-                limits,
-                stopped.clone(),
-                permit,
-            )),
-            Err(_) => match Arc::clone(&refusing).try_acquire_owned() {
-                Ok(permit) => connections.spawn(refuse(stream, limits.max_connections, permit)),
-                Err(_) => {
-                    metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit_unanswered").increment(1);
-                    continue;
-                }
-            },
-        };
+        let place = Arc::clone(&open).try_acquire_owned();
+        match place.map_err(|_| Arc::clone(&refusing).try_acquire_owned()) {
+            Ok(permit) => {
+                connections.spawn(watched(
+                    stream,
+                    app.clone(),
+                    limits,
+                    stopped.clone(),
+                    permit,
+                ));
+            }
+            Err(Ok(refusal)) => {
+                connections.spawn(refuse(stream, limits.max_connections, refusal));
+            }
+            // Dropped here: closed unanswered, and the finished connections below still reaped.
+            Err(Err(_)) => {
+                metrics::counter!("tnas_connections_closed_total", "reason" => "over_limit_unanswered").increment(1);
+            }
+        }
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
