@@ -101,6 +101,7 @@ fn ours(
             checkpoint.alphas.as_ref(),
             checkpoint.meta.head,
             &set,
+            inner.steps,
             device,
         );
         state

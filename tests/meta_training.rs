@@ -426,6 +426,28 @@ fn tnas_plus_plus_without_inner_steps_is_refused_up_front() {
     assert!(!dir.path().join("model.json").exists());
 }
 
+/// Flags that would be silently ignored in a combination are refused before the run starts, each
+/// with what to change: the recorded command must describe the run.
+#[test]
+fn flags_that_would_be_ignored_are_refused_up_front() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--hard-end"], "--relaxation annealed"),
+        (&["--pairwise-inputs"], "--relaxation annealed"),
+        (
+            &["--algo", "maml", "--relaxation", "annealed"],
+            "maml trains a fixed network",
+        ),
+        (&["--head", "fixed", "--max-way", "10"], "--head proto"),
+        (&["--head", "fixed", "--learned-scale"], "--head proto"),
+    ];
+    for (flags, fix) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = run(dir.path(), &[flags, &["--iterations", "1"]].concat()).unwrap_err();
+        assert!(refused.contains(fix), "{flags:?}: {refused}");
+        assert!(!dir.path().join("model.json").exists(), "{flags:?}");
+    }
+}
+
 /// `--augment-*` jitters the training images (the same run without it sees other losses), is
 /// recorded in model.json, resumes with the same jitter, and refuses a resume with another one.
 #[test]
@@ -502,8 +524,8 @@ fn augmentation_jitters_training_is_recorded_and_resumes_identically() {
 }
 
 /// `--within-group` trains on episodes whose classes share an alphabet (other tasks than a plain
-/// run's), is recorded in model.json, resumes with the same episodes, and refuses a resume
-/// without it.
+/// run's), is recorded in model.json (its validation row names the alphabets its tasks were drawn
+/// within), resumes with the same episodes, and refuses a resume without it.
 #[test]
 fn within_group_episodes_are_recorded_and_resume_identically() {
     let (plain, within, resumed) = (
@@ -537,6 +559,14 @@ fn within_group_episodes_are_recorded_and_resume_identically() {
     };
     assert!(training(&within).within_group);
     assert!(!training(&plain).within_group);
+    let validation_groups = |dir: &tempfile::TempDir| {
+        let meta = Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta;
+        assert_eq!(meta.evaluation[0].split, "validation");
+        meta.evaluation[0].within_groups.clone()
+    };
+    let validation = training(&within).split.validation;
+    assert_eq!(validation_groups(&within), validation);
+    assert!(validation_groups(&plain).is_empty());
     let json = std::fs::read_to_string(plain.path().join("model.json")).unwrap();
     assert!(
         !json.contains("within_group"),

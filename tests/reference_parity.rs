@@ -229,6 +229,7 @@ fn check_variant_with_rates(
         loaded.alphas.as_ref(),
         head,
         &support_set,
+        steps,
         Device::Cpu,
     );
     assert_eq!(
@@ -641,7 +642,8 @@ fn annealed_pairwise_learned_scale_matches_reference_after_steps() {
     );
 }
 
-/// No steps: the queries are predicted at τ1 straight from the head built at τ0.
+/// No steps: the task starts at the end state, so the head is built where the queries are
+/// predicted, at τ1.
 #[test]
 fn annealed_pairwise_learned_scale_matches_reference_without_steps() {
     check_variant(
@@ -698,20 +700,23 @@ fn annealed_pairwise_learned_scale_meta_gradients_match_reference() {
     check_meta_gradients(SCALED_PROTO, 1.5, PAIRWISE, 48);
 }
 
-/// A hard end: queries predicted by the genotype's network, straight-through meta-gradients.
+/// A hard end: queries predicted by the genotype's network, after two steps and with none (where
+/// the head is built from the genotype network's own prototypes).
 #[test]
-fn hard_end_matches_reference_after_steps() {
-    check_variant(
-        &Case {
-            space: space(1, 28, 8, 2),
-            head: SCALED_PROTO,
-            shot: 2,
-            steps: 2,
-            alpha_scale: 1.5,
-        },
-        HARD_END,
-        41,
-    );
+fn hard_end_matches_reference_with_and_without_steps() {
+    for (steps, seed) in [(2, 41), (0, 42)] {
+        check_variant(
+            &Case {
+                space: space(1, 28, 8, 2),
+                head: SCALED_PROTO,
+                shot: 2,
+                steps,
+                alpha_scale: 1.5,
+            },
+            HARD_END,
+            seed,
+        );
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `tnas-train meta-train --resume`, the real binary on the real Omniglot zips: a run continues
-//! only on the data, split and augmentation it was saved with, and the refusal lists what differs.
+//! only on the data, split, augmentation and schedule it was saved with, and the refusal lists what
+//! differs.
 
 mod common;
 
@@ -84,4 +85,24 @@ fn resume_refuses_another_split_or_augmentation_and_lists_the_difference() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming at iteration 2"));
+}
+
+/// A cosine schedule runs over `--iterations`: resumed with another count, its outer rates would
+/// jump onto another curve, so the resume is refused and names the saved length.
+#[test]
+fn resume_refuses_another_length_of_a_cosine_schedule() {
+    let out = tempfile::tempdir().unwrap();
+    let first = meta_train(out.path(), &["--cosine", "--iterations", "2"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let refused = meta_train(out.path(), &["--cosine", "--iterations", "4", "--resume"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "another schedule was accepted");
+    assert!(
+        stderr.contains("cosine_iterations: 4 (saved: 2)"),
+        "{stderr}"
+    );
 }

@@ -116,6 +116,15 @@ impl<'a> EpisodeSampler<'a> {
         self.way
     }
 
+    /// The names of the groups each task is drawn within; empty when tasks draw from all classes.
+    pub fn group_names(&self) -> Vec<String> {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|range| self.classes[range.start].group.clone())
+            .collect()
+    }
+
     pub fn state(&self) -> SamplerState {
         SamplerState {
             seed: self.seed,

@@ -219,8 +219,9 @@ pub struct MetaTrainArgs {
     /// `proto` serves any 2..=max_way classes; `fixed` exactly --way.
     #[arg(long, default_value = "proto", value_parser = ["proto", "fixed"])]
     pub head: String,
-    #[arg(long, default_value_t = 20)]
-    pub max_way: usize,
+    /// Proto head: the most classes a task may have (default 20).
+    #[arg(long)]
+    pub max_way: Option<usize>,
     #[arg(long, value_enum, default_value = "support")]
     pub bn: BnMode,
     #[arg(long, default_value_t = 0)]
@@ -288,7 +289,33 @@ pub enum RelaxationKind {
     Annealed,
 }
 
+/// A proto head's largest task when `--max-way` is not given.
+const DEFAULT_MAX_WAY: usize = 20;
+
 impl MetaTrainArgs {
+    /// Refuses flags that would be silently ignored in this combination: the run would not be
+    /// what its recorded command says.
+    fn check_flags_apply(&self) -> Result<(), String> {
+        let supernet = self.algo.uses_supernet() && self.genotype.is_none();
+        let annealed = self.relaxation == RelaxationKind::Annealed;
+        if !annealed && (self.pairwise_inputs || self.hard_end) {
+            return Err("--pairwise-inputs and --hard-end shape an annealed relaxation: add --relaxation annealed".into());
+        }
+        if annealed && !supernet {
+            return Err(format!(
+                "--relaxation annealed anneals θ, which only a supernet has; {} trains a fixed network: drop the relaxation flags",
+                match self.genotype {
+                    Some(_) => "--genotype",
+                    None => self.algo.name(),
+                }
+            ));
+        }
+        if self.head == "fixed" && (self.max_way.is_some() || self.learned_scale) {
+            return Err("--max-way and --learned-scale shape a proto head; --head fixed has exactly --way classes: drop them, or use --head proto".into());
+        }
+        Ok(())
+    }
+
     fn model_meta(
         &self,
         input: InputSpec,
@@ -325,7 +352,7 @@ impl MetaTrainArgs {
             input,
             head: match self.head.as_str() {
                 "proto" => HeadSpec::Proto {
-                    max_way: self.max_way,
+                    max_way: self.max_way.unwrap_or(DEFAULT_MAX_WAY),
                     learned_scale: self.learned_scale || self.algo.is_maml_plus_plus(),
                 },
                 _ => HeadSpec::Fixed {
@@ -438,6 +465,7 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
     if args.algo.is_maml_plus_plus() && args.inner_steps == 0 {
         return Err("--algo tnas++ --inner-steps 0: tnas++ learns one rate per inner step, so it needs at least one (try 5)".into());
     }
+    args.check_flags_apply()?;
     tch::set_num_threads(args.threads);
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);
@@ -519,9 +547,9 @@ pub struct EvalArgs {
     /// Adaptation steps, comma-separated to evaluate several side by side (default: the model's).
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
-    /// Fine-tuning steps of derived predictions.
-    #[arg(long, default_value_t = 0)]
-    pub finetune_steps: usize,
+    /// Fine-tuning steps of derived predictions (default: the model's, as the server's).
+    #[arg(long)]
+    pub finetune_steps: Option<usize>,
     /// Test-time views (default: the model's): 1 for the images as sent; up to 9 adds each
     /// image's one-pixel shifts, the support's as more examples of their classes, the queries'
     /// averaged into one prediction.
@@ -584,7 +612,7 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
         predict_with,
         // Only derived predictions fine-tune: other rows record none.
         finetune_steps: match predict_with {
-            PredictWith::Derived => args.finetune_steps,
+            PredictWith::Derived => args.finetune_steps.unwrap_or(defaults.finetune_steps),
             PredictWith::Supernet => 0,
         },
         views: args.views.map_or(defaults.views, usize::from),

@@ -77,6 +77,10 @@ struct RunSettings {
     theta_weight_decay: f64,
     #[serde(default)]
     cosine: bool,
+    /// A cosine schedule's length (`--iterations`): resumed with another, the outer rates would
+    /// jump to another point of another curve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cosine_iterations: Option<usize>,
     bn: BnMode,
     search_space: Option<SearchSpace>,
     #[serde(default)]
@@ -124,6 +128,7 @@ impl RunSettings {
             meta_lr_theta: config.outer.meta_lr_theta,
             theta_weight_decay: config.outer.theta_weight_decay,
             cosine: config.outer.cosine,
+            cosine_iterations: config.outer.cosine.then_some(config.iterations),
             bn: config.bn,
             search_space: config.meta.search_space,
             relaxation: config.meta.relaxation,
@@ -541,7 +546,9 @@ impl<'a> Trainer<'a> {
                 steps: self.config.inner.steps,
                 finetune_steps: 0,
                 views: 1,
-                within_groups: Vec::new(),
+                within_groups: episodes(&self.config, self.validation, VALIDATION_SEED)
+                    .expect("validation split large enough")
+                    .group_names(),
                 accuracy,
                 ci95,
             })

@@ -77,9 +77,10 @@ impl Relaxation {
         )
     }
 
-    /// τ of the first inner step, where a task starts (and a proto head is built).
-    pub fn start_temperature(&self) -> f64 {
-        self.temperature(0, 1)
+    /// τ where a task of `steps` inner steps starts and its proto head is built: its first step's,
+    /// or the end state's when it takes none, so that the head and the queries see one network.
+    pub fn start_temperature(&self, steps: usize) -> f64 {
+        self.temperature(0, steps)
     }
 
     /// τ of inner step `step` of `steps`; `step == steps` (and any step of a task adapted for 0

@@ -254,6 +254,7 @@ pub fn run_task(
         model.checkpoint.alphas.as_ref(),
         meta.head,
         &support_set,
+        inner.steps,
         device,
     );
     state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);

@@ -381,10 +381,7 @@ fn serve(
         queue
             .admission
             .finished(&costs, started.elapsed(), results.iter().all(Result::is_ok));
-        let fault = results.iter().find_map(|r| match r {
-            Err(WorkerError::Failed(message)) => Some(message.clone()),
-            _ => None,
-        });
+        let fault = results.iter().find_map(WorkerError::fault_of);
         for (job, result) in batch.into_iter().zip(results) {
             reply(job, result, started);
         }
@@ -507,10 +504,7 @@ fn predict(job: PredictJob, device: Device) -> Option<String> {
         tracing::error!(%error, "a prediction failed inside the worker; the worker goes on");
     }
     metrics::histogram!("tnas_predict_seconds").record(started.elapsed().as_secs_f64());
-    let fault = match &result {
-        Err(WorkerError::Failed(message)) => Some(message.clone()),
-        _ => None,
-    };
+    let fault = WorkerError::fault_of(&result);
     let _ = job.reply.send(result);
     fault
 }

@@ -29,4 +29,12 @@ impl WorkerError {
             WorkerError::Failed(message)
         }
     }
+
+    /// The fault a job's `result` shows on our side (for the worker to check the device), if any.
+    pub(super) fn fault_of<T>(result: &Result<T, WorkerError>) -> Option<String> {
+        match result {
+            Err(WorkerError::Failed(message)) => Some(message.clone()),
+            _ => None,
+        }
+    }
 }
