@@ -101,7 +101,6 @@ fn ours(
             checkpoint.alphas.as_ref(),
             checkpoint.meta.head,
             &set,
-            inner.steps,
             device,
         );
         state

@@ -89,6 +89,17 @@ fn imported_official_checkpoint_reproduces_official_logits() {
         labels: &labels,
         n_way: 5,
     };
+    let (mut state, first_loss) = TaskState::start(
+        &network,
+        &checkpoint.params,
+        checkpoint.alphas.as_ref(),
+        checkpoint.meta.head,
+        &support_set,
+        Device::Cpu,
+    );
+    let initial = state.predict(&network, &support_set, &query, BnMode::Transductive);
+    let err = relative_error(&initial, &expected("initial"));
+    assert!(err <= TOLERANCE, "initial logits differ by {err:.2e}");
     let defaults = checkpoint.meta.adaptation;
     let inner = InnerLoop {
         steps: defaults.steps,
@@ -96,18 +107,6 @@ fn imported_official_checkpoint_reproduces_official_logits() {
         lr_theta: defaults.lr_theta,
         second_order: false,
     };
-    let (mut state, first_loss) = TaskState::start(
-        &network,
-        &checkpoint.params,
-        checkpoint.alphas.as_ref(),
-        checkpoint.meta.head,
-        &support_set,
-        inner.steps,
-        Device::Cpu,
-    );
-    let initial = state.predict(&network, &support_set, &query, BnMode::Transductive);
-    let err = relative_error(&initial, &expected("initial"));
-    assert!(err <= TOLERANCE, "initial logits differ by {err:.2e}");
     state
         .adapt(&support_set.on(&network), &inner, first_loss, &|| true)
         .unwrap();

@@ -430,9 +430,10 @@ fn tnas_plus_plus_without_inner_steps_is_refused_up_front() {
 /// with what to change: the recorded command must describe the run.
 #[test]
 fn flags_that_would_be_ignored_are_refused_up_front() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--hard-end"], "--relaxation annealed"),
         (&["--pairwise-inputs"], "--relaxation annealed"),
+        (&["--temperature-end", "0.05"], "--relaxation annealed"),
         (
             &["--algo", "maml", "--relaxation", "annealed"],
             "maml trains a fixed network",

@@ -229,7 +229,6 @@ fn check_variant_with_rates(
         loaded.alphas.as_ref(),
         head,
         &support_set,
-        steps,
         Device::Cpu,
     );
     assert_eq!(
@@ -642,8 +641,7 @@ fn annealed_pairwise_learned_scale_matches_reference_after_steps() {
     );
 }
 
-/// No steps: the task starts at the end state, so the head is built where the queries are
-/// predicted, at τ1.
+/// No steps: the queries are predicted at τ1 straight from the head built at τ0.
 #[test]
 fn annealed_pairwise_learned_scale_matches_reference_without_steps() {
     check_variant(
@@ -700,8 +698,8 @@ fn annealed_pairwise_learned_scale_meta_gradients_match_reference() {
     check_meta_gradients(SCALED_PROTO, 1.5, PAIRWISE, 48);
 }
 
-/// A hard end: queries predicted by the genotype's network, after two steps and with none (where
-/// the head is built from the genotype network's own prototypes).
+/// A hard end: queries predicted by the genotype's network, after two steps and with none (the
+/// head still built at τ0, as meta-training builds it).
 #[test]
 fn hard_end_matches_reference_with_and_without_steps() {
     for (steps, seed) in [(2, 41), (0, 42)] {

@@ -1,21 +1,17 @@
 //! Soft pruning end to end: a model whose θ is annealed over the inner steps answers, through the
 //! server, as the network of the genotype it returns: up to the end temperature, or exactly with a
-//! hard end even at a mild end temperature; a softmax model does not. Unadapted, a hard-end model
-//! is its meta-genotype's prototypical network.
+//! hard end even at a mild end temperature; a softmax model does not.
 
 mod common;
 
-use common::{b64, model_input, omniglot_pngs, random_supernet, relative_error, repo_path, serve};
+use common::{b64, omniglot_pngs, random_supernet, serve};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
-use tnas::adapt::{BnMode, InnerLoop, SupportSet, TaskState};
-use tnas::model::checkpoint::{task_tensors, Checkpoint};
+use tch::{Device, Tensor};
+use tnas::model::checkpoint::task_tensors;
 use tnas::model::metadata::HeadSpec;
-use tnas::nn::derived::DerivedNetwork;
 use tnas::nn::head::LOGIT_SCALE;
 use tnas::nn::learned_rates::LearnedRates;
-use tnas::nn::network::Network;
 use tnas::nn::relaxation::Relaxation;
 use tnas::nn::search_space::SearchSpace;
 
@@ -142,66 +138,5 @@ fn a_hard_end_answers_as_its_genotypes_network_at_a_mild_end_temperature() {
     assert!(
         soft > 1e-2,
         "at τ 0.1 a soft end is still a mixture (largest difference {soft})"
-    );
-}
-
-/// With no steps, a task of the default model (a hard end) starts where its queries are predicted:
-/// its head is built from the prototypes of its meta-genotype's network, so it answers as that
-/// network's prototypical classifier (a head built at the start temperature would hold the soft
-/// mixture's prototypes while the queries pass through the discrete network).
-#[test]
-fn an_unadapted_hard_end_model_is_its_meta_genotypes_prototypical_network() {
-    let checkpoint =
-        Checkpoint::load(&repo_path("models/omniglot-tnas-six-clean2"), Device::Cpu).unwrap();
-    let network = checkpoint.network();
-    let Network::Supernet(net) = &network else {
-        panic!("the default model is a supernet")
-    };
-    let pngs = omniglot_pngs("Latin", 5, 3);
-    let support: Vec<Tensor> = pngs
-        .iter()
-        .map(|c| model_input(&checkpoint, &c[0]))
-        .collect();
-    let query: Vec<Tensor> = pngs
-        .iter()
-        .flat_map(|c| c[1..].iter().map(|png| model_input(&checkpoint, png)))
-        .collect();
-    let (support, query) = (Tensor::cat(&support, 0), Tensor::cat(&query, 0));
-    let labels = Tensor::arange(5, (Kind::Int64, Device::Cpu));
-    let set = SupportSet {
-        images: &support,
-        labels: &labels,
-        n_way: 5,
-    };
-    let head = checkpoint.meta.head;
-    let no_steps = InnerLoop {
-        steps: 0,
-        lr_w: checkpoint.meta.adaptation.lr_w,
-        lr_theta: checkpoint.meta.adaptation.lr_theta,
-        second_order: false,
-    };
-    let (mut state, first_loss) = TaskState::start(
-        &network,
-        &checkpoint.params,
-        checkpoint.alphas.as_ref(),
-        head,
-        &set,
-        no_steps.steps,
-        Device::Cpu,
-    );
-    state
-        .adapt(&set.on(&network), &no_steps, first_loss, &|| true)
-        .unwrap();
-    let supernet = state.predict(&network, &set, &query, BnMode::Support);
-
-    let meta_genotype =
-        DerivedNetwork::new(net.space, checkpoint.meta_genotype().unwrap()).unwrap();
-    let (derived, mut own, _) = state.derive(&network, &meta_genotype, head, &set);
-    own.reset_proto_head(&set.on(&derived));
-    let prototypical = own.predict(&derived, &set, &query, BnMode::Support);
-    let difference = relative_error(&supernet, &prototypical);
-    assert!(
-        difference < 1e-5,
-        "the unadapted model's logits differ from its meta-genotype's prototypical network's by {difference:.2e}"
     );
 }

@@ -7,6 +7,7 @@ mod common;
 use tch::{Device, Tensor};
 use tnas::adapt::task_batch::{side_by_side, BatchedSupport, TaskBatch};
 use tnas::adapt::{Adaptation, BnMode, InnerLoop, PredictWith, SupportSet, TaskState};
+use tnas::data::imaging::{decode, to_input, ImageLimits};
 use tnas::model::checkpoint::Checkpoint;
 use tnas::model::metadata::HeadSpec;
 use tnas::nn::head::LOGIT_SCALE;
@@ -21,10 +22,26 @@ struct Task {
     query: Tensor,
 }
 
+/// A PNG as the model's input, in plain numbers (CHW), as the server hands images to the worker.
+fn pixels(checkpoint: &Checkpoint, png: &[u8]) -> Vec<f32> {
+    to_input(
+        &decode(png, &ImageLimits::default()).unwrap(),
+        &checkpoint.meta.input,
+    )
+}
+
 /// Real Omniglot 5-way 1-shot tasks (4 queries each), one per alphabet, with the support classes
 /// in a different order in each task.
 fn tasks(checkpoint: &Checkpoint, alphabets: &[&str]) -> Vec<Task> {
-    let image = |png: &[u8]| common::model_input(checkpoint, png);
+    let input = &checkpoint.meta.input;
+    let image = |png: &[u8]| {
+        Tensor::from_slice(&pixels(checkpoint, png)).view([
+            1,
+            input.channels as i64,
+            input.size as i64,
+            input.size as i64,
+        ])
+    };
     alphabets
         .iter()
         .enumerate()
@@ -79,7 +96,6 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
         alphas,
         checkpoint.meta.head,
         &support,
-        inner.steps,
     );
     batch
         .adapt(net, &support, &inner, first_loss, &|| true)
@@ -109,7 +125,6 @@ fn assert_batch_equals_alone(checkpoint: &Checkpoint, alphabets: &[&str], bn: Bn
             Some(alphas),
             checkpoint.meta.head,
             &set,
-            inner.steps,
             Device::Cpu,
         );
         alone
@@ -187,7 +202,7 @@ fn batched_tasks_with_annealed_pairwise_relaxation_and_learned_scale_match_alone
 /// Real Omniglot pixels of a 5-way 1-shot task with 3 queries, as the server hands them to the
 /// worker.
 fn worker_input(checkpoint: &Checkpoint, alphabet: &str, steps: usize) -> TaskInput {
-    let pixels = |png: &[u8]| common::model_pixels(checkpoint, png);
+    let pixels = |png: &[u8]| pixels(checkpoint, png);
     let pngs = common::omniglot_pngs(alphabet, 5, 2);
     let a = checkpoint.meta.adaptation;
     TaskInput {

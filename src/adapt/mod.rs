@@ -156,9 +156,8 @@ impl TaskState {
         }
     }
 
-    /// A task's starting point for `steps` inner steps: copies of w̃ (and θ̃), plus, for a proto
-    /// head, the classifier built from the support prototypes under the starting weights, at the
-    /// temperature the task starts at. Also returns the support loss that
+    /// A task's starting point: copies of w̃ (and θ̃), plus, for a proto head, the classifier built
+    /// from the support prototypes under the starting weights. Also returns the support loss that
     /// building the head computed: the first step's loss, for [`TaskState::adapt`].
     pub fn start(
         network: &Network,
@@ -166,14 +165,13 @@ impl TaskState {
         meta_alphas: Option<&Alphas>,
         head: HeadSpec,
         support: &SupportSet,
-        steps: usize,
         device: Device,
     ) -> (TaskState, Option<Tensor>) {
         let mut state = TaskState::new(
             meta.task_copy(&network.weight_runs(), device, 1),
             meta_alphas.map(|a| a.task_copy(device, 1)),
         );
-        state.temperature = network.relaxation().start_temperature(steps);
+        state.temperature = network.relaxation().start_temperature();
         let first_loss = match head {
             HeadSpec::Proto { .. } => state.reset_proto_head(&support.on(network)),
             HeadSpec::Fixed { .. } => None,
@@ -534,17 +532,8 @@ mod tests {
             max_way: 5,
             learned_scale: false,
         };
-        let start = || {
-            TaskState::start(
-                &network,
-                &meta,
-                Some(&alphas),
-                head,
-                &support,
-                1,
-                Device::Cpu,
-            )
-        };
+        let start =
+            || TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
         let (mut given, first_loss) = start();
         let first_loss = first_loss.expect("building the head computes the support loss");
         assert!(

@@ -139,14 +139,13 @@ impl TaskBatch {
         meta_alphas: &Alphas,
         head: HeadSpec,
         support: &BatchedSupport,
-        steps: usize,
     ) -> (TaskBatch, Option<Tensor>) {
         let (tasks, device) = (support.tasks(), support.images.device());
         let mut state = TaskState::new(
             meta.task_copy(&net.weight_runs(), device, tasks),
             Some(meta_alphas.task_copy(device, tasks)),
         );
-        state.temperature = net.relaxation.start_temperature(steps);
+        state.temperature = net.relaxation.start_temperature();
         let first_loss = match head {
             HeadSpec::Proto { .. } => state.reset_proto_head(&StackedTasks { net, support }),
             HeadSpec::Fixed { .. } => None,
@@ -253,7 +252,6 @@ pub fn adapt_and_predict(
         meta_alphas,
         checkpoint.meta.head,
         &support,
-        inner.steps,
     );
     batch.state.rates = rates.cloned();
     batch.adapt(net, &support, inner, first_loss, keep_going)?;

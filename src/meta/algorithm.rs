@@ -141,7 +141,7 @@ impl TaskContext<'_> {
             let params = meta.map(|_, t| t.detach().set_requires_grad(true));
             let alphas = meta_alphas.map(|a| a.map(|t| t.detach().set_requires_grad(true)));
             let mut state = TaskState::new(params, alphas);
-            state.temperature = self.network.relaxation().start_temperature(inner.steps);
+            state.temperature = self.network.relaxation().start_temperature();
             let first_loss = match self.head {
                 // The head starts from the prototypes taken as constants (fo-Proto-MAML's choice):
                 // the meta-gradient runs through every inner step, not through the head's start.
@@ -156,7 +156,6 @@ impl TaskContext<'_> {
                 meta_alphas,
                 self.head,
                 &task.support,
-                inner.steps,
                 self.device,
             )
         };
@@ -349,15 +348,8 @@ mod tests {
         let ours = context.task_gradient(&meta, Some(&alphas), &task);
 
         // By hand: first-order steps from fresh leaves, each step's support gradients kept.
-        let (mut state, _) = TaskState::start(
-            &network,
-            &meta,
-            Some(&alphas),
-            head,
-            &support,
-            2,
-            Device::Cpu,
-        );
+        let (mut state, _) =
+            TaskState::start(&network, &meta, Some(&alphas), head, &support, Device::Cpu);
         let mut steps = Vec::new();
         for step in 0..2 {
             state.temperature = network.relaxation().temperature(step, 2);

@@ -243,12 +243,13 @@ pub struct MetaTrainArgs {
     /// adapted supernet ends as its genotype's network).
     #[arg(long, value_enum, default_value = "softmax")]
     pub relaxation: RelaxationKind,
-    /// `annealed`: the temperature at the first inner step.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature_start: f64,
-    /// `annealed`: the temperature at the last inner step's end, where queries are predicted.
-    #[arg(long, default_value_t = 0.1)]
-    pub temperature_end: f64,
+    /// `annealed`: the temperature at the first inner step (default 1).
+    #[arg(long)]
+    pub temperature_start: Option<f64>,
+    /// `annealed`: the temperature at the last inner step's end, where queries are predicted
+    /// (default 0.1).
+    #[arg(long)]
+    pub temperature_end: Option<f64>,
     /// `annealed`: weigh each node's inputs by a softmax over input pairs (two inputs at the end).
     #[arg(long)]
     pub pairwise_inputs: bool,
@@ -298,8 +299,9 @@ impl MetaTrainArgs {
     fn check_flags_apply(&self) -> Result<(), String> {
         let supernet = self.algo.uses_supernet() && self.genotype.is_none();
         let annealed = self.relaxation == RelaxationKind::Annealed;
-        if !annealed && (self.pairwise_inputs || self.hard_end) {
-            return Err("--pairwise-inputs and --hard-end shape an annealed relaxation: add --relaxation annealed".into());
+        let schedule = self.temperature_start.is_some() || self.temperature_end.is_some();
+        if !annealed && (self.pairwise_inputs || self.hard_end || schedule) {
+            return Err("--pairwise-inputs, --hard-end and --temperature-* shape an annealed relaxation: add --relaxation annealed".into());
         }
         if annealed && !supernet {
             return Err(format!(
@@ -362,8 +364,8 @@ impl MetaTrainArgs {
             relaxation: match self.relaxation {
                 RelaxationKind::Softmax => Relaxation::Softmax,
                 RelaxationKind::Annealed => Relaxation::Annealed {
-                    start: self.temperature_start,
-                    end: self.temperature_end,
+                    start: self.temperature_start.unwrap_or(1.0),
+                    end: self.temperature_end.unwrap_or(0.1),
                     pairwise_inputs: self.pairwise_inputs,
                     hard_end: self.hard_end,
                 },

@@ -88,19 +88,22 @@ impl Evaluation<'_> {
 
     /// A task's state after adaptation to `support`.
     fn adapted(&self, support: &SupportSet) -> TaskState {
-        let inner = InnerLoop::of(&self.settings);
         let (mut state, first_loss) = TaskState::start(
             self.network,
             self.params,
             self.alphas,
             self.head,
             support,
-            inner.steps,
             self.device,
         );
         state.rates = self.rates.as_ref().map(LearnedRates::detach);
         state
-            .adapt(&support.on(self.network), &inner, first_loss, &|| true)
+            .adapt(
+                &support.on(self.network),
+                &InnerLoop::of(&self.settings),
+                first_loss,
+                &|| true,
+            )
             .expect("never interrupted");
         state
     }

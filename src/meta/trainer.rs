@@ -58,7 +58,8 @@ pub struct TrainConfig {
 }
 
 /// What a run is: every setting a resumed run must share with the saved one to continue it (the
-/// iteration count, validation and save cadence, threads and device may change).
+/// iteration count, except a cosine schedule's, validation and save cadence, threads and device
+/// may change).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct RunSettings {
     algorithm: Algorithm,

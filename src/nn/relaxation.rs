@@ -77,10 +77,11 @@ impl Relaxation {
         )
     }
 
-    /// τ where a task of `steps` inner steps starts and its proto head is built: its first step's,
-    /// or the end state's when it takes none, so that the head and the queries see one network.
-    pub fn start_temperature(&self, steps: usize) -> f64 {
-        self.temperature(0, steps)
+    /// τ of the first inner step, where a task starts and a proto head is built, also when it takes
+    /// no steps: meta-training builds heads here, and at 0 steps a head built at the end
+    /// temperature instead measured lower (docs/MODEL_FORMAT.md).
+    pub fn start_temperature(&self) -> f64 {
+        self.temperature(0, 1)
     }
 
     /// τ of inner step `step` of `steps`; `step == steps` (and any step of a task adapted for 0

@@ -254,7 +254,6 @@ pub fn run_task(
         model.checkpoint.alphas.as_ref(),
         meta.head,
         &support_set,
-        inner.steps,
         device,
     );
     state.rates = model.checkpoint.rates.clone().filter(|_| o.learned_rates);

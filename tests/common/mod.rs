@@ -197,27 +197,6 @@ pub fn omniglot_pngs(alphabet: &str, classes: usize, per_class: usize) -> Vec<Ve
         .collect()
 }
 
-/// A PNG as `checkpoint`'s input in plain numbers (CHW), decoded and normalised as the server
-/// hands images to the worker.
-pub fn model_pixels(checkpoint: &Checkpoint, png: &[u8]) -> Vec<f32> {
-    use tnas::data::imaging::{decode, to_input, ImageLimits};
-    to_input(
-        &decode(png, &ImageLimits::default()).unwrap(),
-        &checkpoint.meta.input,
-    )
-}
-
-/// A PNG as `checkpoint`'s input tensor [1, C, S, S].
-pub fn model_input(checkpoint: &Checkpoint, png: &[u8]) -> Tensor {
-    let input = &checkpoint.meta.input;
-    Tensor::from_slice(&model_pixels(checkpoint, png)).view([
-        1,
-        input.channels as i64,
-        input.size as i64,
-        input.size as i64,
-    ])
-}
-
 /// Starts the real router on a loopback port for `models` (every test binary may start several),
 /// waits for /readyz, and returns the base URL. The server lives until the test binary exits.
 pub fn serve(models: &Path, extra_args: &[&str]) -> String {

@@ -530,9 +530,8 @@ def main():
     rates = LearnedRates(*tables, rate_columns(net, weights, proto)) if learned_rates else None
     missing, unexpected = net.load_state_dict(weights, strict=False)
     assert not unexpected and sorted(missing) == (["classifier.bias", "classifier.weight"] if proto else []), (missing, unexpected)
-    # Before any step θ is read at the first step's temperature (the end's, with no steps); a proto
-    # head is built there.
-    net.tau = net.relaxation.tau(0, args.steps)
+    # Before any step θ is read at the first step's temperature; a proto head is built there.
+    net.tau = net.relaxation.tau(0, 1)
     if proto:
         set_proto_head(net, a_n, a_r, support, labels, n_way)
     out, info = {}, {"param_count": sum(p.numel() for p in net.parameters())}
