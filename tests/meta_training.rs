@@ -426,6 +426,44 @@ fn tnas_plus_plus_without_inner_steps_is_refused_up_front() {
     assert!(!dir.path().join("model.json").exists());
 }
 
+/// A warm start (or a fixed genotype) from a model trained on an alphabet this run holds out is
+/// refused, naming it: the new model's split would claim it held out. From a model trained without
+/// it, the same run starts.
+#[test]
+fn starting_from_a_model_trained_on_a_held_out_alphabet_is_refused() {
+    let (parent, child) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run(parent.path(), &["--iterations", "1"]).unwrap();
+    let trained_on = Checkpoint::load(parent.path(), Device::Cpu)
+        .unwrap()
+        .meta
+        .training
+        .unwrap()
+        .split
+        .train;
+    assert!(trained_on.contains(&"Greek".to_string()));
+    let from = parent.path().to_str().unwrap();
+    for flag in ["--init-from", "--genotype"] {
+        let refused = run(
+            child.path(),
+            &[
+                flag,
+                from,
+                "--validation-groups",
+                "Greek",
+                "--iterations",
+                "1",
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            refused.contains(flag) && refused.contains("\"Greek\""),
+            "{refused}"
+        );
+        assert!(!child.path().join("model.json").exists());
+    }
+    run(child.path(), &["--init-from", from, "--iterations", "1"]).unwrap();
+}
+
 /// Flags that would be silently ignored in a combination are refused before the run starts, each
 /// with what to change: the recorded command must describe the run.
 #[test]

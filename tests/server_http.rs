@@ -213,6 +213,16 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     assert_eq!(record["genotype"], body["genotype"]);
     assert_eq!(record["n_way"], 3);
     assert_eq!(record["k_shot"], 1);
+    // Another spelling of the same UUID names the same task.
+    for spelling in [id.to_uppercase(), format!("urn:uuid:{id}")] {
+        let same: Value = Client::new()
+            .get(format!("{url}/genotypes/{spelling}"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(same["task_id"], id, "{spelling}");
+    }
     let python = Client::new()
         .get(format!("{url}/genotypes/{id}?format=python"))
         .send()
@@ -710,6 +720,49 @@ fn served_openapi_matches_the_committed_document() {
         served, committed,
         "openapi/openapi.json is stale: regenerate it with `make openapi`"
     );
+}
+
+/// Browsers get CORS headers for the configured origins only, or for any with `*`; `*` among
+/// other origins is refused at start-up with what to give instead.
+#[test]
+fn cors_allows_the_configured_origins_or_every_one() {
+    let preflight = |url: &str, origin: &str| {
+        Client::new()
+            .request(reqwest::Method::OPTIONS, format!("{url}/adapt"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .unwrap()
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let listed = start(&["--cors-origins", "https://a.example"]);
+    assert_eq!(
+        preflight(&listed.url, "https://a.example").as_deref(),
+        Some("https://a.example")
+    );
+    assert_eq!(preflight(&listed.url, "https://b.example"), None);
+    let any = start(&["--cors-origins", "*"]);
+    assert_eq!(
+        preflight(&any.url, "https://b.example").as_deref(),
+        Some("*")
+    );
+
+    use clap::Parser;
+    let models = common::fixture_models();
+    let config = tnas::server::config::ServerConfig::parse_from([
+        "tnas-server",
+        "--models",
+        models.path().to_str().unwrap(),
+        "--cors-origins",
+        "*,https://a.example",
+    ]);
+    let checkpoints = tnas::server::load_models(&config.models).unwrap();
+    let refused = tnas::server::build_state(&config, checkpoints, tch::Device::Cpu)
+        .err()
+        .expect("'*' among origins is refused");
+    assert!(refused.contains("stands alone"), "{refused}");
 }
 
 #[test]

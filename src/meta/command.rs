@@ -418,6 +418,42 @@ impl MetaTrainArgs {
     }
 }
 
+/// Refuses to start from (`flag`) a model trained on groups this run holds out: results on them
+/// would not be held out, and the run's `model.json` records only its own split. Warns when that
+/// model was trained with this run's seed, whose episodes this run would draw again.
+fn check_parent(flag: &str, dir: &Path, split: &Split, seed: u64) -> Result<(), String> {
+    let path = dir.join("model.json");
+    let meta: ModelMeta = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    // Imported official checkpoints record no training of ours.
+    let Some(training) = meta.training else {
+        return Ok(());
+    };
+    let held_out: Vec<&String> = training
+        .split
+        .train
+        .iter()
+        .filter(|g| split.test.contains(g) || split.validation.contains(g))
+        .collect();
+    if !held_out.is_empty() {
+        return Err(format!(
+            "{flag} {}: that model was trained on {held_out:?}, which this run holds out (test {:?}, validation {:?}), so results there would not be held out; start from a model trained without them, or hold out other groups",
+            dir.display(),
+            split.test,
+            split.validation
+        ));
+    }
+    if training.seed == seed {
+        eprintln!(
+            "warning: {flag} {} was meta-trained with --seed {seed} too; on the same data and episode shape this run draws its tasks again (pass another --seed for new ones)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// A genotype from a JSON file (DARTS's `Genotype` form, as the server returns it), or a supernet
 /// model folder's meta-genotype: its θ̃ decoded.
 fn read_genotype(path: &Path) -> Result<Genotype, String> {
@@ -472,6 +508,18 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);
     let loaded = args.data.load(&input)?;
+    let parents = [
+        ("--init-from", args.init_from.as_deref()),
+        (
+            "--genotype",
+            args.genotype.as_deref().filter(|p| p.is_dir()),
+        ),
+    ];
+    for (flag, dir) in parents {
+        if let Some(dir) = dir {
+            check_parent(flag, dir, &loaded.split, args.seed)?;
+        }
+    }
     eprintln!(
         "data: {} training classes, {} validation, {} test",
         loaded.train.len(),

@@ -156,7 +156,7 @@ pub struct ServerConfig {
     /// Require `Authorization: Bearer <key>` on everything but /healthz, /readyz and /metrics.
     #[arg(long, env = "TNAS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Allowed CORS origins (comma-separated); CORS is off when empty.
+    /// Allowed CORS origins (comma-separated), or `*` for every origin; CORS is off when empty.
     #[arg(long, env = "TNAS_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
     /// Print the OpenAPI document and exit.

@@ -84,14 +84,17 @@ pub fn with_request_ids(app: Router) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// Adds CORS for the configured origins only; with none configured, browsers get no CORS headers.
+/// Adds CORS for the configured origins only (`*` alone: every origin); with none configured,
+/// browsers get no CORS headers.
 pub fn with_cors(app: Router, origins: &[header::HeaderValue]) -> Router {
-    if origins.is_empty() {
-        return app;
-    }
+    let allowed = match origins {
+        [] => return app,
+        [only] if only == "*" => tower_http::cors::AllowOrigin::any(),
+        listed => tower_http::cors::AllowOrigin::list(listed.to_vec()),
+    };
     app.layer(
         tower_http::cors::CorsLayer::new()
-            .allow_origin(origins.to_vec())
+            .allow_origin(allowed)
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
     )

@@ -174,6 +174,9 @@ pub fn build_state(
         .iter()
         .map(|origin| axum::http::HeaderValue::from_str(origin).map_err(|_| format!("--cors-origins: '{origin}' is not a valid origin; give origins like https://example.org, comma-separated")))
         .collect::<Result<Vec<_>, _>>()?;
+    if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
+        return Err("--cors-origins: '*' allows every origin, so it stands alone; give either '*' or a list of origins".into());
+    }
     let worker = Worker::spawn(
         checkpoints,
         device,

@@ -30,12 +30,8 @@ pub struct ListQuery {
 pub const MAX_LIST_LIMIT: usize = 1000;
 
 async fn lookup(state: &SharedState, task_id: &str) -> Result<GenotypeRecord, ApiError> {
-    if uuid::Uuid::parse_str(task_id).is_err() {
-        return Err(ApiError::NotFound(format!(
-            "'{task_id}' is not a task id; use the task_id (a UUID) that POST /adapt returned"
-        )));
-    }
-    state.store.get(task_id).await?.ok_or_else(|| {
+    let task_id = super::task_id(task_id)?;
+    state.store.get(&task_id).await?.ok_or_else(|| {
         ApiError::NotFound(format!(
             "no genotype for task {task_id}; it never existed or was evicted from the store"
         ))

@@ -13,6 +13,18 @@ use crate::server::worker_error::WorkerError;
 use std::time::Instant;
 use tokio::sync::{oneshot, SemaphorePermit};
 
+/// A task id as `POST /adapt` wrote it (lowercase, hyphenated), from any form of the same UUID a
+/// client may send (uppercase, braces, `urn:uuid:`), so that each names the one stored task.
+fn task_id(text: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(text)
+        .map(|id| id.hyphenated().to_string())
+        .map_err(|_| {
+            ApiError::NotFound(format!(
+                "'{text}' is not a task id; use the task_id (a UUID) that POST /adapt returned"
+            ))
+        })
+}
+
 /// A compute request's place in the server, taken before its body is read: refused when the
 /// compute worker has stopped, or when as many requests as the server takes are in flight. A
 /// full queue refuses later, so that a malformed request still hears what is wrong with it.

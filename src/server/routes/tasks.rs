@@ -26,12 +26,8 @@ pub const SUPPORT_FILE: &str = "support.safetensors";
 /// The kept task model of `task_id` with where it came from, if it is kept and its model is
 /// served here as it was when the task was adapted.
 fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin), ApiError> {
-    if uuid::Uuid::parse_str(task_id).is_err() {
-        return Err(ApiError::NotFound(format!(
-            "'{task_id}' is not a task id; use the task_id (a UUID) that POST /adapt returned"
-        )));
-    }
-    let task = state.task_models.get(task_id).ok_or_else(|| {
+    let task_id = super::task_id(task_id)?;
+    let task = state.task_models.get(&task_id).ok_or_else(|| {
         ApiError::NotFound(format!(
             "no kept model for task {task_id}: it was never kept (\"keep\": false, or over --task-store-bytes), \
              or it was evicted to make room for newer tasks; POST /adapt again with its support set"
