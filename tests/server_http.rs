@@ -702,6 +702,46 @@ fn service_endpoints_answer() {
     );
 }
 
+/// A real `/adapt` body, options included, is valid against the served document's `AdaptRequest`
+/// (checked by Python's jsonschema, installed with the deployment validator), and a body with a
+/// field the server refuses is not.
+#[test]
+fn real_adapt_bodies_validate_against_the_published_schema() {
+    let document: Value = Client::new()
+        .get(format!("{}/openapi.json", server().url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut body = task_json(2);
+    body["model"] = json!("fixture");
+    body["views"] = json!(1);
+    assert_eq!(post_json(&body).status(), 200, "the server takes it");
+    let mut unknown = body.clone();
+    unknown["stepz"] = json!(2);
+    assert_eq!(post_json(&unknown).status(), 400, "the server refuses it");
+    const CHECK: &str = "import json, sys, jsonschema
+document, bodies = json.load(sys.stdin)
+schema = {'$ref': '#/components/schemas/AdaptRequest', 'components': document['components']}
+validator = jsonschema.Draft202012Validator(schema)
+print(json.dumps([validator.is_valid(body) for body in bodies]))";
+    let mut child = std::process::Command::new(common::python())
+        .args(["-c", CHECK])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(
+        child.stdin.take().unwrap(),
+        &json!([document, [body, unknown]]),
+    )
+    .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let valid: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(valid, json!([true, false]));
+}
+
 #[test]
 fn served_openapi_matches_the_committed_document() {
     let served = Client::new()

@@ -161,6 +161,7 @@ pub async fn predict(
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown or evicted task, or its model no longer served", body = ErrorBody),
         (status = 422, description = "The model's weights were replaced since the task was adapted", body = ErrorBody),
+        (status = 429, description = "Too many requests in flight (--max-in-flight); retry after Retry-After", body = ErrorBody),
     ),
     tag = "tasks"
 )]
