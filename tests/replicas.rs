@@ -1,14 +1,15 @@
 //! Two real `tnas-server` replicas behind a real HAProxy (round robin), sharing a real Redis
 //! (`--store redis://…`): tasks adapted through the balancer are fetched by id from either
-//! replica, as JSON, Python and SVG; a replica killed mid-run and Redis restarted lose no stored
-//! genotype; while Redis is down `/adapt` still answers, reads answer 503 and `/readyz` says why.
+//! replica, as JSON, Python and SVG, and their kept task models predict the same on either; a
+//! replica killed mid-run and Redis restarted lose no stored genotype or task model; while Redis
+//! is down `/adapt` still answers, reads answer 503 and `/readyz` says why.
 //! A server also starts before its Redis, and a stalled Redis costs a request at most the store's
 //! timeout.
 
 mod common;
 
 use common::cluster::{free_port, Balancer, RedisServer};
-use common::{fixture_models, omniglot_pngs, task_json, ServerProcess};
+use common::{fixture_models, metric, omniglot_pngs, task_json, ServerProcess};
 use reqwest::blocking::Client;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,20 +68,28 @@ fn answer(sent: reqwest::Result<reqwest::blocking::Response>) -> Answer {
 
 /// A replica on `port` keeping genotypes in `store`, giving up on a Redis call after `timeout_ms`.
 fn replica(models: &Path, port: u16, store: &str, timeout_ms: &str) -> ServerProcess {
-    ServerProcess::start_on(
-        port,
-        models,
-        &[
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--store",
-            store,
-            "--store-timeout-ms",
-            timeout_ms,
-        ],
-    )
+    replica_with(models, port, store, timeout_ms, &[])
+}
+
+/// [`replica`] with `extra` arguments.
+fn replica_with(
+    models: &Path,
+    port: u16,
+    store: &str,
+    timeout_ms: &str,
+    extra: &[&str],
+) -> ServerProcess {
+    let args = [
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--store",
+        store,
+        "--store-timeout-ms",
+        timeout_ms,
+    ];
+    ServerProcess::start_on(port, models, &[&args[..], extra].concat())
 }
 
 /// A 2-way 1-shot Omniglot task with two queries and one adaptation step, serialised once.
@@ -88,6 +97,32 @@ fn task_body() -> &'static [u8] {
     let mut task = task_json(&omniglot_pngs("Greek", 2, 2));
     task["steps"] = 1.into();
     Box::leak(serde_json::to_vec(&task).unwrap().into_boxed_slice())
+}
+
+/// The task's queries alone, for `POST /tasks/{id}/predict`.
+fn queries_body() -> &'static [u8] {
+    let task = task_json(&omniglot_pngs("Greek", 2, 2));
+    let queries = serde_json::json!({"query": task["query"]});
+    Box::leak(serde_json::to_vec(&queries).unwrap().into_boxed_slice())
+}
+
+/// The first tasks' kept models asked for predictions on each replica directly: both answer, and
+/// with the same logits, whichever replica adapted the task.
+fn predict_on_each(client: &Client, replicas: &[Option<ServerProcess>], tasks: &[(String, Value)]) {
+    for (id, _) in tasks.iter().take(5) {
+        let logits: Vec<Value> = replicas
+            .iter()
+            .flatten()
+            .map(|server| {
+                let url = format!("{}/tasks/{id}/predict", server.url);
+                let answer = post(client, &url, queries_body());
+                assert_eq!(answer.status, 200, "{}", answer.body);
+                answer.json()["predictions"].clone()
+            })
+            .collect();
+        assert_eq!(logits.len(), 2);
+        assert_eq!(logits[0], logits[1], "task {id}");
+    }
 }
 
 /// Statuses of every answer, by phase, and which replicas served.
@@ -140,6 +175,7 @@ fn adapt_while_killing(
                     if answer.status == 200 {
                         let json = answer.json();
                         assert_eq!(json["genotype_stored"], true, "{json}");
+                        assert_eq!(json["task_model_kept"], true, "{json}");
                         let id = json["task_id"].as_str().unwrap().to_string();
                         tasks.lock().unwrap().push((id, json["genotype"].clone()));
                     }
@@ -218,6 +254,7 @@ fn replicas_share_genotypes_across_a_replica_kill_and_a_redis_restart() {
     replicas[0] = Some(replica(models.path(), ports[0], &store, "2000"));
     balancer.wait_until_routed_to("replica-0");
     fetch_all(&client, &balancer.url, &tasks, "fetches after the kill");
+    predict_on_each(&client, &replicas, &tasks);
     let listing = get(&client, &format!("{}/genotypes?limit=1000", balancer.url)).json();
     let listed: BTreeSet<&str> = listing
         .as_array()
@@ -254,6 +291,15 @@ fn replicas_share_genotypes_across_a_replica_kill_and_a_redis_restart() {
         let listing = get(&client, &format!("{}/genotypes", balancer.url));
         down.add(&listing);
         assert_eq!(listing.status, 503, "{}", listing.body);
+        assert_eq!(adapted.json()["task_model_kept"], false);
+        let predicted = post(
+            &client,
+            &format!("{}/tasks/{}/predict", balancer.url, tasks[0].0),
+            queries_body(),
+        );
+        down.add(&predicted);
+        assert_eq!(predicted.status, 503, "{}", predicted.body);
+        assert_eq!(predicted.json()["error"]["code"], "store_unavailable");
     }
     assert_eq!(
         down.statuses.keys().copied().collect::<Vec<_>>(),
@@ -289,6 +335,7 @@ fn replicas_share_genotypes_across_a_replica_kill_and_a_redis_restart() {
         &tasks,
         "fetches after Redis restarted",
     );
+    predict_on_each(&client, &replicas, &tasks);
     let adapted = post(&client, &format!("{}/adapt", balancer.url), body).json();
     assert_eq!(adapted["genotype_stored"], true, "{adapted}");
     for server in replicas.iter().flatten() {
@@ -386,4 +433,53 @@ fn a_server_starts_before_its_redis_and_rides_out_a_stalled_one() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Kept task models in Redis keep to `--task-store-bytes` for all replicas together: a replica
+/// with room for two and a half evicts, across replicas, the least recently used first.
+#[test]
+fn task_models_in_redis_keep_to_their_byte_bound_across_replicas() {
+    let models = fixture_models();
+    let redis = RedisServer::start();
+    let store = redis.url(0);
+    let client = Client::new();
+    let adapt = |server: &ServerProcess| {
+        let answer = post(&client, &format!("{}/adapt", server.url), task_body());
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.json()["task_model_kept"], true);
+        answer.json()["task_id"].as_str().unwrap().to_string()
+    };
+    let roomy = replica(models.path(), free_port(), &store, "2000");
+    let mut ids = vec![adapt(&roomy)];
+    let one = metric(&roomy.url, "tnas_task_store_bytes");
+    assert!(one > 0.0, "the store reports the bytes it keeps");
+    drop(roomy);
+
+    let bound = (2.5 * one) as usize;
+    let bound_arg = bound.to_string();
+    let tight = replica_with(
+        models.path(),
+        free_port(),
+        &store,
+        "2000",
+        &["--task-store-bytes", &bound_arg],
+    );
+    // The other replica's model is used again, so it is now more recent than the next one.
+    ids.push(adapt(&tight));
+    let predict = |id: &str| {
+        post(
+            &client,
+            &format!("{}/tasks/{id}/predict", tight.url),
+            queries_body(),
+        )
+        .status
+    };
+    assert_eq!(predict(&ids[0]), 200);
+    ids.push(adapt(&tight));
+    assert!(metric(&tight.url, "tnas_task_store_bytes") <= bound as f64);
+    assert_eq!(
+        ids.iter().map(|id| predict(id)).collect::<Vec<_>>(),
+        vec![200, 404, 200],
+        "the least recently used of three went, the one used again stayed"
+    );
 }

@@ -5,7 +5,7 @@
 
 use super::api::AlphaWeights;
 use super::recorded::RecordedAdaptations;
-use super::store::task_models::{KeptTask, TaskModelBytes};
+use super::store::kept_task::{KeptTask, TaskModelBytes};
 use super::worker_error::WorkerError;
 use crate::adapt::task_batch::{
     adapt_and_predict, side_by_side, task_mixings, BatchSource, BatchedSupport,

@@ -69,8 +69,9 @@ pub struct Limits {
     #[arg(long, env = "TNAS_GENOTYPE_STORE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub genotype_store_bytes: usize,
     /// Bytes the task models kept after `/adapt` may take (for `POST /tasks/{id}/predict` and
-    /// `GET /tasks/{id}/model`), in this process; the least recently used are evicted, and a model
-    /// larger than the whole budget is not kept.
+    /// `GET /tasks/{id}/model`), in this process or, with a Redis store, for all replicas
+    /// together; the least recently used are evicted, and a model larger than the whole budget is
+    /// not kept.
     #[arg(long, env = "TNAS_TASK_STORE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub task_store_bytes: usize,
 }
@@ -97,8 +98,8 @@ impl Limits {
 /// Where genotypes are kept, and how long a shared store may take.
 #[derive(Clone, Debug, clap::Args)]
 pub struct StoreConfig {
-    /// `memory` (this process only; lost on restart) or `redis://host:port/db`, shared by every
-    /// replica behind a load balancer.
+    /// Where genotypes and kept task models live: `memory` (this process only; lost on restart)
+    /// or `redis://host:port/db`, shared by every replica behind a load balancer.
     #[arg(long, env = "TNAS_STORE", default_value = "memory")]
     pub store: StoreLocation,
     /// How long Redis keeps a genotype, in seconds.

@@ -38,8 +38,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     NotReady(String),
-    /// The genotype store cannot be read now; the detail says where it is and what it said.
-    #[error("{0}; genotypes cannot be read until it is back (GET /readyz says when), while POST /adapt still answers")]
+    /// The shared store cannot be read now; the detail says where it is and what it said.
+    #[error("{0}; genotypes and kept task models cannot be read until it is back (GET /readyz says when), while POST /adapt still answers")]
     StoreUnavailable(String),
     #[error("the request did not finish within {0} ms; send fewer images or steps, or raise --request-timeout-ms")]
     Timeout(u64),

@@ -177,6 +177,7 @@ pub fn build_state(
     if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
         return Err("--cors-origins: '*' allows every origin, so it stands alone; give either '*' or a list of origins".into());
     }
+    let store = GenotypeStore::open(&config.store.store, config.store.bounds(&config.limits))?;
     let worker = Worker::spawn(
         checkpoints,
         device,
@@ -193,8 +194,8 @@ pub fn build_state(
             std::thread::available_parallelism().map_or(1, usize::from),
         )),
         in_flight: tokio::sync::Semaphore::new(config.limits.max_in_flight),
-        store: GenotypeStore::open(&config.store.store, config.store.bounds(&config.limits))?,
-        task_models: TaskModelStore::new(config.limits.task_store_bytes),
+        task_models: TaskModelStore::beside(&store, config.limits.task_store_bytes),
+        store,
         limits: config.limits.clone(),
         metrics: metrics_handle(),
         api_key: config.api_key.clone(),

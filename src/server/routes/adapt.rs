@@ -5,7 +5,7 @@ use crate::server::admission::CostKey;
 use crate::server::api::{AdaptResponse, ErrorBody, GenotypeRecord, Prediction, TimingMs};
 use crate::server::error::ApiError;
 use crate::server::state::SharedState;
-use crate::server::store::task_models::KeptTask;
+use crate::server::store::kept_task::KeptTask;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::Job;
 use axum::extract::{FromRequest, Request, State};
@@ -139,7 +139,7 @@ pub async fn adapt(
                 labels: labels.clone(),
             };
             let task = KeptTask::new(&meta, origin, &options, output.genotype.clone(), bytes);
-            keep(&state, task)
+            keep(&state, task).await
         }
         _ => false,
     };
@@ -185,10 +185,10 @@ async fn store(state: &SharedState, record: GenotypeRecord) -> bool {
 }
 
 /// Keeps the task model for later predictions and downloads, and says whether it could: one larger
-/// than the whole `--task-store-bytes` is not kept.
-fn keep(state: &SharedState, task: KeptTask) -> bool {
+/// than the whole `--task-store-bytes` is not kept, nor one while Redis is unreachable.
+async fn keep(state: &SharedState, task: KeptTask) -> bool {
     let task_id = task.task_id().to_string();
-    match state.task_models.insert(task) {
+    match state.task_models.insert(task).await {
         Ok(()) => true,
         Err(error) => {
             tracing::warn!(%task_id, %error, "task model not kept");

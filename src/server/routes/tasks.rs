@@ -9,7 +9,7 @@ use crate::server::compute::PredictInput;
 use crate::server::error::ApiError;
 use crate::server::extract::Path;
 use crate::server::state::SharedState;
-use crate::server::store::task_models::KeptTask;
+use crate::server::store::kept_task::KeptTask;
 use crate::server::task_request::TaskRequest;
 use crate::server::worker::PredictJob;
 use axum::extract::{Request, State};
@@ -25,19 +25,20 @@ pub const SUPPORT_FILE: &str = "support.safetensors";
 
 /// The kept task model of `task_id` with where it came from, if it is kept and its model is
 /// served here as it was when the task was adapted.
-fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin), ApiError> {
+async fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin), ApiError> {
     let task_id = super::task_id(task_id)?;
-    let task = state.task_models.get(&task_id).ok_or_else(|| {
+    let task = state.task_models.get(&task_id).await?.ok_or_else(|| {
         ApiError::NotFound(format!(
             "no kept model for task {task_id}: it was never kept (\"keep\": false, or over --task-store-bytes), \
-             or it was evicted to make room for newer tasks; POST /adapt again with its support set"
+             it was evicted to make room for newer tasks, or another replica adapted it without a shared \
+             store (--store redis://…); POST /adapt again with its support set"
         ))
     })?;
-    let origin = task
-        .meta
-        .task
-        .clone()
-        .expect("kept task models record their task");
+    let origin = task.meta.task.clone().ok_or_else(|| {
+        ApiError::Internal(format!(
+            "the kept model of task {task_id} does not record its task"
+        ))
+    })?;
     match state.models.get(&origin.adapted_from) {
         Some(model) if model.sha256 == origin.adapted_from_sha256 => Ok((task, origin)),
         Some(_) => Err(ApiError::unprocessable(
@@ -69,7 +70,7 @@ fn kept(state: &SharedState, task_id: &str) -> Result<(Arc<KeptTask>, TaskOrigin
         (status = 415, description = "Not JSON or multipart", body = ErrorBody),
         (status = 422, description = "No queries, support images or adaptation options sent, another model named, the model's weights replaced, or the kept model's logits not finite (adapt again with lower rates)", body = ErrorBody),
         (status = 429, description = "Prediction queue full, or the server at its limit of requests in flight; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Not ready, or the compute worker stopped (see /readyz)", body = ErrorBody),
+        (status = 503, description = "Not ready, the compute worker stopped (see /readyz), or the shared store (Redis) is unreachable or slow", body = ErrorBody),
         (status = 504, description = "Timed out", body = ErrorBody),
     ),
     tag = "tasks"
@@ -83,7 +84,7 @@ pub async fn predict(
     let deadline = arrived + Duration::from_millis(state.limits.request_timeout_ms);
     let timed_out = || ApiError::Timeout(state.limits.request_timeout_ms);
     let _in_flight = super::enter(&state)?;
-    let (task, origin) = kept(&state, &task_id)?;
+    let (task, origin) = kept(&state, &task_id).await?;
     let request = parse(&state, request, TaskRequest::from_predict_json);
     let request = tokio::time::timeout_at(deadline.into(), request)
         .await
@@ -162,6 +163,7 @@ pub async fn predict(
         (status = 404, description = "Unknown or evicted task, or its model no longer served", body = ErrorBody),
         (status = 422, description = "The model's weights were replaced since the task was adapted", body = ErrorBody),
         (status = 429, description = "Too many requests in flight (--max-in-flight); retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "The shared store (Redis) is unreachable or slow", body = ErrorBody),
     ),
     tag = "tasks"
 )]
@@ -171,7 +173,7 @@ pub async fn download_model(
 ) -> Result<Response, ApiError> {
     // Each download zips a copy of its model in memory: it counts as a request in flight.
     let _in_flight = super::enter(&state)?;
-    let (task, _) = kept(&state, &task_id)?;
+    let (task, _) = kept(&state, &task_id).await?;
     let folder = task.meta.name.clone();
     let archive = tokio::task::spawn_blocking(move || zipped(&task))
         .await

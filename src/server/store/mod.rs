@@ -7,8 +7,10 @@
 //! Handlers see one enum with the same bounds either way. A store is a convenience next to the
 //! answer, never a condition of it: `/adapt` answers with its genotype whether or not the store
 //! kept it, reads answer 503 while Redis is unreachable, and `/readyz` says why.
-//! Kept task models have a store of their own beside it ([`task_models`]), bounded in bytes.
+//! Kept task models have a store of their own beside it ([`task_models`]), bounded in bytes, in
+//! the same place: this process, or the same Redis.
 
+pub mod kept_task;
 pub mod memory;
 pub mod redis_store;
 pub mod task_models;
@@ -17,6 +19,7 @@ use crate::server::api::GenotypeRecord;
 use memory::MemoryStore;
 use redis_store::RedisStore;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where genotypes are kept (`--store`).
@@ -73,18 +76,18 @@ pub struct StoreBounds {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Redis refused, dropped or did not answer within the timeout.
-    #[error("the genotype store (Redis at {location}) is unavailable: {reason}")]
+    #[error("the shared store (Redis at {location}) is unavailable: {reason}")]
     Unavailable { location: String, reason: String },
     #[error("the genotype record is {size} bytes, over --genotype-store-bytes {max_bytes}")]
     TooLarge { size: usize, max_bytes: usize },
     /// A stored value that does not read as a record of this version: a fault on our side.
-    #[error("the stored genotype of task {task_id} does not parse: {reason}")]
+    #[error("the stored record of task {task_id} does not parse: {reason}")]
     Corrupt { task_id: String, reason: String },
 }
 
 pub enum GenotypeStore {
     Memory(MemoryStore),
-    Redis(RedisStore),
+    Redis(Arc<RedisStore>),
 }
 
 impl GenotypeStore {
@@ -93,7 +96,9 @@ impl GenotypeStore {
             StoreLocation::Memory => {
                 GenotypeStore::Memory(MemoryStore::new(bounds.capacity, bounds.max_bytes))
             }
-            StoreLocation::Redis(url) => GenotypeStore::Redis(RedisStore::open(url, bounds)?),
+            StoreLocation::Redis(url) => {
+                GenotypeStore::Redis(Arc::new(RedisStore::open(url, bounds)?))
+            }
         })
     }
 

@@ -1,10 +1,16 @@
-//! `RedisStore`: genotypes kept in Redis, shared by every replica and kept across their restarts.
+//! `RedisStore`: genotypes and kept task models in Redis, shared by every replica and kept across
+//! their restarts.
 //!
 //! Keys are namespaced and versioned, so that a later format lives beside this one:
 //! - `tnas:v1:genotype:<task_id>`: the record's JSON, exactly as `GET /genotypes/{task_id}`
 //!   returns it, expiring after `--store-ttl-s`;
 //! - `tnas:v1:genotypes`: a sorted set of task ids scored by creation time (ms since the epoch),
-//!   for the listing and for the count bound of `--genotype-store-size`.
+//!   for the listing and for the count bound of `--genotype-store-size`;
+//! - `tnas:v1:task-model:<task_id>`: a hash of the kept task model's files (`meta`, its
+//!   `model.json`; `weights`; `support`), expiring `--store-ttl-s` after its last use;
+//! - `tnas:v1:task-models`: a sorted set of those task ids scored by last use, and
+//!   `tnas:v1:task-model-bytes`: each one's size, for the byte bound of `--task-store-bytes`
+//!   (the least recently used evicted first, across all replicas).
 //!
 //! One connection, multiplexed, reconnects by itself when Redis drops it (redis's
 //! `ConnectionManager`); every call is bounded by `--store-timeout-ms`, so a Redis that is down or
@@ -12,6 +18,7 @@
 //! fresh connection, since one that stopped answering without being dropped (a Redis moved or cut
 //! off without a reset) would otherwise be kept for good.
 
+use super::kept_task::KeptTask;
 use super::{redacted, StoreBounds, StoreError};
 use crate::server::api::GenotypeRecord;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -39,6 +46,57 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, beyond)
 return 1
 ";
 
+const TASK_MODEL_PREFIX: &str = "tnas:v1:task-model:";
+const TASK_MODEL_INDEX: &str = "tnas:v1:task-models";
+const TASK_MODEL_SIZES: &str = "tnas:v1:task-model-bytes";
+
+/// Keeps one task model and evicts the least recently used until all fit the byte bound, in one
+/// step, so that replicas keeping models at once never overshoot it. Index entries whose model
+/// has expired are forgotten first. Returns the models evicted, the bytes and the models kept.
+/// KEYS: the model's key, the index, the sizes. ARGV: model.json, weights, support, TTL (ms),
+/// now (ms), task id, byte bound, the model's size, model key prefix, the last use before which
+/// models have expired.
+const KEEP_TASK_MODEL: &str = r"
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[10])) do
+  redis.call('DEL', ARGV[9] .. id)
+  redis.call('HDEL', KEYS[3], id)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[10])
+redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'weights', ARGV[2], 'support', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
+redis.call('HSET', KEYS[3], ARGV[6], ARGV[8])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local total = 0
+for _, size in ipairs(redis.call('HVALS', KEYS[3])) do
+  total = total + tonumber(size)
+end
+local evicted = 0
+while total > tonumber(ARGV[7]) do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not oldest then break end
+  total = total - tonumber(redis.call('HGET', KEYS[3], oldest) or '0')
+  redis.call('DEL', ARGV[9] .. oldest)
+  redis.call('ZREM', KEYS[2], oldest)
+  redis.call('HDEL', KEYS[3], oldest)
+  evicted = evicted + 1
+end
+return {evicted, total, redis.call('ZCARD', KEYS[2])}
+";
+
+/// A kept task model's files, now its most recently used (its TTL starts again); nil when it is
+/// not kept. KEYS: the model's key, the index, the sizes. ARGV: task id, now (ms), TTL (ms).
+const GET_TASK_MODEL: &str = r"
+local files = redis.call('HMGET', KEYS[1], 'meta', 'weights', 'support')
+if not files[1] then return false end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return files
+";
+
 pub struct RedisStore {
     client: Client,
     /// Made on first use, inside the server's runtime (it connects lazily), and again after a
@@ -48,6 +106,8 @@ pub struct RedisStore {
     location: String,
     bounds: StoreBounds,
     insert: Script,
+    keep_task_model: Script,
+    get_task_model: Script,
 }
 
 impl RedisStore {
@@ -68,6 +128,8 @@ impl RedisStore {
                 ..bounds
             },
             insert: Script::new(INSERT),
+            keep_task_model: Script::new(KEEP_TASK_MODEL),
+            get_task_model: Script::new(GET_TASK_MODEL),
         })
     }
 
@@ -144,6 +206,72 @@ impl RedisStore {
             .collect()
     }
 
+    /// Keeps `task` (of `size` bytes) within `max_bytes` for all replicas together; returns the
+    /// models evicted for it, and the bytes and models kept after.
+    pub async fn keep_task_model(
+        &self,
+        task: &KeptTask,
+        size: usize,
+        max_bytes: usize,
+    ) -> Result<(i64, i64, i64), StoreError> {
+        let meta = serde_json::to_vec(&task.meta).map_err(|e| StoreError::Corrupt {
+            task_id: task.task_id().to_string(),
+            reason: e.to_string(),
+        })?;
+        let ttl_ms = self.bounds.ttl.as_millis().max(1) as u64;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut invocation = self.keep_task_model.key(task_model_key(task.task_id()));
+        invocation
+            .key(TASK_MODEL_INDEX)
+            .key(TASK_MODEL_SIZES)
+            .arg(meta)
+            .arg(&task.weights)
+            .arg(&task.support)
+            .arg(ttl_ms)
+            .arg(now_ms)
+            .arg(task.task_id())
+            .arg(max_bytes)
+            .arg(size)
+            .arg(TASK_MODEL_PREFIX)
+            .arg(now_ms - ttl_ms as i64);
+        let mut connection = self.connection()?;
+        self.bounded(async move {
+            invocation
+                .invoke_async::<(i64, i64, i64)>(&mut connection)
+                .await
+        })
+        .await
+    }
+
+    /// The kept task model of `task_id`, now the most recently used, if it is kept.
+    pub async fn task_model(&self, task_id: &str) -> Result<Option<KeptTask>, StoreError> {
+        let ttl_ms = self.bounds.ttl.as_millis().max(1) as u64;
+        let mut invocation = self.get_task_model.key(task_model_key(task_id));
+        invocation
+            .key(TASK_MODEL_INDEX)
+            .key(TASK_MODEL_SIZES)
+            .arg(task_id)
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg(ttl_ms);
+        let mut connection = self.connection()?;
+        let files: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
+            .bounded(async move { invocation.invoke_async(&mut connection).await })
+            .await?;
+        files
+            .map(|(meta, weights, support)| {
+                let meta = serde_json::from_slice(&meta).map_err(|e| StoreError::Corrupt {
+                    task_id: task_id.to_string(),
+                    reason: format!("its model.json: {e}"),
+                })?;
+                Ok(KeptTask {
+                    meta,
+                    weights,
+                    support,
+                })
+            })
+            .transpose()
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut connection = self.connection()?;
         self.bounded(async move {
@@ -207,6 +335,10 @@ impl RedisStore {
 
 fn record_key(task_id: &str) -> String {
     format!("{RECORD_PREFIX}{task_id}")
+}
+
+fn task_model_key(task_id: &str) -> String {
+    format!("{TASK_MODEL_PREFIX}{task_id}")
 }
 
 fn parse(task_id: &str, json: &[u8]) -> Result<GenotypeRecord, StoreError> {

@@ -1,76 +1,97 @@
 //! `TaskModelStore`: the task models kept after `/adapt`, for `POST /tasks/{task_id}/predict`
 //! and `GET /tasks/{task_id}/model`, bounded in bytes (`--task-store-bytes`), the least recently
-//! used evicted first.
+//! used evicted first: in this process ([`MemoryTaskModels`]), or, beside the genotypes in Redis
+//! (`--store redis://…`), for every replica ([`RedisStore`]), so that any replica serves a task
+//! another adapted.
 //!
-//! Each is kept as the bytes of its model folder ([`KeptTask`]), not as tensors: the async side
-//! holds no tensors, a download is those bytes as they are, and a prediction loads them onto the
-//! worker's device (for a few-shot model, a copy of about a megabyte; the forward pass costs more).
-//! One mutex guards the map and the use order: every operation is a few map updates.
+//! Each is kept as the bytes of its model folder ([`KeptTask`]). In memory, one mutex guards the map and the use order: every operation is a few map updates.
 
-use crate::adapt::task_model::{task_model_kind, task_model_meta};
-use crate::adapt::Adaptation;
-use crate::model::metadata::{ModelMeta, TaskOrigin};
-use crate::nn::genotype::Genotype;
+use super::kept_task::KeptTask;
+use super::redis_store::RedisStore;
+use super::{GenotypeStore, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-/// A kept task model: its `model.json`, `model.safetensors` and `support.safetensors`.
-#[derive(Debug)]
-pub struct KeptTask {
-    pub meta: ModelMeta,
-    pub weights: Vec<u8>,
-    pub support: Vec<u8>,
+/// Why a task model was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum NotKept {
+    #[error("the task model is {size} bytes, over --task-store-bytes {max_bytes}")]
+    TooLarge { size: usize, max_bytes: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-impl KeptTask {
-    /// The model kept for a task adapted from `source` with `options`: the worker's `bytes`, and
-    /// the `model.json` that describes them ([`task_model_meta`]). `genotype` is the one the
-    /// response carries.
-    pub fn new(
-        source: &ModelMeta,
-        origin: TaskOrigin,
-        options: &Adaptation,
-        genotype: Option<Genotype>,
-        bytes: TaskModelBytes,
-    ) -> KeptTask {
-        let kind = task_model_kind(source.kind, options.predict_with).unwrap_or(source.kind);
-        KeptTask {
-            meta: task_model_meta(source, kind, genotype, options, origin, bytes.sha256),
-            weights: bytes.weights,
-            support: bytes.support,
+/// Where task models are kept: beside the genotypes ([`TaskModelStore::beside`]).
+pub enum TaskModelStore {
+    Memory(MemoryTaskModels),
+    Redis {
+        redis: Arc<RedisStore>,
+        max_bytes: usize,
+    },
+}
+
+impl TaskModelStore {
+    /// Task models kept where `genotypes` are, within `max_bytes` (for all replicas together, in
+    /// Redis).
+    pub fn beside(genotypes: &GenotypeStore, max_bytes: usize) -> TaskModelStore {
+        match genotypes {
+            GenotypeStore::Memory(_) => TaskModelStore::Memory(MemoryTaskModels::new(max_bytes)),
+            GenotypeStore::Redis(redis) => TaskModelStore::Redis {
+                redis: Arc::clone(redis),
+                max_bytes,
+            },
         }
     }
 
-    /// The task's id.
-    pub fn task_id(&self) -> &str {
-        self.meta.task.as_ref().map_or("", |t| t.task_id.as_str())
+    /// Keeps `task`, evicting the least recently used until the bytes fit. A model larger than
+    /// the whole budget is not kept, rather than emptying the store for it.
+    pub async fn insert(&self, task: KeptTask) -> Result<(), NotKept> {
+        match self {
+            TaskModelStore::Memory(store) => store.insert(task),
+            TaskModelStore::Redis { redis, max_bytes } => {
+                let size = within(&task, *max_bytes)?;
+                let (evicted, bytes, models) = redis
+                    .keep_task_model(&task, size, *max_bytes)
+                    .await
+                    .inspect_err(|_| count_failure("keep_task_model"))?;
+                metrics::counter!("tnas_task_store_evictions_total").increment(evicted as u64);
+                metrics::gauge!("tnas_task_store_bytes").set(bytes as f64);
+                metrics::gauge!("tnas_task_store_models").set(models as f64);
+                Ok(())
+            }
+        }
     }
 
-    /// What keeping it costs: its tensors' bytes and its `model.json`.
-    pub fn bytes(&self) -> usize {
-        let json = serde_json::to_vec(&self.meta).map_or(0, |j| j.len());
-        self.weights.len() + self.support.len() + json
+    /// The kept model of `task_id`, now the most recently used.
+    pub async fn get(&self, task_id: &str) -> Result<Option<Arc<KeptTask>>, StoreError> {
+        let found = match self {
+            TaskModelStore::Memory(store) => store.get(task_id),
+            TaskModelStore::Redis { redis, .. } => redis
+                .task_model(task_id)
+                .await
+                .inspect_err(|_| count_failure("task_model"))?
+                .map(Arc::new),
+        };
+        let outcome = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!("tnas_task_store_lookups_total", "outcome" => outcome).increment(1);
+        Ok(found)
     }
 }
 
-/// A task model's files as the worker hands them out: `model.safetensors` with its sha256, and
-/// `support.safetensors`.
-#[derive(Debug)]
-pub struct TaskModelBytes {
-    pub weights: Vec<u8>,
-    pub sha256: String,
-    pub support: Vec<u8>,
+/// `task`'s size, if it fits `max_bytes` at all.
+fn within(task: &KeptTask, max_bytes: usize) -> Result<usize, NotKept> {
+    match task.bytes() {
+        size if size > max_bytes => Err(NotKept::TooLarge { size, max_bytes }),
+        size => Ok(size),
+    }
 }
 
-/// Why a task model was not kept.
-#[derive(Debug, thiserror::Error)]
-#[error("the task model is {size} bytes, over --task-store-bytes {max_bytes}")]
-pub struct TooLarge {
-    pub size: usize,
-    pub max_bytes: usize,
+fn count_failure(operation: &'static str) {
+    metrics::counter!("tnas_store_failures_total", "operation" => operation).increment(1);
 }
 
-pub struct TaskModelStore {
+/// Task models kept in this process.
+pub struct MemoryTaskModels {
     lru: Mutex<Lru>,
     max_bytes: usize,
 }
@@ -95,24 +116,17 @@ impl Lru {
     }
 }
 
-impl TaskModelStore {
+impl MemoryTaskModels {
     pub fn new(max_bytes: usize) -> Self {
-        TaskModelStore {
+        MemoryTaskModels {
             lru: Mutex::new(Lru::default()),
             max_bytes,
         }
     }
 
-    /// Keeps `task`, evicting the least recently used until the bytes fit. A model larger than
-    /// the whole budget is not kept, rather than emptying the store for it.
-    pub fn insert(&self, task: KeptTask) -> Result<(), TooLarge> {
-        let size = task.bytes();
-        if size > self.max_bytes {
-            return Err(TooLarge {
-                size,
-                max_bytes: self.max_bytes,
-            });
-        }
+    /// [`TaskModelStore::insert`] in this process.
+    pub fn insert(&self, task: KeptTask) -> Result<(), NotKept> {
+        let size = within(&task, self.max_bytes)?;
         let mut lru = self.lru.lock().expect("task store lock is never poisoned");
         let id = task.task_id().to_string();
         lru.clock += 1;
@@ -141,14 +155,10 @@ impl TaskModelStore {
 
     /// The kept model of `task_id`, now the most recently used.
     pub fn get(&self, task_id: &str) -> Option<Arc<KeptTask>> {
-        let found = self
-            .lru
+        self.lru
             .lock()
             .expect("task store lock is never poisoned")
-            .touch(task_id);
-        let outcome = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!("tnas_task_store_lookups_total", "outcome" => outcome).increment(1);
-        found
+            .touch(task_id)
     }
 
     /// The bytes the kept models take.
@@ -175,6 +185,7 @@ impl TaskModelStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::metadata::{ModelMeta, TaskOrigin};
 
     fn task(id: &str, bytes: usize) -> KeptTask {
         let mut meta: ModelMeta =
@@ -196,7 +207,7 @@ mod tests {
     #[test]
     fn evicts_the_least_recently_used_and_stays_within_its_bytes() {
         let size = task("a", 10_000).bytes();
-        let store = TaskModelStore::new(3 * size + size / 2);
+        let store = MemoryTaskModels::new(3 * size + size / 2);
         for id in ["a", "b", "c"] {
             store.insert(task(id, 10_000)).unwrap();
         }
@@ -223,17 +234,20 @@ mod tests {
 
     #[test]
     fn a_model_over_the_whole_budget_is_not_kept_and_evicts_nothing() {
-        let store = TaskModelStore::new(task("a", 1000).bytes() * 2);
+        let store = MemoryTaskModels::new(task("a", 1000).bytes() * 2);
         store.insert(task("a", 1000)).unwrap();
         let refused = store.insert(task("huge", 100_000)).unwrap_err();
-        assert!(refused.size > refused.max_bytes);
+        assert!(
+            matches!(refused, NotKept::TooLarge { size, max_bytes } if size > max_bytes),
+            "{refused}"
+        );
         assert!(store.get("huge").is_none());
         assert!(store.get("a").is_some());
     }
 
     #[test]
     fn keeping_a_task_again_replaces_it_without_counting_it_twice() {
-        let store = TaskModelStore::new(usize::MAX);
+        let store = MemoryTaskModels::new(usize::MAX);
         store.insert(task("a", 1000)).unwrap();
         let once = store.bytes();
         store.insert(task("a", 1000)).unwrap();
