@@ -12,6 +12,7 @@ head, official stem with two max-pools), which `tnas-server` loads and verifies.
 Run it with the Python that the Makefile's setup created (it holds torch and safetensors).
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -42,13 +43,25 @@ def convert_weights(state_dict_w):
 
 def atomic_write(path, data):
     directory = os.path.dirname(path) or "."
-    # The prefix tnas-server cleans up at start-up after an interrupted write.
+    # The prefix tnas-server cleans up at start-up after an interrupted write: only files whose
+    # writer no longer holds their lock, so this one is locked while it is written.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tnas-tmp-")
+    fcntl.flock(fd, fcntl.LOCK_EX)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+    sync_directory(directory)
+
+
+def sync_directory(directory):
+    """Makes the renames into `directory` durable, in the order they were made."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main():
@@ -119,6 +132,7 @@ def main():
     atomic_write(pending, payload)
     atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     os.replace(pending, os.path.join(args.out, "model.safetensors"))
+    sync_directory(args.out)
     print(f"wrote {args.out}: {len(weights) - 2} weight tensors, sha256 {meta['sha256'][:12]}…")
 
 

@@ -290,14 +290,24 @@ impl SaveStep {
     pub fn apply(&self) -> Result<(), CheckpointError> {
         match self {
             SaveStep::Write { path, bytes } => write_atomically(path, bytes),
-            SaveStep::Rename { from, to } => {
-                std::fs::rename(from, to).map_err(|source| CheckpointError::Io {
+            SaveStep::Rename { from, to } => std::fs::rename(from, to)
+                .and_then(|()| sync_parent(to))
+                .map_err(|source| CheckpointError::Io {
                     path: to.clone(),
                     source,
-                })
-            }
+                }),
         }
     }
+}
+
+/// Makes a rename into `path`'s directory durable: without it, a power cut may lose the renames
+/// or keep a later one without an earlier, so the save order would not hold on disk.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Whether `dir` holds pending weights that its `model.json` describes: a save was cut short
@@ -379,7 +389,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     .map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    sync_parent(path).map_err(io)
 }
 
 /// Removes the temp files in `dir` that interrupted writes left behind: those whose writer no longer
