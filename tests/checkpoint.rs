@@ -248,6 +248,8 @@ fn result(way: usize, accuracy: f64) -> EvalResult {
         finetune_steps: 0,
         views: 1,
         within_groups: Vec::new(),
+        query: None,
+        seed: None,
         accuracy,
         ci95: 0.01,
     }

@@ -391,12 +391,28 @@ fn a_short_run_learns_and_eval_reports_an_interval() {
         assert!(r.accuracy > 0.4 && r.ci95 > 0.0 && r.ci95 < 0.3, "{r:?}");
         assert_eq!(r.tasks, 20);
     }
-    let written = Checkpoint::load(dir.path(), Device::Cpu).unwrap();
-    assert!(written
-        .meta
-        .evaluation
-        .iter()
-        .any(|r| r.split == "test" && r.way == 3));
+    // Rows record which tasks they measured: tasks from another seed stand beside them, the same
+    // tasks measured again replace them.
+    let rows = || {
+        let meta = Checkpoint::load(dir.path(), Device::Cpu).unwrap().meta;
+        let mut rows: Vec<(Option<usize>, Option<u64>)> = meta
+            .evaluation
+            .iter()
+            .filter(|r| r.split == "test" && r.way == 3)
+            .map(|r| (r.query, r.seed))
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(rows(), vec![(Some(3), Some(0)); 2]);
+    let mut reseeded = argv.clone();
+    reseeded.extend(["--seed".to_string(), "1".to_string()]);
+    eval(&Eval::parse_from(reseeded).args).unwrap();
+    eval(&Eval::parse_from(argv.clone()).args).unwrap();
+    assert_eq!(
+        rows(),
+        [vec![(Some(3), Some(0)); 2], vec![(Some(3), Some(1)); 2]].concat()
+    );
     // No tasks is no evaluation: refused as the arguments are read.
     let no_tasks: Vec<String> = argv
         .iter()

@@ -768,6 +768,8 @@ pub fn eval(args: &EvalArgs) -> Result<Vec<EvalResult>, String> {
                     finetune_steps,
                     views: settings.views,
                     within_groups,
+                    query: Some(args.episode.query),
+                    seed: Some(args.seed),
                     accuracy,
                     ci95,
                 });

@@ -550,6 +550,8 @@ impl<'a> Trainer<'a> {
                 within_groups: episodes(&self.config, self.validation, VALIDATION_SEED)
                     .expect("validation split large enough")
                     .group_names(),
+                query: Some(self.config.query),
+                seed: Some(VALIDATION_SEED),
                 accuracy,
                 ci95,
             })

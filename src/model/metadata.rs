@@ -150,14 +150,22 @@ pub struct EvalResult {
     /// tasks drew their classes across the split's groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub within_groups: Vec<String>,
+    /// Queries per class in each task, and the seed the tasks were drawn from (absent from rows
+    /// written before they were recorded): together with the rest, which tasks these were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub accuracy: f64,
     pub ci95: f64,
 }
 
 impl EvalResult {
-    /// Whether `other` measured the same thing (it may differ in tasks and outcome), so a new
-    /// evaluation replaces it rather than standing beside it.
+    /// Whether `other` measured the same thing (it may differ in the number of tasks and the
+    /// outcome), so a new evaluation replaces it rather than standing beside it. A row that does
+    /// not record its queries or seed matches any.
     pub fn same_setting(&self, other: &EvalResult) -> bool {
+        let agree = |a: Option<u64>, b: Option<u64>| a.zip(b).is_none_or(|(a, b)| a == b);
         let setting = |r: &EvalResult| {
             (
                 r.split.clone(),
@@ -172,6 +180,8 @@ impl EvalResult {
             )
         };
         setting(self) == setting(other)
+            && agree(self.query.map(|q| q as u64), other.query.map(|q| q as u64))
+            && agree(self.seed, other.seed)
     }
 }
 
