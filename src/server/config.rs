@@ -48,8 +48,7 @@ pub struct Limits {
     /// closed, so a client that sends half a request line cannot hold a connection.
     #[arg(long, env = "TNAS_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
-    /// Time a kept-alive connection may wait for its next request before it is closed, and an
-    /// answer being written may go without a byte going out (a client that stopped reading).
+    /// Time a kept-alive connection may wait for its next request before it is closed.
     #[arg(long, env = "TNAS_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     pub idle_timeout_ms: u64,
     /// TCP connections open at once; past it, a new connection gets 503 and is closed at once.

@@ -7,11 +7,8 @@
 //!   or, while [`MAX_REFUSING`] such answers are under way, is closed unanswered;
 //! - a request head must arrive whole within `header_read_timeout` of its first byte;
 //! - between requests, a kept-alive connection may sit idle for `idle_timeout`;
-//! - an answer being written may go `idle_timeout` without a byte going out (a client that stopped
-//!   reading), however long it takes as a whole;
 //! - on shutdown, idle and half-read connections close at once, and a connection with a request in
-//!   flight closes once that request is answered and its answer written, which its own deadline
-//!   and the write timeout bound.
+//!   flight closes once that request is answered, which its own deadline bounds.
 
 use axum::body::Body;
 use axum::http::Request;
@@ -186,8 +183,6 @@ enum Phase {
     ReadingHead(Instant),
     /// A request is being served (its body read, its answer computed); its own deadline bounds it.
     Busy,
-    /// Its answer is being written; bytes last went out (or the answer was produced) at this time.
-    Writing(Instant),
 }
 
 /// A connection's phase, updated by its socket (bytes read) and its service (requests in and out).
@@ -213,16 +208,8 @@ impl Activity {
         self.changed.notify_one();
     }
 
-    /// A request in flight, or its answer not yet written.
     fn is_busy(&self) -> bool {
-        matches!(self.phase(), Phase::Busy | Phase::Writing(_))
-    }
-
-    /// Bytes went out: an answer being written is making progress.
-    fn bytes_written(&self) {
-        if let Phase::Writing(_) = self.phase() {
-            self.set(Phase::Writing(Instant::now()));
-        }
+        self.phase() == Phase::Busy
     }
 
     /// Bytes arrived: between requests, they start a request head and its timeout.
@@ -241,7 +228,6 @@ impl Activity {
                 Phase::ReadingHead(since) => {
                     Some((since + limits.header_read_timeout, "header_read_timeout"))
                 }
-                Phase::Writing(since) => Some((since + limits.idle_timeout, "write_timeout")),
                 Phase::Busy => None,
             };
             match deadline {
@@ -255,40 +241,12 @@ impl Activity {
     }
 }
 
-/// Marks its connection busy while it lives: from a request's head until its answer is written
-/// (it goes with the answer's body, which hyper drops once the body is sent, or the connection
-/// gone).
+/// Marks its connection busy while it lives: from a request's head to its response.
 struct BusyGuard(Arc<Activity>);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         self.0.set(Phase::Idle(Instant::now()));
-    }
-}
-
-/// A response body holding its connection's [`BusyGuard`].
-struct BusyBody {
-    body: Body,
-    _busy: BusyGuard,
-}
-
-impl hyper::body::Body for BusyBody {
-    type Data = hyper::body::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
     }
 }
 
@@ -308,11 +266,10 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
         self.activity.set(Phase::Busy);
         let busy = BusyGuard(Arc::clone(&self.activity));
         let app = self.app.clone();
-        let activity = Arc::clone(&self.activity);
         Box::pin(async move {
             let response = app.oneshot(request.map(Body::new)).await;
-            activity.set(Phase::Writing(Instant::now()));
-            response.map(|r| r.map(|body| Body::new(BusyBody { body, _busy: busy })))
+            drop(busy);
+            response
         })
     }
 }
@@ -338,24 +295,13 @@ impl AsyncRead for Metered {
     }
 }
 
-impl Metered {
-    /// Tells the activity when a write sent bytes.
-    fn wrote(&self, polled: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
-        if let Poll::Ready(Ok(1..)) = polled {
-            self.activity.bytes_written();
-        }
-        polled
-    }
-}
-
 impl AsyncWrite for Metered {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.wrote(polled)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -371,8 +317,7 @@ impl AsyncWrite for Metered {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.wrote(polled)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
