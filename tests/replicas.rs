@@ -436,7 +436,8 @@ fn a_server_starts_before_its_redis_and_rides_out_a_stalled_one() {
 }
 
 /// Kept task models in Redis keep to `--task-store-bytes` for all replicas together: a replica
-/// with room for two and a half evicts, across replicas, the least recently used first.
+/// with room for two and a half evicts, across replicas, the least recently used first. When Redis
+/// drops the index of its own accord (under `maxmemory`), the sizes it indexed no longer count.
 #[test]
 fn task_models_in_redis_keep_to_their_byte_bound_across_replicas() {
     let models = fixture_models();
@@ -482,4 +483,21 @@ fn task_models_in_redis_keep_to_their_byte_bound_across_replicas() {
         vec![200, 404, 200],
         "the least recently used of three went, the one used again stayed"
     );
+
+    let mut redis_cli = redis::Client::open(store.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let dropped: i64 = redis::cmd("DEL")
+        .arg("tnas:v1:task-models")
+        .query(&mut redis_cli)
+        .unwrap();
+    assert_eq!(dropped, 1);
+    let after = adapt(&tight);
+    assert_eq!(
+        predict(&after),
+        200,
+        "the new model is kept, not evicted for ghosts"
+    );
+    assert!(metric(&tight.url, "tnas_task_store_bytes") <= one * 1.01);
 }

@@ -26,12 +26,14 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
                 r.steps,
                 r.finetune_steps,
                 r.views,
+                r.seed,
+                r.query,
             )
         });
         for r in rows {
             let _ = writeln!(
                 out,
-                "| {} | {} | {}-way {}-shot{} | {} | {:?} | {} | {} | {:.2}% ± {:.2}% |",
+                "| {} | {} | {}-way {}-shot{}{} | {} | {:?} | {} | {} | {:.2}% ± {:.2}% |",
                 meta.name,
                 r.split,
                 r.way,
@@ -39,6 +41,11 @@ fn results_table(out: &mut String, models: &[&ModelMeta]) {
                 match r.within_groups.as_slice() {
                     [] => String::new(),
                     groups => format!(" within {}", groups.join(" or ")),
+                },
+                // Tasks other than the usual draw (seed 0) say so, beside the same setting's row.
+                match r.seed {
+                    Some(seed) if seed != 0 => format!(", seed {seed}"),
+                    _ => String::new(),
                 },
                 r.predict_with,
                 r.bn,

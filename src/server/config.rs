@@ -102,11 +102,11 @@ pub struct StoreConfig {
     /// or `redis://host:port/db`, shared by every replica behind a load balancer.
     #[arg(long, env = "TNAS_STORE", default_value = "memory")]
     pub store: StoreLocation,
-    /// How long Redis keeps a genotype, in seconds.
+    /// How long Redis keeps a genotype, and a kept task model after its last use, in seconds.
     #[arg(long, env = "TNAS_STORE_TTL_S", default_value_t = 7 * 24 * 3600, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     pub store_ttl_s: u64,
     /// Longest wait for one Redis call (and for connecting); past it `/adapt` answers without
-    /// storing, and reads answer 503.
+    /// storing its genotype or keeping its task model, and reads answer 503.
     #[arg(long, env = "TNAS_STORE_TIMEOUT_MS", default_value_t = 500, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
     pub store_timeout_ms: u64,
 }

@@ -114,35 +114,50 @@ pub async fn adapt(
     reservation.hand_over();
     let output = super::worker_output(&state, response, deadline, "task").await?;
 
-    let (task_id, genotype_stored) = match &output.genotype {
-        Some(genotype) => {
-            let task_id = uuid::Uuid::new_v4().to_string();
-            let record = GenotypeRecord {
-                task_id: task_id.clone(),
-                model: name.clone(),
-                labels: labels.clone(),
-                n_way: labels.len(),
-                k_shot,
-                created_at: chrono::Utc::now().to_rfc3339(),
-                genotype: genotype.clone(),
-            };
-            (Some(task_id), store(&state, record).await)
-        }
-        None => (None, false),
-    };
-    let task_model_kept = match (&task_id, output.task_model) {
-        (Some(task_id), Some(bytes)) => {
+    let task_id = output
+        .genotype
+        .as_ref()
+        .map(|_| uuid::Uuid::new_v4().to_string());
+    let record = output
+        .genotype
+        .clone()
+        .zip(task_id.clone())
+        .map(|(genotype, task_id)| GenotypeRecord {
+            task_id,
+            model: name.clone(),
+            labels: labels.clone(),
+            n_way: labels.len(),
+            k_shot,
+            created_at: chrono::Utc::now().to_rfc3339(),
+            genotype,
+        });
+    let task = task_id
+        .clone()
+        .zip(output.task_model)
+        .map(|(task_id, bytes)| {
             let origin = TaskOrigin {
-                task_id: task_id.clone(),
+                task_id,
                 adapted_from: name.clone(),
                 adapted_from_sha256: meta.sha256.clone(),
                 labels: labels.clone(),
             };
-            let task = KeptTask::new(&meta, origin, &options, output.genotype.clone(), bytes);
-            keep(&state, task).await
+            KeptTask::new(&meta, origin, &options, output.genotype.clone(), bytes)
+        });
+    // Both go to the store at once: a stalled Redis costs the answer one store timeout, not two.
+    let (genotype_stored, task_model_kept) = tokio::join!(
+        async {
+            match record {
+                Some(record) => store(&state, record).await,
+                None => false,
+            }
+        },
+        async {
+            match task {
+                Some(task) => keep(&state, task).await,
+                None => false,
+            }
         }
-        _ => false,
-    };
+    );
     let predictions = ids
         .into_iter()
         .zip(output.logits)

@@ -51,33 +51,39 @@ const TASK_MODEL_INDEX: &str = "tnas:v1:task-models";
 const TASK_MODEL_SIZES: &str = "tnas:v1:task-model-bytes";
 
 /// Keeps one task model and evicts the least recently used until all fit the byte bound, in one
-/// step, so that replicas keeping models at once never overshoot it. Index entries whose model
-/// has expired are forgotten first. Returns the models evicted, the bytes and the models kept.
-/// KEYS: the model's key, the index, the sizes. ARGV: model.json, weights, support, TTL (ms),
-/// now (ms), task id, byte bound, the model's size, model key prefix, the last use before which
-/// models have expired.
+/// step, so that replicas keeping models at once never overshoot it. Times are Redis's own, so
+/// that replicas' clocks do not order the uses. Index entries whose model has expired, and sizes
+/// of models no longer indexed (Redis may evict keys of its own under `maxmemory`), are forgotten
+/// first. The model just kept is never evicted. Returns the models evicted, the bytes and the
+/// models kept. KEYS: the model's key, the index, the sizes. ARGV: model.json, weights, support,
+/// TTL (ms), task id, byte bound, the model's size, model key prefix.
 const KEEP_TASK_MODEL: &str = r"
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[10])) do
-  redis.call('DEL', ARGV[9] .. id)
-  redis.call('HDEL', KEYS[3], id)
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local expired_before = now - tonumber(ARGV[4])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. expired_before)) do
+  redis.call('DEL', ARGV[8] .. id)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[10])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. expired_before)
 redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'weights', ARGV[2], 'support', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
-redis.call('HSET', KEYS[3], ARGV[6], ARGV[8])
+redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if not redis.call('ZSCORE', KEYS[2], id) then redis.call('HDEL', KEYS[3], id) end
+end
 local total = 0
 for _, size in ipairs(redis.call('HVALS', KEYS[3])) do
   total = total + tonumber(size)
 end
 local evicted = 0
-while total > tonumber(ARGV[7]) do
+while total > tonumber(ARGV[6]) do
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  if not oldest then break end
+  if not oldest or oldest == ARGV[5] then break end
   total = total - tonumber(redis.call('HGET', KEYS[3], oldest) or '0')
-  redis.call('DEL', ARGV[9] .. oldest)
+  redis.call('DEL', ARGV[8] .. oldest)
   redis.call('ZREM', KEYS[2], oldest)
   redis.call('HDEL', KEYS[3], oldest)
   evicted = evicted + 1
@@ -85,15 +91,19 @@ end
 return {evicted, total, redis.call('ZCARD', KEYS[2])}
 ";
 
-/// A kept task model's files, now its most recently used (its TTL starts again); nil when it is
-/// not kept. KEYS: the model's key, the index, the sizes. ARGV: task id, now (ms), TTL (ms).
+/// A kept task model's files, now its most recently used (its TTL starts again; indexed again
+/// with its size if Redis evicted the index); nil when it is not kept. KEYS: the model's key, the
+/// index, the sizes. ARGV: task id, TTL (ms).
 const GET_TASK_MODEL: &str = r"
 local files = redis.call('HMGET', KEYS[1], 'meta', 'weights', 'support')
 if not files[1] then return false end
-redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('HSETNX', KEYS[3], ARGV[1], #files[1] + #files[2] + #files[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return files
 ";
 
@@ -219,7 +229,6 @@ impl RedisStore {
             reason: e.to_string(),
         })?;
         let ttl_ms = self.bounds.ttl.as_millis().max(1) as u64;
-        let now_ms = chrono::Utc::now().timestamp_millis();
         let mut invocation = self.keep_task_model.key(task_model_key(task.task_id()));
         invocation
             .key(TASK_MODEL_INDEX)
@@ -228,12 +237,10 @@ impl RedisStore {
             .arg(&task.weights)
             .arg(&task.support)
             .arg(ttl_ms)
-            .arg(now_ms)
             .arg(task.task_id())
             .arg(max_bytes)
             .arg(size)
-            .arg(TASK_MODEL_PREFIX)
-            .arg(now_ms - ttl_ms as i64);
+            .arg(TASK_MODEL_PREFIX);
         let mut connection = self.connection()?;
         self.bounded(async move {
             invocation
@@ -251,7 +258,6 @@ impl RedisStore {
             .key(TASK_MODEL_INDEX)
             .key(TASK_MODEL_SIZES)
             .arg(task_id)
-            .arg(chrono::Utc::now().timestamp_millis())
             .arg(ttl_ms);
         let mut connection = self.connection()?;
         let files: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
