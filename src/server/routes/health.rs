@@ -44,8 +44,9 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Json<HealthStatu
         Err(error) => (
             "degraded",
             Some(format!(
-                "{error}; POST /adapt answers without storing genotypes (genotype_stored: false) \
-                 and GET /genotypes answers 503 until it is back"
+                "{error}; POST /adapt answers without storing genotypes or keeping task models \
+                 (genotype_stored, task_model_kept: false), and GET /genotypes and /tasks/… answer \
+                 503 until it is back"
             )),
         ),
     };
