@@ -204,24 +204,21 @@ fn genotype_can_be_fetched_as_json_python_and_svg() {
     let body: Value = post_json(&task_json(1)).json().unwrap();
     let id = body["task_id"].as_str().unwrap();
     let url = &server().url;
-    let record: Value = Client::new()
-        .get(format!("{url}/genotypes/{id}"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    assert_eq!(record["genotype"], body["genotype"]);
-    assert_eq!(record["n_way"], 3);
-    assert_eq!(record["k_shot"], 1);
-    // Another spelling of the same UUID names the same task.
-    for spelling in [id.to_uppercase(), format!("urn:uuid:{id}")] {
-        let same: Value = Client::new()
-            .get(format!("{url}/genotypes/{spelling}"))
+    let record = |task_id: &str| -> Value {
+        Client::new()
+            .get(format!("{url}/genotypes/{task_id}"))
             .send()
             .unwrap()
             .json()
-            .unwrap();
-        assert_eq!(same["task_id"], id, "{spelling}");
+            .unwrap()
+    };
+    let fetched = record(id);
+    assert_eq!(fetched["genotype"], body["genotype"]);
+    assert_eq!(fetched["n_way"], 3);
+    assert_eq!(fetched["k_shot"], 1);
+    // Another spelling of the same UUID names the same task.
+    for spelling in [id.to_uppercase(), format!("urn:uuid:{id}")] {
+        assert_eq!(record(&spelling)["task_id"], id, "{spelling}");
     }
     let python = Client::new()
         .get(format!("{url}/genotypes/{id}?format=python"))

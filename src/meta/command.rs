@@ -418,18 +418,22 @@ impl MetaTrainArgs {
     }
 }
 
-/// Refuses to start from (`flag`) a model trained on groups this run holds out: results on them
-/// would not be held out, and the run's `model.json` records only its own split. Warns when that
-/// model was trained with this run's seed, whose episodes this run would draw again.
-fn check_parent(flag: &str, dir: &Path, split: &Split, seed: u64) -> Result<(), String> {
-    let path = dir.join("model.json");
-    let meta: ModelMeta = std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+/// The model in `dir` a run starts from (`flag`), refused when it was trained on groups this run
+/// holds out: results on them would not be held out, and the run's `model.json` records only its
+/// own split. Warns when that model was trained with this run's seed, whose episodes this run
+/// would draw again.
+fn parent_model(
+    flag: &str,
+    dir: &Path,
+    split: &Split,
+    seed: u64,
+    device: tch::Device,
+) -> Result<Checkpoint, String> {
+    let checkpoint =
+        Checkpoint::load(dir, device).map_err(|e| format!("{flag} {}: {e}", dir.display()))?;
     // Imported official checkpoints record no training of ours.
-    let Some(training) = meta.training else {
-        return Ok(());
+    let Some(training) = &checkpoint.meta.training else {
+        return Ok(checkpoint);
     };
     let held_out: Vec<&String> = training
         .split
@@ -451,15 +455,17 @@ fn check_parent(flag: &str, dir: &Path, split: &Split, seed: u64) -> Result<(), 
             dir.display()
         );
     }
-    Ok(())
+    Ok(checkpoint)
 }
 
 /// A genotype from a JSON file (DARTS's `Genotype` form, as the server returns it), or a supernet
-/// model folder's meta-genotype: its θ̃ decoded.
-fn read_genotype(path: &Path) -> Result<Genotype, String> {
+/// model folder's meta-genotype: its θ̃ decoded (the folder's model loaded by [`parent_model`]).
+fn read_genotype(
+    path: &Path,
+    parent: impl FnOnce() -> Result<Checkpoint, String>,
+) -> Result<Genotype, String> {
     if path.is_dir() {
-        let checkpoint = Checkpoint::load(path, tch::Device::Cpu).map_err(|e| e.to_string())?;
-        return checkpoint.meta_genotype().ok_or_else(|| {
+        return parent()?.meta_genotype().ok_or_else(|| {
             format!(
                 "--genotype {}: not a supernet model, whose θ̃ could be decoded",
                 path.display()
@@ -508,18 +514,17 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
     let device = args.device.resolve()?;
     let input = input_spec(args.data.dataset, args.image_size);
     let loaded = args.data.load(&input)?;
-    let parents = [
-        ("--init-from", args.init_from.as_deref()),
-        (
-            "--genotype",
-            args.genotype.as_deref().filter(|p| p.is_dir()),
-        ),
-    ];
-    for (flag, dir) in parents {
-        if let Some(dir) = dir {
-            check_parent(flag, dir, &loaded.split, args.seed)?;
-        }
-    }
+    let parent = |flag: &str, dir: &Path| parent_model(flag, dir, &loaded.split, args.seed, device);
+    let init = args
+        .init_from
+        .as_deref()
+        .map(|dir| parent("--init-from", dir))
+        .transpose()?;
+    let genotype = args
+        .genotype
+        .as_deref()
+        .map(|path| read_genotype(path, || parent("--genotype", path)))
+        .transpose()?;
     eprintln!(
         "data: {} training classes, {} validation, {} test",
         loaded.train.len(),
@@ -554,17 +559,11 @@ pub fn meta_train(args: &MetaTrainArgs, command: String, stop: &AtomicBool) -> R
         save_every: args.save_every.max(1),
         out: args.out.clone(),
         device,
-        meta: args.model_meta(
-            input,
-            loaded.split.clone(),
-            command,
-            args.genotype.as_deref().map(read_genotype).transpose()?,
-        ),
+        meta: args.model_meta(input, loaded.split.clone(), command, genotype),
     };
     let mut trainer = Trainer::new(config, &loaded.train, &loaded.validation, args.resume)?;
-    if let (Some(dir), 0) = (&args.init_from, trainer.iteration()) {
-        let fresh =
-            trainer.warm_start(&Checkpoint::load(dir, device).map_err(|e| e.to_string())?)?;
+    if let (Some(init), Some(dir), 0) = (&init, &args.init_from, trainer.iteration()) {
+        let fresh = trainer.warm_start(init)?;
         eprintln!(
             "warm start from {}{}",
             dir.display(),

@@ -40,10 +40,19 @@ impl KeptTask {
         self.meta.task.as_ref().map_or("", |t| t.task_id.as_str())
     }
 
+    /// Its `model.json`, as a download or a shared store holds it.
+    pub fn model_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.meta).expect("model metadata serialises")
+    }
+
     /// What keeping it costs: its tensors' bytes and its `model.json`.
     pub fn bytes(&self) -> usize {
-        let json = serde_json::to_vec(&self.meta).map_or(0, |j| j.len());
-        self.weights.len() + self.support.len() + json
+        self.bytes_with(&self.model_json())
+    }
+
+    /// [`KeptTask::bytes`], given its `model.json` already serialised.
+    pub fn bytes_with(&self, model_json: &[u8]) -> usize {
+        self.weights.len() + self.support.len() + model_json.len()
     }
 }
 

@@ -56,19 +56,19 @@ const TASK_MODEL_SIZES: &str = "tnas:v1:task-model-bytes";
 /// of models no longer indexed (Redis may evict keys of its own under `maxmemory`), are forgotten
 /// first. The model just kept is never evicted. Returns the models evicted, the bytes and the
 /// models kept. KEYS: the model's key, the index, the sizes. ARGV: model.json, weights, support,
-/// TTL (ms), task id, byte bound, the model's size, model key prefix.
+/// TTL (ms), task id, byte bound, model key prefix (a model's size is its files' lengths).
 const KEEP_TASK_MODEL: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local expired_before = now - tonumber(ARGV[4])
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. expired_before)) do
-  redis.call('DEL', ARGV[8] .. id)
+  redis.call('DEL', ARGV[7] .. id)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. expired_before)
 redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'weights', ARGV[2], 'support', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], now, ARGV[5])
-redis.call('HSET', KEYS[3], ARGV[5], ARGV[7])
+redis.call('HSET', KEYS[3], ARGV[5], #ARGV[1] + #ARGV[2] + #ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
@@ -83,7 +83,7 @@ while total > tonumber(ARGV[6]) do
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
   if not oldest or oldest == ARGV[5] then break end
   total = total - tonumber(redis.call('HGET', KEYS[3], oldest) or '0')
-  redis.call('DEL', ARGV[8] .. oldest)
+  redis.call('DEL', ARGV[7] .. oldest)
   redis.call('ZREM', KEYS[2], oldest)
   redis.call('HDEL', KEYS[3], oldest)
   evicted = evicted + 1
@@ -216,30 +216,25 @@ impl RedisStore {
             .collect()
     }
 
-    /// Keeps `task` (of `size` bytes) within `max_bytes` for all replicas together; returns the
-    /// models evicted for it, and the bytes and models kept after.
+    /// Keeps `task` (with its `model.json`) within `max_bytes` for all replicas together; returns
+    /// the models evicted for it, and the bytes and models kept after.
     pub async fn keep_task_model(
         &self,
         task: &KeptTask,
-        size: usize,
+        model_json: &[u8],
         max_bytes: usize,
     ) -> Result<(i64, i64, i64), StoreError> {
-        let meta = serde_json::to_vec(&task.meta).map_err(|e| StoreError::Corrupt {
-            task_id: task.task_id().to_string(),
-            reason: e.to_string(),
-        })?;
         let ttl_ms = self.bounds.ttl.as_millis().max(1) as u64;
         let mut invocation = self.keep_task_model.key(task_model_key(task.task_id()));
         invocation
             .key(TASK_MODEL_INDEX)
             .key(TASK_MODEL_SIZES)
-            .arg(meta)
+            .arg(model_json)
             .arg(&task.weights)
             .arg(&task.support)
             .arg(ttl_ms)
             .arg(task.task_id())
             .arg(max_bytes)
-            .arg(size)
             .arg(TASK_MODEL_PREFIX);
         let mut connection = self.connection()?;
         self.bounded(async move {

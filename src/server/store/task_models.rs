@@ -4,11 +4,12 @@
 //! (`--store redis://…`), for every replica ([`RedisStore`]), so that any replica serves a task
 //! another adapted.
 //!
-//! Each is kept as the bytes of its model folder ([`KeptTask`]). In memory, one mutex guards the map and the use order: every operation is a few map updates.
+//! Each is kept as the bytes of its model folder ([`KeptTask`]). In memory, one mutex guards the
+//! map and the use order: every operation is a few map updates.
 
 use super::kept_task::KeptTask;
 use super::redis_store::RedisStore;
-use super::{GenotypeStore, StoreError};
+use super::{counted, GenotypeStore, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -49,11 +50,10 @@ impl TaskModelStore {
         match self {
             TaskModelStore::Memory(store) => store.insert(task),
             TaskModelStore::Redis { redis, max_bytes } => {
-                let size = within(&task, *max_bytes)?;
-                let (evicted, bytes, models) = redis
-                    .keep_task_model(&task, size, *max_bytes)
-                    .await
-                    .inspect_err(|_| count_failure("keep_task_model"))?;
+                let model_json = task.model_json();
+                within(task.bytes_with(&model_json), *max_bytes)?;
+                let kept = redis.keep_task_model(&task, &model_json, *max_bytes).await;
+                let (evicted, bytes, models) = counted("keep_task_model", kept)?;
                 metrics::counter!("tnas_task_store_evictions_total").increment(evicted as u64);
                 metrics::gauge!("tnas_task_store_bytes").set(bytes as f64);
                 metrics::gauge!("tnas_task_store_models").set(models as f64);
@@ -66,11 +66,9 @@ impl TaskModelStore {
     pub async fn get(&self, task_id: &str) -> Result<Option<Arc<KeptTask>>, StoreError> {
         let found = match self {
             TaskModelStore::Memory(store) => store.get(task_id),
-            TaskModelStore::Redis { redis, .. } => redis
-                .task_model(task_id)
-                .await
-                .inspect_err(|_| count_failure("task_model"))?
-                .map(Arc::new),
+            TaskModelStore::Redis { redis, .. } => {
+                counted("task_model", redis.task_model(task_id).await)?.map(Arc::new)
+            }
         };
         let outcome = if found.is_some() { "hit" } else { "miss" };
         metrics::counter!("tnas_task_store_lookups_total", "outcome" => outcome).increment(1);
@@ -78,16 +76,12 @@ impl TaskModelStore {
     }
 }
 
-/// `task`'s size, if it fits `max_bytes` at all.
-fn within(task: &KeptTask, max_bytes: usize) -> Result<usize, NotKept> {
-    match task.bytes() {
+/// A task model's `size`, if it fits `max_bytes` at all.
+fn within(size: usize, max_bytes: usize) -> Result<usize, NotKept> {
+    match size {
         size if size > max_bytes => Err(NotKept::TooLarge { size, max_bytes }),
         size => Ok(size),
     }
-}
-
-fn count_failure(operation: &'static str) {
-    metrics::counter!("tnas_store_failures_total", "operation" => operation).increment(1);
 }
 
 /// Task models kept in this process.
@@ -126,7 +120,7 @@ impl MemoryTaskModels {
 
     /// [`TaskModelStore::insert`] in this process.
     pub fn insert(&self, task: KeptTask) -> Result<(), NotKept> {
-        let size = within(&task, self.max_bytes)?;
+        let size = within(task.bytes(), self.max_bytes)?;
         let mut lru = self.lru.lock().expect("task store lock is never poisoned");
         let id = task.task_id().to_string();
         lru.clock += 1;
